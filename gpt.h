@@ -12,6 +12,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 // ----------------------------------------------------------------------------
 // model shape and the llm.c file layout
 
@@ -74,8 +78,10 @@ float *stage_grad(Stage *s, int t, size_t *n);
 // optimizer step sums them in one canonical order (first stage only).
 float *stage_wte_embed_grad(Stage *s, size_t *n);
 
-// Sockets to the previous and next rank (-1 where there is none).
-void stage_set_peers(Stage *s, int prev_fd, int next_fd, double timeout_s);
+// Sockets to the previous and next stage, and between the first and the last
+// stage for the tied embedding (-1 where there is none). A peer that makes no
+// progress for timeout_s fails the op.
+void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s);
 
 // Runs one step's op list (nops ops of (kind, mb) pairs). inputs/targets are
 // (m, B, T) token ids for the first/last stage (NULL elsewhere). training = 0
@@ -94,8 +100,10 @@ const double *stage_op_times(const Stage *s);
 void stage_grad_norm_parts(Stage *s, double *parts);
 // sqrt of the sum of all 16*L parts in canonical order.
 double gpt_norm_from_parts(const double *parts, int L);
-// d(wte) = head part + embedding part, on whichever of the two the stage has.
-void stage_sum_wte_grads(Stage *s);
+// d(wte) = LM-head part + embedding part, summed in that order on the first
+// and the last stage alike (which first swap their parts), so the two copies
+// of wte stay identical. A no-op on middle stages.
+int stage_sum_wte_grads(Stage *s);
 // AdamW (betas 0.9/0.95, eps 1e-8, decay on matrices) with grads scaled by
 // grad_scale; step counts from 1.
 void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step);
@@ -143,7 +151,26 @@ int64_t checkpoint_latest(const char *dir);
 
 // ----------------------------------------------------------------------------
 
+// ----------------------------------------------------------------------------
+// device memory and NCCL (the CUDA build; on the CPU the syncs do nothing and
+// NCCL fails with a message)
+
+// stage_param/stage_grad point at host copies on CUDA: stage_sync_to_host
+// refreshes them, stage_sync_to_device uploads edited parameters.
+void stage_sync_to_host(Stage *s);
+void stage_sync_to_device(Stage *s);
+// NCCL for ranks on separate GPUs; the id travels through the rendezvous.
+#define GPT_NCCL_ID_BYTES 128
+int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]);
+int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank);
+
+// ----------------------------------------------------------------------------
+
 const char *gpt_last_error(void);
 void gpt_set_threads(int n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -38,13 +38,18 @@ cdef extern from "gpt.h":
     float *stage_param(Stage *s, int t, size_t *n)
     float *stage_grad(Stage *s, int t, size_t *n)
     float *stage_wte_embed_grad(Stage *s, size_t *n)
-    void stage_set_peers(Stage *s, int prev_fd, int next_fd, double timeout_s)
+    void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s)
     int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
                   int training, float *loss_sum) nogil
     const double *stage_op_times(const Stage *s)
     void stage_grad_norm_parts(Stage *s, double *parts)
     double gpt_norm_from_parts(const double *parts, int L)
-    void stage_sum_wte_grads(Stage *s)
+    int stage_sum_wte_grads(Stage *s)
+    void stage_sync_to_host(Stage *s)
+    void stage_sync_to_device(Stage *s)
+    int gpt_nccl_unique_id(unsigned char *id)
+    int stage_set_nccl(Stage *s, const unsigned char *id, int nranks, int rank)
+    int GPT_NCCL_ID_BYTES
     void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step)
     float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac)
     int stage_sample(Stage *s, const int *prompt, int n_prompt, int n, float temperature,
@@ -101,6 +106,12 @@ def norm_from_parts(parts, num_layers: int) -> float:
     if p.shape[0] != NUM_PARAM_TENSORS * num_layers:
         raise ValueError(f"grad-norm parts: expected {NUM_PARAM_TENSORS * num_layers}, got {p.shape[0]}")
     return gpt_norm_from_parts(&p[0], num_layers)
+
+
+def nccl_unique_id() -> bytes:
+    cdef unsigned char buf[128]
+    check(gpt_nccl_unique_id(buf))
+    return bytes(buf[:GPT_NCCL_ID_BYTES])
 
 
 def checkpoint_latest_step(directory: str) -> int:
@@ -165,8 +176,10 @@ cdef class Model:
         return (L, -1)
 
     def params(self) -> dict:
-        """The stage's tensors as numpy views (writable: tests set weights through them)."""
+        """The stage's tensors as numpy views of the host copy (read them
+        before the next step; change them through set_params)."""
         cdef size_t n
+        stage_sync_to_host(self.s)
         out = {}
         for t in range(NUM_PARAM_TENSORS):
             p = stage_param(self.s, t, &n)
@@ -174,8 +187,16 @@ cdef class Model:
                 out[PARAM_NAMES_LIST[t]] = _view(p, n, self._shape(t), self)
         return out
 
+    def set_params(self, dict values) -> None:
+        """Overwrites the named tensors (float arrays of the stage's shapes)."""
+        views = self.params()
+        for name, value in values.items():
+            views[name][...] = np.asarray(value, dtype=np.float32).reshape(views[name].shape)
+        stage_sync_to_device(self.s)
+
     def grads(self) -> dict:
         cdef size_t n
+        stage_sync_to_host(self.s)
         out = {}
         for t in range(NUM_PARAM_TENSORS):
             p = stage_grad(self.s, t, &n)
@@ -188,8 +209,12 @@ cdef class Model:
         p = stage_wte_embed_grad(self.s, &n)
         return _view(p, n, self._shape(0), self) if n else None
 
-    def set_peers(self, int prev_fd, int next_fd, double timeout_s) -> None:
-        stage_set_peers(self.s, prev_fd, next_fd, timeout_s)
+    def set_peers(self, int prev_fd, int next_fd, int tied_fd, double timeout_s) -> None:
+        """Sockets to the neighbours and, on the first and the last stage, to each other."""
+        stage_set_peers(self.s, prev_fd, next_fd, tied_fd, timeout_s)
+
+    def set_nccl(self, bytes unique_id, int nranks, int rank) -> None:
+        check(stage_set_nccl(self.s, unique_id, nranks, rank))
 
     def run(self, ops, inputs=None, targets=None, training: bool = True) -> float:
         """Runs one step's op list ((n,2) ints: kind, micro-batch); inputs and
@@ -223,7 +248,7 @@ cdef class Model:
         return np.array([t[i] for i in range(2 * nops)]).reshape(nops, 2) if nops else np.zeros((0, 2))
 
     def sum_wte_grads(self) -> None:
-        stage_sum_wte_grads(self.s)
+        check(stage_sum_wte_grads(self.s))
 
     def grad_norm_parts(self):
         stage_grad_norm_parts(self.s, &self.parts[0])

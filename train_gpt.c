@@ -14,39 +14,10 @@
 // Sections, in the order data flows: layers, model, executor, optimizer,
 // data, checkpoint I/O, sampling, main.
 #define _POSIX_C_SOURCE 200809L
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <glob.h>
-#include <math.h>
-#include <poll.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "gpt.h"
-
-// ----------------------------------------------------------------------------
-// errors: one line, kept until the next failure
-
-static _Thread_local char g_error[1024];
-
-const char *gpt_last_error(void) { return g_error; }
-
-static int fail(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(g_error, sizeof g_error, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#include "common.h"
 
 void gpt_set_threads(int n) {
 #ifdef _OPENMP
@@ -54,12 +25,6 @@ void gpt_set_threads(int n) {
 #else
     (void)n;
 #endif
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 // ----------------------------------------------------------------------------
@@ -350,7 +315,6 @@ static void attention_backward(float *dqkv, const float *dout, const float *qkv,
         }
 }
 
-#define PI 3.14159265358979323846
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
 
 static void gelu_forward(float *out, const float *inp, size_t n) {
@@ -413,45 +377,6 @@ static void crossentropy_backward(float *probs, const int *targets, float dloss,
 // ----------------------------------------------------------------------------
 // model
 
-const char *const PARAM_NAMES[NUM_PARAM_TENSORS] = {
-    "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
-    "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"};
-
-static int is_layer_tensor(int t) { return t != P_WTE && t != P_WPE && t != P_LNFW && t != P_LNFB; }
-static int is_matrix(int t) {
-    return t == P_WTE || t == P_WPE || t == P_QKVW || t == P_ATTPROJW || t == P_FCW || t == P_FCPROJW;
-}
-
-size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers) {
-    size_t C = cfg->channels;
-    switch (t) {
-    case P_WTE: return (size_t)cfg->padded_vocab_size * C;
-    case P_WPE: return (size_t)cfg->max_seq_len * C;
-    case P_QKVW: return layers * 3 * C * C;
-    case P_QKVB: return layers * 3 * C;
-    case P_ATTPROJW: return layers * C * C;
-    case P_FCW: case P_FCPROJW: return layers * 4 * C * C;
-    case P_FCB: return layers * 4 * C;
-    case P_LNFW: case P_LNFB: return C;
-    default: return layers * C;  // ln1w ln1b attprojb ln2w ln2b fcprojb
-    }
-}
-
-int gpt_config_from_name(const char *name, GPTConfig *cfg) {
-    static const struct { const char *name; int L, NH, C; } presets[] = {
-        {"tiny", 4, 4, 128},                       // a few minutes on 2 CPU cores
-        {"d6", 6, 6, 384}, {"d8", 8, 8, 512},      // in between
-        {"d12", 12, 12, 768},                      // GPT-2 124M
-        {"d24", 24, 16, 1024}, {"d36", 36, 20, 1280}, {"d48", 48, 25, 1600},
-    };
-    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++)
-        if (strcmp(name, presets[i].name) == 0) {
-            *cfg = (GPTConfig){1024, 50257, 50304, presets[i].L, presets[i].NH, presets[i].C};
-            return 0;
-        }
-    return fail("unknown model '%s' (expected tiny, d6, d8, d12, d24, d36 or d48)", name);
-}
-
 // One micro-batch's activations and their gradients. Per-layer buffers hold
 // the stage's nl layers back to back. The gradients are kept (not reused as in
 // llm.c) because BWD_WEIGHT may run long after BWD_INPUT.
@@ -475,44 +400,39 @@ typedef struct {
 } Slot;
 
 struct Stage {
-    GPTConfig cfg;
-    int lo, hi, nl, first, last;
+    Layout y;                          // which layers and tensors this stage holds
     int B, T, nslots;
-    size_t sizes[NUM_PARAM_TENSORS];   // this stage's share of each tensor
-    size_t offsets[NUM_PARAM_TENSORS];
-    size_t num_params;
-    float *params, *grads, *m, *v;
+    float *params, *grads, *m, *v;     // stage layout (common.h)
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
     Slot *slots;
     int *slot_of;                      // micro-batch -> slot, -1 if not held
     int slot_of_cap;
     float *mb_losses;
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
-    int prev_fd, next_fd;
-    double timeout_s;
+    Links links;
     double *op_times;
     int op_times_cap;
     double t0;
 };
 
-static float *tensor(Stage *s, float *base, int t) { return s->sizes[t] ? base + s->offsets[t] : NULL; }
+static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
 // layer l (stage-local) of per-layer tensor t
 static float *layer_tensor(Stage *s, float *base, int t, int l) {
-    return base + s->offsets[t] + l * gpt_tensor_size(&s->cfg, t, 1);
+    return base + s->y.offsets[t] + l * gpt_tensor_size(&s->y.cfg, t, 1);
 }
 
-float *stage_param(Stage *s, int t, size_t *n) { *n = s->sizes[t]; return tensor(s, s->params, t); }
-float *stage_grad(Stage *s, int t, size_t *n) { *n = s->sizes[t]; return tensor(s, s->grads, t); }
+float *stage_param(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return tensor(s, s->params, t); }
+float *stage_grad(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return tensor(s, s->grads, t); }
 float *stage_wte_embed_grad(Stage *s, size_t *n) {
-    *n = s->first ? s->sizes[P_WTE] : 0;
+    *n = s->y.first ? s->y.sizes[P_WTE] : 0;
     return s->dwte_embed;
 }
 const double *stage_op_times(const Stage *s) { return s->op_times; }
 
 static int slot_alloc(Stage *s, Slot *a) {
-    size_t B = s->B, T = s->T, C = s->cfg.channels, NH = s->cfg.num_heads, nl = s->nl;
-    size_t BT = B * T, Vp = s->cfg.padded_vocab_size;
-    size_t last = s->last;
+    size_t B = s->B, T = s->T, C = s->y.cfg.channels, NH = s->y.cfg.num_heads, nl = s->y.nl;
+    size_t BT = B * T, Vp = s->y.cfg.padded_vocab_size;
+    size_t last = s->y.last;
     struct { float **p; size_t n; } bufs[] = {
         {&a->x0, BT * C},
         {&a->ln1, nl * BT * C}, {&a->ln1_mean, nl * BT}, {&a->ln1_rstd, nl * BT},
@@ -556,33 +476,20 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     }
     if (slots < 1) { fail("a stage needs at least one activation slot"); return NULL; }
     Stage *s = calloc(1, sizeof(Stage));
-    s->cfg = cfg;
-    s->lo = lo; s->hi = hi; s->nl = hi - lo;
-    s->first = lo == 0; s->last = hi == cfg.num_layers;
+    s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->nslots = slots;
-    s->prev_fd = s->next_fd = -1;
-    s->timeout_s = 60.0;
+    s->links = (Links){-1, -1, -1, 60.0, lo, hi};
     s->t0 = now_seconds();
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t n = 0;
-        if (is_layer_tensor(t)) n = gpt_tensor_size(&cfg, t, s->nl);
-        else if (t == P_WTE) n = (s->first || s->last) ? gpt_tensor_size(&cfg, t, 0) : 0;
-        else if (t == P_WPE) n = s->first ? gpt_tensor_size(&cfg, t, 0) : 0;
-        else n = s->last ? gpt_tensor_size(&cfg, t, 0) : 0;
-        s->sizes[t] = n;
-        s->offsets[t] = s->num_params;
-        s->num_params += n;
-    }
-    size_t P = s->num_params, BTC = (size_t)B * T * cfg.channels;
+    size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc(P, sizeof(float));
     s->grads = calloc(P, sizeof(float));
     s->m = calloc(P, sizeof(float));
     s->v = calloc(P, sizeof(float));
-    s->dwte_embed = s->first ? calloc(s->sizes[P_WTE], sizeof(float)) : NULL;
+    s->dwte_embed = s->y.first ? calloc(s->y.sizes[P_WTE], sizeof(float)) : NULL;
     s->scratch_c = calloc(BTC, sizeof(float));
     s->scratch_4c = calloc(4 * BTC, sizeof(float));
     s->slots = calloc(slots, sizeof(Slot));
-    if (!s->params || !s->grads || !s->m || !s->v || (s->first && !s->dwte_embed) ||
+    if (!s->params || !s->grads || !s->m || !s->v || (s->y.first && !s->dwte_embed) ||
         !s->scratch_c || !s->scratch_4c || !s->slots) {
         fail("out of memory: %zu parameters need %.1f MiB with gradients and AdamW state",
              P, P * 16.0 / (1 << 20));
@@ -605,60 +512,17 @@ void stage_free(Stage *s) {
     free(s);
 }
 
-// splitmix64: a tiny, good generator whose state is any 64-bit value, which
-// lets every (tensor, layer) seed a stream of its own
-static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static double uniform01(uint64_t *state) { return ((splitmix64(state) >> 11) + 0.5) * 0x1.0p-53; }
-
-static void fill_normal(float *p, size_t n, float std, uint64_t seed) {
-    uint64_t st = seed;
-    for (size_t i = 0; i < n; i += 2) {  // Box-Muller, two values per draw
-        double r = sqrt(-2.0 * log(uniform01(&st))), th = 2.0 * PI * uniform01(&st);
-        p[i] = (float)(std * r * cos(th));
-        if (i + 1 < n) p[i + 1] = (float)(std * r * sin(th));
-    }
-}
-
-void stage_init(Stage *s, uint64_t seed) {
-    const GPTConfig *c = &s->cfg;
-    float resid_std = 0.02f / sqrtf(2.0f * c->num_layers);
-    #pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++)
-        for (int l = 0; l < s->nl; l++) {
-            if (!s->sizes[t] || (!is_layer_tensor(t) && l > 0)) continue;
-            int gl = is_layer_tensor(t) ? s->lo + l : 0;  // global layer: the stream's name
-            float *p = is_layer_tensor(t) ? layer_tensor(s, s->params, t, l) : tensor(s, s->params, t);
-            size_t n = is_layer_tensor(t) ? gpt_tensor_size(c, t, 1) : s->sizes[t];
-            uint64_t st = seed * 0x100000001B3ull + (uint64_t)t * 4096 + gl;
-            uint64_t stream = splitmix64(&st);
-            if (t == P_WTE) {  // padded rows stay zero
-                memset(p, 0, n * sizeof(float));
-                fill_normal(p, (size_t)c->vocab_size * c->channels, 0.02f, stream);
-            } else if (t == P_ATTPROJW || t == P_FCPROJW) {
-                fill_normal(p, n, resid_std, stream);
-            } else if (is_matrix(t)) {
-                fill_normal(p, n, 0.02f, stream);
-            } else {
-                float val = (t == P_LN1W || t == P_LN2W || t == P_LNFW) ? 1.0f : 0.0f;
-                for (size_t i = 0; i < n; i++) p[i] = val;
-            }
-        }
-}
+void stage_init(Stage *s, uint64_t seed) { init_params(&s->y, s->params, seed); }
 
 // The stage's forward for one micro-batch of shape (B,T) up to the final
 // layernorm; sampling calls it with B=1 and a shorter T.
 static void stage_forward(Stage *s, Slot *a, int B, int T) {
-    const GPTConfig *c = &s->cfg;
+    const GPTConfig *c = &s->y.cfg;
     int C = c->channels, NH = c->num_heads, N = B * T;
     size_t BTC = (size_t)s->B * s->T * C;  // per-layer stride in the slot
     float *P = s->params;
-    if (s->first) encoder_forward(a->x0, a->inputs, tensor(s, P, P_WTE), tensor(s, P, P_WPE), B, T, C);
-    for (int l = 0; l < s->nl; l++) {
+    if (s->y.first) encoder_forward(a->x0, a->inputs, tensor(s, P, P_WTE), tensor(s, P, P_WPE), B, T, C);
+    for (int l = 0; l < s->y.nl; l++) {
         float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
         float *ln1 = a->ln1 + l * BTC, *qkv = a->qkv + 3 * l * BTC, *atty = a->atty + l * BTC;
         float *att = a->att + (size_t)l * s->B * NH * s->T * s->T;
@@ -678,38 +542,38 @@ static void stage_forward(Stage *s, Slot *a, int B, int T) {
         matmul_forward(res3, fchg, layer_tensor(s, P, P_FCPROJW, l), layer_tensor(s, P, P_FCPROJB, l), N, 4 * C, C);
         residual_add(res3, res2, (size_t)N * C);
     }
-    if (s->last)
-        layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->res3 + (s->nl - 1) * BTC,
+    if (s->y.last)
+        layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->res3 + (s->y.nl - 1) * BTC,
                           tensor(s, P, P_LNFW), tensor(s, P, P_LNFB), N, C);
 }
 
 static float *stage_output(Stage *s, Slot *a) {
-    return a->res3 + (size_t)(s->nl - 1) * s->B * s->T * s->cfg.channels;
+    return a->res3 + (size_t)(s->y.nl - 1) * s->B * s->T * s->y.cfg.channels;
 }
 
 // logits, softmax and loss for a full micro-batch (last stage)
 static float stage_loss(Stage *s, Slot *a) {
-    int N = s->B * s->T, C = s->cfg.channels, Vp = s->cfg.padded_vocab_size;
+    int N = s->B * s->T, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
     matmul_forward(a->probs, a->lnf, tensor(s, s->params, P_WTE), NULL, N, C, Vp);
-    return crossentropy_forward(a->probs, a->losses, a->targets, N, s->cfg.vocab_size, Vp);
+    return crossentropy_forward(a->probs, a->losses, a->targets, N, s->y.cfg.vocab_size, Vp);
 }
 
 // BWD_INPUT: from the loss (last stage) or the received d(output) down to
 // d(stage input) in dresid[0], keeping what BWD_WEIGHT will need.
 static void stage_backward_input(Stage *s, Slot *a, float dloss) {
-    const GPTConfig *c = &s->cfg;
+    const GPTConfig *c = &s->y.cfg;
     int C = c->channels, NH = c->num_heads, B = s->B, T = s->T, N = B * T;
     size_t BTC = (size_t)N * C;
     float *P = s->params;
-    float *dtop = a->dresid + s->nl * BTC;
-    if (s->last) {
+    float *dtop = a->dresid + s->y.nl * BTC;
+    if (s->y.last) {
         crossentropy_backward(a->probs, a->targets, dloss, N, c->padded_vocab_size);
         matmul_backward_input(a->dlnf, a->probs, tensor(s, P, P_WTE), N, C, c->padded_vocab_size);
         memset(dtop, 0, BTC * sizeof(float));
         layernorm_backward_input(dtop, a->dlnf, stage_output(s, a), tensor(s, P, P_LNFW),
                                  a->lnf_mean, a->lnf_rstd, N, C);
     }
-    for (int l = s->nl - 1; l >= 0; l--) {
+    for (int l = s->y.nl - 1; l >= 0; l--) {
         float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
         float *dout = a->dresid + (l + 1) * BTC;
         float *dfch = a->dfch + 4 * l * BTC, *dln2 = a->dln2 + l * BTC, *dres2 = a->dres2 + l * BTC;
@@ -733,16 +597,16 @@ static void stage_backward_input(Stage *s, Slot *a, float dloss) {
 
 // BWD_WEIGHT: accumulate this micro-batch's parameter gradients.
 static void stage_backward_weight(Stage *s, Slot *a) {
-    const GPTConfig *c = &s->cfg;
+    const GPTConfig *c = &s->y.cfg;
     int C = c->channels, N = s->B * s->T;
     size_t BTC = (size_t)N * C;
     float *G = s->grads;
-    if (s->last) {
+    if (s->y.last) {
         matmul_backward_weight(tensor(s, G, P_WTE), NULL, a->probs, a->lnf, N, C, c->padded_vocab_size);
         layernorm_backward_weight(tensor(s, G, P_LNFW), tensor(s, G, P_LNFB), a->dlnf,
                                   stage_output(s, a), a->lnf_mean, a->lnf_rstd, N, C);
     }
-    for (int l = 0; l < s->nl; l++) {
+    for (int l = 0; l < s->y.nl; l++) {
         float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
         size_t lN = (size_t)l * N;
         layernorm_backward_weight(layer_tensor(s, G, P_LN1W, l), layer_tensor(s, G, P_LN1B, l),
@@ -759,21 +623,19 @@ static void stage_backward_weight(Stage *s, Slot *a) {
         matmul_backward_weight(layer_tensor(s, G, P_FCPROJW, l), layer_tensor(s, G, P_FCPROJB, l),
                                a->dresid + (l + 1) * BTC, a->fch_gelu + 4 * l * BTC, N, 4 * C, C);
     }
-    if (s->first)
+    if (s->y.first)
         encoder_backward(s->dwte_embed, tensor(s, G, P_WPE), a->dresid, a->inputs, s->B, s->T, C);
 }
 
 // ----------------------------------------------------------------------------
 // executor: one rank's op list for one step, with no Python in the loop
 
-void stage_set_peers(Stage *s, int prev_fd, int next_fd, double timeout_s) {
-    s->prev_fd = prev_fd;
-    s->next_fd = next_fd;
-    s->timeout_s = timeout_s;
+void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
+    s->links.prev_fd = prev_fd;
+    s->links.next_fd = next_fd;
+    s->links.tied_fd = tied_fd;
+    s->links.timeout_s = timeout_s;
 }
-
-static const char *const OP_NAMES[NUM_OPS] = {
-    "FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"};
 
 // The slot holding micro-batch mb, taking a free one on first use.
 static Slot *slot_for(Stage *s, int mb) {
@@ -783,101 +645,25 @@ static Slot *slot_for(Stage *s, int mb) {
         for (int j = 0; j < s->slot_of_cap; j++) used |= s->slot_of[j] == i;
         if (!used) { s->slot_of[mb] = i; return &s->slots[i]; }
     }
-    fail("rank holding layers [%d,%d): micro-batch %d needs an activation slot but all %d are held "
-         "(the schedule holds more than the validator's peak)", s->lo, s->hi, mb, s->nslots);
+    fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
+         "(the schedule holds more than the validator's peak)", s->y.lo, s->y.hi, mb, s->nslots);
     return NULL;
 }
 
-// One message on a neighbour link: a small header naming what it carries, so
-// a schedule mismatch is reported instead of silently mixing up micro-batches.
-typedef struct {
-    int fd, sending;
-    int32_t header[4];      // kind, mb, float count, magic
-    char *payload;
-    size_t nbytes, done;    // header + payload bytes
-} Transfer;
-
-#define LINK_MAGIC 0x47505432
-
-static size_t transfer_step(Transfer *x) {
-    size_t hb = sizeof x->header, off = x->done;
-    char *p = off < hb ? (char *)x->header + off : x->payload + (off - hb);
-    size_t n = off < hb ? hb - off : x->nbytes - off;
-    ssize_t r = x->sending ? send(x->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-                           : recv(x->fd, p, n, MSG_DONTWAIT);
-    if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
-    if (r == 0 && !x->sending) return (size_t)-1;
-    x->done += r;
-    return r;
-}
-
-// A run of consecutive SEND/RECV ops is one group: all of them progress
-// together (poll), so two neighbours sending to each other at the same moment
-// never wait on each other. Messages on one link keep their order.
+// The buffer each op of a communication group sends from or receives into.
 static int run_comm_group(Stage *s, const int *ops, int n) {
-    Transfer xs[16];
-    if (n > 16) return fail("a group of %d sends/receives is more than 16", n);
-    size_t BTC = (size_t)s->B * s->T * s->cfg.channels;
-    for (int i = 0; i < n; i++) {
-        int kind = ops[2 * i], mb = ops[2 * i + 1];
-        int to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
-        Transfer *x = &xs[i];
-        x->fd = to_next ? s->next_fd : s->prev_fd;
-        if (x->fd < 0) return fail("%s mb %d: this stage has no %s neighbour", OP_NAMES[kind], mb,
-                                   to_next ? "next" : "previous");
-        x->sending = kind == OP_SEND_ACT || kind == OP_SEND_GRAD;
-        Slot *a = slot_for(s, mb);
+    void *bufs[MAX_GROUP];
+    size_t BTC = (size_t)s->B * s->T * s->y.cfg.channels;
+    for (int i = 0; i < n && i < MAX_GROUP; i++) {
+        int kind = ops[2 * i];
+        Slot *a = slot_for(s, ops[2 * i + 1]);
         if (!a) return -1;
-        x->payload = (char *)(kind == OP_SEND_ACT ? stage_output(s, a)
-                              : kind == OP_RECV_ACT ? a->x0
-                              : kind == OP_SEND_GRAD ? a->dresid
-                              : a->dresid + s->nl * BTC);
-        int wire_kind = (kind == OP_SEND_ACT || kind == OP_RECV_ACT) ? OP_SEND_ACT : OP_SEND_GRAD;
-        int32_t h[4] = {wire_kind, mb, (int32_t)BTC, LINK_MAGIC};
-        memcpy(x->header, h, sizeof h);
-        x->nbytes = sizeof x->header + BTC * sizeof(float);
-        x->done = 0;
+        bufs[i] = kind == OP_SEND_ACT ? stage_output(s, a)
+                : kind == OP_RECV_ACT ? a->x0
+                : kind == OP_SEND_GRAD ? a->dresid
+                : a->dresid + s->y.nl * BTC;
     }
-    double last_progress = now_seconds();
-    for (;;) {
-        struct pollfd pf[16];
-        int idx[16], np = 0, pending = 0;
-        for (int i = 0; i < n; i++) {
-            if (xs[i].done == xs[i].nbytes) continue;
-            pending++;
-            // only the oldest unfinished transfer per (link, direction) may move
-            int older = 0;
-            for (int j = 0; j < i; j++)
-                older |= xs[j].fd == xs[i].fd && xs[j].sending == xs[i].sending && xs[j].done < xs[j].nbytes;
-            if (older) continue;
-            pf[np] = (struct pollfd){xs[i].fd, xs[i].sending ? POLLOUT : POLLIN, 0};
-            idx[np++] = i;
-        }
-        if (!pending) return 0;
-        int r = poll(pf, np, 1000);
-        if (r < 0 && errno != EINTR) return fail("poll failed: %s", strerror(errno));
-        for (int k = 0; k < np && r > 0; k++) {
-            Transfer *x = &xs[idx[k]];
-            if (!pf[k].revents) continue;
-            int32_t expect_kind = x->header[0], expect_mb = x->header[1];
-            size_t moved = transfer_step(x);
-            if (moved == (size_t)-1)
-                return fail("stage [%d,%d): the %s neighbour closed the link during %s mb %d",
-                            s->lo, s->hi, x->fd == s->next_fd ? "next" : "previous",
-                            x->sending ? "a send" : "a receive", expect_mb);
-            if (moved) last_progress = now_seconds();
-            if (!x->sending && x->done == sizeof x->header && moved) {
-                if (x->header[3] != LINK_MAGIC || x->header[0] != expect_kind ||
-                    x->header[1] != expect_mb || x->header[2] != (int32_t)BTC)
-                    return fail("stage [%d,%d): expected %s mb %d from the %s neighbour, got kind %d mb %d",
-                                s->lo, s->hi, expect_kind == OP_SEND_ACT ? "activation" : "gradient",
-                                expect_mb, x->fd == s->next_fd ? "next" : "previous",
-                                x->header[0], x->header[1]);
-            }
-        }
-        if (now_seconds() - last_progress > s->timeout_s)
-            return fail("stage [%d,%d): no progress from a neighbour for %.0f s", s->lo, s->hi, s->timeout_s);
-    }
+    return comm_group(&s->links, ops, n, bufs, BTC * sizeof(float));
 }
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
@@ -890,8 +676,8 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
     }
     for (int i = 0; i < nops; i++)
         if (ops[2 * i + 1] >= m) return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], m);
-    if (s->first && !inputs) return fail("the first stage needs input tokens");
-    if (s->last && !targets) return fail("the last stage needs target tokens");
+    if (s->y.first && !inputs) return fail("the first stage needs input tokens");
+    if (s->y.last && !targets) return fail("the last stage needs target tokens");
     if (m > s->slot_of_cap) {
         free(s->slot_of); free(s->mb_losses);
         s->slot_of = malloc(m * sizeof(int));
@@ -906,8 +692,8 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
     for (int i = 0; i < s->slot_of_cap; i++) s->slot_of[i] = -1;
     for (int i = 0; i < m; i++) s->mb_losses[i] = 0.0f;
     if (training) {
-        memset(s->grads, 0, s->num_params * sizeof(float));
-        if (s->first) memset(s->dwte_embed, 0, s->sizes[P_WTE] * sizeof(float));
+        memset(s->grads, 0, s->y.num_params * sizeof(float));
+        if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
     }
     size_t BT = (size_t)s->B * s->T;
     for (int i = 0; i < nops;) {
@@ -924,9 +710,9 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
             Slot *a = slot_for(s, mb);
             if (!a) return -1;
             if (kind == OP_FWD) {
-                if (s->first) memcpy(a->inputs, inputs + mb * BT, BT * sizeof(int));
+                if (s->y.first) memcpy(a->inputs, inputs + mb * BT, BT * sizeof(int));
                 stage_forward(s, a, s->B, s->T);
-                if (s->last) {
+                if (s->y.last) {
                     memcpy(a->targets, targets + mb * BT, BT * sizeof(int));
                     s->mb_losses[mb] = stage_loss(s, a);
                     if (!training) s->slot_of[mb] = -1;
@@ -953,10 +739,21 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 // ----------------------------------------------------------------------------
 // optimizer
 
-void stage_sum_wte_grads(Stage *s) {
-    if (!(s->first && s->last)) return;  // across stages, the launcher exchanges the parts first
-    float *head = tensor(s, s->grads, P_WTE);
-    for (size_t i = 0; i < s->sizes[P_WTE]; i++) head[i] = head[i] + s->dwte_embed[i];
+int stage_sum_wte_grads(Stage *s) {
+    if (!s->y.first && !s->y.last) return 0;
+    float *head = tensor(s, s->grads, P_WTE), *embed = s->dwte_embed;
+    size_t n = s->y.sizes[P_WTE];
+    if (!(s->y.first && s->y.last)) {
+        // the first stage has the embedding's part, the last the head's: swap
+        // them through the scratch of the other (the last stage's dwte_embed is unused)
+        if (!s->dwte_embed) s->dwte_embed = malloc(n * sizeof(float));
+        if (!(embed = s->dwte_embed)) return fail("out of memory for d(wte)");
+        if (s->y.first ? tied_swap(&s->links, embed, head, n * sizeof(float))
+                       : tied_swap(&s->links, head, embed, n * sizeof(float)))
+            return -1;
+    }
+    for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
+    return 0;
 }
 
 static double sum_squares(const float *p, size_t n) {
@@ -966,25 +763,19 @@ static double sum_squares(const float *p, size_t n) {
 }
 
 void stage_grad_norm_parts(Stage *s, double *parts) {
-    int L = s->cfg.num_layers;
+    int L = s->y.cfg.num_layers;
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * L);
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int t = 0; t < NUM_PARAM_TENSORS; t++)
-        for (int l = 0; l < s->nl; l++) {
-            if (!s->sizes[t]) continue;
+        for (int l = 0; l < s->y.nl; l++) {
+            if (!s->y.sizes[t]) continue;
             if (is_layer_tensor(t)) {
-                parts[t * L + s->lo + l] =
-                    sum_squares(layer_tensor(s, s->grads, t, l), gpt_tensor_size(&s->cfg, t, 1));
-            } else if (l == 0 && (t != P_WTE || s->first)) {
-                parts[t * L] = sum_squares(tensor(s, s->grads, t), s->sizes[t]);
+                parts[t * L + s->y.lo + l] =
+                    sum_squares(layer_tensor(s, s->grads, t, l), gpt_tensor_size(&s->y.cfg, t, 1));
+            } else if (l == 0 && owns_tensor(&s->y, t)) {
+                parts[t * L] = sum_squares(tensor(s, s->grads, t), s->y.sizes[t]);
             }
         }
-}
-
-double gpt_norm_from_parts(const double *parts, int L) {
-    double total = 0.0;
-    for (int i = 0; i < NUM_PARAM_TENSORS * L; i++) total += parts[i];
-    return sqrt(total);
 }
 
 void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
@@ -994,7 +785,7 @@ void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int s
         float wd = is_matrix(t) ? weight_decay : 0.0f;
         float *p = tensor(s, s->params, t), *g = tensor(s, s->grads, t);
         float *m = tensor(s, s->m, t), *v = tensor(s, s->v, t);
-        size_t n = s->sizes[t];
+        size_t n = s->y.sizes[t];
         #pragma omp parallel for
         for (size_t i = 0; i < n; i++) {
             float gi = g[i] * grad_scale;
@@ -1006,358 +797,41 @@ void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int s
     }
 }
 
-float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac) {
-    float min_lr = max_lr * min_frac;
-    if (step < warmup) return max_lr * (step + 1) / warmup;
-    if (step >= total_steps - 1) return min_lr;
-    float progress = (float)(step - warmup) / (float)(total_steps - 1 - warmup);
-    return min_lr + 0.5f * (1.0f + cosf(PI * progress)) * (max_lr - min_lr);
+// ----------------------------------------------------------------------------
+// the device half of the API, for a trainer without one
+
+void stage_sync_to_host(Stage *s) { (void)s; }
+void stage_sync_to_device(Stage *s) { (void)s; }
+int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]) {
+    (void)id;
+    return fail("NCCL needs the CUDA trainer (--device cuda)");
+}
+int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank) {
+    (void)s; (void)id; (void)nranks; (void)rank;
+    return fail("NCCL needs the CUDA trainer (--device cuda)");
 }
 
 // ----------------------------------------------------------------------------
-// data: llm.c token shards, read in order
+// checkpoint I/O (the file formats are in common.h)
 
-struct DataLoader {
-    int B, T;
-    glob_t shards;
-    size_t shard;           // index into shards.gl_pathv
-    int64_t pos;            // next token to read in the loaded shard
-    uint16_t *tokens;       // the loaded shard
-    int64_t ntok;
-};
-
-static int read_exact(int fd, void *buf, size_t n, off_t off, const char *path) {
-    char *p = buf;
-    while (n) {
-        ssize_t r = pread(fd, p, n, off);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return fail("%s: read failed (%s)", path, r < 0 ? strerror(errno) : "unexpected end of file");
-        p += r; n -= r; off += r;
-    }
-    return 0;
-}
-
-static int write_exact(int fd, const void *buf, size_t n, off_t off, const char *path) {
-    const char *p = buf;
-    while (n) {
-        ssize_t r = pwrite(fd, p, n, off);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return fail("%s: write failed (%s)", path, strerror(errno));
-        p += r; n -= r; off += r;
-    }
-    return 0;
-}
-
-static int64_t file_size(int fd) {
-    struct stat st;
-    return fstat(fd, &st) ? -1 : (int64_t)st.st_size;
-}
-
-// Checks the header and size of a shard; loads its tokens when out != NULL.
-static int shard_read(const char *path, int64_t need, uint16_t **out, int64_t *ntok) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail("%s: cannot open token shard (%s)", path, strerror(errno));
-    int32_t h[HEADER_INTS];
-    int rc = -1;
-    if (read_exact(fd, h, sizeof h, 0, path)) goto done;
-    if (h[0] != SHARD_MAGIC) { fail("%s: not a token shard (magic %d, expected %d)", path, h[0], SHARD_MAGIC); goto done; }
-    if (h[1] != 1) { fail("%s: token shard version %d, expected 1", path, h[1]); goto done; }
-    int64_t size = file_size(fd), expect = (int64_t)sizeof h + 2 * (int64_t)h[2];
-    if (h[2] < 0 || size != expect) {
-        fail("%s: token shard is %lld bytes, its header promises %lld (truncated?)", path,
-             (long long)size, (long long)expect);
-        goto done;
-    }
-    if (h[2] < need) { fail("%s: %d tokens, fewer than one batch needs (%lld)", path, h[2], (long long)need); goto done; }
-    *ntok = h[2];
-    if (out) {
-        free(*out);
-        *out = malloc(2 * (size_t)h[2]);
-        if (!*out) { fail("%s: out of memory", path); goto done; }
-        if (read_exact(fd, *out, 2 * (size_t)h[2], sizeof h, path)) goto done;
-    }
-    rc = 0;
-done:
-    close(fd);
-    return rc;
-}
-
-DataLoader *dataloader_open(const char *pattern, int B, int T) {
-    DataLoader *d = calloc(1, sizeof(DataLoader));
-    d->B = B; d->T = T;
-    if (glob(pattern, 0, NULL, &d->shards) != 0 || d->shards.gl_pathc == 0) {
-        fail("no token shards match '%s' (prepare the data first: python -m dev.data.prepare)", pattern);
-        globfree(&d->shards);
-        free(d);
-        return NULL;
-    }
-    // check every shard now, so a bad one fails at start, not hours in
-    for (size_t i = 0; i < d->shards.gl_pathc; i++) {
-        int64_t n;
-        if (shard_read(d->shards.gl_pathv[i], (int64_t)B * T + 1, NULL, &n)) { dataloader_free(d); return NULL; }
-    }
-    if (dataloader_set_position(d, 0, 0)) { dataloader_free(d); return NULL; }
-    return d;
-}
-
-void dataloader_free(DataLoader *d) {
-    if (!d) return;
-    globfree(&d->shards);
-    free(d->tokens);
-    free(d);
-}
-
-int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos) {
-    if (shard < 0 || (size_t)shard >= d->shards.gl_pathc) return fail("data position: shard %lld of %zu", (long long)shard, d->shards.gl_pathc);
-    if (!d->tokens || (size_t)shard != d->shard)
-        if (shard_read(d->shards.gl_pathv[shard], (int64_t)d->B * d->T + 1, &d->tokens, &d->ntok)) return -1;
-    if (pos < 0 || pos > d->ntok) return fail("data position: token %lld of %lld", (long long)pos, (long long)d->ntok);
-    d->shard = shard;
-    d->pos = pos;
-    return 0;
-}
-
-void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos) {
-    *shard = d->shard;
-    *pos = d->pos;
-}
-
-int dataloader_next(DataLoader *d, int *inputs, int *targets) {
-    int64_t BT = (int64_t)d->B * d->T;
-    if (d->pos + BT + 1 > d->ntok)
-        if (dataloader_set_position(d, (d->shard + 1) % d->shards.gl_pathc, 0)) return -1;
-    const uint16_t *p = d->tokens + d->pos;
-    for (int64_t i = 0; i < BT; i++) { inputs[i] = p[i]; targets[i] = p[i + 1]; }
-    d->pos += BT;
-    return 0;
-}
-
-// ----------------------------------------------------------------------------
-// checkpoint I/O
-//
-// Model files are llm.c's: a 256-int header, then the 16 tensors of the whole
-// model in order, fp32 (version 3) or bf16 (version 5, read only). The
-// optimizer state is ours, laid out the same way:
-//   header int32[256]: [0] STATE_MAGIC, [1] version 1, [2] L, [3] C, [4] Vp,
-//                      [5] maxT, int64 at ints [8] step, [10] shard, [12] pos
-//   then AdamW m for every parameter in model order, then v likewise.
-// Each stage writes its slices at their whole-model offsets, so a checkpoint
-// made by S stages is one file that any other stage count can read.
-
-// Element offset of a stage's share of tensor t in the whole-model layout.
-static size_t model_offset(const Stage *s, int t) {
-    size_t off = 0;
-    for (int i = 0; i < t; i++) off += gpt_tensor_size(&s->cfg, i, s->cfg.num_layers);
-    return off + (is_layer_tensor(t) ? s->lo * gpt_tensor_size(&s->cfg, t, 1) : 0);
-}
-static size_t model_size(const GPTConfig *c) {
-    size_t n = 0;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += gpt_tensor_size(c, t, c->num_layers);
-    return n;
-}
-// wte lives on the first and the last stage; the first one writes it
-static int stage_writes(const Stage *s, int t) { return s->sizes[t] && (t != P_WTE || s->first); }
-
-static int check_model_header(const int32_t *h, const char *path, GPTConfig *cfg) {
-    if (h[0] != MODEL_MAGIC) return fail("%s: not an llm.c model file (magic %d, expected %d)", path, h[0], MODEL_MAGIC);
-    if (h[1] != 3 && h[1] != 5) return fail("%s: model version %d, expected 3 (fp32) or 5 (bf16)", path, h[1]);
-    *cfg = (GPTConfig){h[2], h[3], h[7], h[4], h[5], h[6]};
-    if (cfg->max_seq_len < 1 || cfg->vocab_size < 1 || cfg->padded_vocab_size < cfg->vocab_size ||
-        cfg->num_layers < 1 || cfg->num_heads < 1 || cfg->channels < 1 || cfg->channels % cfg->num_heads)
-        return fail("%s: implausible model shape in header (maxT=%d V=%d Vp=%d L=%d NH=%d C=%d)", path,
-                    h[2], h[3], h[7], h[4], h[5], h[6]);
-    return 0;
-}
-
-int gpt_read_config(const char *path, GPTConfig *cfg) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
-    int32_t h[HEADER_INTS];
-    int rc = read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, cfg) ? -1 : 0;
-    close(fd);
-    return rc;
-}
-
-static int same_config(const GPTConfig *a, const GPTConfig *b) {
-    return a->max_seq_len == b->max_seq_len && a->vocab_size == b->vocab_size &&
-           a->padded_vocab_size == b->padded_vocab_size && a->num_layers == b->num_layers &&
-           a->num_heads == b->num_heads && a->channels == b->channels;
-}
-
-int stage_load(Stage *s, const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
-    int32_t h[HEADER_INTS];
-    GPTConfig fc;
-    int rc = -1;
-    if (read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, &fc)) goto done;
-    if (!same_config(&fc, &s->cfg)) {
-        fail("%s: model is L=%d NH=%d C=%d maxT=%d V=%d, this run wants L=%d NH=%d C=%d maxT=%d V=%d", path,
-             fc.num_layers, fc.num_heads, fc.channels, fc.max_seq_len, fc.vocab_size, s->cfg.num_layers,
-             s->cfg.num_heads, s->cfg.channels, s->cfg.max_seq_len, s->cfg.vocab_size);
-        goto done;
-    }
-    size_t elem = h[1] == 3 ? 4 : 2;
-    int64_t expect = (int64_t)sizeof h + (int64_t)(elem * model_size(&fc)), size = file_size(fd);
-    if (size != expect) {
-        fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size, (long long)expect);
-        goto done;
-    }
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!s->sizes[t]) continue;
-        float *p = tensor(s, s->params, t);
-        off_t off = sizeof h + elem * model_offset(s, t);
-        if (elem == 4) {
-            if (read_exact(fd, p, 4 * s->sizes[t], off, path)) goto done;
-        } else {  // bf16: the top half of an fp32
-            uint16_t *tmp = malloc(2 * s->sizes[t]);
-            if (!tmp || read_exact(fd, tmp, 2 * s->sizes[t], off, path)) { free(tmp); goto done; }
-            for (size_t i = 0; i < s->sizes[t]; i++) {
-                uint32_t bits = (uint32_t)tmp[i] << 16;
-                memcpy(&p[i], &bits, 4);
-            }
-            free(tmp);
-        }
-    }
-    rc = 0;
-done:
-    close(fd);
-    return rc;
-}
-
-static void checkpoint_path(char *out, size_t n, const char *dir, const char *what, int64_t step, const char *suffix) {
-    snprintf(out, n, "%s/%s_%08lld%s", dir, what, (long long)step, suffix);
-}
+int stage_load(Stage *s, const char *path) { return model_file_read(&s->y, path, s->params); }
 
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
-    char mpath[4096], spath[4096];
-    checkpoint_path(mpath, sizeof mpath, dir, "model", ts->step, ".bin.tmp");
-    checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
-    size_t P = model_size(&s->cfg);
-    int mfd = open(mpath, O_WRONLY | O_CREAT, 0644);
-    if (mfd < 0) return fail("%s: cannot write checkpoint (%s)", mpath, strerror(errno));
-    int sfd = open(spath, O_WRONLY | O_CREAT, 0644);
-    if (sfd < 0) { close(mfd); return fail("%s: cannot write checkpoint (%s)", spath, strerror(errno)); }
-    int rc = -1;
-    if (ftruncate(mfd, HEADER_INTS * 4 + 4 * P) || ftruncate(sfd, HEADER_INTS * 4 + 8 * P)) {
-        fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
-        goto done;
-    }
-    if (s->first) {
-        const GPTConfig *c = &s->cfg;
-        int32_t mh[HEADER_INTS] = {MODEL_MAGIC, 3, c->max_seq_len, c->vocab_size, c->num_layers,
-                                   c->num_heads, c->channels, c->padded_vocab_size};
-        int32_t sh[HEADER_INTS] = {STATE_MAGIC, 1, c->num_layers, c->channels, c->padded_vocab_size, c->max_seq_len};
-        memcpy(&sh[8], &ts->step, 8);
-        memcpy(&sh[10], &ts->shard, 8);
-        memcpy(&sh[12], &ts->pos, 8);
-        if (write_exact(mfd, mh, sizeof mh, 0, mpath) || write_exact(sfd, sh, sizeof sh, 0, spath)) goto done;
-    }
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!stage_writes(s, t)) continue;
-        size_t off = model_offset(s, t), n = s->sizes[t];
-        if (write_exact(mfd, tensor(s, s->params, t), 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
-            write_exact(sfd, tensor(s, s->m, t), 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
-            write_exact(sfd, tensor(s, s->v, t), 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
-            goto done;
-    }
-    rc = 0;
-done:
-    close(mfd);
-    close(sfd);
-    return rc;
+    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
-    char mpath[4096], spath[4096];
-    checkpoint_path(mpath, sizeof mpath, dir, "model", step, ".bin");
-    checkpoint_path(spath, sizeof spath, dir, "state", step, ".bin");
-    if (stage_load(s, mpath)) return -1;
-    int fd = open(spath, O_RDONLY);
-    if (fd < 0) return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
-    int32_t h[HEADER_INTS];
-    int rc = -1;
-    size_t P = model_size(&s->cfg);
-    const GPTConfig *c = &s->cfg;
-    if (read_exact(fd, h, sizeof h, 0, spath)) goto done;
-    if (h[0] != STATE_MAGIC || h[1] != 1) {
-        fail("%s: not an optimizer state file (magic %d version %d, expected %d version 1)", spath, h[0], h[1], STATE_MAGIC);
-        goto done;
-    }
-    if (h[2] != c->num_layers || h[3] != c->channels || h[4] != c->padded_vocab_size || h[5] != c->max_seq_len) {
-        fail("%s: optimizer state is for another model shape", spath);
-        goto done;
-    }
-    if (file_size(fd) != (int64_t)(sizeof h + 8 * P)) {
-        fail("%s: optimizer state is %lld bytes, expected %lld (truncated?)", spath,
-             (long long)file_size(fd), (long long)(sizeof h + 8 * P));
-        goto done;
-    }
-    memcpy(&ts->step, &h[8], 8);
-    memcpy(&ts->shard, &h[10], 8);
-    memcpy(&ts->pos, &h[12], 8);
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!s->sizes[t]) continue;
-        size_t off = model_offset(s, t), n = s->sizes[t];
-        if (read_exact(fd, tensor(s, s->m, t), 4 * n, sizeof h + 4 * off, spath) ||
-            read_exact(fd, tensor(s, s->v, t), 4 * n, sizeof h + 4 * (P + off), spath))
-            goto done;
-    }
-    rc = 0;
-done:
-    close(fd);
-    return rc;
-}
-
-static int fsync_path(const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail("%s: cannot open (%s)", path, strerror(errno));
-    int rc = fsync(fd) ? fail("%s: fsync failed (%s)", path, strerror(errno)) : 0;
-    close(fd);
-    return rc;
-}
-
-int checkpoint_commit(const char *dir, int64_t step) {
-    const char *what[2] = {"model", "state"};
-    for (int i = 0; i < 2; i++) {
-        char tmp[4096], final[4096];
-        checkpoint_path(tmp, sizeof tmp, dir, what[i], step, ".bin.tmp");
-        checkpoint_path(final, sizeof final, dir, what[i], step, ".bin");
-        if (fsync_path(tmp)) return -1;
-        if (rename(tmp, final)) return fail("%s: cannot rename to %s (%s)", tmp, final, strerror(errno));
-    }
-    char done[4096];
-    checkpoint_path(done, sizeof done, dir, "DONE", step, "");
-    int fd = open(done, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) return fail("%s: cannot write (%s)", done, strerror(errno));
-    close(fd);
-    return fsync_path(dir);
-}
-
-int64_t checkpoint_latest(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int64_t best = -1;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        long long step;
-        char rest;
-        if (sscanf(e->d_name, "DONE_%lld%c", &step, &rest) == 1 && step > best) best = step;
-    }
-    closedir(d);
-    return best;
+    return checkpoint_files_read(&s->y, dir, step, ts, s->params, s->m, s->v);
 }
 
 // ----------------------------------------------------------------------------
 // sampling
 
-typedef struct { float logit; int id; } Candidate;
-
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k,
                  uint64_t seed, int *out) {
-    if (!(s->first && s->last)) return fail("sampling needs the whole model in one stage");
+    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
     if (np < 1) return fail("sampling needs a prompt of at least one token");
-    int V = s->cfg.vocab_size, C = s->cfg.channels, Vp = s->cfg.padded_vocab_size;
+    int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
     for (int i = 0; i < np; i++)
         if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
     if (top_k <= 0 || top_k > V) top_k = V;
@@ -1372,26 +846,7 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
         memcpy(a->inputs, out + len - T, T * sizeof(int));
         stage_forward(s, a, 1, T);
         matmul_forward(a->probs, a->lnf + (size_t)(T - 1) * C, tensor(s, s->params, P_WTE), NULL, 1, C, Vp);
-        // keep the top_k logits, sorted, by insertion (k is small)
-        int k = 0;
-        for (int i = 0; i < V; i++) {
-            float x = a->probs[i];
-            if (k == top_k && x <= cand[k - 1].logit) continue;
-            int j = k < top_k ? k++ : k - 1;
-            while (j > 0 && cand[j - 1].logit < x) { cand[j] = cand[j - 1]; j--; }
-            cand[j] = (Candidate){x, i};
-        }
-        int next = cand[0].id;
-        if (temperature > 0.0f) {
-            double sum = 0.0;
-            for (int i = 0; i < k; i++) sum += exp((cand[i].logit - cand[0].logit) / temperature);
-            double r = uniform01(&rng) * sum, acc = 0.0;
-            for (int i = 0; i < k; i++) {
-                acc += exp((cand[i].logit - cand[0].logit) / temperature);
-                if (r < acc) { next = cand[i].id; break; }
-            }
-        }
-        out[len] = next;
+        out[len] = sample_top_k(a->probs, V, temperature, top_k, &rng, cand);
     }
     free(cand);
     return 0;
@@ -1401,33 +856,6 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
 // main: single-process training from the shell, ./train_gpt -h for the flags.
 // Built only for the binary (the Python binding links the stage API alone).
 #ifdef TRAIN_GPT_MAIN
-
-// llm.c's tokenizer file, for printing samples
-typedef struct { int n, eot; char **tokens; } Tokenizer;
-
-static int tokenizer_read(Tokenizer *tk, const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail("%s: cannot open tokenizer (%s)", path, strerror(errno));
-    int32_t h[HEADER_INTS];
-    int rc = -1;
-    if (fread(h, sizeof h, 1, f) != 1 || h[0] != TOKENIZER_MAGIC || h[1] != 2) {
-        fail("%s: not an llm.c tokenizer file (version 2)", path);
-        goto done;
-    }
-    tk->n = h[2];
-    tk->eot = h[3];
-    tk->tokens = calloc(tk->n, sizeof(char *));
-    for (int i = 0; i < tk->n; i++) {
-        unsigned char len;
-        if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d", path, i); goto done; }
-        tk->tokens[i] = calloc(len + 1, 1);
-        if (fread(tk->tokens[i], 1, len, f) != len) { fail("%s: truncated at token %d", path, i); goto done; }
-    }
-    rc = 0;
-done:
-    fclose(f);
-    return rc;
-}
 
 static void usage(void) {
     fprintf(stderr,
@@ -1526,7 +954,7 @@ int main(int argc, char **argv) {
     }
     double *parts = malloc(sizeof(double) * NUM_PARAM_TENSORS * cfg.num_layers);
     printf("model L=%d NH=%d C=%d, B=%d T=%d micro-batches=%d, %zu parameters\n",
-           cfg.num_layers, cfg.num_heads, cfg.channels, B, T, M, s->num_params);
+           cfg.num_layers, cfg.num_heads, cfg.channels, B, T, M, s->y.num_params);
     for (int step = start; step < steps; step++) {
         double t0 = now_seconds();
         for (int mb = 0; mb < M; mb++)
@@ -1534,7 +962,7 @@ int main(int argc, char **argv) {
         float loss;
         if (stage_run(s, ops, 3 * M, x, y, 1, &loss)) return die();
         loss /= M;
-        stage_sum_wte_grads(s);
+        if (stage_sum_wte_grads(s)) return die();
         stage_grad_norm_parts(s, parts);
         double norm = gpt_norm_from_parts(parts, cfg.num_layers);
         float scale = norm > 1.0 ? (float)(1.0 / norm) : 1.0f;
@@ -1564,6 +992,7 @@ int main(int argc, char **argv) {
         }
         printf("\n");
         free(out);
+        tokenizer_free(&tk);
     }
     dataloader_free(train);
     dataloader_free(val);

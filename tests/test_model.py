@@ -39,8 +39,7 @@ def rough_params(seed: int) -> dict:
 
 def c_model(params: dict, slots: int = 1) -> gpt.Model:
     model = gpt.Model(CFG, 0, CFG["num_layers"], B, T, slots)
-    for name, p in model.params().items():
-        p[...] = params[name].astype(np.float32).reshape(p.shape)
+    model.set_params(params)
     return model
 
 

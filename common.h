@@ -1,0 +1,753 @@
+// common.h: the host half that train_gpt.c and train_gpt.cu share, included
+// once by each (as llm.c's llmc/ headers are): errors, the model layout, the
+// seeded init, the data loader, checkpoint files, the socket transport and
+// top-k sampling. Everything here runs on the CPU and works on host memory;
+// valid C11 and C++ so nvcc can compile it too.
+#ifndef COMMON_H
+#define COMMON_H
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <math.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "gpt.h"
+
+#define PI 3.14159265358979323846
+
+// ----------------------------------------------------------------------------
+// errors: one line, kept until the next failure
+
+#ifdef __cplusplus
+static thread_local char g_error[1024];
+#else
+static _Thread_local char g_error[1024];
+#endif
+
+const char *gpt_last_error(void) { return g_error; }
+
+static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_error, sizeof g_error, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// ----------------------------------------------------------------------------
+// model layout
+
+const char *const PARAM_NAMES[NUM_PARAM_TENSORS] = {
+    "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+    "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"};
+
+static int is_layer_tensor(int t) { return t != P_WTE && t != P_WPE && t != P_LNFW && t != P_LNFB; }
+// the tensors that get weight decay
+static int is_matrix(int t) {
+    return t == P_WTE || t == P_WPE || t == P_QKVW || t == P_ATTPROJW || t == P_FCW || t == P_FCPROJW;
+}
+
+size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers) {
+    size_t C = cfg->channels, L = layers;
+    switch (t) {
+    case P_WTE: return (size_t)cfg->padded_vocab_size * C;
+    case P_WPE: return (size_t)cfg->max_seq_len * C;
+    case P_QKVW: return L * 3 * C * C;
+    case P_QKVB: return L * 3 * C;
+    case P_ATTPROJW: return L * C * C;
+    case P_FCW: case P_FCPROJW: return L * 4 * C * C;
+    case P_FCB: return L * 4 * C;
+    case P_LNFW: case P_LNFB: return C;
+    default: return L * C;  // ln1w ln1b attprojb ln2w ln2b fcprojb
+    }
+}
+
+static GPTConfig make_config(int maxT, int V, int Vp, int L, int NH, int C) {
+    GPTConfig c;
+    c.max_seq_len = maxT; c.vocab_size = V; c.padded_vocab_size = Vp;
+    c.num_layers = L; c.num_heads = NH; c.channels = C;
+    return c;
+}
+
+int gpt_config_from_name(const char *name, GPTConfig *cfg) {
+    static const struct { const char *name; int L, NH, C; } presets[] = {
+        {"tiny", 4, 4, 128},                       // a few minutes on 2 CPU cores
+        {"d6", 6, 6, 384}, {"d8", 8, 8, 512},      // in between
+        {"d12", 12, 12, 768},                      // GPT-2 124M
+        {"d24", 24, 16, 1024}, {"d36", 36, 20, 1280}, {"d48", 48, 25, 1600},
+    };
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++)
+        if (strcmp(name, presets[i].name) == 0) {
+            *cfg = make_config(1024, 50257, 50304, presets[i].L, presets[i].NH, presets[i].C);
+            return 0;
+        }
+    return fail("unknown model '%s' (expected tiny, d6, d8, d12, d24, d36 or d48)", name);
+}
+
+static int same_config(const GPTConfig *a, const GPTConfig *b) {
+    return a->max_seq_len == b->max_seq_len && a->vocab_size == b->vocab_size &&
+           a->padded_vocab_size == b->padded_vocab_size && a->num_layers == b->num_layers &&
+           a->num_heads == b->num_heads && a->channels == b->channels;
+}
+
+static size_t model_size(const GPTConfig *c) {
+    size_t n = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += gpt_tensor_size(c, t, c->num_layers);
+    return n;
+}
+
+// What a stage holding layers [lo, hi) keeps of each tensor, packed in
+// llm.c's order: the per-layer tensors' slices, wte on the first and the
+// last stage (the tied LM head), wpe on the first, lnf on the last.
+typedef struct {
+    GPTConfig cfg;
+    int lo, hi, nl, first, last;
+    size_t sizes[NUM_PARAM_TENSORS], offsets[NUM_PARAM_TENSORS], num_params;
+} Layout;
+
+static Layout layout_make(GPTConfig cfg, int lo, int hi) {
+    Layout y;
+    memset(&y, 0, sizeof y);
+    y.cfg = cfg;
+    y.lo = lo; y.hi = hi; y.nl = hi - lo;
+    y.first = lo == 0; y.last = hi == cfg.num_layers;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n;
+        if (is_layer_tensor(t)) n = gpt_tensor_size(&cfg, t, y.nl);
+        else if (t == P_WTE) n = (y.first || y.last) ? gpt_tensor_size(&cfg, t, 0) : 0;
+        else if (t == P_WPE) n = y.first ? gpt_tensor_size(&cfg, t, 0) : 0;
+        else n = y.last ? gpt_tensor_size(&cfg, t, 0) : 0;
+        y.sizes[t] = n;
+        y.offsets[t] = y.num_params;
+        y.num_params += n;
+    }
+    return y;
+}
+
+// Element offset of the stage's share of tensor t in the whole-model layout
+// (the order of llm.c's files).
+static size_t model_offset(const Layout *y, int t) {
+    size_t off = 0;
+    for (int i = 0; i < t; i++) off += gpt_tensor_size(&y->cfg, i, y->cfg.num_layers);
+    return off + (is_layer_tensor(t) ? y->lo * gpt_tensor_size(&y->cfg, t, 1) : 0);
+}
+
+// wte lives on the first and the last stage; the first one speaks for it
+// (in checkpoints and in the grad norm)
+static int owns_tensor(const Layout *y, int t) { return y->sizes[t] && (t != P_WTE || y->first); }
+
+// ----------------------------------------------------------------------------
+// init: every (tensor, layer) draws from a stream of its own, so any partition
+// into stages, and the CPU and the GPU, start from the same weights
+
+// splitmix64: a tiny, good generator whose state may be any 64-bit value
+static uint64_t splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static double uniform01(uint64_t *state) { return ((splitmix64(state) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+
+static void fill_normal(float *p, size_t n, float std, uint64_t seed) {
+    uint64_t st = seed;
+    for (size_t i = 0; i < n; i += 2) {  // Box-Muller, two values per draw
+        double r = sqrt(-2.0 * log(uniform01(&st))), th = 2.0 * PI * uniform01(&st);
+        p[i] = (float)(std * r * cos(th));
+        if (i + 1 < n) p[i + 1] = (float)(std * r * sin(th));
+    }
+}
+
+// GPT-2's init of the stage's parameters (host memory, stage layout):
+// normal(0, 0.02), residual projections scaled by 1/sqrt(2L), layernorm
+// weights 1, biases 0, padded vocabulary rows 0.
+static void init_params(const Layout *y, float *params, uint64_t seed) {
+    const GPTConfig *c = &y->cfg;
+    float resid_std = 0.02f / sqrtf(2.0f * c->num_layers);
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++)
+        for (int l = 0; l < y->nl; l++) {
+            if (!y->sizes[t] || (!is_layer_tensor(t) && l > 0)) continue;
+            size_t n = is_layer_tensor(t) ? gpt_tensor_size(c, t, 1) : y->sizes[t];
+            float *p = params + y->offsets[t] + (is_layer_tensor(t) ? l * n : 0);
+            int global_layer = is_layer_tensor(t) ? y->lo + l : 0;
+            uint64_t st = seed * 0x100000001B3ull + (uint64_t)t * 4096 + global_layer;
+            uint64_t stream = splitmix64(&st);
+            if (t == P_WTE) {
+                memset(p, 0, n * sizeof(float));
+                fill_normal(p, (size_t)c->vocab_size * c->channels, 0.02f, stream);
+            } else if (t == P_ATTPROJW || t == P_FCPROJW) {
+                fill_normal(p, n, resid_std, stream);
+            } else if (is_matrix(t)) {
+                fill_normal(p, n, 0.02f, stream);
+            } else {
+                float val = (t == P_LN1W || t == P_LN2W || t == P_LNFW) ? 1.0f : 0.0f;
+                for (size_t i = 0; i < n; i++) p[i] = val;
+            }
+        }
+}
+
+// ----------------------------------------------------------------------------
+// optimizer scalars
+
+float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac) {
+    float min_lr = max_lr * min_frac;
+    if (step < warmup) return max_lr * (step + 1) / warmup;
+    if (step >= total_steps - 1) return min_lr;
+    float progress = (float)(step - warmup) / (float)(total_steps - 1 - warmup);
+    return min_lr + 0.5f * (1.0f + cosf((float)PI * progress)) * (max_lr - min_lr);
+}
+
+double gpt_norm_from_parts(const double *parts, int L) {
+    double total = 0.0;
+    for (int i = 0; i < NUM_PARAM_TENSORS * L; i++) total += parts[i];
+    return sqrt(total);
+}
+
+// ----------------------------------------------------------------------------
+// file helpers
+
+static int read_exact(int fd, void *buf, size_t n, off_t off, const char *path) {
+    char *p = (char *)buf;
+    while (n) {
+        ssize_t r = pread(fd, p, n, off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return fail("%s: read failed (%s)", path, r < 0 ? strerror(errno) : "unexpected end of file");
+        p += r; n -= r; off += r;
+    }
+    return 0;
+}
+
+static int write_exact(int fd, const void *buf, size_t n, off_t off, const char *path) {
+    const char *p = (const char *)buf;
+    while (n) {
+        ssize_t r = pwrite(fd, p, n, off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return fail("%s: write failed (%s)", path, strerror(errno));
+        p += r; n -= r; off += r;
+    }
+    return 0;
+}
+
+static int64_t file_size(int fd) {
+    struct stat st;
+    return fstat(fd, &st) ? -1 : (int64_t)st.st_size;
+}
+
+// ----------------------------------------------------------------------------
+// data: llm.c token shards, read in order
+
+struct DataLoader {
+    int B, T;
+    glob_t shards;
+    size_t shard;           // index into shards.gl_pathv
+    int64_t pos;            // next token to read in the loaded shard
+    uint16_t *tokens;       // the loaded shard
+    int64_t ntok;
+};
+
+// Checks the header and size of a shard; loads its tokens when out != NULL.
+static int shard_read(const char *path, int64_t need, uint16_t **out, int64_t *ntok) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail("%s: cannot open token shard (%s)", path, strerror(errno));
+    int32_t h[HEADER_INTS];
+    int rc = -1;
+    int64_t size, expect;
+    if (read_exact(fd, h, sizeof h, 0, path)) goto done;
+    if (h[0] != SHARD_MAGIC) { fail("%s: not a token shard (magic %d, expected %d)", path, h[0], SHARD_MAGIC); goto done; }
+    if (h[1] != 1) { fail("%s: token shard version %d, expected 1", path, h[1]); goto done; }
+    size = file_size(fd);
+    expect = (int64_t)sizeof h + 2 * (int64_t)h[2];
+    if (h[2] < 0 || size != expect) {
+        fail("%s: token shard is %lld bytes, its header promises %lld (truncated?)", path,
+             (long long)size, (long long)expect);
+        goto done;
+    }
+    if (h[2] < need) { fail("%s: %d tokens, fewer than one batch needs (%lld)", path, h[2], (long long)need); goto done; }
+    *ntok = h[2];
+    if (out) {
+        free(*out);
+        *out = (uint16_t *)malloc(2 * (size_t)h[2]);
+        if (!*out) { fail("%s: out of memory", path); goto done; }
+        if (read_exact(fd, *out, 2 * (size_t)h[2], sizeof h, path)) goto done;
+    }
+    rc = 0;
+done:
+    close(fd);
+    return rc;
+}
+
+DataLoader *dataloader_open(const char *pattern, int B, int T) {
+    DataLoader *d = (DataLoader *)calloc(1, sizeof(DataLoader));
+    d->B = B; d->T = T;
+    if (glob(pattern, 0, NULL, &d->shards) != 0 || d->shards.gl_pathc == 0) {
+        fail("no token shards match '%s' (prepare the data first: python -m dev.data.prepare)", pattern);
+        globfree(&d->shards);
+        free(d);
+        return NULL;
+    }
+    // check every shard now, so a bad one fails at start, not hours in
+    for (size_t i = 0; i < d->shards.gl_pathc; i++) {
+        int64_t n;
+        if (shard_read(d->shards.gl_pathv[i], (int64_t)B * T + 1, NULL, &n)) { dataloader_free(d); return NULL; }
+    }
+    if (dataloader_set_position(d, 0, 0)) { dataloader_free(d); return NULL; }
+    return d;
+}
+
+void dataloader_free(DataLoader *d) {
+    if (!d) return;
+    globfree(&d->shards);
+    free(d->tokens);
+    free(d);
+}
+
+int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos) {
+    if (shard < 0 || (size_t)shard >= d->shards.gl_pathc)
+        return fail("data position: shard %lld of %zu", (long long)shard, d->shards.gl_pathc);
+    if (!d->tokens || (size_t)shard != d->shard)
+        if (shard_read(d->shards.gl_pathv[shard], (int64_t)d->B * d->T + 1, &d->tokens, &d->ntok)) return -1;
+    if (pos < 0 || pos > d->ntok) return fail("data position: token %lld of %lld", (long long)pos, (long long)d->ntok);
+    d->shard = shard;
+    d->pos = pos;
+    return 0;
+}
+
+void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos) {
+    *shard = d->shard;
+    *pos = d->pos;
+}
+
+int dataloader_next(DataLoader *d, int *inputs, int *targets) {
+    int64_t BT = (int64_t)d->B * d->T;
+    if (d->pos + BT + 1 > d->ntok)
+        if (dataloader_set_position(d, (d->shard + 1) % d->shards.gl_pathc, 0)) return -1;
+    const uint16_t *p = d->tokens + d->pos;
+    for (int64_t i = 0; i < BT; i++) { inputs[i] = p[i]; targets[i] = p[i + 1]; }
+    d->pos += BT;
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// checkpoint files
+//
+// Model files are llm.c's: a 256-int header, then the 16 tensors of the whole
+// model in order, fp32 (version 3) or bf16 (version 5, read only). The
+// optimizer state is ours, laid out the same way:
+//   header int32[256]: [0] STATE_MAGIC, [1] version 1, [2] L, [3] C, [4] Vp,
+//                      [5] maxT, int64 at ints [8] step, [10] shard, [12] pos
+//   then AdamW m for every parameter in model order, then v likewise.
+// Each stage writes its slices at their whole-model offsets, so a checkpoint
+// made by S stages is one file that any other stage count can read. Files are
+// written under .tmp names and published by checkpoint_commit.
+
+static int check_model_header(const int32_t *h, const char *path, GPTConfig *cfg) {
+    if (h[0] != MODEL_MAGIC) return fail("%s: not an llm.c model file (magic %d, expected %d)", path, h[0], MODEL_MAGIC);
+    if (h[1] != 3 && h[1] != 5) return fail("%s: model version %d, expected 3 (fp32) or 5 (bf16)", path, h[1]);
+    *cfg = make_config(h[2], h[3], h[7], h[4], h[5], h[6]);
+    if (cfg->max_seq_len < 1 || cfg->vocab_size < 1 || cfg->padded_vocab_size < cfg->vocab_size ||
+        cfg->num_layers < 1 || cfg->num_heads < 1 || cfg->channels < 1 || cfg->channels % cfg->num_heads)
+        return fail("%s: implausible model shape in header (maxT=%d V=%d Vp=%d L=%d NH=%d C=%d)", path,
+                    h[2], h[3], h[7], h[4], h[5], h[6]);
+    return 0;
+}
+
+int gpt_read_config(const char *path, GPTConfig *cfg) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
+    int32_t h[HEADER_INTS];
+    int rc = read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, cfg) ? -1 : 0;
+    close(fd);
+    return rc;
+}
+
+// Reads the stage's slices of an llm.c model file into params (stage layout).
+static int model_file_read(const Layout *y, const char *path, float *params) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
+    int32_t h[HEADER_INTS];
+    GPTConfig fc;
+    const GPTConfig *c = &y->cfg;
+    int rc = -1;
+    size_t elem;
+    int64_t expect, size;
+    if (read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, &fc)) goto done;
+    if (!same_config(&fc, c)) {
+        fail("%s: model is L=%d NH=%d C=%d maxT=%d V=%d, this run wants L=%d NH=%d C=%d maxT=%d V=%d", path,
+             fc.num_layers, fc.num_heads, fc.channels, fc.max_seq_len, fc.vocab_size, c->num_layers,
+             c->num_heads, c->channels, c->max_seq_len, c->vocab_size);
+        goto done;
+    }
+    elem = h[1] == 3 ? 4 : 2;
+    expect = (int64_t)sizeof h + (int64_t)(elem * model_size(&fc));
+    size = file_size(fd);
+    if (size != expect) {
+        fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size, (long long)expect);
+        goto done;
+    }
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (!y->sizes[t]) continue;
+        float *p = params + y->offsets[t];
+        off_t off = sizeof h + elem * model_offset(y, t);
+        if (elem == 4) {
+            if (read_exact(fd, p, 4 * y->sizes[t], off, path)) goto done;
+        } else {  // bf16 is the top half of an fp32
+            uint16_t *tmp = (uint16_t *)malloc(2 * y->sizes[t]);
+            if (!tmp || read_exact(fd, tmp, 2 * y->sizes[t], off, path)) { free(tmp); goto done; }
+            for (size_t i = 0; i < y->sizes[t]; i++) {
+                uint32_t bits = (uint32_t)tmp[i] << 16;
+                memcpy(&p[i], &bits, 4);
+            }
+            free(tmp);
+        }
+    }
+    rc = 0;
+done:
+    close(fd);
+    return rc;
+}
+
+static void checkpoint_path(char *out, size_t n, const char *dir, const char *what, int64_t step, const char *suffix) {
+    snprintf(out, n, "%s/%s_%08lld%s", dir, what, (long long)step, suffix);
+}
+
+// Writes the stage's parameters and AdamW moments (host memory, stage layout)
+// into dir/{model,state}_STEP.bin.tmp.
+static int checkpoint_files_write(const Layout *y, const char *dir, const TrainState *ts,
+                                  const float *params, const float *m, const float *v) {
+    char mpath[4096], spath[4096];
+    checkpoint_path(mpath, sizeof mpath, dir, "model", ts->step, ".bin.tmp");
+    checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
+    const GPTConfig *c = &y->cfg;
+    size_t P = model_size(c);
+    int mfd = open(mpath, O_WRONLY | O_CREAT, 0644);
+    if (mfd < 0) return fail("%s: cannot write checkpoint (%s)", mpath, strerror(errno));
+    int sfd = open(spath, O_WRONLY | O_CREAT, 0644);
+    if (sfd < 0) { close(mfd); return fail("%s: cannot write checkpoint (%s)", spath, strerror(errno)); }
+    int rc = -1;
+    if (ftruncate(mfd, HEADER_INTS * 4 + 4 * P) || ftruncate(sfd, HEADER_INTS * 4 + 8 * P)) {
+        fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
+        goto done;
+    }
+    if (y->first) {
+        int32_t mh[HEADER_INTS] = {MODEL_MAGIC, 3, c->max_seq_len, c->vocab_size, c->num_layers,
+                                   c->num_heads, c->channels, c->padded_vocab_size};
+        int32_t sh[HEADER_INTS] = {STATE_MAGIC, 1, c->num_layers, c->channels, c->padded_vocab_size, c->max_seq_len};
+        memcpy(&sh[8], &ts->step, 8);
+        memcpy(&sh[10], &ts->shard, 8);
+        memcpy(&sh[12], &ts->pos, 8);
+        if (write_exact(mfd, mh, sizeof mh, 0, mpath) || write_exact(sfd, sh, sizeof sh, 0, spath)) goto done;
+    }
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (!owns_tensor(y, t)) continue;
+        size_t off = model_offset(y, t), n = y->sizes[t], at = y->offsets[t];
+        if (write_exact(mfd, params + at, 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
+            write_exact(sfd, m + at, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
+            write_exact(sfd, v + at, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
+            goto done;
+    }
+    rc = 0;
+done:
+    close(mfd);
+    close(sfd);
+    return rc;
+}
+
+// Reads them back from the committed dir/{model,state}_STEP.bin.
+static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step, TrainState *ts,
+                                 float *params, float *m, float *v) {
+    char mpath[4096], spath[4096];
+    checkpoint_path(mpath, sizeof mpath, dir, "model", step, ".bin");
+    checkpoint_path(spath, sizeof spath, dir, "state", step, ".bin");
+    if (model_file_read(y, mpath, params)) return -1;
+    int fd = open(spath, O_RDONLY);
+    if (fd < 0) return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
+    int32_t h[HEADER_INTS];
+    int rc = -1;
+    size_t P = model_size(&y->cfg);
+    const GPTConfig *c = &y->cfg;
+    if (read_exact(fd, h, sizeof h, 0, spath)) goto done;
+    if (h[0] != STATE_MAGIC || h[1] != 1) {
+        fail("%s: not an optimizer state file (magic %d version %d, expected %d version 1)", spath, h[0], h[1], STATE_MAGIC);
+        goto done;
+    }
+    if (h[2] != c->num_layers || h[3] != c->channels || h[4] != c->padded_vocab_size || h[5] != c->max_seq_len) {
+        fail("%s: optimizer state is for another model shape", spath);
+        goto done;
+    }
+    if (file_size(fd) != (int64_t)(sizeof h + 8 * P)) {
+        fail("%s: optimizer state is %lld bytes, expected %lld (truncated?)", spath,
+             (long long)file_size(fd), (long long)(sizeof h + 8 * P));
+        goto done;
+    }
+    memcpy(&ts->step, &h[8], 8);
+    memcpy(&ts->shard, &h[10], 8);
+    memcpy(&ts->pos, &h[12], 8);
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (!y->sizes[t]) continue;
+        size_t off = model_offset(y, t), n = y->sizes[t], at = y->offsets[t];
+        if (read_exact(fd, m + at, 4 * n, sizeof h + 4 * off, spath) ||
+            read_exact(fd, v + at, 4 * n, sizeof h + 4 * (P + off), spath))
+            goto done;
+    }
+    rc = 0;
+done:
+    close(fd);
+    return rc;
+}
+
+static int fsync_path(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail("%s: cannot open (%s)", path, strerror(errno));
+    int rc = fsync(fd) ? fail("%s: fsync failed (%s)", path, strerror(errno)) : 0;
+    close(fd);
+    return rc;
+}
+
+int checkpoint_commit(const char *dir, int64_t step) {
+    const char *what[2] = {"model", "state"};
+    for (int i = 0; i < 2; i++) {
+        char tmp[4096], final_path[4096];
+        checkpoint_path(tmp, sizeof tmp, dir, what[i], step, ".bin.tmp");
+        checkpoint_path(final_path, sizeof final_path, dir, what[i], step, ".bin");
+        if (fsync_path(tmp)) return -1;
+        if (rename(tmp, final_path)) return fail("%s: cannot rename to %s (%s)", tmp, final_path, strerror(errno));
+    }
+    char done[4096];
+    checkpoint_path(done, sizeof done, dir, "DONE", step, "");
+    int fd = open(done, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return fail("%s: cannot write (%s)", done, strerror(errno));
+    close(fd);
+    return fsync_path(dir);
+}
+
+int64_t checkpoint_latest(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int64_t best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long long step;
+        char rest;
+        if (sscanf(e->d_name, "DONE_%lld%c", &step, &rest) == 1 && step > best) best = step;
+    }
+    closedir(d);
+    return best;
+}
+
+// ----------------------------------------------------------------------------
+// socket transport between neighbouring stages
+//
+// Every message carries a small header naming what it is, so a schedule
+// mismatch is reported instead of silently mixing up micro-batches. A run of
+// consecutive SEND/RECV ops is one group: all of them progress together
+// (poll), so two neighbours sending to each other at the same moment never
+// wait on each other. Messages on one link keep their order.
+
+static const char *const OP_NAMES[NUM_OPS] = {
+    "FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"};
+
+#define LINK_MAGIC 0x47505432
+#define MAX_GROUP 16
+
+typedef struct {
+    int prev_fd, next_fd;   // -1 where there is no neighbour
+    int tied_fd;            // first <-> last stage, for d(wte); -1 if S = 1
+    double timeout_s;       // no progress for this long fails the group
+    int lo, hi;             // the stage's layers, for messages
+} Links;
+
+typedef struct {
+    int fd, sending;
+    int32_t header[4];      // WIRE_* kind, mb, bytes, magic
+    char *payload;
+    size_t nbytes, done;    // header + payload bytes
+} Transfer;
+
+// Moves what the socket takes now; returns bytes moved, or (size_t)-1 when
+// the peer is gone.
+static size_t transfer_step(Transfer *x) {
+    size_t hb = sizeof x->header, off = x->done;
+    char *p = off < hb ? (char *)x->header + off : x->payload + (off - hb);
+    size_t n = off < hb ? hb - off : x->nbytes - off;
+    ssize_t r = x->sending ? send(x->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+                           : recv(x->fd, p, n, MSG_DONTWAIT);
+    if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
+    if (r == 0 && !x->sending) return (size_t)-1;
+    x->done += r;
+    return r;
+}
+
+#define WIRE_ACT 1
+#define WIRE_GRAD 2
+#define WIRE_WTE 3
+
+static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_t mb, void *buf, size_t nbytes) {
+    x->fd = fd;
+    x->sending = sending;
+    x->header[0] = kind;
+    x->header[1] = mb;
+    x->header[2] = (int32_t)nbytes;
+    x->header[3] = LINK_MAGIC;
+    x->payload = (char *)buf;
+    x->nbytes = sizeof x->header + nbytes;
+    x->done = 0;
+}
+
+static const char *wire_name(int32_t kind) {
+    return kind == WIRE_ACT ? "activation" : kind == WIRE_GRAD ? "gradient" : "d(wte)";
+}
+
+// Moves n transfers to completion together, checking each received header
+// against the one expected.
+static int transfers_run(const Links *k, Transfer *xs, int n) {
+    double last_progress = now_seconds();
+    for (;;) {
+        struct pollfd pf[MAX_GROUP];
+        int idx[MAX_GROUP], np = 0, pending = 0;
+        for (int i = 0; i < n; i++) {
+            if (xs[i].done == xs[i].nbytes) continue;
+            pending++;
+            // only the oldest unfinished transfer per link and direction may move
+            int older = 0;
+            for (int j = 0; j < i; j++)
+                older |= xs[j].fd == xs[i].fd && xs[j].sending == xs[i].sending && xs[j].done < xs[j].nbytes;
+            if (older) continue;
+            pf[np].fd = xs[i].fd;
+            pf[np].events = xs[i].sending ? POLLOUT : POLLIN;
+            pf[np].revents = 0;
+            idx[np++] = i;
+        }
+        if (!pending) return 0;
+        int r = poll(pf, np, 1000);
+        if (r < 0 && errno != EINTR) return fail("poll failed: %s", strerror(errno));
+        for (int q = 0; q < np && r > 0; q++) {
+            Transfer *x = &xs[idx[q]];
+            if (!pf[q].revents) continue;
+            int32_t want[3] = {x->header[0], x->header[1], x->header[2]};
+            const char *side = x->fd == k->next_fd ? "next" : x->fd == k->prev_fd ? "previous" : "tied";
+            size_t moved = transfer_step(x);
+            if (moved == (size_t)-1)
+                return fail("stage [%d,%d): the %s stage closed the link during %s of %s mb %d", k->lo, k->hi,
+                            side, x->sending ? "a send" : "a receive", wire_name(want[0]), want[1]);
+            if (moved) last_progress = now_seconds();
+            if (!x->sending && moved && x->done == sizeof x->header &&
+                (x->header[3] != LINK_MAGIC || x->header[0] != want[0] || x->header[1] != want[1] ||
+                 x->header[2] != want[2]))
+                return fail("stage [%d,%d): expected %s mb %d from the %s stage, got %s mb %d", k->lo, k->hi,
+                            wire_name(want[0]), want[1], side, wire_name(x->header[0]), x->header[1]);
+        }
+        if (now_seconds() - last_progress > k->timeout_s)
+            return fail("stage [%d,%d): no progress from a neighbour for %.0f s", k->lo, k->hi, k->timeout_s);
+    }
+}
+
+// Runs n communication ops (kind, mb) of a schedule, bufs[i] the host buffer
+// of op i, nbytes each.
+static int comm_group(const Links *k, const int *ops, int n, void *const *bufs, size_t nbytes) {
+    Transfer xs[MAX_GROUP];
+    if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
+    for (int i = 0; i < n; i++) {
+        int kind = ops[2 * i], mb = ops[2 * i + 1];
+        int to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
+        int fd = to_next ? k->next_fd : k->prev_fd;
+        if (fd < 0)
+            return fail("stage [%d,%d): %s mb %d but there is no %s stage", k->lo, k->hi, OP_NAMES[kind], mb,
+                        to_next ? "next" : "previous");
+        int wire = (kind == OP_SEND_ACT || kind == OP_RECV_ACT) ? WIRE_ACT : WIRE_GRAD;
+        transfer_make(&xs[i], fd, kind == OP_SEND_ACT || kind == OP_SEND_GRAD, wire, mb, bufs[i], nbytes);
+    }
+    return transfers_run(k, xs, n);
+}
+
+// The first and the last stage swap their shares of d(wte) over the tied link.
+static int tied_swap(const Links *k, const void *send_buf, void *recv_buf, size_t nbytes) {
+    if (k->tied_fd < 0) return fail("stage [%d,%d): no link to the other end of the tied embedding", k->lo, k->hi);
+    Transfer xs[2];
+    transfer_make(&xs[0], k->tied_fd, 1, WIRE_WTE, 0, (void *)send_buf, nbytes);
+    transfer_make(&xs[1], k->tied_fd, 0, WIRE_WTE, 0, recv_buf, nbytes);
+    return transfers_run(k, xs, 2);
+}
+
+// ----------------------------------------------------------------------------
+// sampling: top-k with temperature from one row of logits
+
+typedef struct { float logit; int id; } Candidate;
+
+// cand has room for top_k entries (1 <= top_k <= V); temperature 0 is greedy.
+static int sample_top_k(const float *logits, int V, float temperature, int top_k, uint64_t *rng,
+                        Candidate *cand) {
+    int k = 0;  // the top_k largest, sorted, by insertion (k is small)
+    for (int i = 0; i < V; i++) {
+        float x = logits[i];
+        if (k == top_k && x <= cand[k - 1].logit) continue;
+        int j = k < top_k ? k++ : k - 1;
+        while (j > 0 && cand[j - 1].logit < x) { cand[j] = cand[j - 1]; j--; }
+        cand[j].logit = x;
+        cand[j].id = i;
+    }
+    if (temperature <= 0.0f) return cand[0].id;
+    double sum = 0.0;
+    for (int i = 0; i < k; i++) sum += exp((cand[i].logit - cand[0].logit) / temperature);
+    double r = uniform01(rng) * sum, acc = 0.0;
+    for (int i = 0; i < k; i++) {
+        acc += exp((cand[i].logit - cand[0].logit) / temperature);
+        if (r < acc) return cand[i].id;
+    }
+    return cand[k - 1].id;
+}
+
+// ----------------------------------------------------------------------------
+// llm.c's tokenizer file, for the standalone trainers to print samples
+
+#ifdef TRAIN_GPT_MAIN
+
+typedef struct { int n, eot; char **tokens; } Tokenizer;
+
+static int tokenizer_read(Tokenizer *tk, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail("%s: cannot open tokenizer (%s)", path, strerror(errno));
+    int32_t h[HEADER_INTS];
+    int rc = -1;
+    if (fread(h, sizeof h, 1, f) != 1 || h[0] != TOKENIZER_MAGIC || h[1] != 2) {
+        fail("%s: not an llm.c tokenizer file (version 2)", path);
+        goto done;
+    }
+    tk->n = h[2];
+    tk->eot = h[3];
+    tk->tokens = (char **)calloc(tk->n, sizeof(char *));
+    for (int i = 0; i < tk->n; i++) {
+        unsigned char len;
+        if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d", path, i); goto done; }
+        tk->tokens[i] = (char *)calloc(len + 1, 1);
+        if (fread(tk->tokens[i], 1, len, f) != len) { fail("%s: truncated at token %d", path, i); goto done; }
+    }
+    rc = 0;
+done:
+    fclose(f);
+    return rc;
+}
+
+static void tokenizer_free(Tokenizer *tk) {
+    for (int i = 0; tk->tokens && i < tk->n; i++) free(tk->tokens[i]);
+    free(tk->tokens);
+}
+
+#endif
+
+#endif
