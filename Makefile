@@ -40,6 +40,9 @@ build/train_gpt_asan: train_gpt.c common.h gpt.h
 	$(CC) -std=c11 -O1 -g -fopenmp -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
 		-DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)
 
+# the CUDA trainer, built where nvcc exists (its rules and gpu-check live there)
+-include cuda.mk
+
 test: all build/train_gpt_asan
 	$(PYTHON) -m pytest -q tests
 

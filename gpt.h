@@ -155,6 +155,8 @@ int64_t checkpoint_latest(const char *dir);
 // device memory and NCCL (the CUDA build; on the CPU the syncs do nothing and
 // NCCL fails with a message)
 
+// GPUs visible to this trainer (0 on the CPU build).
+int gpt_device_count(void);
 // stage_param/stage_grad point at host copies on CUDA: stage_sync_to_host
 // refreshes them, stage_sync_to_device uploads edited parameters.
 void stage_sync_to_host(Stage *s);

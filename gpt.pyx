@@ -46,6 +46,7 @@ cdef extern from "gpt.h":
     double gpt_norm_from_parts(const double *parts, int L)
     int stage_sum_wte_grads(Stage *s)
     void stage_sync_to_host(Stage *s)
+    int gpt_device_count()
     void stage_sync_to_device(Stage *s)
     int gpt_nccl_unique_id(unsigned char *id)
     int stage_set_nccl(Stage *s, const unsigned char *id, int nranks, int rank)
@@ -106,6 +107,11 @@ def norm_from_parts(parts, num_layers: int) -> float:
     if p.shape[0] != NUM_PARAM_TENSORS * num_layers:
         raise ValueError(f"grad-norm parts: expected {NUM_PARAM_TENSORS * num_layers}, got {p.shape[0]}")
     return gpt_norm_from_parts(&p[0], num_layers)
+
+
+def device_count() -> int:
+    """GPUs this trainer can use (0 for the CPU trainer)."""
+    return gpt_device_count()
 
 
 def nccl_unique_id() -> bytes:

@@ -41,90 +41,109 @@ class ScheduleError(ValueError):
 
 # -----------------------------------------------------------------------------
 # schedules: one op list per rank
-# Every schedule is built from the same three moves; they differ only in the
-# order they make them. Communication ops that end up adjacent form one group,
-# posted together, and that grouping is what keeps neighbours from deadlocking.
+# A schedule is written as each rank's compute order, in steps: ops a rank runs
+# back to back without talking to anyone. The messages are then placed for it.
+
+Step = tuple[Op, ...]
 
 
-def _forward(r: int, S: int, mb: int) -> list[Op]:
-    ops = [Op(RECV_ACT, mb)] if r > 0 else []  # rank 0 reads the tokens itself
-    ops.append(Op(FWD, mb))
-    if r < S - 1:
-        ops.append(Op(SEND_ACT, mb))
-    return ops
-
-
-def _backward(r: int, S: int, mb: int, weight: bool) -> list[Op]:
-    # the gradient for rank r-1 leaves only after everything listed before it, so
-    # leaving W out here (weight=False) is what lets the upstream rank start sooner
-    ops = [Op(RECV_GRAD, mb)] if r < S - 1 else []  # the last rank starts from the loss
-    ops.append(Op(BWD_INPUT, mb))
-    if weight:
-        ops.append(Op(BWD_WEIGHT, mb))
-    if r > 0:
-        ops.append(Op(SEND_GRAD, mb))
-    return ops
-
-
-def _gpipe(S: int, m: int, r: int) -> list[Op]:
+def _gpipe(S: int, m: int, r: int) -> list[Step]:
     # all forwards, then all backwards: simple, but every rank holds all m micro-batches
-    ops = []
-    for mb in range(m):
-        ops += _forward(r, S, mb)
-    for mb in range(m):
-        ops += _backward(r, S, mb, weight=True)
-    return ops
+    return [(Op(FWD, mb),) for mb in range(m)] + \
+           [(Op(BWD_INPUT, mb), Op(BWD_WEIGHT, mb)) for mb in range(m)]
 
 
-def _one_f_one_b(S: int, m: int, r: int) -> list[Op]:
+def _one_f_one_b(S: int, m: int, r: int) -> list[Step]:
     # Rank r runs just enough forwards to keep the ranks below it busy until the
-    # first gradient returns (S-r-1 of them), then alternates one forward with one
-    # backward, so it never holds more than S-r micro-batches. In the steady state
-    # SEND_ACT/RECV_GRAD and SEND_GRAD/RECV_ACT land next to each other: those are
-    # Megatron's send_forward_recv_backward and send_backward_recv_forward.
+    # first gradient comes back (S-r-1 of them), then alternates one forward with
+    # one backward, so it never holds more than S-r micro-batches. The backward is
+    # one step: the gradient for rank r-1 leaves only after the weight gradient.
     warmup = min(S - r - 1, m)
-    ops = []
-    for mb in range(warmup):
-        ops += _forward(r, S, mb)
+    steps = [(Op(FWD, mb),) for mb in range(warmup)]
     for i in range(m - warmup):
-        ops += _forward(r, S, warmup + i)
-        ops += _backward(r, S, i, weight=True)
-    for mb in range(m - warmup, m):
-        ops += _backward(r, S, mb, weight=True)
-    return ops
+        steps += [(Op(FWD, warmup + i),), (Op(BWD_INPUT, i), Op(BWD_WEIGHT, i))]
+    steps += [(Op(BWD_INPUT, mb), Op(BWD_WEIGHT, mb)) for mb in range(m - warmup, m)]
+    return steps
 
 
-def _zb_h1(S: int, m: int, r: int) -> list[Op]:
+def _zb_h1(S: int, m: int, r: int) -> list[Step]:
     # 1F1B's order of F and B, but B is only the input gradient: it goes upstream
-    # at once and the weight gradient W waits. Only B sits on the critical path
-    # between ranks, so gradients race back up the pipeline, and the deferred Ws
-    # fill the idle time that 1F1B has at the end. A micro-batch is held until its
-    # W, so deferring W costs memory; capping every rank at S held micro-batches
-    # (1F1B's peak, reached on rank 0) keeps the schedule's peak at 1F1B's.
+    # at once and the weight gradient W waits. Only B sits on the path between
+    # ranks, so gradients race back up the pipeline, and the deferred Ws fill the
+    # idle time that 1F1B has at the end. A micro-batch is held until its W, so
+    # deferring W costs memory: capping every rank at S held micro-batches
+    # (1F1B's peak, reached on rank 0) keeps the peak of the schedule at 1F1B's.
     warmup = min(S - r - 1, m)
-    ops = []
-    nf = nb = nw = 0  # forwards, input backwards, weight backwards issued so far
+    steps = []
+    nf = nb = nw = 0  # forwards, input backwards, weight backwards so far
     for _ in range(warmup):
-        ops += _forward(r, S, nf)
+        steps.append((Op(FWD, nf),))
         nf += 1
     while nf < m:
-        if nf - nw == S:  # at the memory cap: free a micro-batch before taking another
-            ops.append(Op(BWD_WEIGHT, nw))
+        if nf - nw == S:  # at the cap: free a micro-batch before taking another
+            steps.append((Op(BWD_WEIGHT, nw),))
             nw += 1
-        ops += _forward(r, S, nf)
+        steps += [(Op(FWD, nf),), (Op(BWD_INPUT, nb),)]
         nf += 1
-        ops += _backward(r, S, nb, weight=False)
         nb += 1
     while nb < m:
         if nw < nb:  # a W fills the wait for the next gradient
-            ops.append(Op(BWD_WEIGHT, nw))
+            steps.append((Op(BWD_WEIGHT, nw),))
             nw += 1
-        ops += _backward(r, S, nb, weight=False)
+        steps.append((Op(BWD_INPUT, nb),))
         nb += 1
-    while nw < m:
-        ops.append(Op(BWD_WEIGHT, nw))
-        nw += 1
-    return ops
+    steps += [(Op(BWD_WEIGHT, mb),) for mb in range(nw, m)]
+    return steps
+
+
+def _place_messages(steps: list[list[Step]]) -> list[list[Op]]:
+    # A rendezvous send blocks until the receiver posts, so a message posted too
+    # early stalls its sender and one posted too late stalls its receiver; it is
+    # free only if both sides post it at the same moment. So play the compute
+    # order on an ideal clock (every op one unit, data moves instantly) and put
+    # each message at the moment its consumer starts, on both ranks. Messages a
+    # rank meets at the same moment end up adjacent, i.e. one group. Every rank
+    # then reaches every group no later than the ideal clock says, so the real
+    # run keeps to that clock: no deadlock, and no bubble beyond the schedule's own.
+    S = len(steps)
+
+    def source(r: int, op: Op) -> tuple[int, Op] | None:  # what op needs from a neighbour
+        if op.kind == FWD and r > 0:
+            return r - 1, Op(FWD, op.mb)
+        if op.kind == BWD_INPUT and r < S - 1:
+            return r + 1, Op(BWD_INPUT, op.mb)
+        return None
+
+    start, done = {}, {}  # (rank, step index) -> start; (rank, op) -> end of its step
+    at, free = [0] * S, [0] * S
+    moved = True
+    while moved:
+        moved = False
+        for r in range(S):
+            while at[r] < len(steps[r]):
+                src = source(r, steps[r][at[r]][0])
+                if src is not None and src not in done:
+                    break
+                start[r, at[r]] = max(free[r], done[src] if src else 0)
+                free[r] = start[r, at[r]] + len(steps[r][at[r]])
+                done.update({(r, op): free[r] for op in steps[r][at[r]]})
+                at[r] += 1
+                moved = True
+    assert all(at[r] == len(steps[r]) for r in range(S)), "compute order waits on itself"
+
+    # messages sort before the step that starts at the same moment, and by (kind, mb)
+    # among themselves, which puts each link's messages in the same order on both ends
+    timed = [[] for _ in range(S)]
+    for r in range(S):
+        for k, step in enumerate(steps[r]):
+            t = start[r, k]
+            timed[r].append((t, 1, step))
+            src = source(r, step[0])
+            if src is not None:
+                send, recv = (SEND_ACT, RECV_ACT) if step[0].kind == FWD else (SEND_GRAD, RECV_GRAD)
+                timed[r].append((t, 0, (Op(recv, step[0].mb),)))
+                timed[src[0]].append((t, 0, (Op(send, step[0].mb),)))
+    return [[op for _, _, ops in sorted(events) for op in ops] for events in timed]
 
 
 SCHEDULES = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "zb-h1": _zb_h1}
@@ -136,12 +155,12 @@ def schedule(name: str, stages: int, micro: int) -> list[list[Op]]:
         raise ValueError(f"unknown schedule {name!r}, pick one of {', '.join(SCHEDULES)}")
     if stages < 1 or micro < 1:
         raise ValueError(f"need at least 1 stage and 1 micro-batch, got {stages} and {micro}")
-    return [SCHEDULES[name](stages, micro, r) for r in range(stages)]
+    return _place_messages([SCHEDULES[name](stages, micro, r) for r in range(stages)])
 
 
 def forward_only(stages: int, micro: int) -> list[list[Op]]:
     """The op lists of an evaluation pass: forwards and activation sends only."""
-    return [[op for mb in range(micro) for op in _forward(r, stages, mb)] for r in range(stages)]
+    return _place_messages([[(Op(FWD, mb),) for mb in range(micro)] for _ in range(stages)])
 
 # -----------------------------------------------------------------------------
 # validator: prove an op list is complete, ordered and deadlock-free
