@@ -102,9 +102,10 @@ def _place_messages(steps: list[list[Step]]) -> list[list[Op]]:
     # free only if both sides post it at the same moment. So play the compute
     # order on an ideal clock (every op one unit, data moves instantly) and put
     # each message at the moment its consumer starts, on both ranks. Messages a
-    # rank meets at the same moment end up adjacent, i.e. one group. Every rank
-    # then reaches every group no later than the ideal clock says, so the real
-    # run keeps to that clock: no deadlock, and no bubble beyond the schedule's own.
+    # rank meets at the same moment end up adjacent, i.e. one group. When every
+    # rank reaches every group no later than the ideal clock says, the real run
+    # keeps to that clock: no deadlock, and no bubble beyond the schedule's own
+    # (validate checks the first and simulate measures the second for any list).
     S = len(steps)
 
     def source(r: int, op: Op) -> tuple[int, Op] | None:  # what op needs from a neighbour
@@ -172,18 +173,18 @@ class ValidationResult:
     timeline: "Timeline"  # the schedule played with unit costs: the order ops run in
 
 
-def _program_grid(ranks: list[list[Op]], marks=()) -> str:
+def _program_grid(ranks: list[list[Op]], marks: set[tuple[int, int]]) -> str:
     """Ranks as rows, op slots (program order) as columns, marked ops in brackets."""
-    def cell(r, i, op):
+    def cell(r: int, i: int, op: Op) -> str:
         text = label(op) if 0 <= op.kind < len(LABELS) else f"?{op.kind}"
         return f"[{text}]" if (r, i) in marks else f" {text} "
     cells = [[cell(r, i, op) for i, op in enumerate(ops)] for r, ops in enumerate(ranks)]
     width = max((len(c) for row in cells for c in row), default=1)
-    head = f"{len(ranks) - 1}"
-    lines = ["slot".ljust(len(f"rank {head}")) + " |" +
-             "".join(str(i).center(width) for i in range(max(map(len, ranks), default=0)))]
+    digits = len(str(len(ranks) - 1))
+    slots = range(max(map(len, ranks), default=0))
+    lines = ["slot".ljust(5 + digits) + " |" + "".join(str(i).center(width) for i in slots)]
     for r, row in enumerate(cells):
-        lines.append(f"rank {r:<{len(head)}} |" + "".join(c.center(width) for c in row))
+        lines.append(f"rank {r:<{digits}} |" + "".join(c.center(width) for c in row))
     return "\n".join(lines)
 
 
@@ -191,7 +192,7 @@ def _error(ranks: list[list[Op]], message: str, marks=()) -> ScheduleError:
     return ScheduleError(message + "\n" + _program_grid(ranks, set(marks)))
 
 
-def _pair_link(ranks, pairs, src, dst, send, recv):
+def _pair_link(ranks: list[list[Op]], pairs: dict, src: int, dst: int, send: int, recv: int):
     # a link delivers in order, so the k-th send on it meets the k-th receive
     sends = [i for i, op in enumerate(ranks[src]) if op.kind == send]
     recvs = [j for j, op in enumerate(ranks[dst]) if op.kind == recv]
@@ -274,7 +275,7 @@ def _peak_held(ops: list[Op], training: bool) -> int:
 def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> ValidationResult:
     """Check a schedule completely; raise ScheduleError naming the first problem."""
     S = len(ranks)
-    allowed = COMPUTE + (SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD) if training else (FWD, SEND_ACT, RECV_ACT)
+    allowed = tuple(range(len(NAMES))) if training else (FWD, SEND_ACT, RECV_ACT)
     for r, ops in enumerate(ranks):
         for i, op in enumerate(ops):
             if not 0 <= op.kind < len(NAMES):
@@ -282,7 +283,8 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
             if op.kind not in allowed:
                 raise _error(ranks, f"rank {r}: {op} in a forward-only schedule", [(r, i)])
             if not 0 <= op.mb < micro:
-                raise _error(ranks, f"rank {r}: {op} is out of range for {micro} micro-batches", [(r, i)])
+                raise _error(ranks, f"rank {r}: {op} is out of range for {micro} micro-batches",
+                             [(r, i)])
     pairs = _pair_messages(ranks)
 
     for r, ops in enumerate(ranks):
@@ -357,7 +359,7 @@ class Timeline:
         return self.idle / (len(self.rows) * self.step_time) if self.step_time else 0.0
 
 
-def _run(ranks, pairs, costs):
+def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     # Event-free dataflow: sweep the ranks, letting each advance as far as it can.
     # A compute op runs as soon as its rank is free. A group is posted when its
     # rank reaches it; each message in it completes once the partner's group is
@@ -380,7 +382,8 @@ def _run(ranks, pairs, costs):
                     slots[r][seg[0]] = Slot(first, clock[r], clock[r] + costs.compute(first, r))
                 else:
                     t = posted.setdefault((r, at[r]), clock[r])
-                    peers = [posted.get((q, segment_of[q][j])) for q, j in (pairs[r, i] for i in seg)]
+                    partners = (pairs[r, i] for i in seg)
+                    peers = [posted.get((q, segment_of[q][j])) for q, j in partners]
                     if None in peers:
                         break
                     for i, tp in zip(seg, peers):
@@ -392,7 +395,7 @@ def _run(ranks, pairs, costs):
     return slots, stuck
 
 
-def _deadlock(ranks, pairs, stuck) -> ScheduleError:
+def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> ScheduleError:
     waits, marks = [], []
     for r, seg in stuck.items():
         for i in seg:
@@ -401,8 +404,8 @@ def _deadlock(ranks, pairs, stuck) -> ScheduleError:
                 waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
                              f"to reach slot {j} ({ranks[q][j]})")
                 marks.append((r, i))
-    return _error(ranks, "deadlock: no rank can move. " + "; ".join(waits) + ". A rank's sends "
-                         "and receives of the same moment must be adjacent so they post as one group.",
+    return _error(ranks, "deadlock: no rank can move. " + "; ".join(waits) + ". A rank's sends and "
+                         "receives of the same moment must be adjacent so they post as one group.",
                   marks)
 
 
@@ -424,19 +427,21 @@ def simulate(ranks: list[list[Op]], costs: Costs = Costs()) -> Timeline:
 
 def render(timeline_or_ranks: "Timeline | list[list[Op]]", width: int = 120) -> str:
     """Ranks as rows, time as columns; each op spans its duration, idle time is '.'."""
-    t = timeline_or_ranks if isinstance(timeline_or_ranks, Timeline) else simulate(timeline_or_ranks)
+    t = timeline_or_ranks
+    if not isinstance(t, Timeline):
+        t = simulate(t)
     rows = [[s for s in row if s.op.kind in COMPUTE] for row in t.rows]
-    # one cell per unit of time, as wide as the longest label plus a gap, narrowed to fit width
+    S = len(rows)
+    # a unit of time is as wide as the longest label plus a gap, narrowed to fit width
     cell = 1 + max((len(label(s.op)) for row in rows for s in row), default=1)
-    scale = max(1, min(cell, int(width // t.step_time))) if t.step_time else 1
+    scale = max(1, min(cell, int(width / t.step_time))) if t.step_time else 1
     lines = []
     for r, row in enumerate(rows):
         line = ["."] * round(t.step_time * scale)
         for s in row:
             a, b = round(s.start * scale), round(s.end * scale)
             line[a:b] = label(s.op).ljust(b - a)[: b - a]
-        lines.append(f"rank {r:<{len(str(len(rows) - 1))}} |{''.join(line)}|")
-    S = len(rows)
+        lines.append(f"rank {r:<{len(str(S - 1))}} |{''.join(line)}|")
     lines.append(f"step time {t.step_time:g}, bubble {t.bubble_fraction:.1%} "
                  f"(idle {t.idle:g} of {S * t.step_time:g} rank-time units)")
     return "\n".join(lines)
