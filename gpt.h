@@ -90,8 +90,8 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
 // (last stage), accumulated in micro-batch order.
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs,
               const int *targets, int training, float *loss_sum);
-// Wall-clock start/end (seconds since the stage was created) of each op of the
-// last stage_run: 2*nops doubles.
+// Start and end of each op of the last stage_run, in seconds of the monotonic
+// clock (CLOCK_MONOTONIC, shared by the processes of one machine): 2*nops doubles.
 const double *stage_op_times(const Stage *s);
 
 // Grad-norm parts: the sum of squares of each (tensor, layer) in this stage,

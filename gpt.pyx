@@ -44,7 +44,7 @@ cdef extern from "gpt.h":
     const double *stage_op_times(const Stage *s)
     void stage_grad_norm_parts(Stage *s, double *parts)
     double gpt_norm_from_parts(const double *parts, int L)
-    int stage_sum_wte_grads(Stage *s)
+    int stage_sum_wte_grads(Stage *s) nogil
     void stage_sync_to_host(Stage *s)
     int gpt_device_count()
     void stage_sync_to_device(Stage *s)
@@ -254,7 +254,10 @@ cdef class Model:
         return np.array([t[i] for i in range(2 * nops)]).reshape(nops, 2) if nops else np.zeros((0, 2))
 
     def sum_wte_grads(self) -> None:
-        check(stage_sum_wte_grads(self.s))
+        cdef int rc
+        with nogil:
+            rc = stage_sum_wte_grads(self.s)
+        check(rc)
 
     def grad_norm_parts(self):
         stage_grad_norm_parts(self.s, &self.parts[0])

@@ -11,8 +11,20 @@ right (validate), fast (simulate) and visible (render):
 """
 
 import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
+
+import numpy as np
 
 # -----------------------------------------------------------------------------
 # ops: the instruction set shared with the C executor (the codes are fixed)
@@ -256,18 +268,17 @@ def _prerequisites(kind: int, r: int, S: int) -> tuple[int, ...]:
     return {SEND_ACT: (FWD,), BWD_WEIGHT: (BWD_INPUT,), SEND_GRAD: (BWD_INPUT,)}.get(kind, ())
 
 
-def _peak_held(ops: list[Op], training: bool) -> int:
-    # A micro-batch is held from its first op until its W frees the activations
-    # (forward-only: until its last op). Ops of one group are in flight together,
-    # so lifetimes are measured in segments, not slots: on a forward-only middle
-    # rank [SEND_ACT i, RECV_ACT i+1] needs two buffers at once.
+def _peak_held(ops: list[Op]) -> int:
+    # A micro-batch is held from its first op on this rank until its last (its
+    # W, or the SEND_GRAD after it), which is when the executor frees its slot.
+    # Ops of one group are in flight together, so lifetimes are measured in
+    # segments, not slots: [SEND_GRAD i, RECV_ACT i+1] needs two buffers at once.
     segments = _segments(ops)
     first, last = {}, {}
     for k, segment in enumerate(segments):
         for i in segment:
             first.setdefault(ops[i].mb, k)
-            if not training or ops[i].kind == BWD_WEIGHT:
-                last[ops[i].mb] = k
+            last[ops[i].mb] = k
     return max((sum(first[mb] <= k <= last[mb] for mb in first) for k in range(len(segments))),
                default=0)
 
@@ -317,7 +328,7 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     slots, stuck = _run(ranks, pairs, Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult([_peak_held(ops, training) for ops in ranks], _timeline(slots))
+    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots))
 
 # -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
@@ -445,6 +456,416 @@ def render(timeline_or_ranks: "Timeline | list[list[Op]]", width: int = 120) -> 
     lines.append(f"step time {t.step_time:g}, bubble {t.bubble_fraction:.1%} "
                  f"(idle {t.idle:g} of {S * t.step_time:g} rank-time units)")
     return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# partition: contiguous layers per stage, balanced by cost
+
+
+def stage_costs(config: dict, seq_len: int) -> tuple[float, float, float]:
+    """Forward FLOPs per token of the embedding, one layer, and the LM head
+    (final layernorm + logits): the head of a small model weighs as much as
+    many layers, so counting it matters."""
+    C, Vp = config["channels"], config["padded_vocab_size"]
+    layer = 24 * C * C + 2 * seq_len * C  # four matmuls, causal attention on average
+    return float(C), float(layer), float(2 * C * Vp)
+
+
+def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
+    """Layer ranges [lo, hi) per stage, each at least one layer, minimising the
+    most expensive stage (dynamic programming over the cut points)."""
+    L = config["num_layers"]
+    if not 1 <= stages <= L:
+        raise ValueError(f"--stages {stages}: must be between 1 and the model's {L} layers")
+    embed, layer, head = stage_costs(config, seq_len)
+
+    def cost(lo: int, hi: int) -> float:
+        return (hi - lo) * layer + (embed if lo == 0 else 0.0) + (head if hi == L else 0.0)
+
+    # best[s][i]: the least possible max cost of layers [0, i) cut into s stages
+    inf = float("inf")
+    best = [[inf] * (L + 1) for _ in range(stages + 1)]
+    cut = [[0] * (L + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, L + 1):
+            for j in range(s - 1, i):
+                c = max(best[s - 1][j], cost(j, i))
+                if c < best[s][i]:
+                    best[s][i], cut[s][i] = c, j
+    bounds, i = [], L
+    for s in range(stages, 0, -1):
+        bounds.append((cut[s][i], i))
+        i = cut[s][i]
+    return bounds[::-1]
+
+
+def describe_partition(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> str:
+    embed, layer, head = stage_costs(config, seq_len)
+    L, parts = config["num_layers"], []
+    total = embed + L * layer + head
+    for r, (lo, hi) in enumerate(bounds):
+        extra = (" + embedding" if lo == 0 else "") + (" + lm head" if hi == L else "")
+        c = (hi - lo) * layer + (embed if lo == 0 else 0) + (head if hi == L else 0)
+        parts.append(f"rank {r}: layers [{lo},{hi}){extra} ({c / total:.0%})")
+    return "partition: " + " | ".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# wire: plain, length-checked messages (never pickle)
+#
+# A message is a 16-byte header (magic, kind, payload length) and the payload:
+# JSON for small structured data, raw little-endian arrays for numbers.
+
+WIRE_MAGIC = 0x47505452
+HELLO, TABLE, LINK, ARRAY, BLOB = range(1, 6)
+KIND_NAMES = {HELLO: "HELLO", TABLE: "TABLE", LINK: "LINK", ARRAY: "ARRAY", BLOB: "BLOB"}
+MAX_SMALL = 1 << 16  # JSON messages
+
+
+class ProtocolError(ValueError):
+    """A peer sent something other than what the protocol expects."""
+
+
+def send_msg(sock: socket.socket, kind: int, payload: bytes) -> None:
+    sock.sendall(struct.pack("<IIQ", WIRE_MAGIC, kind, len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("the peer closed the connection")
+        got += k
+    return bytes(buf)
+
+
+def recv_msg(sock: socket.socket, kind: int, max_len: int = MAX_SMALL) -> bytes:
+    magic, got, n = struct.unpack("<IIQ", _recv_exact(sock, 16))
+    if magic != WIRE_MAGIC:
+        raise ProtocolError(f"bad magic 0x{magic:08x} (not one of our ranks?)")
+    if got != kind:
+        raise ProtocolError(f"expected a {KIND_NAMES[kind]} message, got kind {got}")
+    if n > max_len:
+        raise ProtocolError(f"{KIND_NAMES[kind]} message of {n} bytes, more than {max_len}")
+    return _recv_exact(sock, n)
+
+
+def send_json(sock: socket.socket, kind: int, obj) -> None:
+    send_msg(sock, kind, json.dumps(obj).encode())
+
+
+def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
+    """A JSON object with exactly the given keys of the given types."""
+    try:
+        obj = json.loads(recv_msg(sock, kind))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message ({e})") from None
+    if not isinstance(obj, dict) or set(obj) != set(keys) or \
+            not all(isinstance(obj[k], t) for k, t in keys.items()):
+        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message")
+    return obj
+
+
+# -----------------------------------------------------------------------------
+# rendezvous and links
+#
+# Rank 0 listens on MASTER_ADDR:MASTER_PORT. Every other rank says HELLO there
+# (job token, rank, world size, and the address of its own link listener);
+# rank 0 answers each with the TABLE of all listeners. Then rank r connects to
+# rank r+1 (activations forward, gradients back) and the last rank to rank 0
+# (the tied embedding's gradient). Each link opens with a LINK message
+# carrying the token. The control sockets to rank 0 stay open for the small
+# collectives of each step (grad-norm parts, the loss, barriers).
+
+
+@dataclass
+class Env:
+    """Where this process sits in the job."""
+    rank: int
+    world: int
+    master_addr: str
+    master_port: int
+    token: str
+
+
+def env_from(environ: dict) -> Env | None:
+    """The job from RANK/WORLD_SIZE (or SLURM's) and MASTER_ADDR/MASTER_PORT;
+    None when this process is not part of a launched job."""
+    rank = environ.get("RANK", environ.get("SLURM_PROCID"))
+    world = environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS"))
+    if rank is None or world is None:
+        return None
+    try:
+        env = Env(int(rank), int(world), environ.get("MASTER_ADDR", "127.0.0.1"),
+                  int(environ.get("MASTER_PORT", "29500")), environ.get("GPT_JOB_TOKEN", ""))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and MASTER_PORT must be integers") from None
+    if not 0 <= env.rank < env.world:
+        raise ValueError(f"RANK {env.rank} is outside WORLD_SIZE {env.world}")
+    if not env.token:  # an outside launcher: every rank derives the same token
+        env.token = f"{env.master_addr}:{env.master_port}:{env.world}"
+    return env
+
+
+class Rank:
+    """This rank's sockets and the collectives of a step. A 1-stage run is a
+    Rank with world 1 and no sockets at all."""
+
+    def __init__(self, rank: int = 0, world: int = 1, timeout: float = 120.0):
+        self.rank, self.world, self.timeout = rank, world, timeout
+        self.control: list[socket.socket | None] = []  # rank 0: one per rank; others: [to rank 0]
+        self.prev = self.next = self.tied = None
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def fds(self) -> tuple[int, int, int]:
+        return tuple(s.fileno() if s else -1 for s in (self.prev, self.next, self.tied))
+
+    def allreduce(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over ranks, added in rank order on rank 0, so every
+        rank gets bitwise the same result. (The step's parts are each nonzero
+        on one rank only, which makes the sum exact.)"""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        if self.world == 1:
+            return values.copy()
+        if self.rank != 0:
+            send_msg(self.control[0], ARRAY, values.tobytes())
+            return np.frombuffer(recv_msg(self.control[0], ARRAY, values.nbytes), np.float64).copy()
+        total = values.copy()
+        for r in range(1, self.world):
+            got = np.frombuffer(recv_msg(self.control[r], ARRAY, values.nbytes), np.float64)
+            if got.shape != total.shape:
+                raise ProtocolError(f"rank {r} sent {got.size} values, expected {total.size}")
+            total = total + got
+        for r in range(1, self.world):
+            send_msg(self.control[r], ARRAY, total.tobytes())
+        return total
+
+    def barrier(self) -> None:
+        self.allreduce(np.zeros(1))
+
+    def gather_blobs(self, blob: bytes) -> list[bytes] | None:
+        """Every rank's bytes, on rank 0 (None elsewhere)."""
+        if self.rank != 0:
+            send_msg(self.control[0], BLOB, blob)
+            return None
+        return [blob] + [recv_msg(self.control[r], BLOB, 1 << 40) for r in range(1, self.world)]
+
+    def close(self) -> None:
+        for s in [*self.control, self.prev, self.next, self.tied]:
+            if s:
+                s.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(64)
+    return s
+
+
+def _connect(addr: tuple[str, int], deadline: float) -> socket.socket:
+    """Connects, retrying while the peer is not listening yet."""
+    while True:
+        try:
+            s = socket.create_connection(addr, timeout=max(0.1, deadline - time.monotonic()))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return s
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cannot reach {addr[0]}:{addr[1]} ({e.strerror or e})") from None
+            time.sleep(0.05)
+
+
+def _accept(listener: socket.socket, deadline: float, check, what: str):
+    """Accepts connections until one passes check(sock) -> result; peers
+    that fail it (wrong token, malformed message) are logged and dropped."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out waiting for {what}")
+        listener.settimeout(left)
+        try:
+            sock, peer = listener.accept()
+        except socket.timeout:
+            raise TimeoutError(f"timed out waiting for {what}") from None
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            result = check(sock)
+        except (ProtocolError, ConnectionError, OSError, struct.error) as e:
+            print(f"warning: rejected a connection from {peer[0]}:{peer[1]} waiting for {what}: {e}",
+                  file=sys.stderr)
+            sock.close()
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, result
+
+
+def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0) -> Rank:
+    """Rendezvous through rank 0, then the neighbour and tied links."""
+    me = Rank(env.rank, env.world, timeout)
+    deadline = time.monotonic() + timeout
+    links = _listen(bind, 0)
+    advertise = socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
+    mine = [advertise, links.getsockname()[1]]
+    hello_keys = {"token": str, "rank": int, "world": int, "host": str, "port": int}
+    try:
+        if env.rank == 0:
+            table = [mine] + [None] * (env.world - 1)
+            me.control = [None] * env.world
+            with _listen(bind if bind != "127.0.0.1" else env.master_addr, env.master_port) as rdv:
+                def hello(sock):
+                    h = recv_json(sock, HELLO, hello_keys)
+                    if not secrets.compare_digest(h["token"], env.token):
+                        raise ProtocolError("wrong job token")
+                    if h["world"] != env.world or not 0 < h["rank"] < env.world or table[h["rank"]]:
+                        raise ProtocolError(f"unexpected rank {h['rank']} of {h['world']}")
+                    return h
+                for _ in range(env.world - 1):
+                    sock, h = _accept(rdv, deadline, hello, "the other ranks to join")
+                    table[h["rank"]] = [h["host"], h["port"]]
+                    me.control[h["rank"]] = sock
+            for r in range(1, env.world):
+                send_json(me.control[r], TABLE, {"token": env.token, "table": table})
+        else:
+            ctl = _connect((env.master_addr, env.master_port), deadline)
+            me.control = [ctl]
+            send_json(ctl, HELLO, {"token": env.token, "rank": env.rank, "world": env.world,
+                                   "host": mine[0], "port": mine[1]})
+            reply = recv_json(ctl, TABLE, {"token": str, "table": list})
+            if not secrets.compare_digest(reply["token"], env.token):
+                raise ProtocolError("rank 0 answered with another job's token")
+            table = reply["table"]
+
+        def link_hello(sock, role: str, peer: int):
+            send_json(sock, LINK, {"token": env.token, "rank": env.rank, "role": role})
+
+        def expect_link(role: str, peer: int):
+            def check(sock):
+                h = recv_json(sock, LINK, {"token": str, "rank": int, "role": str})
+                if not secrets.compare_digest(h["token"], env.token):
+                    raise ProtocolError("wrong job token")
+                if h["rank"] != peer or h["role"] != role:
+                    raise ProtocolError(f"expected the {role} link from rank {peer}, got {h['role']} from {h['rank']}")
+            return check
+
+        S, r = env.world, env.rank
+        if r + 1 < S:  # connect forward; the next rank accepts
+            me.next = _connect(tuple(table[r + 1]), deadline)
+            link_hello(me.next, "pipe", r + 1)
+        if r == S - 1 and S > 1:
+            me.tied = _connect(tuple(table[0]), deadline)
+            link_hello(me.tied, "tied", 0)
+        if r > 0:
+            me.prev, _ = _accept(links, deadline, expect_link("pipe", r - 1), f"rank {r - 1}'s link")
+        if r == 0 and S > 1:
+            me.tied, _ = _accept(links, deadline, expect_link("tied", S - 1), f"rank {S - 1}'s tied link")
+    except BaseException:
+        me.close()
+        raise
+    finally:
+        links.close()
+    for s in me.control:
+        if s:
+            s.settimeout(timeout)
+    return me
+
+
+# -----------------------------------------------------------------------------
+# launch: one process per stage on this machine, and a watchdog over them
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _root_cause(failures: dict[int, str]) -> tuple[int, str]:
+    """The first failure that is not a consequence of another rank's: a rank
+    whose neighbour died reports a closed link or a timeout."""
+    secondary = ("closed the link", "closed the connection", "no progress", "timed out", "Connection reset",
+                 "stopped by the launcher")
+    for r, cause in sorted(failures.items()):
+        if not any(s in cause for s in secondary):
+            return r, cause
+    return min(failures.items())
+
+
+def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int:
+    """Runs `python script argv` as ranks 0..stages-1 on this machine and
+    watches them: when one fails, the others are stopped within seconds and
+    the failing rank is named. Returns the exit status for the launcher."""
+    token = secrets.token_hex(16)
+    base = dict(os.environ, WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()), GPT_JOB_TOKEN=token)
+    procs, errors = [], {}
+
+    def relay(r: int, stream) -> None:
+        # a rank's "error:" line is its cause, reported once by the launcher
+        for line in stream:
+            if line.startswith("error: "):
+                errors[r] = line[len("error: "):].strip()
+            else:
+                sys.stderr.write(line)
+        stream.close()
+
+    for r in range(stages):
+        # its own session, so Ctrl-C reaches the launcher, which stops the ranks
+        p = subprocess.Popen([sys.executable, script, *argv], env=dict(base, RANK=str(r)),
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(p)
+        threading.Thread(target=relay, args=(r, p.stderr), daemon=True).start()
+
+    def stop_all() -> None:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(p.poll() is None for p in procs):
+            time.sleep(0.02)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes):
+                return 0
+            if any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.02)
+    except KeyboardInterrupt:
+        stop_all()
+        print(f"error: interrupted; stopped all {stages} ranks", file=sys.stderr)
+        return 130
+    time.sleep(0.2)  # let the first failures land before stopping the rest
+    failed = {r: p.returncode for r, p in enumerate(procs) if p.poll() not in (None, 0)}
+    stop_all()
+    time.sleep(0.1)  # the relays finish reading what the ranks wrote last
+    causes = {}
+    for r, code in failed.items():
+        if r in errors:
+            causes[r] = errors[r]
+        elif code < 0:
+            causes[r] = f"killed by signal {signal.Signals(-code).name}"
+        else:
+            causes[r] = f"exited with status {code}"
+    r, cause = _root_cause(causes)
+    print(f"error: rank {r}: {cause}", file=sys.stderr)
+    return 1
+
 
 # -----------------------------------------------------------------------------
 # command line

@@ -3,15 +3,20 @@ Train a GPT-2 on the CPU (or GPU), the llm.c way: python says what runs when,
 C does the math.
 
     python train.py                      # tiny model on Shakespeare, a few minutes on 2 cores
+    python train.py --stages 2 --schedule zb-h1 --micro-batches 8 --trace trace.json
     python train.py --model d12 --steps 1000 --checkpoint-dir runs/d12
     python train.py --help
 
-Each optimizer step the stage runs an op list (FWD, BWD_INPUT, BWD_WEIGHT per
-micro-batch) in C, then we clip the gradient by its global norm and take an
-AdamW step. One line per step; validation loss at intervals; a sample at the end.
+The model is cut into --stages pipeline stages, one process (rank) each. Per
+optimizer step every rank runs its op list from pipeline.py (forwards,
+backwards and the sends/receives between stages) in C, the ranks agree on the
+global grad norm, and each takes its AdamW step. Any stage count computes
+bitwise the same as one stage. Rank 0 prints one line per step, validation
+loss at intervals, and a sample at the end.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import pipeline
 from dev.data.prepare import decode, prepare, read_tokenizer
 
 EOT = 50256
@@ -26,6 +32,7 @@ VAL_BATCHES = 10
 WEIGHT_DECAY = 0.1
 MAX_GRAD_NORM = 1.0
 MIN_LR_FRAC = 0.1
+WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")  # the rest are per layer
 
 
 class UsageError(Exception):
@@ -65,7 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint every N steps (0: only at the end, if --checkpoint-dir is set)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     p.add_argument("--seed", type=int, default=1337, help="init and sampling seed")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: the cores shared out)")
+    p.add_argument("--stages", type=int, default=1,
+                   help="pipeline stages, one process each (under an outside launcher: WORLD_SIZE)")
+    p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
+    p.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="write every rank's measured timeline as a Chrome trace (Perfetto, chrome://tracing)")
+    p.add_argument("--peer-timeout", type=float, default=120.0,
+                   help="seconds without progress from a peer before a rank gives up")
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address the ranks listen on (0.0.0.0 for a job across machines)")
     return p.parse_args(argv)
 
 
@@ -93,6 +109,10 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     for flag in ("steps", "warmup", "eval_every", "sample_tokens", "checkpoint_every", "threads"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must not be negative")
+    try:
+        pipeline.partition(config, args.stages, args.seq_len)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
     if args.checkpoint_dir:
@@ -120,9 +140,8 @@ def check_writable(directory: str) -> None:
 # training
 
 
-def step_ops(gpt, micro: int) -> np.ndarray:
-    """One stage's op list: forward, input backward, weight backward per micro-batch."""
-    return np.array([(k, mb) for mb in range(micro) for k in (gpt.FWD, gpt.BWD_INPUT, gpt.BWD_WEIGHT)])
+def as_ops(ops: list) -> np.ndarray:
+    return np.array([(op.kind, op.mb) for op in ops], dtype=np.intc).reshape(-1, 2)
 
 
 def next_batch(loader, micro: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,74 +149,195 @@ def next_batch(loader, micro: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
-def validation_loss(gpt, model, pattern: str, B: int, T: int) -> float:
-    val = gpt.Loader(pattern, B, T)
-    x, y = next_batch(val, VAL_BATCHES)
-    ops = np.array([(gpt.FWD, mb) for mb in range(VAL_BATCHES)])
-    return model.run(ops, x, y, training=False) / VAL_BATCHES
+@dataclass
+class Stage:
+    """This rank's part of the model and the op lists it runs."""
+    model: object
+    ctx: pipeline.Rank
+    train_ops: np.ndarray
+    val_ops: np.ndarray
+
+    def run(self, ops: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool) -> float:
+        """Runs the op list; returns the sum of micro-batch losses, on every rank."""
+        loss = self.model.run(ops, x if self.ctx.first else None, y if self.ctx.last else None, training)
+        if training:
+            return loss
+        return float(self.ctx.allreduce(np.array([loss if self.ctx.last else 0.0]))[0])
 
 
-def save_checkpoint(gpt, model, directory: str, step: int, loader) -> None:
-    shard, pos = loader.position
-    model.write_checkpoint(directory, step, shard, pos)
-    gpt.commit_checkpoint(directory, step)
+def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, config: dict, B: int) -> Stage:
+    S, m = ctx.world, args.micro_batches
+    lo, hi = pipeline.partition(config, S, args.seq_len)[ctx.rank]
+    train_ops = pipeline.schedule(args.schedule, S, m)
+    val_ops = pipeline.forward_only(S, VAL_BATCHES)
+    # the validator's peak is exactly what the executor allocates
+    slots = max(pipeline.validate(train_ops, m).peak_held[ctx.rank],
+                pipeline.validate(val_ops, VAL_BATCHES, training=False).peak_held[ctx.rank])
+    model = gpt.Model(config, lo, hi, B, args.seq_len, slots)
+    model.set_peers(*ctx.fds(), args.peer_timeout)
+    return Stage(model, ctx, as_ops(train_ops[ctx.rank]), as_ops(val_ops[ctx.rank]))
 
 
-def train(args: argparse.Namespace, gpt) -> None:
+def gather_params(stage: Stage) -> dict | None:
+    """The whole model's parameters on rank 0 (None elsewhere), to sample from."""
+    params = stage.model.params()
+    if stage.ctx.world == 1:
+        return params
+    head = json.dumps([[k, list(v.shape)] for k, v in params.items()]).encode()
+    blob = len(head).to_bytes(4, "little") + head + b"".join(v.tobytes() for v in params.values())
+    blobs = stage.ctx.gather_blobs(blob)
+    if blobs is None:
+        return None
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in blobs:  # in rank order: per-layer tensors concatenate along the layer axis
+        n = int.from_bytes(b[:4], "little")
+        at = 4 + n
+        for name, shape in json.loads(b[4:at]):
+            size = int(np.prod(shape)) * 4
+            parts.setdefault(name, []).append(np.frombuffer(b[at:at + size], np.float32).reshape(shape))
+            at += size
+    # per-layer tensors are split by layer across stages; the others live whole
+    # on one stage (wte on two, identical)
+    return {k: v[0] if k in WHOLE_TENSORS else np.concatenate(v) for k, v in parts.items()}
+
+
+def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
     plan = make_plan(args, gpt)
-    cfg, B, T, m = plan.config, plan.micro_batch, args.seq_len, args.micro_batches
-    gpt.set_threads(args.threads)
-    model = gpt.Model(cfg, 0, cfg["num_layers"], B, T, 1)
+    cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
+    gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
+    stage = build_stage(args, gpt, ctx, cfg, B)
+    model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
     loader = gpt.Loader(plan.train_pattern, B, T)
     start = 0
     if args.resume:
-        last = gpt.checkpoint_latest_step(args.checkpoint_dir)
+        # rank 0 decides which checkpoint; the others follow
+        mine = gpt.checkpoint_latest_step(args.checkpoint_dir) if ctx.rank == 0 else 0
+        last = int(ctx.allreduce(np.array([mine]))[0])
         if last < 0:
             raise UsageError(f"--resume: no finished checkpoint in {args.checkpoint_dir}")
         start, shard, pos = model.read_checkpoint(args.checkpoint_dir, last)
         loader.position = (shard, pos)
-        print(f"resumed from {args.checkpoint_dir} at step {start}")
+        say(f"resumed from {args.checkpoint_dir} at step {start}")
     elif args.init_from:
         model.load(args.init_from)
     else:
         model.init(args.seed)
-    nparams = sum(p.size for p in model.params().values())
-    print(f"model L={cfg['num_layers']} NH={cfg['num_heads']} C={cfg['channels']} ({nparams / 1e6:.1f}M params) | "
-          f"batch {args.batch_size} x {T} tokens in {m} micro-batch(es) | {args.steps} steps")
-    ops = step_ops(gpt, m)
+    say(f"model L={L} NH={cfg['num_heads']} C={cfg['channels']} | batch {args.batch_size} x {T} tokens "
+        f"in {m} micro-batch(es) | {args.steps} steps | {ctx.world} stage(s), {args.schedule}")
+    if ctx.world > 1:
+        say(pipeline.describe_partition(cfg, pipeline.partition(cfg, ctx.world, T), T))
+    timeline = []  # per step: (op start/end times) for the trace and the bubble
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         x, y = next_batch(loader, m)
-        loss = model.run(ops, x, y) / m
+        loss_sum = stage.run(stage.train_ops, x, y, training=True)
         model.sum_wte_grads()
-        norm = gpt.norm_from_parts(model.grad_norm_parts(), cfg["num_layers"])
+        # each (tensor, layer) part lives on one rank: summing them is exact,
+        # and the norm adds them in one canonical order, as one stage would
+        total = ctx.allreduce(np.append(model.grad_norm_parts(), loss_sum if ctx.last else 0.0))
+        norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / m
         lr = gpt.lr_at(step, args.lr, args.warmup, args.steps, MIN_LR_FRAC)
         model.adamw(lr, WEIGHT_DECAY, MAX_GRAD_NORM / norm if norm > MAX_GRAD_NORM else 1.0, step + 1)
         dt = time.perf_counter() - t0
-        print(f"step {step + 1}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | norm {norm:.4f} | "
-              f"{dt * 1e3:.0f} ms | {args.batch_size * T / dt:.0f} tok/s", flush=True)
+        timeline.append(model.op_times(len(stage.train_ops)))
+        say(f"step {step + 1}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | norm {norm:.4f} | "
+            f"{dt * 1e3:.0f} ms | {args.batch_size * T / dt:.0f} tok/s", flush=True)
         done = step + 1 == args.steps
         if plan.val_pattern and args.eval_every and ((step + 1) % args.eval_every == 0 or done):
-            print(f"val loss {validation_loss(gpt, model, plan.val_pattern, B, T):.6f}", flush=True)
+            val = gpt.Loader(plan.val_pattern, B, T)
+            x, y = next_batch(val, VAL_BATCHES)
+            say(f"val loss {stage.run(stage.val_ops, x, y, training=False) / VAL_BATCHES:.6f}", flush=True)
         if args.checkpoint_dir and ((args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or done):
-            save_checkpoint(gpt, model, args.checkpoint_dir, step + 1, loader)
+            shard, pos = loader.position
+            model.write_checkpoint(args.checkpoint_dir, step + 1, shard, pos)
+            ctx.barrier()  # every rank's slices are in the files before they are published
+            if ctx.rank == 0:
+                gpt.commit_checkpoint(args.checkpoint_dir, step + 1)
+            ctx.barrier()
+    if ctx.world > 1 and timeline:
+        report_pipeline(args, stage, timeline, say)
     if args.sample_tokens:
-        out = model.sample(np.array([EOT]), args.sample_tokens, args.temperature, args.top_k, args.seed)
-        text = decode(read_tokenizer(plan.tokenizer), out[1:]) if plan.tokenizer else " ".join(map(str, out[1:]))
-        print("sample:\n" + text)
+        params = gather_params(stage)
+        if params is not None:
+            whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
+            if ctx.world > 1:
+                whole.set_params(params)
+            out = whole.sample(np.array([EOT]), args.sample_tokens, args.temperature, args.top_k, args.seed)
+            text = decode(read_tokenizer(plan.tokenizer), out[1:]) if plan.tokenizer else " ".join(map(str, out[1:]))
+            print("sample:\n" + text)
+
+
+# -----------------------------------------------------------------------------
+# where the time went: the measured timeline against the simulator's
+
+
+def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say) -> None:
+    ops = stage.train_ops
+    mine = json.dumps([t.tolist() for t in timeline]).encode()
+    blobs = stage.ctx.gather_blobs(mine)
+    if blobs is None:
+        return
+    S = stage.ctx.world
+    ranks_ops = pipeline.schedule(args.schedule, S, args.micro_batches)
+    times = [json.loads(b) for b in blobs]  # [rank][step][op] = [start, end]
+    steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
+    bubbles, costs = [], [[[], [], []] for _ in range(S)]
+    for k in steps:
+        span = max(t[k][-1][1] for t in times) - min(t[k][0][0] for t in times)
+        busy = 0.0
+        for r in range(S):
+            for op, (a, b) in zip(ranks_ops[r], times[r][k]):
+                if op.kind in pipeline.COMPUTE:
+                    busy += b - a
+                    costs[r][op.kind].append(b - a)
+        bubbles.append(1.0 - busy / (S * span))
+    mean = [[float(np.mean(c)) if c else 0.0 for c in per] for per in costs]
+    predicted = pipeline.simulate(ranks_ops, pipeline.Costs(f=[c[0] for c in mean], b=[c[1] for c in mean],
+                                                            w=[c[2] for c in mean])).bubble_fraction
+    say(f"bubble: measured {np.mean(bubbles):.1%}, simulator {predicted:.1%} for the measured op costs "
+        f"(transfers taken as free)")
+    if args.trace:
+        t0 = min(t[0][0][0] for t in times)
+        events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{args.schedule} x{S}"}}]
+        for r in range(S):
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}})
+            for k, step_times in enumerate(times[r]):
+                for op, (a, b) in zip(ranks_ops[r], step_times):
+                    events.append({"name": pipeline.label(op), "cat": pipeline.NAMES[op.kind], "ph": "X",
+                                   "pid": 0, "tid": r, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
+                                   "args": {"step": k + 1, "micro_batch": op.mb}})
+        tmp = f"{args.trace}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+        os.replace(tmp, args.trace)
+        say(f"trace: {args.trace}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     import gpt
+    ctx = None
     try:
-        train(args, gpt)
+        env = pipeline.env_from(os.environ)
+        if env is None and args.stages > 1:
+            make_plan(args, gpt)  # bad flags and data fail here, once, before any rank starts
+            return pipeline.launch(argv, args.stages, os.path.abspath(__file__))
+        if env is not None:
+            args.stages = env.world
+            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout)
+        else:
+            ctx = pipeline.Rank(timeout=args.peer_timeout)
+        train(args, gpt, ctx)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (gpt.GPTError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if ctx:
+            ctx.close()
     return 0
 
 

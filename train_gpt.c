@@ -406,13 +406,13 @@ struct Stage {
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
     Slot *slots;
     int *slot_of;                      // micro-batch -> slot, -1 if not held
+    int *last_op;                      // micro-batch -> index of its last op in the list
     int slot_of_cap;
     float *mb_losses;
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     Links links;
     double *op_times;
     int op_times_cap;
-    double t0;
 };
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
@@ -479,7 +479,6 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->nslots = slots;
     s->links = (Links){-1, -1, -1, 60.0, lo, hi};
-    s->t0 = now_seconds();
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc(P, sizeof(float));
     s->grads = calloc(P, sizeof(float));
@@ -506,7 +505,7 @@ void stage_free(Stage *s) {
     for (int i = 0; s->slots && i < s->nslots; i++) {
         free(s->slots[i].memory); free(s->slots[i].inputs); free(s->slots[i].targets);
     }
-    free(s->slots); free(s->slot_of); free(s->mb_losses); free(s->op_times);
+    free(s->slots); free(s->slot_of); free(s->last_op); free(s->mb_losses); free(s->op_times);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
     free(s);
@@ -679,8 +678,9 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
     if (s->y.first && !inputs) return fail("the first stage needs input tokens");
     if (s->y.last && !targets) return fail("the last stage needs target tokens");
     if (m > s->slot_of_cap) {
-        free(s->slot_of); free(s->mb_losses);
+        free(s->slot_of); free(s->last_op); free(s->mb_losses);
         s->slot_of = malloc(m * sizeof(int));
+        s->last_op = malloc(m * sizeof(int));
         s->mb_losses = malloc(m * sizeof(float));
         s->slot_of_cap = m;
     }
@@ -691,6 +691,9 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
     }
     for (int i = 0; i < s->slot_of_cap; i++) s->slot_of[i] = -1;
     for (int i = 0; i < m; i++) s->mb_losses[i] = 0.0f;
+    // a micro-batch holds its slot from its first op to its last, as the
+    // validator counts it
+    for (int i = 0; i < nops; i++) s->last_op[ops[2 * i + 1]] = i;
     if (training) {
         memset(s->grads, 0, s->y.num_params * sizeof(float));
         if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
@@ -698,14 +701,11 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
     size_t BT = (size_t)s->B * s->T;
     for (int i = 0; i < nops;) {
         int kind = ops[2 * i], mb = ops[2 * i + 1];
-        double t_start = now_seconds() - s->t0;
+        double t_start = now_seconds();
         int n = 1;
         if (kind >= OP_SEND_ACT) {
             while (i + n < nops && ops[2 * (i + n)] >= OP_SEND_ACT) n++;
             if (run_comm_group(s, ops + 2 * i, n)) return -1;
-            if (!training)  // forward-only: a sent activation is done with
-                for (int k = i; k < i + n; k++)
-                    if (ops[2 * k] == OP_SEND_ACT) s->slot_of[ops[2 * k + 1]] = -1;
         } else {
             Slot *a = slot_for(s, mb);
             if (!a) return -1;
@@ -715,7 +715,6 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
                 if (s->y.last) {
                     memcpy(a->targets, targets + mb * BT, BT * sizeof(int));
                     s->mb_losses[mb] = stage_loss(s, a);
-                    if (!training) s->slot_of[mb] = -1;
                 }
             } else if (!training) {
                 return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
@@ -723,11 +722,14 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
                 stage_backward_input(s, a, 1.0f / (float)(BT * m));
             } else {
                 stage_backward_weight(s, a);
-                s->slot_of[mb] = -1;
             }
         }
-        double t_end = now_seconds() - s->t0;
-        for (int k = i; k < i + n; k++) { s->op_times[2 * k] = t_start; s->op_times[2 * k + 1] = t_end; }
+        double t_end = now_seconds();
+        for (int k = i; k < i + n; k++) {
+            s->op_times[2 * k] = t_start;
+            s->op_times[2 * k + 1] = t_end;
+            if (s->last_op[ops[2 * k + 1]] == k) s->slot_of[ops[2 * k + 1]] = -1;
+        }
         i += n;
     }
     float sum = 0.0f;
