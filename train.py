@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import pipeline
-from dev.data.prepare import decode, prepare, read_tokenizer
+from dev.data.prepare import decode, gpt2_encoding, prepare, read_tokenizer
 
 EOT = 50256
 VAL_BATCHES = 10
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine decay to lr/10")
     p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (0: never)")
     p.add_argument("--sample-tokens", type=int, default=128, help="tokens to generate at the end (0: none)")
+    p.add_argument("--prompt", default="", help="text the sample continues (default: a fresh document)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (llm.c model file + state)")
@@ -262,8 +263,10 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
             if ctx.world > 1:
                 whole.set_params(params)
-            out = whole.sample(np.array([EOT]), args.sample_tokens, args.temperature, args.top_k, args.seed)
-            text = decode(read_tokenizer(plan.tokenizer), out[1:]) if plan.tokenizer else " ".join(map(str, out[1:]))
+            prompt = [EOT] + gpt2_encoding().encode(args.prompt)
+            out = whole.sample(np.array(prompt), args.sample_tokens, args.temperature, args.top_k, args.seed)
+            ids = out[1:]
+            text = decode(read_tokenizer(plan.tokenizer), ids) if plan.tokenizer else " ".join(map(str, ids))
             print("sample:\n" + text)
 
 

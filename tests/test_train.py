@@ -24,7 +24,7 @@ def losses(out: str) -> list[float]:
 
 def test_training_lowers_the_loss_and_prints_a_sample(data_dir):
     r = run_train("--data-dir", data_dir, *SMALL, "--steps", "40", "--eval-every", "20",
-                  "--sample-tokens", "16")
+                  "--sample-tokens", "16", "--prompt", "ROMEO:")
     assert r.returncode == 0, r.stderr
     loss = losses(r.stdout)
     assert len(loss) == 40
@@ -33,7 +33,7 @@ def test_training_lowers_the_loss_and_prints_a_sample(data_dir):
                      r.stdout, re.M)
     assert len(re.findall(r"^val loss [\d.]+$", r.stdout, re.M)) == 2
     sample = r.stdout.split("sample:\n", 1)[1]
-    assert len(sample.strip()) > 10
+    assert sample.startswith("ROMEO:") and len(sample.strip()) > 10
 
 
 def test_resume_continues_bitwise(data_dir, tmp_path):
