@@ -1,0 +1,675 @@
+"""The CUDA trainer (train_gpt.cu, as the modules gpt_cuda (bf16) and
+gpt_cuda_fp32) against the CPU trainer (gpt) and the numpy reference.
+
+Every test but the first needs a GPU and is skipped without one. Each test
+prints what it measured (pytest -rA shows it), so one run on a GPU tells as
+much as possible.
+
+Tolerances:
+- fp32 build vs the CPU trainer (both fp32, different summation orders): loss
+  relative 1e-5; every gradient relative error (max abs difference / max abs
+  value) 2e-4; grad-norm parts relative 1e-4; parameters after 3 AdamW steps
+  (lr 1e-2) within 1e-4 absolute, as the CPU test against float64 (Adam turns
+  the rounding of a near-zero gradient into a visible step).
+- bf16 build vs the CPU trainer (bf16 weights, activations and gradient
+  activations; fp32 master weights, gradients and loss): one step's loss
+  relative 2e-2; every gradient's cosine similarity >= 0.99 and relative error
+  <= 0.15; the tensor-core attention kernels (both variants) agree with the
+  simple fp32 ones: loss relative 5e-3, gradient cosine >= 0.999.
+- bf16 d12 (GPT-2 124M) over 20 steps at B=4 T=64 vs the fp32 CPU trainer:
+  every step's loss within 0.1 absolute, the last within 3% relative.
+- S-stage pipelines (socket transport, one GPU) vs 1 stage, determinism: bitwise.
+"""
+
+import ctypes
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpt
+from dev import reference as ref
+
+ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    import gpt_cuda
+except ImportError:
+    gpt_cuda = None
+try:
+    import gpt_cuda_fp32
+except ImportError:
+    gpt_cuda_fp32 = None
+
+
+def _device_count() -> int:
+    try:
+        return gpt_cuda.device_count() if gpt_cuda else 0
+    except Exception:
+        return 0
+
+
+built = pytest.mark.skipif(gpt_cuda is None or gpt_cuda_fp32 is None,
+                           reason="gpt_cuda / gpt_cuda_fp32 not built (no nvcc, or make has not run)")
+GPU_SKIP = ("gpt_cuda not built (no nvcc, or make has not run)" if gpt_cuda is None else
+            "gpt_cuda_fp32 not built" if gpt_cuda_fp32 is None else
+            "no GPU visible (gpt_cuda.device_count() == 0)")
+needs_gpu = pytest.mark.skipif(gpt_cuda is None or gpt_cuda_fp32 is None or _device_count() == 0,
+                               reason=GPU_SKIP)
+
+# test_model.py's awkward small shape (head size 9: the simple attention kernels)
+CFG = dict(max_seq_len=16, vocab_size=67, padded_vocab_size=80, num_layers=2, num_heads=4, channels=36)
+RCFG = ref.Config(max_seq_len=16, vocab_size=67, padded_vocab_size=80, n_layer=2, n_head=4, n_embd=36)
+B, T = 3, 7
+# head size 64 (the tensor-core attention), T = 80: one full and one partial 64-row block
+CFG64 = dict(max_seq_len=256, vocab_size=300, padded_vocab_size=320, num_layers=2, num_heads=2, channels=128)
+RCFG64 = ref.Config(max_seq_len=256, vocab_size=300, padded_vocab_size=320, n_layer=2, n_head=2, n_embd=128)
+B64, T64 = 2, 80
+# four layers for the pipelines
+CFGP = dict(CFG64, num_layers=4)
+RCFGP = ref.Config(max_seq_len=256, vocab_size=300, padded_vocab_size=320, n_layer=4, n_head=2, n_embd=128)
+
+
+def batches(seed: int, m: int, cfg=CFG, b=B, t=T):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, cfg["vocab_size"], (b, t)), rng.integers(0, cfg["vocab_size"], (b, t)))
+            for _ in range(m)]
+
+
+def stack(data):
+    return np.stack([d[0] for d in data]), np.stack([d[1] for d in data])
+
+
+def rough_params(seed: int, rcfg=RCFG) -> dict:
+    """As in test_model.py: noisy layernorms and biases, larger weights."""
+    params = ref.init_params(rcfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    for name in ("ln1w", "ln1b", "ln2w", "ln2b", "lnfw", "lnfb", "qkvb", "attprojb", "fcb", "fcprojb"):
+        params[name] = params[name] + 0.1 * rng.standard_normal(params[name].shape)
+    for name in ("qkvw", "attprojw", "fcw", "fcprojw", "wte", "wpe"):
+        params[name] = params[name] * 5.0
+    params["wte"][rcfg.vocab_size:] = 0.0
+    return params
+
+
+def gentle_params(seed: int, rcfg) -> dict:
+    """GPT-2's init plus a little noise on layernorms and biases (bf16 tests)."""
+    params = ref.init_params(rcfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    for name in ("ln1w", "ln1b", "ln2w", "ln2b", "lnfw", "lnfb", "qkvb", "attprojb", "fcb", "fcprojb"):
+        params[name] = params[name] + 0.05 * rng.standard_normal(params[name].shape)
+    for name in ("qkvw", "attprojw", "fcw", "fcprojw", "wte", "wpe"):
+        params[name] = params[name] * 3.0
+    params["wte"][rcfg.vocab_size:] = 0.0
+    return params
+
+
+def model(mod, params, cfg=CFG, b=B, t=T, slots=1, lo=0, hi=None):
+    m = mod.Model(cfg, lo, cfg["num_layers"] if hi is None else hi, b, t, slots)
+    if params is not None:
+        m.set_params(params)
+    return m
+
+
+def step_ops(mod, m: int) -> np.ndarray:
+    return np.array([(k, mb) for mb in range(m) for k in (mod.FWD, mod.BWD_INPUT, mod.BWD_WEIGHT)])
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a @ b / max(na * nb, 1e-300))
+
+
+def one_step(mod, params, data, cfg=CFG, b=B, t=T):
+    """Loss, summed gradients (copies), the embedding's d(wte) part and grad-norm parts of one step."""
+    m = model(mod, params, cfg, b, t)
+    x, y = stack(data)
+    loss = m.run(step_ops(mod, len(data)), x, y)
+    embed = m.wte_embed_grad().copy()
+    m.sum_wte_grads()
+    grads = {k: v.copy() for k, v in m.grads().items()}
+    return loss, grads, embed, m.grad_norm_parts()
+
+
+def train(mod, params, data, steps: int, m: int, cfg=CFG, b=B, t=T, lr=1e-2, schedule=None):
+    """The launcher's step sequence; returns the model and (loss, norm) per step."""
+    mdl = model(mod, params, cfg, b, t)
+    history = []
+    for step in range(steps):
+        x, y = stack(data[step * m:(step + 1) * m])
+        loss = mdl.run(step_ops(mod, m), x, y) / m
+        mdl.sum_wte_grads()
+        norm = mod.norm_from_parts(mdl.grad_norm_parts(), cfg["num_layers"])
+        step_lr = schedule(step) if schedule else lr
+        mdl.adamw(step_lr, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
+        history.append((loss, norm))
+    return mdl, history
+
+
+# -----------------------------------------------------------------------------
+# no GPU: clean failures (runs wherever the modules are built)
+
+
+@built
+def test_no_device_fails_cleanly():
+    """With no visible GPU: device_count() is 0, a stage fails with a message, nothing crashes."""
+    code = ("import gpt_cuda\n"
+            "print('count', gpt_cuda.device_count())\n"
+            "try:\n"
+            "    gpt_cuda.Model(gpt_cuda.config_from_name('tiny'), 0, 4, 2, 16)\n"
+            "except gpt_cuda.GPTError as e:\n"
+            "    print('error', e)\n")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "count 0" in r.stdout
+    assert "error no CUDA device available" in r.stdout
+    binary = ROOT / "train_gpt_cu"
+    if binary.exists():
+        r = subprocess.run([str(binary), "-e", "tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        print(r.stdout, r.stderr)
+        assert r.returncode == 1 and "no CUDA device" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# fp32 build against the CPU trainer
+
+
+@needs_gpu
+@pytest.mark.parametrize("fuse_gelu", ["1", "0"])
+def test_fp32_one_step_matches_cpu(fuse_gelu, monkeypatch):
+    """Loss, every gradient (both d(wte) parts), grad-norm parts: fused and unfused GELU."""
+    monkeypatch.setenv("GPT_FUSE_GELU", fuse_gelu)
+    params = rough_params(1)
+    data = batches(2, 2)
+    loss_c, grads_c, embed_c, parts_c = one_step(gpt, params, data)
+    loss_g, grads_g, embed_g, parts_g = one_step(gpt_cuda_fp32, params, data)
+    loss_r, grads_r = 0.0, None
+    for x, y in data:  # the reference, averaged over micro-batches like the trainers
+        lr_, gr_ = ref.loss_and_grads(params, RCFG, x, y)
+        loss_r += lr_
+        grads_r = gr_ if grads_r is None else {k: grads_r[k] + gr_[k] for k in gr_}
+    grads_r = {k: v / len(data) for k, v in grads_r.items()}
+    print(f"GELU fused={fuse_gelu}: loss gpu {loss_g:.7f} cpu {loss_c:.7f} ref {loss_r:.7f}")
+    assert abs(loss_g - loss_c) / loss_c < 1e-5
+    assert abs(loss_g - loss_r) / loss_r < 1e-5
+    worst = []
+    for name in ref.PARAM_NAMES:
+        e_cpu = rel_err(grads_g[name], grads_c[name])
+        e_ref = rel_err(grads_g[name], grads_r[name].reshape(grads_g[name].shape))
+        print(f"  {name:9s} rel err vs cpu {e_cpu:.2e}  vs ref {e_ref:.2e}")
+        worst.append((max(e_cpu, e_ref), name))
+    e_embed = rel_err(embed_g, embed_c)
+    e_parts = rel_err(parts_g, parts_c)
+    print(f"  d(wte) embedding part rel err {e_embed:.2e}; grad-norm parts rel err {e_parts:.2e}")
+    assert max(worst)[0] < 2e-4, f"worst gradient {max(worst)[1]}: {max(worst)[0]:.2e}"
+    assert e_embed < 2e-4 and e_parts < 1e-4
+    assert np.all(grads_g["wte"][CFG["vocab_size"]:] == 0.0), "padded vocabulary rows got a gradient"
+
+
+@needs_gpu
+def test_fp32_three_adamw_steps_match_cpu():
+    params = rough_params(7)
+    steps, m = 3, 2
+    data = batches(8, steps * m)
+    cpu, hist_c = train(gpt, params, data, steps, m)
+    gpu, hist_g = train(gpt_cuda_fp32, params, data, steps, m)
+    print("loss/norm cpu", hist_c, "\nloss/norm gpu", hist_g)
+    for (lc, nc), (lg, ng) in zip(hist_c, hist_g):
+        assert abs(lg - lc) / lc < 1e-5
+        assert abs(ng - nc) / nc < 1e-4
+    assert any(n > 1.0 for _, n in hist_c), "the test should exercise clipping"
+    C = CFG["channels"]
+    pc, pg = cpu.params(), gpu.params()
+    for name in pc:
+        diff = np.abs(pg[name] - pc[name])
+        if name == "qkvb":  # the key bias: zero gradient up to rounding, see test_model.py
+            diff = diff[:, np.r_[0:C, 2 * C:3 * C]]
+        print(f"  {name:9s} max abs diff {np.max(diff):.2e}")
+        assert np.max(diff) < 1e-4, name
+
+
+@needs_gpu
+def test_fp32_forward_only_sampling_and_checkpoint(tmp_path):
+    params = rough_params(5)
+    data = batches(6, 2)
+    x, y = stack(data)
+    g = model(gpt_cuda_fp32, params)
+    eval_loss = g.run(np.array([(gpt.FWD, 0), (gpt.FWD, 1)]), x, y, training=False)
+    train_loss = g.run(step_ops(gpt_cuda_fp32, 2), x, y)
+    cpu_loss = model(gpt, params).run(np.array([(gpt.FWD, 0), (gpt.FWD, 1)]), x, y, training=False)
+    print(f"forward-only {eval_loss} training {train_loss} cpu {cpu_loss}")
+    assert eval_loss == train_loss
+    assert abs(eval_loss - cpu_loss) / cpu_loss < 1e-5
+    # sampling: seeded, and greedy picks the reference's argmax
+    prompt = np.array([1, 2, 3])
+    a = g.sample(prompt, 5, temperature=1.0, top_k=10, seed=42)
+    b = g.sample(prompt, 5, temperature=1.0, top_k=10, seed=42)
+    assert np.array_equal(a, b) and np.array_equal(a[:3], prompt)
+    greedy = g.sample(prompt, 1, temperature=0.0)
+    xx = np.zeros((1, 3), dtype=int) + prompt
+    _, logits, _ = ref.forward(params, RCFG, xx, xx)
+    assert greedy[3] == np.argmax(logits[0, -1, :CFG["vocab_size"]])
+    # a GPU checkpoint loads into the CPU trainer bit for bit, and back
+    g.adamw(1e-2, 0.1, 1.0, 1)
+    g.write_checkpoint(str(tmp_path), 1, 0, 5)
+    gpt.commit_checkpoint(str(tmp_path), 1)
+    c = gpt.Model(CFG, 0, 2, B, T, 1)
+    assert c.read_checkpoint(str(tmp_path), 1) == (1, 0, 5)
+    g2 = gpt_cuda_fp32.Model(CFG, 0, 2, B, T, 1)
+    g2.read_checkpoint(str(tmp_path), 1)
+    for name, v in g.params().items():
+        assert np.array_equal(c.params()[name], v), name
+        assert np.array_equal(g2.params()[name], v), name
+    # and the resumed GPU model continues exactly like the original
+    for mdl in (g, g2):
+        mdl.run(step_ops(gpt_cuda_fp32, 2), x, y)
+        mdl.sum_wte_grads()
+        mdl.adamw(1e-2, 0.1, 1.0, 2)
+    for name, v in g.params().items():
+        assert np.array_equal(g2.params()[name], v), name
+
+
+# -----------------------------------------------------------------------------
+# bf16 build against the CPU trainer
+
+
+def bf16_compare(params, data, cfg, b, t, label):
+    loss_c, grads_c, _, _ = one_step(gpt, params, data, cfg, b, t)
+    loss_g, grads_g, _, _ = one_step(gpt_cuda, params, data, cfg, b, t)
+    print(f"{label}: loss gpu {loss_g:.6f} cpu {loss_c:.6f} rel {abs(loss_g - loss_c) / loss_c:.2e}")
+    bad = []
+    for name in ref.PARAM_NAMES:
+        cs, re_ = cosine(grads_g[name], grads_c[name]), rel_err(grads_g[name], grads_c[name])
+        print(f"  {name:9s} cosine {cs:.6f}  rel err {re_:.2e}")
+        if cs < 0.99 or re_ > 0.15:
+            bad.append(f"{name} (cosine {cs:.4f}, rel err {re_:.2e})")
+    return loss_g, loss_c, grads_g, bad
+
+
+@needs_gpu
+@pytest.mark.parametrize("attn", ["mma", "mma_sync", "simple"])
+def test_bf16_one_step_close_to_cpu(attn, monkeypatch):
+    """Head size 64 and T = 80: the tensor-core attention (cp.async-pipelined by
+    default, mma_sync without the pipelining) or the simple one, in bf16."""
+    if attn != "mma":
+        monkeypatch.setenv("GPT_ATTN", attn)
+    params = gentle_params(3, RCFG64)
+    data = batches(4, 2, CFG64, B64, T64)
+    loss_g, loss_c, _, bad = bf16_compare(params, data, CFG64, B64, T64, f"bf16 attention={attn}")
+    assert abs(loss_g - loss_c) / loss_c < 2e-2
+    assert not bad, "gradients off: " + ", ".join(bad)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["mma", "mma_sync"])
+def test_bf16_tensor_core_attention_matches_simple_kernel(variant, monkeypatch):
+    """The mma kernels against the simple fp32 kernels, same bf16 inputs otherwise;
+    T = 200 (four query blocks, the last partial)."""
+    if variant != "mma":
+        monkeypatch.setenv("GPT_ATTN", variant)
+    params = gentle_params(13, RCFG64)
+    T200 = 200
+    data = batches(14, 1, CFG64, B64, T200)
+    _, grads_mma, _, _ = one_step(gpt_cuda, params, data, CFG64, B64, T200)
+    loss_mma = model(gpt_cuda, params, CFG64, B64, T200).run(np.array([(gpt.FWD, 0)]), *stack(data),
+                                                             training=False)
+    monkeypatch.setenv("GPT_ATTN", "simple")
+    _, grads_simple, _, _ = one_step(gpt_cuda, params, data, CFG64, B64, T200)
+    loss_simple = model(gpt_cuda, params, CFG64, B64, T200).run(np.array([(gpt.FWD, 0)]), *stack(data),
+                                                                 training=False)
+    print(f"{variant}: loss {loss_mma:.6f}, simple kernel {loss_simple:.6f}")
+    assert abs(loss_mma - loss_simple) / loss_simple < 5e-3
+    for name in ("qkvw", "qkvb", "ln1w", "wpe", "wte"):
+        cs = cosine(grads_mma[name], grads_simple[name])
+        print(f"  {name:9s} cosine {cs:.6f} rel err {rel_err(grads_mma[name], grads_simple[name]):.2e}")
+        assert cs > 0.999, name
+
+
+@needs_gpu
+def test_bf16_odd_shape_close_to_cpu():
+    """The awkward shape (C = 36, head size 9, V = 67) also runs in bf16."""
+    params = gentle_params(21, RCFG)
+    data = batches(22, 2)
+    loss_g, loss_c, _, bad = bf16_compare(params, data, CFG, B, T, "bf16 odd shape")
+    assert abs(loss_g - loss_c) / loss_c < 2e-2
+    assert not bad, "gradients off: " + ", ".join(bad)
+
+
+# -----------------------------------------------------------------------------
+# pipelines on one GPU over sockets, and NCCL
+
+
+def gpipe(mod, S: int, m: int) -> list:
+    """GPipe-like op lists: all forwards, then backward (input, weight) per micro-batch."""
+    ranks = []
+    for r in range(S):
+        ops = []
+        for mb in range(m):
+            if r > 0:
+                ops.append((mod.RECV_ACT, mb))
+            ops.append((mod.FWD, mb))
+            if r < S - 1:
+                ops.append((mod.SEND_ACT, mb))
+        for mb in range(m):
+            if r < S - 1:
+                ops.append((mod.RECV_GRAD, mb))
+            ops.append((mod.BWD_INPUT, mb))
+            if r > 0:
+                ops.append((mod.SEND_GRAD, mb))
+            ops.append((mod.BWD_WEIGHT, mb))
+        ranks.append(np.array(ops))
+    return ranks, [m] * S
+
+
+def library_schedule(name):
+    def make(mod, S, m):
+        import pipeline as P
+        ranks = P.schedule(name, S, m)
+        held = P.validate(ranks, m).peak_held
+        return [np.array([(op.kind, op.mb) for op in r]) for r in ranks], list(held)
+    return make
+
+
+def run_pipeline(mod, cfg, splits, params, data, steps, m, b, t, schedule, lr=3e-3):
+    """Each stage in its own thread, linked by socketpairs; returns losses, norms, params, wte copies."""
+    S, L = len(splits), cfg["num_layers"]
+    ranks, held = schedule(mod, S, m)
+    stages = []
+    for (lo, hi), slots in zip(splits, held):
+        st = mod.Model(cfg, lo, hi, b, t, max(1, slots))
+        names = st.params().keys()
+        st.set_params({k: v if k in ("wte", "wpe", "lnfw", "lnfb") else v[lo:hi]
+                       for k, v in params.items() if k in names})
+        stages.append(st)
+    links = [socket.socketpair() for _ in range(S - 1)]
+    tied = socket.socketpair() if S > 1 else None
+    for i, st in enumerate(stages):
+        prev = links[i - 1][1].fileno() if i > 0 else -1
+        nxt = links[i][0].fileno() if i < S - 1 else -1
+        tie = (tied[0] if i == 0 else tied[1]).fileno() if tied and i in (0, S - 1) else -1
+        st.set_peers(prev, nxt, tie, 20.0)
+    losses, norms = [], []
+    try:
+        for step in range(steps):
+            x, y = stack(data[step * m:(step + 1) * m])
+            out, errors = [None] * S, []
+
+            def work(i):
+                try:
+                    loss = stages[i].run(ranks[i], x if i == 0 else None, y if i == S - 1 else None)
+                    stages[i].sum_wte_grads()
+                    out[i] = (loss, stages[i].grad_norm_parts())
+                except Exception as e:  # reported below, with the rank
+                    errors.append(f"rank {i}: {e}")
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(S)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(90)
+            assert not any(th.is_alive() for th in threads), "a stage hung"
+            assert not errors, "; ".join(errors)
+            parts = sum(o[1] for o in out)  # disjoint entries: exact
+            norm = mod.norm_from_parts(parts, L)
+            for st in stages:
+                st.adamw(lr, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
+            losses.append(out[-1][0])
+            norms.append(norm)
+        got = [st.params() for st in stages]
+        merged = {}
+        for name in got[0].keys() | got[-1].keys():
+            pieces = [g[name] for g in got if name in g]
+            if name in ("wte", "wpe", "lnfw", "lnfb"):
+                merged[name] = pieces[0].copy()
+            else:
+                merged[name] = np.concatenate(pieces, axis=0)
+        wte_copies = [got[0]["wte"].copy(), got[-1]["wte"].copy()]
+    finally:
+        for a, c in links + ([tied] if tied else []):
+            a.close()
+            c.close()
+    return losses, norms, merged, wte_copies
+
+
+SPLITS = {1: [(0, 4)], 2: [(0, 2), (2, 4)], 4: [(0, 1), (1, 2), (2, 3), (3, 4)]}
+
+
+@needs_gpu
+@pytest.mark.parametrize("build", ["bf16", "fp32"])
+@pytest.mark.parametrize("sched", ["gpipe", "1f1b", "zb-h1"])
+def test_pipeline_stages_match_one_stage_bitwise(build, sched):
+    mod = gpt_cuda if build == "bf16" else gpt_cuda_fp32
+    schedule = gpipe if sched == "gpipe" else library_schedule(sched)
+    if sched != "gpipe":
+        try:
+            schedule(mod, 2, 2)
+        except Exception as e:
+            pytest.skip(f"pipeline.schedule('{sched}') unavailable: {e}")
+    params = gentle_params(31, RCFGP)
+    steps, m = 2, 3
+    data = batches(32, steps * m, CFGP, B64, T64)
+    base = run_pipeline(mod, CFGP, SPLITS[1], params, data, steps, m, B64, T64, gpipe)
+    print(f"{build} {sched} 1 stage: losses {base[0]} norms {base[1]}")
+    for S in (2, 4):
+        got = run_pipeline(mod, CFGP, SPLITS[S], params, data, steps, m, B64, T64, schedule)
+        print(f"{build} {sched} {S} stages: losses {got[0]} norms {got[1]}")
+        assert got[0] == base[0], f"{S} stages: losses differ"
+        assert got[1] == base[1], f"{S} stages: grad norms differ"
+        for name, v in base[2].items():
+            assert np.array_equal(got[2][name], v), f"{S} stages: {name} differs"
+        assert np.array_equal(got[3][0], got[3][1]), "the two copies of wte drifted apart"
+
+
+@needs_gpu
+def test_nccl_send_recv_to_self():
+    """A one-rank communicator: the grouped ncclSend/ncclRecv of the executor, fp32 and bf16."""
+    lib = ctypes.CDLL(gpt_cuda.__file__)
+    lib.gpt_last_error.restype = ctypes.c_char_p
+    rc = lib.gpt_cuda_nccl_selftest(1 << 20)
+    assert rc == 0, lib.gpt_last_error().decode()
+
+
+@needs_gpu
+def test_nccl_executor_loopback_matches_plain_run():
+    """A stage on a one-rank NCCL communicator runs an op list whose send and receive
+    go to itself (SEND_ACT 0 lands in d(output) of mb 0, which the loss's backward
+    overwrites), and computes exactly what the plain op list computes."""
+    params = gentle_params(41, RCFG64)
+    data = batches(42, 1, CFG64, B64, T64)
+    x, y = stack(data)
+    plain = model(gpt_cuda, params, CFG64, B64, T64)
+    loss_p = plain.run(step_ops(gpt_cuda, 1), x, y)
+    loop = model(gpt_cuda, params, CFG64, B64, T64)
+    loop.set_nccl(gpt_cuda.nccl_unique_id(), 1, 0)
+    ops = np.array([(gpt.FWD, 0), (gpt.SEND_ACT, 0), (gpt.RECV_GRAD, 0), (gpt.BWD_INPUT, 0), (gpt.BWD_WEIGHT, 0)])
+    loss_l = loop.run(ops, x, y)
+    print(f"loss plain {loss_p} loopback {loss_l}")
+    assert loss_l == loss_p
+    gp, gl = plain.grads(), loop.grads()
+    for name in gp:
+        assert np.array_equal(gp[name], gl[name]), name
+
+
+# -----------------------------------------------------------------------------
+# determinism and bad input
+
+
+@needs_gpu
+def test_two_identical_runs_are_bitwise_equal():
+    params = gentle_params(51, RCFG64)
+    data = batches(52, 6, CFG64, B64, T64)
+    runs = []
+    for _ in range(2):
+        mdl, hist = train(gpt_cuda, params, data, 3, 2, CFG64, B64, T64, lr=3e-3)
+        runs.append((hist, {k: v.copy() for k, v in mdl.params().items()}))
+    print("history", runs[0][0])
+    assert runs[0][0] == runs[1][0]
+    for name in runs[0][1]:
+        assert np.array_equal(runs[0][1][name], runs[1][1][name]), name
+
+
+@needs_gpu
+def test_d12_shape_is_deterministic():
+    """GPT-2 124M at B=8 T=1024 (the real GEMM and attention shapes), 2 steps twice."""
+    cfg = gpt_cuda.config_from_name("d12")
+    rng = np.random.default_rng(61)
+    x = rng.integers(0, cfg["vocab_size"], (2, 1, 8, 1024))
+    y = rng.integers(0, cfg["vocab_size"], (2, 1, 8, 1024))
+    results = []
+    for _ in range(2):
+        mdl = gpt_cuda.Model(cfg, 0, 12, 8, 1024, 1)
+        mdl.init(1337)
+        hist = []
+        for step in range(2):
+            t0 = time.perf_counter()
+            loss = mdl.run(step_ops(gpt_cuda, 1), x[step], y[step])
+            mdl.sum_wte_grads()
+            norm = gpt_cuda.norm_from_parts(mdl.grad_norm_parts(), 12)
+            mdl.adamw(6e-4, 0.1, 1.0 / norm if norm > 1 else 1.0, step + 1)
+            hist.append((loss, norm, round(time.perf_counter() - t0, 3)))
+        results.append(hist)
+        del mdl
+    print("run 1", results[0], "\nrun 2", results[1])
+    assert [h[:2] for h in results[0]] == [h[:2] for h in results[1]]
+    assert abs(results[0][0][0] - np.log(cfg["vocab_size"])) < 0.5, "initial loss should be near ln(V)"
+
+
+@needs_gpu
+def test_out_of_memory_says_how_much():
+    cfg = gpt_cuda.config_from_name("tiny")
+    with pytest.raises(gpt_cuda.GPTError) as e:
+        gpt_cuda.Model(cfg, 0, cfg["num_layers"], 16000, 1024, 1)
+    print(e.value)
+    assert "out of GPU memory" in str(e.value) and "MiB" in str(e.value) and "free" in str(e.value)
+    # the device is still usable afterwards
+    mdl = model(gpt_cuda, None, CFG, B, T)
+    mdl.init(1)
+    assert np.isfinite(mdl.run(np.array([(gpt.FWD, 0)]), *stack(batches(1, 1)), training=False))
+
+
+@needs_gpu
+def test_bad_tokens_fail_cleanly():
+    mdl = model(gpt_cuda, None)
+    mdl.init(1)
+    x, y = stack(batches(2, 1))
+    bad = x.copy()
+    bad[0, 0, 3] = CFG["vocab_size"]
+    with pytest.raises(gpt_cuda.GPTError, match="outside the vocabulary"):
+        mdl.run(step_ops(gpt_cuda, 1), bad, y)
+    assert np.isfinite(mdl.run(step_ops(gpt_cuda, 1), x, y))
+    with pytest.raises(gpt_cuda.GPTError, match="micro-batch 1 of only 1"):
+        mdl.run(np.array([(gpt.FWD, 0), (gpt.BWD_INPUT, 1)]), x, y)
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, len(tokens))
+    path.write_bytes(header.tobytes() + tokens.astype(np.uint16).tobytes())
+
+
+@needs_gpu
+def test_standalone_binary_trains_and_profiles(tmp_path):
+    binary = ROOT / "train_gpt_cu"
+    if not binary.exists():
+        pytest.skip("train_gpt_cu not built")
+    rng = np.random.default_rng(71)
+    write_shard(tmp_path / "train.bin", rng.integers(0, 50257, 20000))
+    env = dict(os.environ, GPT_PROFILE="1")
+    r = subprocess.run([str(binary), "-e", "tiny", "-b", "4", "-t", "64", "-n", "3", "-v", "0", "-g", "8",
+                        "-i", str(tmp_path / "train.bin"), "-o", str(tmp_path), "-k", "3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "step 3/3" in r.stdout and "sample:" in r.stdout
+    assert "GPT_PROFILE" in r.stderr and "matmul fwd" in r.stderr
+    assert (tmp_path / "DONE_00000003").exists()
+
+
+# -----------------------------------------------------------------------------
+# the long one last: bf16 GPT-2 124M tracks the fp32 CPU trainer
+
+
+def track_data(cfg, b, t, n):
+    """Shakespeare if prepared (or preparable), else a fixed synthetic token stream."""
+    shard = ROOT / "data" / "shakespeare" / "shakespeare_train_000000.bin"
+    if not shard.exists():
+        try:
+            from dev.data.prepare import prepare
+            prepare(str(ROOT / "data"), "shakespeare", progress=False)
+        except Exception as e:
+            print(f"no shakespeare shard ({e}); using a synthetic stream")
+    if shard.exists():
+        loader = gpt.Loader(str(shard), b, t)
+        return [loader.next() for _ in range(n)], "shakespeare"
+    rng = np.random.default_rng(81)
+    # a Zipf-like stream with repeated phrases, so there is something to learn
+    phrases = [rng.zipf(1.3, 16) % 5000 for _ in range(200)]
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 200, (n * b * t) // 16 + 2)])
+    out = []
+    for i in range(n):
+        chunk = stream[i * b * t:(i + 1) * b * t + 1]
+        out.append((chunk[:-1].reshape(b, t), chunk[1:].reshape(b, t)))
+    return out, "synthetic"
+
+
+def track_run(mod, cfg, data, steps, sched, budget_s=None):
+    """Losses of steps of training from init(1337); None if the first step says budget_s will not do."""
+    L = cfg["num_layers"]
+    b, t = data[0][0].shape
+    mdl = mod.Model(cfg, 0, L, b, t, 1)
+    mdl.init(1337)
+    hist = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x, y = data[step]
+        loss = mdl.run(step_ops(mod, 1), x[None], y[None])
+        mdl.sum_wte_grads()
+        norm = mod.norm_from_parts(mdl.grad_norm_parts(), L)
+        mdl.adamw(sched(step), 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
+        hist.append(loss)
+        if step == 0 and budget_s is not None and (time.perf_counter() - t0) * steps > budget_s:
+            print(f"  first step took {time.perf_counter() - t0:.1f} s: {steps} steps would not fit {budget_s:.0f} s")
+            return None, time.perf_counter() - t0
+    return hist, time.perf_counter() - t0
+
+
+@needs_gpu
+def test_bf16_d12_tracks_the_cpu_trainer_over_20_steps():
+    """d12 (GPT-2 124M) at B=4 T=64 unless the CPU is too slow for the time budget
+    (GPU_CHECK_TRACK_BUDGET_S, default 75 s for the CPU side): then d6, said in the output."""
+    steps = int(os.environ.get("GPU_CHECK_TRACK_STEPS", "20"))
+    budget = float(os.environ.get("GPU_CHECK_TRACK_BUDGET_S", "75"))
+    b, t = 4, 64
+    sched = lambda step: gpt.lr_at(step, 6e-4, 3, steps)  # noqa: E731
+    for name in dict.fromkeys([os.environ.get("GPU_CHECK_TRACK_MODEL", "d12"), "d6"]):
+        cfg = gpt.config_from_name(name)
+        data, source = track_data(cfg, b, t, steps)
+        c, secs = track_run(gpt, cfg, data, steps, sched, budget if name != "d6" else None)
+        if c is None:
+            print(f"  {name} is too slow on this CPU: falling back to d6")
+            continue
+        print(f"cpu-fp32 ({name}, {source}, {secs:.1f} s): " + " ".join(f"{v:.4f}" for v in c))
+        g, secs = track_run(gpt_cuda, cfg, data, steps, sched)
+        print(f"gpu-bf16 ({name}, {source}, {secs:.1f} s): " + " ".join(f"{v:.4f}" for v in g))
+        break
+    g, c = np.array(g), np.array(c)
+    print(f"model {name}: abs diff per step: " + " ".join(f"{v:.4f}" for v in np.abs(g - c)))
+    assert np.all(np.abs(g - c) < 0.1), "bf16 loss strays from fp32"
+    assert abs(g[-1] - c[-1]) / c[-1] < 0.03
+    assert c[-1] < c[0] and g[-1] < g[0], "no learning"

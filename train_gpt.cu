@@ -1,0 +1,2557 @@
+// train_gpt.cu: GPT-2 training on NVIDIA GPUs, one pipeline stage per
+// process, with the same stage API (gpt.h) and op-list executor as the CPU
+// trainer train_gpt.c, which is the semantic reference for everything here.
+//
+// Precision: fp32 master weights, fp32 AdamW moments and fp32 gradients
+// (accumulated across micro-batches); bf16 copies of the weights (refreshed
+// by every AdamW step) feed the matmuls; activations and activation
+// gradients are bf16; layernorm statistics, softmax and the loss are fp32.
+// Built with -DGPT_FP32 everything is fp32 (cuBLASLt with CUBLAS_COMPUTE_32F,
+// no TF32), for close comparison with train_gpt.c.
+//
+// Matmuls go through cuBLASLt, with the bias, residual (beta = 1 with C !=
+// D), GELU and GELU-gradient epilogues; weight gradients accumulate with
+// beta = 1 into fp32. Our own kernels: embedding, layernorm, GELU (when not
+// fused), softmax + cross-entropy, bias/layernorm weight gradients, AdamW,
+// grad-norm parts, and causal attention: a flash-attention style kernel on
+// tensor cores (mma.sync m16n8k16 bf16, head size 64) that keeps the
+// logsumexp per row and recomputes in the backward pass, plus a simple
+// fp32-accumulating kernel for every other head size and for the fp32 build.
+//
+// Determinism: no float atomics anywhere. Every reduction runs in a fixed
+// order that depends only on the shapes (per-block partial sums, then a
+// fixed-order pass); the embedding gradient sums each token's positions in
+// order (buckets built on the host); attention computes dK/dV per key block
+// and dQ in a separate pass; cuBLASLt runs one algorithm per shape, chosen
+// once. Every device tensor starts on a 256-byte boundary whatever the stage
+// split, so S stages compute bitwise what one stage computes.
+//
+// Environment: GPT_DEVICE (GPU index, default 0), GPT_ATTN=simple (skip the
+// tensor-core attention) or GPT_ATTN=mma_sync (tensor cores without cp.async
+// tile pipelining), GPT_FUSE_GELU=0 (GELU as separate kernels),
+// GPT_PROFILE=1 (per-kernel-category GPU times, printed when the stage is
+// freed).
+//
+// Sections: precision and checks, kernels, matmuls, stage layout, model,
+// executor, transport, optimizer, device API, checkpoints, sampling, main.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublasLt.h>
+#include <cublas_api.h>
+#include <nccl.h>
+#include <limits.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "common.h"
+
+void gpt_set_threads(int n) {
+#ifdef _OPENMP
+    if (n > 0) omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// precision and checks
+
+typedef __nv_bfloat16 bf16;
+#ifdef GPT_FP32
+typedef float floatX;
+#define CUDA_X CUDA_R_32F
+#define NCCL_X ncclFloat
+#define PRECISION_NAME "fp32"
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ floatX tox(float x) { return x; }
+#else
+typedef bf16 floatX;
+#define CUDA_X CUDA_R_16BF
+#define NCCL_X ncclBfloat16
+#define PRECISION_NAME "bf16"
+__device__ __forceinline__ float tof(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ floatX tox(float x) { return __float2bfloat16(x); }
+#endif
+
+#define CUDA_CHECK(call)                                                                        \
+    do {                                                                                        \
+        cudaError_t e_ = (call);                                                                \
+        if (e_ != cudaSuccess)                                                                  \
+            return fail("CUDA error: %s (%s, train_gpt.cu:%d)", cudaGetErrorString(e_), #call, __LINE__); \
+    } while (0)
+// after a kernel launch: launch errors now, faults at the next synchronisation
+#define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
+#define LT_CHECK(call)                                                                          \
+    do {                                                                                        \
+        cublasStatus_t e_ = (call);                                                             \
+        if (e_ != CUBLAS_STATUS_SUCCESS)                                                        \
+            return fail("cuBLASLt error: %s (%s, train_gpt.cu:%d)", cublasGetStatusString(e_), #call, __LINE__); \
+    } while (0)
+#define NCCL_CHECK(call)                                                                        \
+    do {                                                                                        \
+        ncclResult_t e_ = (call);                                                               \
+        if (e_ != ncclSuccess)                                                                  \
+            return fail("NCCL error: %s (%s, train_gpt.cu:%d)", ncclGetErrorString(e_), #call, __LINE__); \
+    } while (0)
+#define CHECK(x) do { if (x) return -1; } while (0)
+
+static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+static unsigned grid_for(size_t n, int block) {
+    size_t g = (n + block - 1) / block;
+    return (unsigned)(g < 1 ? 1 : g > 65536 * 8 ? 65536 * 8 : g);  // grid-stride loops cover the rest
+}
+
+// ----------------------------------------------------------------------------
+// kernels
+//
+// Shapes as in train_gpt.c: B batch, T time, C channels, NH heads, D = C/NH
+// head size, N = B*T rows. Row-major; linear weights (OC, IC).
+
+__device__ __forceinline__ float warp_sum(float v) {
+    // butterfly: every lane adds the same two partials (in swapped order, which
+    // is exact), so all lanes hold the bitwise same total
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// x0 = wte[token] + wpe[t], from the fp32 master weights
+__global__ void encoder_forward_kernel(floatX *out, const int *inp, const float *wte, const float *wpe,
+                                       int T, int C, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t bt = i / C;
+        int c = (int)(i % C), t = (int)(bt % T);
+        out[i] = tox(wte[(size_t)inp[bt] * C + c] + wpe[(size_t)t * C + c]);
+    }
+}
+
+// d(wte) rows: one block per distinct token, its positions summed in (b,t) order
+__global__ void encoder_backward_wte_kernel(float *dwte, const floatX *dout, const int *tok,
+                                            const int *start, const int *pos, int C) {
+    int u = blockIdx.x;
+    int s0 = start[u], s1 = start[u + 1];
+    float *row = dwte + (size_t)tok[u] * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int p = s0; p < s1; p++) acc += tof(dout[(size_t)pos[p] * C + c]);
+        row[c] += acc;
+    }
+}
+
+// d(wpe)[t] += sum over b, in b order
+__global__ void encoder_backward_wpe_kernel(float *dwpe, const floatX *dout, int B, int T, int C) {
+    size_t n = (size_t)T * C;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int b = 0; b < B; b++) acc += tof(dout[(size_t)b * n + i]);
+        dwpe[i] += acc;
+    }
+}
+
+// one warp per row; mean and rstd kept for the backward pass
+__global__ void layernorm_forward_kernel(floatX *out, float *mean, float *rstd, const floatX *inp,
+                                         const float *w, const float *b, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const floatX *x = inp + (size_t)row * C;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) sum += tof(x[c]);
+    float m = warp_sum(sum) / C;
+    float var = 0.0f;
+    for (int c = lane; c < C; c += 32) { float d = tof(x[c]) - m; var += d * d; }
+    float s = 1.0f / sqrtf(warp_sum(var) / C + 1e-5f);
+    floatX *o = out + (size_t)row * C;
+    for (int c = lane; c < C; c += 32) o[c] = tox((tof(x[c]) - m) * s * w[c] + b[c]);
+    if (lane == 0) { mean[row] = m; rstd[row] = s; }
+}
+
+// dinp = resid + d(layernorm)/d(inp) . dout (the input half; resid may be NULL)
+__global__ void layernorm_backward_input_kernel(floatX *dinp, const floatX *resid, const floatX *dout,
+                                                const floatX *inp, const float *w, const float *mean,
+                                                const float *rstd, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    size_t off = (size_t)row * C;
+    const floatX *x = inp + off, *d = dout + off;
+    float m = mean[row], s = rstd[row];
+    float a = 0.0f, bn = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float dn = w[c] * tof(d[c]);
+        a += dn;
+        bn += dn * (tof(x[c]) - m) * s;
+    }
+    a = warp_sum(a) / C;
+    bn = warp_sum(bn) / C;
+    for (int c = lane; c < C; c += 32) {
+        float norm = (tof(x[c]) - m) * s;
+        float v = (w[c] * tof(d[c]) - a - norm * bn) * s;
+        if (resid) v = tof(resid[off + c]) + v;
+        dinp[off + c] = tox(v);
+    }
+}
+
+// Column sums over N rows in two deterministic passes: blocks of 64 columns x
+// rows_per_block rows write partial sums, then colsum_finish adds the
+// partials in block order. MODE 0: bias gradient (sum of dout). MODE 1:
+// layernorm weight and bias gradients (sum of dout * norm, sum of dout).
+#define CS_COLS 64
+#define CS_ROWS 256
+template <int MODE>
+__global__ void colsum_partial_kernel(float *partials, const floatX *d, const floatX *inp, const float *mean,
+                                      const float *rstd, int N, int OC) {
+    __shared__ float sh[2][8][CS_COLS];
+    int c0 = blockIdx.x * CS_COLS + threadIdx.x * 2;
+    int r0 = blockIdx.y * CS_ROWS, r1 = min(N, r0 + CS_ROWS);
+    float a[2] = {0.0f, 0.0f}, bsum[2] = {0.0f, 0.0f};
+    for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+        size_t off = (size_t)r * OC;
+        for (int j = 0; j < 2; j++) {
+            int c = c0 + j;
+            if (c >= OC) continue;
+            float dv = tof(d[off + c]);
+            a[j] += dv;
+            if (MODE == 1) bsum[j] += dv * (tof(inp[off + c]) - mean[r]) * rstd[r];
+        }
+    }
+    for (int j = 0; j < 2; j++) {
+        sh[0][threadIdx.y][threadIdx.x * 2 + j] = a[j];
+        sh[1][threadIdx.y][threadIdx.x * 2 + j] = bsum[j];
+    }
+    __syncthreads();
+    if (threadIdx.y == 0) {
+        for (int j = 0; j < 2; j++) {
+            int c = c0 + j;
+            if (c >= OC) continue;
+            for (int q = 0; q < (MODE == 1 ? 2 : 1); q++) {
+                float s = 0.0f;
+                for (int y = 0; y < 8; y++) s += sh[q][y][threadIdx.x * 2 + j];
+                partials[((size_t)blockIdx.y * 2 + q) * OC + c] = s;
+            }
+        }
+    }
+}
+
+// out0[c] += sum of partial 0 (dout), out1[c] += sum of partial 1 (dout*norm)
+__global__ void colsum_finish_kernel(float *out0, float *out1, const float *partials, int nblocks, int OC) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= OC) return;
+    float s0 = 0.0f, s1 = 0.0f;
+    for (int i = 0; i < nblocks; i++) {
+        s0 += partials[((size_t)i * 2) * OC + c];
+        if (out1) s1 += partials[((size_t)i * 2 + 1) * OC + c];
+    }
+    out0[c] += s0;
+    if (out1) out1[c] += s1;
+}
+
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+
+__global__ void gelu_forward_kernel(floatX *out, const floatX *inp, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float x = tof(inp[i]);
+        out[i] = tox(0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x))));
+    }
+}
+
+__global__ void gelu_backward_kernel(floatX *dinp, const floatX *inp, const floatX *dout, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float x = tof(inp[i]);
+        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+        float th = tanhf(u);
+        float sech2 = 1.0f - th * th;
+        float du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = tox((0.5f * (1.0f + th) + 0.5f * x * sech2 * du) * tof(dout[i]));
+    }
+}
+
+// One block per row of logits (Vp wide, the first V real): the loss in fp32
+// and, when training, the logits overwritten in place by
+// d(loss)/d(logits) = (softmax - onehot(target)) * dloss, padded columns 0.
+#define CE_THREADS 1024  // two rows per SM at a time: the second pass over a row (100 KB at d12) hits L2
+__global__ void __launch_bounds__(CE_THREADS) crossentropy_kernel(floatX *logits, float *losses,
+                                                                  const int *targets, int V, int Vp,
+                                                                  float dloss, int write_grad) {
+    __shared__ float sm[CE_THREADS], ss[CE_THREADS];
+    int tid = threadIdx.x;
+    floatX *x = logits + (size_t)blockIdx.x * Vp;
+    int target = targets[blockIdx.x];
+    float xt = tof(x[target]);  // read before any thread overwrites the row
+    float m = -INFINITY, s = 0.0f;
+    for (int i = tid; i < V; i += CE_THREADS) {
+        float v = tof(x[i]);
+        if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }
+        else s += expf(v - m);
+    }
+    sm[tid] = m; ss[tid] = s;
+    __syncthreads();
+    for (int stride = CE_THREADS / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) {
+            float m1 = sm[tid], m2 = sm[tid + stride], s1 = ss[tid], s2 = ss[tid + stride];
+            if (m2 != -INFINITY) {
+                if (m1 == -INFINITY) { m1 = m2; s1 = s2; }
+                else {
+                    float mm = fmaxf(m1, m2);
+                    s1 = s1 * expf(m1 - mm) + s2 * expf(m2 - mm);
+                    m1 = mm;
+                }
+            }
+            sm[tid] = m1; ss[tid] = s1;
+        }
+        __syncthreads();
+    }
+    float lse = sm[0] + logf(ss[0]);
+    if (tid == 0) losses[blockIdx.x] = lse - xt;
+    if (!write_grad) return;
+    for (int i = tid; i < Vp; i += CE_THREADS) {
+        float g = 0.0f;
+        if (i < V) g = (expf(tof(x[i]) - lse) - (i == target ? 1.0f : 0.0f)) * dloss;
+        x[i] = tox(g);
+    }
+}
+
+// the mean of n losses in a fixed order (one block)
+__global__ void mean_kernel(float *out, const float *v, int n) {
+    __shared__ float sh[1024];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += 1024) s += v[i];
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (int stride = 512; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) sh[threadIdx.x] += sh[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *out = sh[0] / n;
+}
+
+// ---- attention
+//
+// qkv (B,T,3C) holds q, k, v side by side, head h owning channels
+// [h*D, (h+1)*D) of each. The forward pass writes out (B,T,C) and lse
+// (B,NH,T), the log2-domain logsumexp of each row of scaled scores
+// (scale_log2 = log2(e)/sqrt(D)), so P = exp2(s * scale_log2 - lse). The
+// backward pass recomputes P from it; delta = rowsum(dout * out).
+
+__global__ void attention_delta_kernel(float *delta, const floatX *dout, const floatX *out, int B, int T,
+                                       int NH, int D) {
+    size_t nw = (size_t)B * T * NH, stride = (size_t)gridDim.x * blockDim.x / 32;
+    int lane = threadIdx.x % 32, C = NH * D;
+    for (size_t w = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; w < nw; w += stride) {
+        size_t bt = w / NH;
+        int h = (int)(w % NH);
+        const floatX *d = dout + bt * C + h * D, *o = out + bt * C + h * D;
+        float s = 0.0f;
+        for (int i = lane; i < D; i += 32) s += tof(d[i]) * tof(o[i]);
+        s = warp_sum(s);
+        size_t b = bt / T, t = bt % T;
+        if (lane == 0) delta[(b * NH + h) * T + t] = s;
+    }
+}
+
+// The simple kernels: one warp per query (forward, dq) or per key (dk, dv),
+// fp32 throughout, any head size up to 128. Scores of a query row live in
+// shared memory (T floats per warp).
+#define SIMPLE_WARPS 4
+
+__global__ void attention_forward_simple_kernel(floatX *out, float *lse, const floatX *qkv, int T, int NH,
+                                                int D, float scale_log2) {
+    extern __shared__ float smem[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int t = blockIdx.x * SIMPLE_WARPS + warp, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    if (t >= T) return;
+    int C = NH * D;
+    size_t C3 = 3 * (size_t)C;
+    float *qv = smem + warp * (D + T), *sc = qv + D;
+    const floatX *base = qkv + (size_t)b * T * C3 + h * D;
+    for (int d = lane; d < D; d += 32) qv[d] = tof(base[(size_t)t * C3 + d]);
+    __syncwarp();
+    float mx = -INFINITY;
+    for (int j = lane; j <= t; j += 32) {
+        const floatX *k = base + (size_t)j * C3 + C;
+        float s = 0.0f;
+        for (int d = 0; d < D; d++) s += qv[d] * tof(k[d]);
+        s *= scale_log2;
+        sc[j] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int j = lane; j <= t; j += 32) {
+        float p = exp2f(sc[j] - mx);
+        sc[j] = p;
+        sum += p;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    float inv = 1.0f / sum;
+    for (int d = lane; d < D; d += 32) {
+        float o = 0.0f;
+        for (int j = 0; j <= t; j++) o += sc[j] * tof(base[(size_t)j * C3 + 2 * C + d]);
+        out[((size_t)b * T + t) * C + h * D + d] = tox(o * inv);
+    }
+    if (lane == 0) lse[(size_t)bh * T + t] = mx + log2f(sum);
+}
+
+__global__ void attention_backward_dq_simple_kernel(floatX *dqkv, const floatX *dout, const floatX *qkv,
+                                                    const float *lse, const float *delta, int T, int NH, int D,
+                                                    float scale, float scale_log2) {
+    extern __shared__ float smem[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int t = blockIdx.x * SIMPLE_WARPS + warp, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    if (t >= T) return;
+    int C = NH * D;
+    size_t C3 = 3 * (size_t)C;
+    float *qv = smem + warp * (2 * D + T), *dv = qv + D, *ds = dv + D;
+    const floatX *base = qkv + (size_t)b * T * C3 + h * D;
+    for (int d = lane; d < D; d += 32) {
+        qv[d] = tof(base[(size_t)t * C3 + d]);
+        dv[d] = tof(dout[((size_t)b * T + t) * C + h * D + d]);
+    }
+    __syncwarp();
+    float L = lse[(size_t)bh * T + t], E = delta[(size_t)bh * T + t];
+    for (int j = lane; j <= t; j += 32) {
+        const floatX *k = base + (size_t)j * C3 + C, *v = base + (size_t)j * C3 + 2 * C;
+        float s = 0.0f, dp = 0.0f;
+        for (int d = 0; d < D; d++) { s += qv[d] * tof(k[d]); dp += dv[d] * tof(v[d]); }
+        float p = exp2f(s * scale_log2 - L);
+        ds[j] = p * (dp - E);
+    }
+    __syncwarp();
+    for (int d = lane; d < D; d += 32) {
+        float acc = 0.0f;
+        for (int j = 0; j <= t; j++) acc += ds[j] * tof(base[(size_t)j * C3 + C + d]);
+        dqkv[((size_t)b * T + t) * C3 + h * D + d] = tox(acc * scale);
+    }
+}
+
+__global__ void attention_backward_dkv_simple_kernel(floatX *dqkv, const floatX *dout, const floatX *qkv,
+                                                     const float *lse, const float *delta, int T, int NH, int D,
+                                                     float scale, float scale_log2) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int j = blockIdx.x * SIMPLE_WARPS + warp, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    if (j >= T) return;
+    int C = NH * D;
+    size_t C3 = 3 * (size_t)C;
+    const floatX *base = qkv + (size_t)b * T * C3 + h * D;
+    float kr[4], vr[4], dk[4], dv[4];
+    for (int i = 0; i < 4; i++) {
+        int d = lane + 32 * i;
+        kr[i] = d < D ? tof(base[(size_t)j * C3 + C + d]) : 0.0f;
+        vr[i] = d < D ? tof(base[(size_t)j * C3 + 2 * C + d]) : 0.0f;
+        dk[i] = dv[i] = 0.0f;
+    }
+    for (int t = j; t < T; t++) {
+        const floatX *q = base + (size_t)t * C3, *g = dout + ((size_t)b * T + t) * C + h * D;
+        float qd[4], gd[4], s = 0.0f, dp = 0.0f;
+        for (int i = 0; i < 4; i++) {
+            int d = lane + 32 * i;
+            qd[i] = d < D ? tof(q[d]) : 0.0f;
+            gd[i] = d < D ? tof(g[d]) : 0.0f;
+            s += kr[i] * qd[i];
+            dp += vr[i] * gd[i];
+        }
+        s = warp_sum(s);
+        dp = warp_sum(dp);
+        float p = exp2f(s * scale_log2 - lse[(size_t)bh * T + t]);
+        float ds = p * (dp - delta[(size_t)bh * T + t]);
+        for (int i = 0; i < 4; i++) { dv[i] += p * gd[i]; dk[i] += ds * qd[i]; }
+    }
+    for (int i = 0; i < 4; i++) {
+        int d = lane + 32 * i;
+        if (d >= D) continue;
+        dqkv[((size_t)b * T + j) * C3 + C + h * D + d] = tox(dk[i] * scale);
+        dqkv[((size_t)b * T + j) * C3 + 2 * C + h * D + d] = tox(dv[i]);
+    }
+}
+
+// The tensor-core kernels (bf16 build, D = 64): blocks of 64 queries or keys,
+// four warps of 16 rows each, mma.sync m16n8k16 (bf16 in, fp32 accumulate).
+// Tiles of 64 rows x 64 columns sit in shared memory with rows padded to 72
+// elements (144 bytes), so ldmatrix reads 8 rows on distinct banks.
+//
+// Fragment layouts (PTX ISA, m16n8k16 bf16), g = lane/4, q = lane%4:
+//   A (16x16): a0a1 (row g, cols 2q..), a2a3 (row g+8), a4a5 (row g, cols 2q+8..), a6a7 (row g+8, cols 2q+8..)
+//   B (16x8):  b0b1 (rows 2q, 2q+1, col g), b2b3 (rows 2q+8, 2q+9, col g)
+//   C (16x8):  c0c1 (row g, cols 2q, 2q+1), c2c3 (row g+8, same cols)
+// so the accumulators of two adjacent 8-column tiles are, packed to bf16, the
+// A fragment of one 16-column chunk (the P @ V trick of flash attention 2).
+#ifndef GPT_FP32
+#define AT 64      // rows per tile, and the head size
+#define APAD 72
+typedef bf16 Tile[AT][APAD];
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int nbytes) {
+    // nbytes 0 writes 16 zero bytes and reads nothing
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(nbytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// 64 rows of 64 elements from src (row stride ld) into dst, rows >= nvalid
+// zero: with PIPE through cp.async (complete after cp_async_wait_all and a
+// barrier), else plain loads and stores (complete after a barrier)
+template <bool PIPE>
+__device__ __forceinline__ void load_tile(Tile &dst, const bf16 *src, size_t ld, int nvalid) {
+    for (int i = threadIdx.x; i < AT * 8; i += blockDim.x) {
+        int r = i >> 3, c = (i & 7) * 8;
+        bool ok = r < nvalid;
+        const bf16 *g = ok ? src + (size_t)r * ld + c : src;
+        if (PIPE) {
+            cp_async16(&dst[r][c], g, ok ? 16 : 0);
+        } else {
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (ok) v = *reinterpret_cast<const uint4 *>(g);
+            *reinterpret_cast<uint4 *>(&dst[r][c]) = v;
+        }
+    }
+}
+// all of this thread's tile loads have landed; a barrier must follow
+template <bool PIPE>
+__device__ __forceinline__ void tiles_commit_and_wait() {
+    if (PIPE) { cp_async_commit(); cp_async_wait_all(); }
+}
+template <bool PIPE>
+__device__ __forceinline__ void tiles_commit() {
+    if (PIPE) cp_async_commit();
+}
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of X (X is m x k)
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const Tile &X, int r0, int k0) {
+    int lane = threadIdx.x & 31;
+    ldsm_x4(a, &X[r0 + (lane & 7) + ((lane >> 3) & 1) * 8][k0 + (lane >> 4) * 8]);
+}
+// B fragments of the 8-column tiles n0 (b[0], b[1]) and n0+8 (b[2], b[3]),
+// rows k0..k0+15, where B[k][n] = X[n][k] (X holds B transposed, n x k)
+__device__ __forceinline__ void frag_b_nk(uint32_t (&b)[4], const Tile &X, int n0, int k0) {
+    int lane = threadIdx.x & 31;
+    ldsm_x4(b, &X[n0 + (lane >> 4) * 8 + (lane & 7)][k0 + ((lane >> 3) & 1) * 8]);
+}
+// the same where B[k][n] = X[k][n] (X is k x n), through ldmatrix .trans
+__device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const Tile &X, int k0, int n0) {
+    int lane = threadIdx.x & 31;
+    ldsm_x4_trans(b, &X[k0 + ((lane >> 3) & 1) * 8 + (lane & 7)][n0 + (lane >> 4) * 8]);
+}
+// A fragment of columns 16*kc.. of a 16 x 64 accumulator, rounded to bf16
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&s)[8][4], int kc) {
+    a[0] = pack_bf16(s[2 * kc][0], s[2 * kc][1]);
+    a[1] = pack_bf16(s[2 * kc][2], s[2 * kc][3]);
+    a[2] = pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+    a[3] = pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+}
+// acc (16 x 64) += A (16 x 64, in registers, 4 chunks) @ B (64 x 64), with
+// B[k][n] = X[n][k]
+__device__ __forceinline__ void mma_rows_nk(float (&acc)[8][4], const uint32_t (&a)[4][4], const Tile &X) {
+    for (int kk = 0; kk < 4; kk++)
+        for (int np = 0; np < 4; np++) {
+            uint32_t b[4];
+            frag_b_nk(b, X, np * 16, kk * 16);
+            mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
+        }
+}
+// acc (16 x 64) += P (16 x 64 accumulator, rounded to bf16) @ X (64 x 64)
+__device__ __forceinline__ void mma_acc_kn(float (&acc)[8][4], const float (&p)[8][4], const Tile &X) {
+    for (int kc = 0; kc < 4; kc++) {
+        uint32_t a[4];
+        acc_to_a(a, p, kc);
+        for (int np = 0; np < 4; np++) {
+            uint32_t b[4];
+            frag_b_kn(b, X, kc * 16, np * 16);
+            mma_bf16(acc[2 * np], a, b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+__device__ __forceinline__ void zero_acc(float (&acc)[8][4]) {
+    for (int i = 0; i < 8; i++)
+        for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
+}
+
+// The three kernels double-buffer their streamed tiles: iteration i waits
+// for tile i (and, through the barrier, for every warp to be done with tile
+// i-1), starts loading tile i+1 into the other buffer, then computes on tile i,
+// so with PIPE (cp.async) the loads overlap the tensor-core work.
+
+// forward: one block per (64 queries, b*h), heavy blocks (late queries) first
+template <bool PIPE>
+__global__ void __launch_bounds__(128) attention_forward_mma_kernel(bf16 *out, float *lse, const bf16 *qkv,
+                                                                   int T, int NH, float scale_log2) {
+    __shared__ __align__(16) Tile Qs, Ks[2], Vs[2];
+    int nqb = (T + AT - 1) / AT, qb = nqb - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int C = NH * AT, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    size_t C3 = 3 * (size_t)C;
+    const bf16 *base = qkv + (size_t)b * T * C3 + h * AT;
+    int q0 = qb * AT, qrow = q0 + warp * 16 + g;  // this thread's rows: qrow, qrow + 8
+    load_tile<PIPE>(Qs, base + (size_t)q0 * C3, C3, T - q0);
+    load_tile<PIPE>(Ks[0], base + C, C3, T);
+    load_tile<PIPE>(Vs[0], base + 2 * C, C3, T);
+    tiles_commit_and_wait<PIPE>();
+    __syncthreads();
+    uint32_t qa[4][4];
+    for (int kk = 0; kk < 4; kk++) frag_a(qa[kk], Qs, warp * 16, kk * 16);
+    float o[8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    zero_acc(o);
+    for (int kb = 0; kb <= qb; kb++) {
+        int k0 = kb * AT, cur = kb & 1;
+        tiles_commit_and_wait<PIPE>();
+        __syncthreads();
+        if (kb < qb) {
+            load_tile<PIPE>(Ks[cur ^ 1], base + C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
+            load_tile<PIPE>(Vs[cur ^ 1], base + 2 * C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
+            tiles_commit<PIPE>();
+        }
+        float s[8][4];
+        zero_acc(s);
+        mma_rows_nk(s, qa, Ks[cur]);
+        float mx[2] = {-INFINITY, -INFINITY};
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                float v = s[nt][e] * scale_log2;
+                if (kb == qb && k0 + nt * 8 + 2 * tq + (e & 1) > qrow + (e >> 1) * 8) v = -INFINITY;
+                s[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float alpha[2], rs[2] = {0.0f, 0.0f};
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float mnew = fmaxf(m[r], mx[r]);  // finite: key k0 <= every query row here
+            alpha[r] = exp2f(m[r] - mnew);
+            m[r] = mnew;
+        }
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                float p = exp2f(s[nt][e] - m[e >> 1]);
+                s[nt][e] = p;
+                rs[e >> 1] += p;
+            }
+        for (int r = 0; r < 2; r++) l[r] = l[r] * alpha[r] + rs[r];
+        for (int nd = 0; nd < 8; nd++)
+            for (int e = 0; e < 4; e++) o[nd][e] *= alpha[e >> 1];
+        mma_acc_kn(o, s, Vs[cur]);
+    }
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        int q = qrow + r * 8;
+        if (q >= T) continue;
+        float inv = 1.0f / l[r];
+        bf16 *op = out + ((size_t)b * T + q) * C + h * AT;
+        for (int nd = 0; nd < 8; nd++)
+            *reinterpret_cast<__nv_bfloat162 *>(&op[nd * 8 + 2 * tq]) =
+                __floats2bfloat162_rn(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv);
+        if (tq == 0) lse[(size_t)bh * T + q] = m[r] + log2f(l[r]);
+    }
+}
+
+// backward, dK and dV: one block per (64 keys, b*h), looping over the query
+// blocks at or after it; each warp owns 16 keys, so no two blocks write the
+// same rows
+template <bool PIPE>
+__global__ void __launch_bounds__(128) attention_backward_dkv_mma_kernel(bf16 *dqkv, const bf16 *qkv,
+                                                                        const bf16 *dout, const float *lse,
+                                                                        const float *delta, int T, int NH,
+                                                                        float scale, float scale_log2) {
+    __shared__ __align__(16) Tile Qs[2], Ds[2];
+    __shared__ float Ls[2][AT], Es[2][AT];
+    int nqb = (T + AT - 1) / AT, kb = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int C = NH * AT, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    size_t C3 = 3 * (size_t)C;
+    const bf16 *base = qkv + (size_t)b * T * C3 + h * AT, *dbase = dout + (size_t)b * T * C + h * AT;
+    int k0 = kb * AT, krow = k0 + warp * 16 + g;  // this thread's keys: krow, krow + 8
+    // K and V of this block into the second buffers (read once, into registers);
+    // the first query block into the first
+    load_tile<PIPE>(Qs[1], base + C + (size_t)k0 * C3, C3, T - k0);
+    load_tile<PIPE>(Ds[1], base + 2 * C + (size_t)k0 * C3, C3, T - k0);
+    load_tile<PIPE>(Qs[0], base + (size_t)k0 * C3, C3, T - k0);
+    load_tile<PIPE>(Ds[0], dbase + (size_t)k0 * C, C, T - k0);
+    for (int i = threadIdx.x; i < AT; i += blockDim.x) {
+        int q = k0 + i;
+        Ls[0][i] = q < T ? lse[(size_t)bh * T + q] : INFINITY;  // rows past T: P = 0
+        Es[0][i] = q < T ? delta[(size_t)bh * T + q] : 0.0f;
+    }
+    tiles_commit_and_wait<PIPE>();
+    __syncthreads();
+    uint32_t ka[4][4], va[4][4];
+    for (int kk = 0; kk < 4; kk++) {
+        frag_a(ka[kk], Qs[1], warp * 16, kk * 16);
+        frag_a(va[kk], Ds[1], warp * 16, kk * 16);
+    }
+    float dk[8][4], dv[8][4];
+    zero_acc(dk);
+    zero_acc(dv);
+    for (int qb = kb; qb < nqb; qb++) {
+        int q0 = qb * AT, cur = (qb - kb) & 1;
+        tiles_commit_and_wait<PIPE>();
+        __syncthreads();
+        if (qb + 1 < nqb) {
+            int q1 = q0 + AT;
+            load_tile<PIPE>(Qs[cur ^ 1], base + (size_t)q1 * C3, C3, T - q1);
+            load_tile<PIPE>(Ds[cur ^ 1], dbase + (size_t)q1 * C, C, T - q1);
+            tiles_commit<PIPE>();
+            for (int i = threadIdx.x; i < AT; i += blockDim.x) {
+                int q = q1 + i;
+                Ls[cur ^ 1][i] = q < T ? lse[(size_t)bh * T + q] : INFINITY;
+                Es[cur ^ 1][i] = q < T ? delta[(size_t)bh * T + q] : 0.0f;
+            }
+        }
+        float p[8][4], dp[8][4];
+        zero_acc(p);
+        zero_acc(dp);
+        mma_rows_nk(p, ka, Qs[cur]);   // S^T = K Q^T (16 keys x 64 queries)
+        mma_rows_nk(dp, va, Ds[cur]);  // dP^T = V dO^T
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                int ql = nt * 8 + 2 * tq + (e & 1);
+                float v = exp2f(p[nt][e] * scale_log2 - Ls[cur][ql]);
+                if (qb == kb && krow + (e >> 1) * 8 > q0 + ql) v = 0.0f;
+                p[nt][e] = v;
+            }
+        mma_acc_kn(dv, p, Ds[cur]);  // dV += P^T dO
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) p[nt][e] *= dp[nt][e] - Es[cur][nt * 8 + 2 * tq + (e & 1)];
+        mma_acc_kn(dk, p, Qs[cur]);  // dK += dS^T Q
+    }
+    for (int r = 0; r < 2; r++) {
+        int key = krow + r * 8;
+        if (key >= T) continue;
+        bf16 *row = dqkv + ((size_t)b * T + key) * C3 + h * AT;
+        for (int nd = 0; nd < 8; nd++) {
+            *reinterpret_cast<__nv_bfloat162 *>(&row[C + nd * 8 + 2 * tq]) =
+                __floats2bfloat162_rn(dk[nd][2 * r] * scale, dk[nd][2 * r + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162 *>(&row[2 * C + nd * 8 + 2 * tq]) =
+                __floats2bfloat162_rn(dv[nd][2 * r], dv[nd][2 * r + 1]);
+        }
+    }
+}
+
+// backward, dQ: one block per (64 queries, b*h), looping over key blocks
+template <bool PIPE>
+__global__ void __launch_bounds__(128) attention_backward_dq_mma_kernel(bf16 *dqkv, const bf16 *qkv,
+                                                                       const bf16 *dout, const float *lse,
+                                                                       const float *delta, int T, int NH,
+                                                                       float scale, float scale_log2) {
+    __shared__ __align__(16) Tile Ks[2], Vs[2];
+    int nqb = (T + AT - 1) / AT, qb = nqb - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int C = NH * AT, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    size_t C3 = 3 * (size_t)C;
+    const bf16 *base = qkv + (size_t)b * T * C3 + h * AT, *dbase = dout + (size_t)b * T * C + h * AT;
+    int q0 = qb * AT, qrow = q0 + warp * 16 + g;
+    // Q and dO of this block into the second buffers (read once, into
+    // registers); the first key block into the first
+    load_tile<PIPE>(Ks[1], base + (size_t)q0 * C3, C3, T - q0);
+    load_tile<PIPE>(Vs[1], dbase + (size_t)q0 * C, C, T - q0);
+    load_tile<PIPE>(Ks[0], base + C, C3, T);
+    load_tile<PIPE>(Vs[0], base + 2 * C, C3, T);
+    tiles_commit_and_wait<PIPE>();
+    __syncthreads();
+    uint32_t qa[4][4], da[4][4];
+    for (int kk = 0; kk < 4; kk++) {
+        frag_a(qa[kk], Ks[1], warp * 16, kk * 16);
+        frag_a(da[kk], Vs[1], warp * 16, kk * 16);
+    }
+    float L[2], E[2];
+    for (int r = 0; r < 2; r++) {
+        int q = qrow + r * 8;
+        L[r] = q < T ? lse[(size_t)bh * T + q] : INFINITY;
+        E[r] = q < T ? delta[(size_t)bh * T + q] : 0.0f;
+    }
+    float dq[8][4];
+    zero_acc(dq);
+    for (int kb = 0; kb <= qb; kb++) {
+        int k0 = kb * AT, cur = kb & 1;
+        tiles_commit_and_wait<PIPE>();
+        __syncthreads();
+        if (kb < qb) {
+            load_tile<PIPE>(Ks[cur ^ 1], base + C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
+            load_tile<PIPE>(Vs[cur ^ 1], base + 2 * C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
+            tiles_commit<PIPE>();
+        }
+        float s[8][4], dp[8][4];
+        zero_acc(s);
+        zero_acc(dp);
+        mma_rows_nk(s, qa, Ks[cur]);   // S = Q K^T
+        mma_rows_nk(dp, da, Vs[cur]);  // dP = dO V^T
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1;
+                float p = exp2f(s[nt][e] * scale_log2 - L[r]);
+                if (kb == qb && k0 + nt * 8 + 2 * tq + (e & 1) > qrow + r * 8) p = 0.0f;
+                s[nt][e] = p * (dp[nt][e] - E[r]);
+            }
+        mma_acc_kn(dq, s, Ks[cur]);  // dQ += dS K
+    }
+    for (int r = 0; r < 2; r++) {
+        int q = qrow + r * 8;
+        if (q >= T) continue;
+        bf16 *row = dqkv + ((size_t)b * T + q) * C3 + h * AT;
+        for (int nd = 0; nd < 8; nd++)
+            *reinterpret_cast<__nv_bfloat162 *>(&row[nd * 8 + 2 * tq]) =
+                __floats2bfloat162_rn(dq[nd][2 * r] * scale, dq[nd][2 * r + 1] * scale);
+    }
+}
+#endif  // !GPT_FP32
+
+// ---- optimizer and bookkeeping
+
+__global__ void adamw_kernel(float *p, floatX *px, const float *g, float *m, float *v, size_t n, float lr,
+                             float b1, float b2, float bc1, float bc2, float eps, float wd, float grad_scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i] * grad_scale;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float mhat = mi / bc1, vhat = vi / bc2;
+        float pi = p[i];
+        pi -= lr * (mhat / (sqrtf(vhat) + eps) + wd * pi);
+        p[i] = pi;
+        if (px) px[i] = tox(pi);
+    }
+}
+
+__global__ void to_floatx_kernel(floatX *dst, const float *src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = tox(src[i]);
+}
+
+__global__ void add_kernel(float *a, const float *b, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        a[i] = a[i] + b[i];
+}
+
+// grad-norm parts: each block sums the squares of one chunk of one (tensor,
+// layer) segment in double; the host adds a segment's chunks in order
+#define NORM_CHUNK 16384
+#define NORM_THREADS 256
+typedef struct { size_t offset, n; int first_block, nblocks, part; } NormSeg;
+
+__global__ void sumsq_kernel(double *out, const float *g, const NormSeg *segs, const int *block_seg) {
+    __shared__ double sh[NORM_THREADS];
+    NormSeg sg = segs[block_seg[blockIdx.x]];
+    size_t k = blockIdx.x - sg.first_block;
+    size_t begin = sg.offset + k * NORM_CHUNK, end = sg.offset + sg.n;
+    if (end > begin + NORM_CHUNK) end = begin + NORM_CHUNK;
+    double acc = 0.0;
+    for (size_t i = begin + threadIdx.x; i < end; i += NORM_THREADS) acc += (double)g[i] * g[i];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int stride = NORM_THREADS / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) sh[threadIdx.x] += sh[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = sh[0];
+}
+
+// logits of one row for sampling: one warp per vocabulary entry, fp32
+__global__ void lm_head_row_kernel(float *logits, const floatX *x, const floatX *wte, int V, int C) {
+    int v = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (v >= V) return;
+    const floatX *w = wte + (size_t)v * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += tof(x[c]) * tof(w[c]);
+    s = warp_sum(s);
+    if (lane == 0) logits[v] = s;
+}
+
+// ----------------------------------------------------------------------------
+// profiling (GPT_PROFILE=1): cudaEvents around each kernel category; the table
+// (per step, the first step left out as warmup) is printed when the stage is
+// freed
+
+enum { PC_ENCODER, PC_LAYERNORM, PC_MM_FWD, PC_MM_BWD_IN, PC_MM_BWD_W, PC_BIAS_LN_GRAD, PC_ATTN_FWD,
+       PC_ATTN_BWD, PC_GELU, PC_LOSS, PC_ADAMW, PC_NORM, PC_SUM_WTE, PC_COPY, NUM_PC };
+static const char *const PC_NAMES[NUM_PC] = {
+    "embedding fwd/bwd", "layernorm fwd + bwd input", "matmul fwd (cuBLASLt)", "matmul bwd input (cuBLASLt)",
+    "matmul bwd weight (cuBLASLt)", "bias + layernorm weight grads", "attention fwd", "attention bwd",
+    "gelu (unfused)", "softmax + cross-entropy", "adamw", "grad norm", "wte grad sum", "host<->device copies"};
+#define PROF_EVENTS 1024
+
+typedef struct {
+    int on, n, runs;
+    cudaEvent_t ev[2 * PROF_EVENTS];
+    int cat[PROF_EVENTS];
+    double ms[NUM_PC], comm_ms;
+    long calls[NUM_PC];
+} Prof;
+
+// ----------------------------------------------------------------------------
+// the stage
+
+typedef struct {
+    int transa, transb;
+    int64_t m, n, k, lda, ldb, ldd;
+    cudaDataType_t ab, cd;
+    int epi, beta;
+} GemmKey;
+
+typedef struct {
+    GemmKey key;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasLtMatmulAlgo_t algo;
+    int ok;  // 0: no algorithm for this shape and epilogue
+} GemmPlan;
+#define MAX_PLANS 256
+enum { ATTN_SIMPLE, ATTN_MMA_SYNC, ATTN_MMA_PIPELINED };
+#define LT_WORKSPACE (32u << 20)
+
+// One micro-batch's activations on the device, as in train_gpt.c's Slot;
+// per-layer buffers hold nl layers at the strides in Stage (st_*).
+typedef struct {
+    int *inputs, *targets;               // (B,T)
+    int *bk_tok, *bk_start, *bk_pos;     // embedding-gradient buckets (first stage)
+    int nuniq;
+    floatX *x0;                          // stage input
+    floatX *ln1, *qkv, *atty, *res2, *ln2, *fch, *fchg, *res3;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd, *lse;
+    floatX *lnf;
+    float *lnf_mean, *lnf_rstd;
+    floatX *logits;                      // (B,T,Vp): logits, then d(logits) when training
+    float *losses;                       // (B,T)
+    floatX *dresid;                      // (nl+1) x (B,T,C): [l] = d(input of layer l)
+    floatX *dln1, *dqkv, *dres2, *dln2, *dfch, *dlnf;
+    void *mem;
+} Slot;
+
+struct Stage {
+    Layout y;
+    int B, T, nslots, device, hs;
+    // parameters on the device: each (tensor, layer) segment at a 512-byte
+    // aligned offset (dev_start[t] + l * dev_stride[t]), the same whatever the
+    // stage split; zero padding between segments
+    size_t dev_start[NUM_PARAM_TENSORS], dev_stride[NUM_PARAM_TENSORS], dev_len[NUM_PARAM_TENSORS], P_dev;
+    float *d_params, *d_grads, *d_m, *d_v;
+    floatX *d_params_x;                  // the matmuls' copy (== d_params in the fp32 build)
+    float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
+    float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
+    float *h_swap_send, *h_swap_recv;    // tied-embedding swap over sockets
+    Slot *slots;
+    int *slot_of, slot_of_cap;
+    int *last_op;                        // micro-batch -> index of its last op in the list
+    float *mb_losses, *d_mb_losses;
+    int d_mb_cap;
+    size_t st_c, st_3c, st_4c, st_n, st_lse, slot_bytes;
+    floatX *scratch_c, *scratch_4c;
+    float *d_partials, *d_delta, *d_sample_logits, *h_sample_logits;
+    // grad-norm segments
+    NormSeg *segs, *d_segs;
+    int nsegs, norm_blocks;
+    int *d_block_seg;
+    double *d_norm_partials, *h_norm_partials;
+    // host scratch for the embedding buckets
+    int *h_counts, *h_tok, *h_start, *h_pos;
+    // cuBLASLt
+    cublasLtHandle_t lt;
+    void *workspace;
+    GemmPlan plans[MAX_PLANS];
+    int nplans;
+    int fuse_gelu_fwd, fuse_gelu_bwd;
+    int attn_mma;  // ATTN_SIMPLE, or the tensor-core kernels with plain or cp.async tile loads
+    cudaStream_t stream;
+    // transport
+    Links links;
+    char *pinned;
+    size_t pinned_cap;
+    ncclComm_t nccl;
+    int nccl_rank, nccl_ranks;
+    double *op_times;
+    int op_times_cap;
+    char broken[1024];  // a failure inside a void API function, reported by the next call
+    Prof prof;
+};
+
+static void mark_broken(Stage *s) {
+    if (!s->broken[0]) snprintf(s->broken, sizeof s->broken, "%s", gpt_last_error());
+}
+static int check_broken(Stage *s) {
+    return s->broken[0] ? fail("an earlier call failed: %s", s->broken) : 0;
+}
+
+static int prof_flush(Stage *s) {
+    Prof *p = &s->prof;
+    if (!p->on || p->n == 0) return 0;
+    CUDA_CHECK(cudaEventSynchronize(p->ev[2 * p->n - 1]));
+    for (int i = 0; i < p->n; i++) {
+        float ms = 0.0f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, p->ev[2 * i], p->ev[2 * i + 1]));
+        p->ms[p->cat[i]] += ms;
+        p->calls[p->cat[i]]++;
+    }
+    p->n = 0;
+    return 0;
+}
+static int prof_begin(Stage *s, int cat) {
+    Prof *p = &s->prof;
+    if (!p->on) return -1;
+    if (p->n == PROF_EVENTS && prof_flush(s)) return -1;
+    if (cudaEventRecord(p->ev[2 * p->n], s->stream) != cudaSuccess) return -1;
+    p->cat[p->n] = cat;
+    return p->n++;
+}
+static void prof_end(Stage *s, int i) {
+    if (i >= 0) cudaEventRecord(s->prof.ev[2 * i + 1], s->stream);
+}
+// runs the statement (which may return -1) inside a profiled region of category cat
+#define PROF(cat, ...) do { int pi_ = prof_begin(s, cat); __VA_ARGS__; prof_end(s, pi_); } while (0)
+
+static void prof_report(Stage *s) {
+    Prof *p = &s->prof;
+    if (!p->on || p->runs == 0) return;
+    prof_flush(s);
+    int steps = p->runs > 1 ? p->runs - 1 : 1;
+    double total = 0.0;
+    for (int c = 0; c < NUM_PC; c++) total += p->ms[c];
+    fprintf(stderr, "GPT_PROFILE stage [%d,%d) B=%d T=%d %s: GPU time per step over %d step(s)%s\n", s->y.lo,
+            s->y.hi, s->B, s->T, PRECISION_NAME, steps, p->runs > 1 ? " (first step left out)" : "");
+    fprintf(stderr, "GPT_PROFILE %-34s %10s %10s %7s\n", "category", "calls", "ms", "%");
+    for (int c = 0; c < NUM_PC; c++) {
+        if (!p->calls[c]) continue;
+        fprintf(stderr, "GPT_PROFILE %-34s %10.1f %10.3f %6.1f%%\n", PC_NAMES[c], (double)p->calls[c] / steps,
+                p->ms[c] / steps, total > 0 ? 100.0 * p->ms[c] / total : 0.0);
+    }
+    fprintf(stderr, "GPT_PROFILE %-34s %10s %10.3f %6.1f%%\n", "total (kernels)", "", total / steps, 100.0);
+    if (p->comm_ms > 0)
+        fprintf(stderr, "GPT_PROFILE %-34s %10s %10.3f\n", "communication (host wall)", "", p->comm_ms / steps);
+}
+
+// ----------------------------------------------------------------------------
+// matmuls (cuBLASLt, column-major: a row-major (R, K) matrix is a
+// column-major (K, R) one)
+
+static int gemm_plan_make(Stage *s, GemmPlan *p, const GemmKey *k, const void *bias, const void *aux,
+                          int64_t aux_ld) {
+    memset(p, 0, sizeof *p);
+    p->key = *k;
+    cublasOperation_t ta = k->transa ? CUBLAS_OP_T : CUBLAS_OP_N, tb = k->transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    LT_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    cublasLtEpilogue_t epi = (cublasLtEpilogue_t)k->epi;
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    // the pointers set here only tell the heuristic their alignment (256 bytes,
+    // as every call's); each call sets its own
+    if (bias) LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    if (aux) {
+        LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux));
+        LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld));
+    }
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->la, k->ab, k->transa ? k->k : k->m, k->transa ? k->m : k->k, k->lda));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->lb, k->ab, k->transb ? k->n : k->k, k->transb ? k->k : k->n, k->ldb));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->ld, k->cd, k->m, k->n, k->ldd));
+    cublasLtMatmulPreference_t pref;
+    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    size_t ws = LT_WORKSPACE;
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(s->lt, p->desc, p->la, p->lb, p->ld, p->ld, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    // "not supported" and no result mean: no kernel for this combination
+    if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
+        return fail("cuBLASLt heuristic failed: %s (m=%lld n=%lld k=%lld)", cublasGetStatusString(st),
+                    (long long)k->m, (long long)k->n, (long long)k->k);
+    p->ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (p->ok) p->algo = res.algo;
+    return 0;
+}
+
+static void gemm_plan_free(GemmPlan *p) {
+    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+    if (p->la) cublasLtMatrixLayoutDestroy(p->la);
+    if (p->lb) cublasLtMatrixLayoutDestroy(p->lb);
+    if (p->ld) cublasLtMatrixLayoutDestroy(p->ld);
+    memset(p, 0, sizeof *p);
+}
+
+// D (m x n) = op(A) op(B) [+ beta * C] [+ bias] [epilogue]. Returns 0, -1 on
+// error, or 1 when cuBLASLt has no algorithm for this epilogue (the caller
+// then runs the unfused path).
+static int gemm(Stage *s, int transa, int transb, int64_t m, int64_t n, int64_t k, const void *A, int64_t lda,
+                const void *Bm, int64_t ldb, void *D, int64_t ldd, cudaDataType_t cd, const void *Cm, float beta,
+                int epi, const void *bias, const void *aux, int64_t aux_ld) {
+    GemmKey key;
+    memset(&key, 0, sizeof key);
+    key.transa = transa; key.transb = transb; key.m = m; key.n = n; key.k = k;
+    key.lda = lda; key.ldb = ldb; key.ldd = ldd; key.ab = CUDA_X; key.cd = cd; key.epi = epi; key.beta = beta != 0.0f;
+    GemmPlan *p = NULL, tmp;
+    for (int i = 0; i < s->nplans && !p; i++)
+        if (memcmp(&s->plans[i].key, &key, sizeof key) == 0) p = &s->plans[i];
+    int temporary = 0;
+    if (!p) {
+        if (s->nplans < MAX_PLANS) {
+            p = &s->plans[s->nplans];
+            if (gemm_plan_make(s, p, &key, bias, aux, aux_ld)) { gemm_plan_free(p); return -1; }
+            s->nplans++;
+        } else {
+            p = &tmp;
+            temporary = 1;
+            if (gemm_plan_make(s, p, &key, bias, aux, aux_ld)) { gemm_plan_free(p); return -1; }
+        }
+    }
+    int rc = 1;
+    if (p->ok) {
+        rc = -1;
+        float alpha = 1.0f;
+        cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+        if (bias) st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+        if (aux && st == CUBLAS_STATUS_SUCCESS)
+            st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = cublasLtMatmul(s->lt, p->desc, &alpha, A, p->la, Bm, p->lb, &beta, Cm ? Cm : D, p->ld, D, p->ld,
+                                &p->algo, s->workspace, LT_WORKSPACE, s->stream);
+        if (st != CUBLAS_STATUS_SUCCESS)
+            fail("cuBLASLt matmul failed: %s (m=%lld n=%lld k=%lld epilogue %d)", cublasGetStatusString(st),
+                 (long long)m, (long long)n, (long long)k, epi);
+        else
+            rc = 0;
+    }
+    if (temporary) gemm_plan_free(p);
+    return rc;
+}
+
+// out (N,OC) = inp (N,IC) @ W^T + bias [+ resid]; with pre != NULL, out =
+// gelu(that) and pre = that (returns 1 if cuBLASLt cannot fuse it)
+static int matmul_forward(Stage *s, floatX *out, const floatX *inp, const floatX *W, const floatX *bias,
+                          const floatX *resid, int N, int IC, int OC, floatX *pre) {
+    int epi = !bias ? CUBLASLT_EPILOGUE_DEFAULT : pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS;
+    return gemm(s, 1, 0, OC, N, IC, W, IC, inp, IC, out, OC, CUDA_X, resid, resid ? 1.0f : 0.0f, epi, bias, pre, OC);
+}
+// dinp (N,IC) = dout (N,OC) @ W (OC,IC); with pre != NULL, times gelu'(pre)
+static int matmul_backward_input(Stage *s, floatX *dinp, const floatX *dout, const floatX *W, int N, int IC,
+                                 int OC, const floatX *pre) {
+    return gemm(s, 0, 0, IC, N, OC, W, IC, dout, OC, dinp, IC, CUDA_X, NULL, 0.0f,
+                pre ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT, NULL, pre, IC);
+}
+// dW (OC,IC) += dout^T @ inp in fp32
+static int matmul_backward_weight(Stage *s, float *dW, const floatX *dout, const floatX *inp, int N, int IC, int OC) {
+    return gemm(s, 0, 1, IC, OC, N, inp, IC, dout, OC, dW, IC, CUDA_R_32F, NULL, 1.0f, CUBLASLT_EPILOGUE_DEFAULT,
+                NULL, NULL, 0);
+}
+static int must(int rc) { return rc == 1 ? fail("cuBLASLt has no algorithm for a plain matmul") : rc; }
+
+// ----------------------------------------------------------------------------
+// layer launchers
+
+static int layernorm_forward(Stage *s, floatX *out, float *mean, float *rstd, const floatX *inp,
+                             const float *w, const float *b, int N, int C) {
+    PROF(PC_LAYERNORM, {
+        layernorm_forward_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(out, mean, rstd, inp, w, b, N, C);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+static int layernorm_backward_input(Stage *s, floatX *dinp, const floatX *resid, const floatX *dout,
+                                    const floatX *inp, const float *w, const float *mean, const float *rstd,
+                                    int N, int C) {
+    PROF(PC_LAYERNORM, {
+        layernorm_backward_input_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(dinp, resid, dout, inp, w, mean,
+                                                                            rstd, N, C);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+static int colsum_blocks(int N) { return (N + CS_ROWS - 1) / CS_ROWS; }
+
+// dbias (OC) += column sums of dout (N,OC)
+static int bias_backward(Stage *s, float *dbias, const floatX *dout, int N, int OC) {
+    PROF(PC_BIAS_LN_GRAD, {
+        dim3 grid((OC + CS_COLS - 1) / CS_COLS, colsum_blocks(N));
+        colsum_partial_kernel<0><<<grid, dim3(32, 8), 0, s->stream>>>(s->d_partials, dout, NULL, NULL, NULL, N, OC);
+        LAUNCH_CHECK();
+        colsum_finish_kernel<<<(OC + 255) / 256, 256, 0, s->stream>>>(dbias, NULL, s->d_partials, colsum_blocks(N), OC);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+// dw += sum_n dout * norm, db += sum_n dout
+static int layernorm_backward_weight(Stage *s, float *dw, float *db, const floatX *dout, const floatX *inp,
+                                     const float *mean, const float *rstd, int N, int C) {
+    PROF(PC_BIAS_LN_GRAD, {
+        dim3 grid((C + CS_COLS - 1) / CS_COLS, colsum_blocks(N));
+        colsum_partial_kernel<1><<<grid, dim3(32, 8), 0, s->stream>>>(s->d_partials, dout, inp, mean, rstd, N, C);
+        LAUNCH_CHECK();
+        colsum_finish_kernel<<<(C + 255) / 256, 256, 0, s->stream>>>(db, dw, s->d_partials, colsum_blocks(N), C);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+static int attention_forward(Stage *s, floatX *out, float *lse, const floatX *qkv, int B, int T) {
+    int NH = s->y.cfg.num_heads, D = s->hs;
+    float scale_log2 = 1.4426950408889634f / sqrtf((float)D);
+    PROF(PC_ATTN_FWD, {
+#ifndef GPT_FP32
+        if (s->attn_mma) {
+            dim3 grid((T + AT - 1) / AT, B * NH);
+            if (s->attn_mma == ATTN_MMA_PIPELINED)
+                attention_forward_mma_kernel<true><<<grid, 128, 0, s->stream>>>(out, lse, qkv, T, NH, scale_log2);
+            else
+                attention_forward_mma_kernel<false><<<grid, 128, 0, s->stream>>>(out, lse, qkv, T, NH, scale_log2);
+        } else
+#endif
+        {
+            size_t sm = SIMPLE_WARPS * (size_t)(D + T) * sizeof(float);
+            attention_forward_simple_kernel<<<dim3((T + SIMPLE_WARPS - 1) / SIMPLE_WARPS, B * NH), 32 * SIMPLE_WARPS,
+                                              sm, s->stream>>>(out, lse, qkv, T, NH, D, scale_log2);
+        }
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+// dqkv = backward of attention_forward (out is its output, dout d(out))
+static int attention_backward(Stage *s, floatX *dqkv, const floatX *dout, const floatX *qkv, const floatX *out,
+                              const float *lse, int B, int T) {
+    int NH = s->y.cfg.num_heads, D = s->hs;
+    float scale = 1.0f / sqrtf((float)D), scale_log2 = 1.4426950408889634f * scale;
+    PROF(PC_ATTN_BWD, {
+        size_t warps = (size_t)B * T * NH;
+        attention_delta_kernel<<<grid_for(warps * 32, 256), 256, 0, s->stream>>>(s->d_delta, dout, out, B, T, NH, D);
+        LAUNCH_CHECK();
+#ifndef GPT_FP32
+        if (s->attn_mma) {
+            dim3 grid((T + AT - 1) / AT, B * NH);
+            if (s->attn_mma == ATTN_MMA_PIPELINED) {
+                attention_backward_dkv_mma_kernel<true><<<grid, 128, 0, s->stream>>>(dqkv, qkv, dout, lse, s->d_delta,
+                                                                                    T, NH, scale, scale_log2);
+                LAUNCH_CHECK();
+                attention_backward_dq_mma_kernel<true><<<grid, 128, 0, s->stream>>>(dqkv, qkv, dout, lse, s->d_delta,
+                                                                                   T, NH, scale, scale_log2);
+            } else {
+                attention_backward_dkv_mma_kernel<false><<<grid, 128, 0, s->stream>>>(dqkv, qkv, dout, lse,
+                                                                                     s->d_delta, T, NH, scale,
+                                                                                     scale_log2);
+                LAUNCH_CHECK();
+                attention_backward_dq_mma_kernel<false><<<grid, 128, 0, s->stream>>>(dqkv, qkv, dout, lse,
+                                                                                    s->d_delta, T, NH, scale,
+                                                                                    scale_log2);
+            }
+            LAUNCH_CHECK();
+        } else
+#endif
+        {
+            dim3 grid((T + SIMPLE_WARPS - 1) / SIMPLE_WARPS, B * NH);
+            size_t sm = SIMPLE_WARPS * (size_t)(2 * D + T) * sizeof(float);
+            attention_backward_dq_simple_kernel<<<grid, 32 * SIMPLE_WARPS, sm, s->stream>>>(
+                dqkv, dout, qkv, lse, s->d_delta, T, NH, D, scale, scale_log2);
+            LAUNCH_CHECK();
+            attention_backward_dkv_simple_kernel<<<grid, 32 * SIMPLE_WARPS, 0, s->stream>>>(
+                dqkv, dout, qkv, lse, s->d_delta, T, NH, D, scale, scale_log2);
+            LAUNCH_CHECK();
+        }
+    });
+    return 0;
+}
+
+static int gelu_forward(Stage *s, floatX *out, const floatX *inp, size_t n) {
+    PROF(PC_GELU, {
+        gelu_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(out, inp, n);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+static int gelu_backward(Stage *s, floatX *dinp, const floatX *inp, const floatX *dout, size_t n) {
+    PROF(PC_GELU, {
+        gelu_backward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(dinp, inp, dout, n);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// stage layout
+
+static size_t seg_elems(const Stage *s, int t) {
+    return is_layer_tensor(t) ? gpt_tensor_size(&s->y.cfg, t, 1) : s->y.sizes[t];
+}
+static int seg_count(const Stage *s, int t) {
+    return !s->y.sizes[t] ? 0 : is_layer_tensor(t) ? s->y.nl : 1;
+}
+// layer l (stage-local; 0 for non-layer tensors) of tensor t on the device
+static float *dparam(Stage *s, float *base, int t, int l) { return base + s->dev_start[t] + l * s->dev_stride[t]; }
+static floatX *xparam(Stage *s, int t, int l) { return s->d_params_x + s->dev_start[t] + l * s->dev_stride[t]; }
+static float *hparam(Stage *s, float *base, int t, int l) { return base + s->y.offsets[t] + l * seg_elems(s, t); }
+
+float *stage_param(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return s->y.sizes[t] ? s->h_params + s->y.offsets[t] : NULL; }
+float *stage_grad(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return s->y.sizes[t] ? s->h_grads + s->y.offsets[t] : NULL; }
+const double *stage_op_times(const Stage *s) { return s->op_times; }
+
+// device <-> host mirror for whole-stage parameter-shaped buffers
+static int download_params(Stage *s, float *host, const float *dev) {
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++)
+        for (int l = 0; l < seg_count(s, t); l++)
+            CUDA_CHECK(cudaMemcpyAsync(hparam(s, host, t, l), dev + s->dev_start[t] + l * s->dev_stride[t],
+                                       seg_elems(s, t) * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+static int upload_params(Stage *s, float *dev, float *host) {
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++)
+        for (int l = 0; l < seg_count(s, t); l++)
+            CUDA_CHECK(cudaMemcpyAsync(dev + s->dev_start[t] + l * s->dev_stride[t], hparam(s, host, t, l),
+                                       seg_elems(s, t) * sizeof(float), cudaMemcpyHostToDevice, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+// the matmuls' copy of the weights from the fp32 masters
+static int refresh_params_x(Stage *s) {
+#ifdef GPT_FP32
+    (void)s;
+#else
+    to_floatx_kernel<<<grid_for(s->P_dev, 256), 256, 0, s->stream>>>(s->d_params_x, s->d_params, s->P_dev);
+    LAUNCH_CHECK();
+#endif
+    return 0;
+}
+
+// The slot's buffers: name, element size, elements. Per-layer buffers use the
+// stage's strides so that every layer starts 256-byte aligned.
+typedef struct { void **p; size_t elem, n; } Piece;
+
+static int slot_pieces(Stage *s, Slot *a, Piece *pc) {
+    size_t nl = s->y.nl, first = s->y.first, last = s->y.last, BT = (size_t)s->B * s->T;
+    size_t V = s->y.cfg.vocab_size, Vp = s->y.cfg.padded_vocab_size, X = sizeof(floatX), F = sizeof(float);
+    size_t nuniq = BT < V ? BT : V;
+    int n = 0;
+#define PIECE(ptr, size, count) (pc[n].p = (void **)(ptr), pc[n].elem = (size), pc[n].n = (count), n++)
+    PIECE(&a->inputs, 4, first * BT);
+    PIECE(&a->targets, 4, last * BT);
+    PIECE(&a->bk_tok, 4, first * nuniq);
+    PIECE(&a->bk_start, 4, first * (nuniq + 1));
+    PIECE(&a->bk_pos, 4, first * BT);
+    PIECE(&a->x0, X, s->st_c);
+    PIECE(&a->ln1, X, nl * s->st_c);
+    PIECE(&a->qkv, X, nl * s->st_3c);
+    PIECE(&a->atty, X, nl * s->st_c);
+    PIECE(&a->res2, X, nl * s->st_c);
+    PIECE(&a->ln2, X, nl * s->st_c);
+    PIECE(&a->fch, X, nl * s->st_4c);
+    PIECE(&a->fchg, X, nl * s->st_4c);
+    PIECE(&a->res3, X, nl * s->st_c);
+    PIECE(&a->ln1_mean, F, nl * s->st_n);
+    PIECE(&a->ln1_rstd, F, nl * s->st_n);
+    PIECE(&a->ln2_mean, F, nl * s->st_n);
+    PIECE(&a->ln2_rstd, F, nl * s->st_n);
+    PIECE(&a->lse, F, nl * s->st_lse);
+    PIECE(&a->lnf, X, last * s->st_c);
+    PIECE(&a->lnf_mean, F, last * s->st_n);
+    PIECE(&a->lnf_rstd, F, last * s->st_n);
+    PIECE(&a->logits, X, last * BT * Vp);
+    PIECE(&a->losses, F, last * BT);
+    PIECE(&a->dresid, X, (nl + 1) * s->st_c);
+    PIECE(&a->dln1, X, nl * s->st_c);
+    PIECE(&a->dqkv, X, nl * s->st_3c);
+    PIECE(&a->dres2, X, nl * s->st_c);
+    PIECE(&a->dln2, X, nl * s->st_c);
+    PIECE(&a->dfch, X, nl * s->st_4c);
+    PIECE(&a->dlnf, X, last * s->st_c);
+#undef PIECE
+    return n;
+}
+
+static size_t slot_size(Stage *s) {
+    Slot a;
+    Piece pc[40];
+    int n = slot_pieces(s, &a, pc);
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += round_up(pc[i].elem * pc[i].n, 512);
+    return total;
+}
+
+// points the slot's buffers into its allocation a->mem
+static int slot_partition(Stage *s, Slot *a) {
+    Piece pc[40];
+    int n = slot_pieces(s, a, pc);
+    CUDA_CHECK(cudaMemsetAsync(a->mem, 0, s->slot_bytes, s->stream));
+    char *p = (char *)a->mem;
+    for (int i = 0; i < n; i++) {
+        *pc[i].p = pc[i].n ? (void *)p : NULL;
+        p += round_up(pc[i].elem * pc[i].n, 512);
+    }
+    return 0;
+}
+
+static double mib(size_t bytes) { return bytes / 1048576.0; }
+
+// all device allocations of the stage, counted before any is made
+typedef struct { size_t params, slot, scratch, total; } MemPlan;
+
+static MemPlan mem_plan(Stage *s) {
+    MemPlan mp;
+    size_t BT = (size_t)s->B * s->T, C = s->y.cfg.channels, X = sizeof(floatX);
+    size_t Vp = s->y.cfg.padded_vocab_size, NH = s->y.cfg.num_heads;
+    mp.params = s->P_dev * 4 * sizeof(float);
+#ifndef GPT_FP32
+    mp.params += s->P_dev * sizeof(bf16);
+#endif
+    if (s->y.first || s->y.last) mp.params += Vp * C * sizeof(float);  // d(wte) embedding share / swap scratch
+    mp.slot = s->slot_bytes;
+    size_t rb = (size_t)colsum_blocks((int)BT);
+    mp.scratch = round_up(BT * C * X, 512) + round_up(4 * BT * C * X, 512) + round_up(rb * 2 * 4 * C * 4, 512) +
+                 round_up(BT * NH * 4, 512) + LT_WORKSPACE + round_up((size_t)s->norm_blocks * 8, 512) +
+                 round_up((size_t)s->nsegs * sizeof(NormSeg), 512) + round_up((size_t)s->norm_blocks * 4, 512) +
+                 round_up(s->y.cfg.vocab_size * 4, 512) + 4096;
+    mp.total = mp.params + mp.slot * s->nslots + mp.scratch;
+    return mp;
+}
+
+static int oom_message(Stage *s, const MemPlan *mp, size_t free_b, size_t total_b) {
+    return fail("out of GPU memory: stage [%d,%d) with B=%d T=%d needs %.1f MiB (parameters, gradients and AdamW "
+                "state %.1f MiB, activations %.1f MiB x %d slot(s), scratch %.1f MiB) but GPU %d has %.1f MiB free "
+                "of %.1f MiB; use a smaller batch (-b/--batch-size), more micro-batches or more stages",
+                s->y.lo, s->y.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->slot), s->nslots,
+                mib(mp->scratch), s->device, mib(free_b), mib(total_b));
+}
+
+// cudaMalloc that reports the whole plan when the device is out of memory
+#define DMALLOC(ptr, bytes)                                                              \
+    do {                                                                                 \
+        cudaError_t em_ = cudaMalloc((void **)(ptr), (bytes));                           \
+        if (em_ == cudaErrorMemoryAllocation) {                                          \
+            cudaGetLastError();                                                          \
+            size_t f_ = 0, t_ = 0;                                                       \
+            cudaMemGetInfo(&f_, &t_);                                                    \
+            return oom_message(s, &mp, f_, t_);                                          \
+        }                                                                                \
+        CUDA_CHECK(em_);                                                                 \
+    } while (0)
+
+static int stage_alloc(Stage *s) {
+    const GPTConfig *c = &s->y.cfg;
+    size_t BT = (size_t)s->B * s->T, C = c->channels, X = sizeof(floatX), V = c->vocab_size;
+    size_t P = s->y.num_params, Vp = c->padded_vocab_size;
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking));
+    LT_CHECK(cublasLtCreate(&s->lt));
+    MemPlan mp = mem_plan(s);
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (mp.total > free_b) return oom_message(s, &mp, free_b, total_b);
+    // device
+    DMALLOC(&s->d_params, s->P_dev * sizeof(float));
+    DMALLOC(&s->d_grads, s->P_dev * sizeof(float));
+    DMALLOC(&s->d_m, s->P_dev * sizeof(float));
+    DMALLOC(&s->d_v, s->P_dev * sizeof(float));
+#ifdef GPT_FP32
+    s->d_params_x = s->d_params;
+#else
+    DMALLOC(&s->d_params_x, s->P_dev * sizeof(bf16));
+#endif
+    CUDA_CHECK(cudaMemsetAsync(s->d_params, 0, s->P_dev * sizeof(float), s->stream));
+    CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
+    CUDA_CHECK(cudaMemsetAsync(s->d_m, 0, s->P_dev * sizeof(float), s->stream));
+    CUDA_CHECK(cudaMemsetAsync(s->d_v, 0, s->P_dev * sizeof(float), s->stream));
+    CHECK(refresh_params_x(s));
+    if (s->y.first) {
+        DMALLOC(&s->d_dwte_embed, Vp * C * sizeof(float));
+        CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, Vp * C * sizeof(float), s->stream));
+    }
+    DMALLOC(&s->scratch_c, BT * C * X);
+    DMALLOC(&s->scratch_4c, 4 * BT * C * X);
+    DMALLOC(&s->d_partials, (size_t)colsum_blocks((int)BT) * 2 * 4 * C * sizeof(float));
+    DMALLOC(&s->d_delta, BT * c->num_heads * sizeof(float));
+    DMALLOC(&s->workspace, LT_WORKSPACE);
+    DMALLOC(&s->d_norm_partials, (size_t)s->norm_blocks * sizeof(double));
+    DMALLOC(&s->d_segs, (size_t)s->nsegs * sizeof(NormSeg));
+    DMALLOC(&s->d_block_seg, (size_t)s->norm_blocks * sizeof(int));
+    if (s->y.first && s->y.last) DMALLOC(&s->d_sample_logits, V * sizeof(float));
+    for (int i = 0; i < s->nslots; i++) {
+        DMALLOC(&s->slots[i].mem, s->slot_bytes);
+        CHECK(slot_partition(s, &s->slots[i]));
+    }
+    // grad-norm segments and their blocks
+    int *block_seg = (int *)malloc((size_t)s->norm_blocks * sizeof(int));
+    if (!block_seg) return fail("out of host memory");
+    for (int i = 0; i < s->nsegs; i++)
+        for (int b = 0; b < s->segs[i].nblocks; b++) block_seg[s->segs[i].first_block + b] = i;
+    cudaError_t e1 = cudaMemcpy(s->d_segs, s->segs, (size_t)s->nsegs * sizeof(NormSeg), cudaMemcpyHostToDevice);
+    cudaError_t e2 = cudaMemcpy(s->d_block_seg, block_seg, (size_t)s->norm_blocks * sizeof(int), cudaMemcpyHostToDevice);
+    free(block_seg);
+    CUDA_CHECK(e1);
+    CUDA_CHECK(e2);
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    // host
+    s->h_params = (float *)calloc(P, sizeof(float));
+    s->h_grads = (float *)calloc(P, sizeof(float));
+    s->h_dwte_embed = s->y.first ? (float *)calloc(Vp * C, sizeof(float)) : NULL;
+    s->h_norm_partials = (double *)malloc((size_t)s->norm_blocks * sizeof(double));
+    s->h_sample_logits = (float *)malloc(V * sizeof(float));
+    s->h_counts = (int *)calloc(V, sizeof(int));
+    s->h_tok = (int *)malloc((BT < V ? BT : V) * sizeof(int));
+    s->h_start = (int *)malloc(((BT < V ? BT : V) + 1) * sizeof(int));
+    s->h_pos = (int *)malloc(BT * sizeof(int));
+    if (!s->h_params || !s->h_grads || (s->y.first && !s->h_dwte_embed) || !s->h_norm_partials ||
+        !s->h_sample_logits || !s->h_counts || !s->h_tok || !s->h_start || !s->h_pos)
+        return fail("out of host memory: the stage's host copies need %.1f MiB", mib(2 * P * sizeof(float)));
+    if (s->prof.on)
+        for (int i = 0; i < 2 * PROF_EVENTS; i++) CUDA_CHECK(cudaEventCreate(&s->prof.ev[i]));
+    return 0;
+}
+
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
+    if (cfg.num_layers < 1 || cfg.channels < 1 || cfg.num_heads < 1 || cfg.channels % cfg.num_heads) {
+        fail("bad model shape: L=%d NH=%d C=%d (C must divide into NH heads)",
+             cfg.num_layers, cfg.num_heads, cfg.channels);
+        return NULL;
+    }
+    if (lo < 0 || hi > cfg.num_layers || lo >= hi) {
+        fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
+        return NULL;
+    }
+    if (B < 1 || T < 1 || T > cfg.max_seq_len) {
+        fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
+             T, cfg.max_seq_len, B);
+        return NULL;
+    }
+    if (slots < 1) { fail("a stage needs at least one activation slot"); return NULL; }
+    int hs = cfg.channels / cfg.num_heads;
+    if (hs > 128) { fail("head size %d: the CUDA attention supports head sizes up to 128", hs); return NULL; }
+    if ((size_t)B * T > (size_t)INT_MAX / 4 || (size_t)B * cfg.num_heads > 65535) {
+        fail("batch %d x sequence %d is too large for one micro-batch on the GPU", B, T);
+        return NULL;
+    }
+    int ndev = 0;
+    cudaError_t e = cudaGetDeviceCount(&ndev);
+    if (e != cudaSuccess || ndev < 1) {
+        cudaGetLastError();
+        fail("no CUDA device available (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "none visible");
+        return NULL;
+    }
+    const char *env = getenv("GPT_DEVICE");
+    int device = env && *env ? atoi(env) : 0;
+    if (device < 0 || device >= ndev) {
+        fail("GPT_DEVICE=%d but %d CUDA device(s) are visible", device, ndev);
+        return NULL;
+    }
+    Stage *s = (Stage *)calloc(1, sizeof(Stage));
+    if (!s) { fail("out of host memory"); return NULL; }
+    s->y = layout_make(cfg, lo, hi);
+    s->B = B; s->T = T; s->nslots = slots; s->device = device; s->hs = hs;
+    s->links.prev_fd = s->links.next_fd = s->links.tied_fd = -1;
+    s->links.timeout_s = 60.0;
+    s->links.lo = lo; s->links.hi = hi;
+    env = getenv("GPT_FUSE_GELU");
+    s->fuse_gelu_fwd = s->fuse_gelu_bwd = !(env && strcmp(env, "0") == 0);
+    env = getenv("GPT_ATTN");
+#ifdef GPT_FP32
+    s->attn_mma = ATTN_SIMPLE;
+#else
+    s->attn_mma = hs != 64 || (env && strcmp(env, "simple") == 0) ? ATTN_SIMPLE
+                : env && strcmp(env, "mma_sync") == 0 ? ATTN_MMA_SYNC : ATTN_MMA_PIPELINED;
+#endif
+    env = getenv("GPT_PROFILE");
+    s->prof.on = env && strcmp(env, "0") != 0 && *env;
+    // device parameter layout and grad-norm segments
+    size_t off = 0;
+    int blocks = 0;
+    s->segs = (NormSeg *)calloc(NUM_PARAM_TENSORS * (size_t)s->y.nl, sizeof(NormSeg));
+    s->slots = (Slot *)calloc(slots, sizeof(Slot));
+    if (!s->segs || !s->slots) { fail("out of host memory"); stage_free(s); return NULL; }
+    int L = cfg.num_layers;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        s->dev_start[t] = off;
+        s->dev_stride[t] = round_up(seg_elems(s, t), 128);
+        s->dev_len[t] = seg_count(s, t) * s->dev_stride[t];
+        off += s->dev_len[t];
+        for (int l = 0; l < seg_count(s, t); l++) {
+            if (!owns_tensor(&s->y, t)) continue;
+            NormSeg *sg = &s->segs[s->nsegs++];
+            sg->offset = s->dev_start[t] + l * s->dev_stride[t];
+            sg->n = seg_elems(s, t);
+            sg->first_block = blocks;
+            sg->nblocks = (int)((sg->n + NORM_CHUNK - 1) / NORM_CHUNK);
+            sg->part = t * L + (is_layer_tensor(t) ? lo + l : 0);
+            blocks += sg->nblocks;
+        }
+    }
+    s->P_dev = off;
+    s->norm_blocks = blocks;
+    size_t BT = (size_t)B * T, C = cfg.channels;
+    s->st_c = round_up(BT * C, 128);
+    s->st_3c = round_up(3 * BT * C, 128);
+    s->st_4c = round_up(4 * BT * C, 128);
+    s->st_n = round_up(BT, 128);
+    s->st_lse = round_up(BT * cfg.num_heads, 128);
+    s->slot_bytes = slot_size(s);
+    if (stage_alloc(s)) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", gpt_last_error());
+        stage_free(s);
+        fail("%s", msg);
+        return NULL;
+    }
+    return s;
+}
+
+void stage_free(Stage *s) {
+    if (!s) return;
+    if (s->stream) {
+        cudaSetDevice(s->device);
+        cudaStreamSynchronize(s->stream);
+        prof_report(s);
+    }
+    if (s->nccl) ncclCommDestroy(s->nccl);
+    for (int i = 0; i < s->nplans; i++) gemm_plan_free(&s->plans[i]);
+    for (int i = 0; s->slots && i < s->nslots; i++) cudaFree(s->slots[i].mem);
+    cudaFree(s->d_params); cudaFree(s->d_grads); cudaFree(s->d_m); cudaFree(s->d_v);
+#ifndef GPT_FP32
+    cudaFree(s->d_params_x);
+#endif
+    cudaFree(s->d_dwte_embed); cudaFree(s->d_mb_losses);
+    cudaFree(s->scratch_c); cudaFree(s->scratch_4c); cudaFree(s->d_partials); cudaFree(s->d_delta);
+    cudaFree(s->workspace); cudaFree(s->d_norm_partials); cudaFree(s->d_segs); cudaFree(s->d_block_seg);
+    cudaFree(s->d_sample_logits);
+    if (s->pinned) cudaFreeHost(s->pinned);
+    if (s->prof.on)
+        for (int i = 0; i < 2 * PROF_EVENTS; i++)
+            if (s->prof.ev[i]) cudaEventDestroy(s->prof.ev[i]);
+    if (s->lt) cublasLtDestroy(s->lt);
+    if (s->stream) cudaStreamDestroy(s->stream);
+    free(s->h_params); free(s->h_grads); free(s->h_m); free(s->h_v); free(s->h_dwte_embed);
+    free(s->h_swap_send); free(s->h_swap_recv);
+    free(s->h_norm_partials); free(s->h_sample_logits);
+    free(s->h_counts); free(s->h_tok); free(s->h_start); free(s->h_pos);
+    free(s->segs); free(s->slots); free(s->slot_of); free(s->last_op); free(s->mb_losses); free(s->op_times);
+    free(s);
+}
+
+// ----------------------------------------------------------------------------
+// model
+
+// the slot's layer-l buffers
+#define LAYER_C(buf, l) ((buf) + (size_t)(l) * s->st_c)
+#define LAYER_3C(buf, l) ((buf) + (size_t)(l) * s->st_3c)
+#define LAYER_4C(buf, l) ((buf) + (size_t)(l) * s->st_4c)
+#define LAYER_N(buf, l) ((buf) + (size_t)(l) * s->st_n)
+
+static floatX *stage_output(Stage *s, Slot *a) { return LAYER_C(a->res3, s->y.nl - 1); }
+
+// Uploads micro-batch tokens (checked against the vocabulary) and, for the
+// embedding gradient, the positions of each distinct token in (b,t) order.
+static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *targets, int mb) {
+    size_t BT = (size_t)s->B * s->T;
+    int V = s->y.cfg.vocab_size;
+    const int *lists[2] = {inputs, targets};
+    for (int k = 0; k < 2; k++) {
+        if (!lists[k]) continue;
+        for (size_t i = 0; i < BT; i++)
+            if (lists[k][i] < 0 || lists[k][i] >= V)
+                return fail("%s token %d at position %zu of micro-batch %d is outside the vocabulary (%d)",
+                            k ? "target" : "input", lists[k][i], i, mb, V);
+    }
+    if (inputs) {
+        CUDA_CHECK(cudaMemcpyAsync(a->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        // counting sort by token, stable in (b,t)
+        int *cnt = s->h_counts;
+        memset(cnt, 0, V * sizeof(int));
+        for (size_t i = 0; i < BT; i++) cnt[inputs[i]]++;
+        int nu = 0, acc = 0;
+        for (int v = 0; v < V; v++) {
+            if (!cnt[v]) continue;
+            s->h_tok[nu] = v;
+            s->h_start[nu] = acc;
+            int c = cnt[v];
+            cnt[v] = acc;  // now the next free position of token v
+            acc += c;
+            nu++;
+        }
+        s->h_start[nu] = acc;
+        for (size_t i = 0; i < BT; i++) s->h_pos[cnt[inputs[i]]++] = (int)i;
+        a->nuniq = nu;
+        CUDA_CHECK(cudaMemcpyAsync(a->bk_tok, s->h_tok, nu * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(a->bk_start, s->h_start, (nu + 1) * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(a->bk_pos, s->h_pos, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+    }
+    if (targets)
+        CUDA_CHECK(cudaMemcpyAsync(a->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+    // the host arrays are reused by the next micro-batch
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+// The stage's forward for one micro-batch of shape (B,T) up to the final
+// layernorm; sampling calls it with B = 1.
+static int stage_forward(Stage *s, Slot *a, int B, int T) {
+    const GPTConfig *c = &s->y.cfg;
+    int C = c->channels, N = B * T;
+    float *P = s->d_params;
+    if (s->y.first) {
+        size_t n = (size_t)N * C;
+        PROF(PC_ENCODER, {
+            encoder_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(a->x0, a->inputs, dparam(s, P, P_WTE, 0),
+                                                                            dparam(s, P, P_WPE, 0), T, C, n);
+            LAUNCH_CHECK();
+        });
+    }
+    for (int l = 0; l < s->y.nl; l++) {
+        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
+        floatX *ln1 = LAYER_C(a->ln1, l), *qkv = LAYER_3C(a->qkv, l), *atty = LAYER_C(a->atty, l);
+        floatX *res2 = LAYER_C(a->res2, l), *ln2 = LAYER_C(a->ln2, l), *fch = LAYER_4C(a->fch, l);
+        floatX *fchg = LAYER_4C(a->fchg, l), *res3 = LAYER_C(a->res3, l);
+        CHECK(layernorm_forward(s, ln1, LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), x,
+                                dparam(s, P, P_LN1W, l), dparam(s, P, P_LN1B, l), N, C));
+        PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, qkv, ln1, xparam(s, P_QKVW, l), xparam(s, P_QKVB, l), NULL, N,
+                                                  C, 3 * C, NULL))));
+        CHECK(attention_forward(s, atty, a->lse + (size_t)l * s->st_lse, qkv, B, T));
+        PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res2, atty, xparam(s, P_ATTPROJW, l), xparam(s, P_ATTPROJB, l),
+                                                  x, N, C, C, NULL))));
+        CHECK(layernorm_forward(s, ln2, LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), res2,
+                                dparam(s, P, P_LN2W, l), dparam(s, P, P_LN2B, l), N, C));
+        int rc = 1;
+        if (s->fuse_gelu_fwd) {
+            PROF(PC_MM_FWD, rc = matmul_forward(s, fchg, ln2, xparam(s, P_FCW, l), xparam(s, P_FCB, l), NULL, N, C,
+                                                4 * C, fch));
+            CHECK(rc < 0);
+            if (rc == 1) s->fuse_gelu_fwd = 0;  // no fused kernel for this shape: from now on unfused
+        }
+        if (rc == 1) {
+            PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, fch, ln2, xparam(s, P_FCW, l), xparam(s, P_FCB, l), NULL, N,
+                                                      C, 4 * C, NULL))));
+            CHECK(gelu_forward(s, fchg, fch, (size_t)N * 4 * C));
+        }
+        PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res3, fchg, xparam(s, P_FCPROJW, l), xparam(s, P_FCPROJB, l),
+                                                  res2, N, 4 * C, C, NULL))));
+    }
+    if (s->y.last)
+        CHECK(layernorm_forward(s, a->lnf, a->lnf_mean, a->lnf_rstd, stage_output(s, a), dparam(s, P, P_LNFW, 0),
+                                dparam(s, P, P_LNFB, 0), N, C));
+    return 0;
+}
+
+// logits, loss (into d_mb_losses[mb]) and, when training, d(logits) in place
+static int stage_loss(Stage *s, Slot *a, int mb, float dloss, int training) {
+    int N = s->B * s->T, C = s->y.cfg.channels, V = s->y.cfg.vocab_size, Vp = s->y.cfg.padded_vocab_size;
+    PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, a->logits, a->lnf, xparam(s, P_WTE, 0), NULL, NULL, N, C, Vp, NULL))));
+    PROF(PC_LOSS, {
+        crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(a->logits, a->losses, a->targets, V, Vp, dloss, training);
+        LAUNCH_CHECK();
+        mean_kernel<<<1, 1024, 0, s->stream>>>(s->d_mb_losses + mb, a->losses, N);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+// BWD_INPUT: from d(logits) (last stage) or the received d(output) down to
+// d(stage input) in dresid[0], keeping what BWD_WEIGHT needs.
+static int stage_backward_input(Stage *s, Slot *a) {
+    const GPTConfig *c = &s->y.cfg;
+    int C = c->channels, B = s->B, T = s->T, N = B * T, Vp = c->padded_vocab_size;
+    float *P = s->d_params;
+    floatX *dtop = LAYER_C(a->dresid, s->y.nl);
+    if (s->y.last) {
+        PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, a->dlnf, a->logits, xparam(s, P_WTE, 0), N, C, Vp, NULL))));
+        CHECK(layernorm_backward_input(s, dtop, NULL, a->dlnf, stage_output(s, a), dparam(s, P, P_LNFW, 0),
+                                       a->lnf_mean, a->lnf_rstd, N, C));
+    }
+    for (int l = s->y.nl - 1; l >= 0; l--) {
+        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
+        floatX *dout = LAYER_C(a->dresid, l + 1), *dfch = LAYER_4C(a->dfch, l), *dln2 = LAYER_C(a->dln2, l);
+        floatX *dres2 = LAYER_C(a->dres2, l), *dqkv = LAYER_3C(a->dqkv, l), *dln1 = LAYER_C(a->dln1, l);
+        floatX *dx = LAYER_C(a->dresid, l), *fch = LAYER_4C(a->fch, l);
+        int rc = 1;
+        if (s->fuse_gelu_bwd) {
+            PROF(PC_MM_BWD_IN, rc = matmul_backward_input(s, dfch, dout, xparam(s, P_FCPROJW, l), N, 4 * C, C, fch));
+            CHECK(rc < 0);
+            if (rc == 1) s->fuse_gelu_bwd = 0;
+        }
+        if (rc == 1) {
+            PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, s->scratch_4c, dout, xparam(s, P_FCPROJW, l), N,
+                                                                4 * C, C, NULL))));
+            CHECK(gelu_backward(s, dfch, fch, s->scratch_4c, (size_t)N * 4 * C));
+        }
+        PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln2, dfch, xparam(s, P_FCW, l), N, C, 4 * C, NULL))));
+        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(a->res2, l), dparam(s, P, P_LN2W, l),
+                                       LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
+        PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, s->scratch_c, dres2, xparam(s, P_ATTPROJW, l), N, C,
+                                                            C, NULL))));
+        CHECK(attention_backward(s, dqkv, s->scratch_c, LAYER_3C(a->qkv, l), LAYER_C(a->atty, l),
+                                 a->lse + (size_t)l * s->st_lse, B, T));
+        PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln1, dqkv, xparam(s, P_QKVW, l), N, C, 3 * C, NULL))));
+        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, dparam(s, P, P_LN1W, l), LAYER_N(a->ln1_mean, l),
+                                       LAYER_N(a->ln1_rstd, l), N, C));
+    }
+    return 0;
+}
+
+// BWD_WEIGHT: accumulate this micro-batch's parameter gradients
+static int stage_backward_weight(Stage *s, Slot *a) {
+    const GPTConfig *c = &s->y.cfg;
+    int C = c->channels, N = s->B * s->T, Vp = c->padded_vocab_size;
+    float *G = s->d_grads;
+    if (s->y.last) {
+        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), a->logits, a->lnf, N, C, Vp))));
+        CHECK(layernorm_backward_weight(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), a->dlnf,
+                                        stage_output(s, a), a->lnf_mean, a->lnf_rstd, N, C));
+    }
+    for (int l = 0; l < s->y.nl; l++) {
+        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
+        CHECK(layernorm_backward_weight(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(a->dln1, l), x,
+                                        LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), N, C));
+        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), LAYER_3C(a->dqkv, l),
+                                                            LAYER_C(a->ln1, l), N, C, 3 * C))));
+        CHECK(bias_backward(s, dparam(s, G, P_QKVB, l), LAYER_3C(a->dqkv, l), N, 3 * C));
+        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_ATTPROJW, l), LAYER_C(a->dres2, l),
+                                                            LAYER_C(a->atty, l), N, C, C))));
+        CHECK(bias_backward(s, dparam(s, G, P_ATTPROJB, l), LAYER_C(a->dres2, l), N, C));
+        CHECK(layernorm_backward_weight(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(a->dln2, l),
+                                        LAYER_C(a->res2, l), LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
+        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_FCW, l), LAYER_4C(a->dfch, l),
+                                                            LAYER_C(a->ln2, l), N, C, 4 * C))));
+        CHECK(bias_backward(s, dparam(s, G, P_FCB, l), LAYER_4C(a->dfch, l), N, 4 * C));
+        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_FCPROJW, l), LAYER_C(a->dresid, l + 1),
+                                                            LAYER_4C(a->fchg, l), N, 4 * C, C))));
+        CHECK(bias_backward(s, dparam(s, G, P_FCPROJB, l), LAYER_C(a->dresid, l + 1), N, C));
+    }
+    if (s->y.first) {
+        PROF(PC_ENCODER, {
+            if (a->nuniq > 0) {
+                encoder_backward_wte_kernel<<<a->nuniq, 256, 0, s->stream>>>(s->d_dwte_embed, a->dresid, a->bk_tok,
+                                                                            a->bk_start, a->bk_pos, C);
+                LAUNCH_CHECK();
+            }
+            encoder_backward_wpe_kernel<<<grid_for((size_t)s->T * C, 256), 256, 0, s->stream>>>(
+                dparam(s, G, P_WPE, 0), a->dresid, s->B, s->T, C);
+            LAUNCH_CHECK();
+        });
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// transport: NCCL when set (ranks on separate GPUs), else the sockets of
+// common.h with the device buffers staged through pinned host memory
+
+void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
+    s->links.prev_fd = prev_fd;
+    s->links.next_fd = next_fd;
+    s->links.tied_fd = tied_fd;
+    s->links.timeout_s = timeout_s;
+}
+
+// Waits for the stream (and the NCCL operations on it) without ever hanging:
+// a peer error or no completion within the link timeout aborts the
+// communicator and fails.
+static int nccl_wait(Stage *s, const char *what) {
+    double start = now_seconds();
+    for (;;) {
+        cudaError_t q = cudaStreamQuery(s->stream);
+        if (q == cudaSuccess) return 0;
+        if (q != cudaErrorNotReady) CUDA_CHECK(q);
+        ncclResult_t ar = ncclSuccess;
+        NCCL_CHECK(ncclCommGetAsyncError(s->nccl, &ar));
+        if (ar != ncclSuccess && ar != ncclInProgress) {
+            ncclCommAbort(s->nccl);
+            s->nccl = NULL;
+            return fail("stage [%d,%d): NCCL failed during %s: %s", s->y.lo, s->y.hi, what, ncclGetErrorString(ar));
+        }
+        if (now_seconds() - start > s->links.timeout_s) {
+            ncclCommAbort(s->nccl);
+            s->nccl = NULL;
+            return fail("stage [%d,%d): no progress from a neighbour for %.0f s during %s over NCCL", s->y.lo,
+                        s->y.hi, s->links.timeout_s, what);
+        }
+        usleep(50);
+    }
+}
+
+// n sends/receives as one NCCL group: peers[i] the rank, counts of dtype
+static int nccl_exchange(Stage *s, int n, const int *sending, const int *peers, void *const *bufs, size_t count,
+                         ncclDataType_t dtype, const char *what) {
+    if (!s->nccl) return fail("stage [%d,%d): NCCL is not set up", s->y.lo, s->y.hi);
+    NCCL_CHECK(ncclGroupStart());
+    ncclResult_t r = ncclSuccess;
+    for (int i = 0; i < n && r == ncclSuccess; i++)
+        r = sending[i] ? ncclSend(bufs[i], count, dtype, peers[i], s->nccl, s->stream)
+                       : ncclRecv(bufs[i], count, dtype, peers[i], s->nccl, s->stream);
+    ncclResult_t r2 = ncclGroupEnd();
+    if (r != ncclSuccess) return fail("NCCL error in %s: %s", what, ncclGetErrorString(r));
+    if (r2 != ncclSuccess) return fail("NCCL error in %s: %s", what, ncclGetErrorString(r2));
+    return nccl_wait(s, what);
+}
+
+// the peer rank of a comm op: next = rank + 1, previous = rank - 1; a
+// one-rank communicator talks to itself
+static int nccl_peer(Stage *s, int to_next) {
+    if (s->nccl_ranks == 1) return 0;
+    int p = s->nccl_rank + (to_next ? 1 : -1);
+    return p >= 0 && p < s->nccl_ranks ? p : -1;
+}
+
+// The slot buffer each op of a communication group sends from or receives into.
+static Slot *slot_for(Stage *s, int mb);
+static int run_comm_group(Stage *s, const int *ops, int n) {
+    void *dev[MAX_GROUP];
+    size_t BTC = (size_t)s->B * s->T * s->y.cfg.channels, nbytes = BTC * sizeof(floatX);
+    if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
+    for (int i = 0; i < n; i++) {
+        int kind = ops[2 * i];
+        Slot *a = slot_for(s, ops[2 * i + 1]);
+        if (!a) return -1;
+        dev[i] = kind == OP_SEND_ACT ? (void *)stage_output(s, a)
+               : kind == OP_RECV_ACT ? (void *)a->x0
+               : kind == OP_SEND_GRAD ? (void *)a->dresid
+               : (void *)LAYER_C(a->dresid, s->y.nl);
+    }
+    if (s->nccl) {
+        int sending[MAX_GROUP], peers[MAX_GROUP];
+        for (int i = 0; i < n; i++) {
+            int kind = ops[2 * i], to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
+            sending[i] = kind == OP_SEND_ACT || kind == OP_SEND_GRAD;
+            peers[i] = nccl_peer(s, to_next);
+            if (peers[i] < 0)
+                return fail("stage [%d,%d): %s mb %d but there is no %s stage", s->y.lo, s->y.hi, OP_NAMES[kind],
+                            ops[2 * i + 1], to_next ? "next" : "previous");
+        }
+        return nccl_exchange(s, n, sending, peers, dev, BTC, NCCL_X, "activation/gradient exchange");
+    }
+    if ((size_t)n * nbytes > s->pinned_cap) {
+        if (s->pinned) CUDA_CHECK(cudaFreeHost(s->pinned));
+        s->pinned = NULL;
+        s->pinned_cap = 0;
+        CUDA_CHECK(cudaHostAlloc((void **)&s->pinned, (size_t)n * nbytes, cudaHostAllocDefault));
+        s->pinned_cap = (size_t)n * nbytes;
+    }
+    void *bufs[MAX_GROUP];
+    for (int i = 0; i < n; i++) {
+        bufs[i] = s->pinned + (size_t)i * nbytes;
+        if (ops[2 * i] == OP_SEND_ACT || ops[2 * i] == OP_SEND_GRAD)
+            CUDA_CHECK(cudaMemcpyAsync(bufs[i], dev[i], nbytes, cudaMemcpyDeviceToHost, s->stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    CHECK(comm_group(&s->links, ops, n, bufs, nbytes));
+    for (int i = 0; i < n; i++)
+        if (ops[2 * i] == OP_RECV_ACT || ops[2 * i] == OP_RECV_GRAD)
+            CUDA_CHECK(cudaMemcpyAsync(dev[i], bufs[i], nbytes, cudaMemcpyHostToDevice, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]) {
+    ncclUniqueId u;
+    static_assert(sizeof u == GPT_NCCL_ID_BYTES, "NCCL unique id size");
+    NCCL_CHECK(ncclGetUniqueId(&u));
+    memcpy(id, &u, sizeof u);
+    return 0;
+}
+
+int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank) {
+    if (nranks < 1 || rank < 0 || rank >= nranks)
+        return fail("NCCL: rank %d of %d ranks is out of range", rank, nranks);
+    CUDA_CHECK(cudaSetDevice(s->device));
+    if (s->nccl) { ncclCommDestroy(s->nccl); s->nccl = NULL; }
+    ncclUniqueId u;
+    memcpy(&u, id, sizeof u);
+    ncclComm_t comm;
+    NCCL_CHECK(ncclCommInitRank(&comm, nranks, u, rank));
+    s->nccl = comm;
+    s->nccl_rank = rank;
+    s->nccl_ranks = nranks;
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// executor: one rank's op list for one step, with no Python in the loop
+
+// The slot holding micro-batch mb, taking a free one on first use.
+static Slot *slot_for(Stage *s, int mb) {
+    if (s->slot_of[mb] >= 0) return &s->slots[s->slot_of[mb]];
+    for (int i = 0; i < s->nslots; i++) {
+        int used = 0;
+        for (int j = 0; j < s->slot_of_cap; j++) used |= s->slot_of[j] == i;
+        if (!used) { s->slot_of[mb] = i; return &s->slots[i]; }
+    }
+    fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
+         "(the schedule holds more than the validator's peak)", s->y.lo, s->y.hi, mb, s->nslots);
+    return NULL;
+}
+
+static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
+                         int training, float *loss_sum) {
+    int m = 0;  // micro-batches in this step: every rank runs one FWD per micro-batch
+    for (int i = 0; i < nops; i++) {
+        if (ops[2 * i] < 0 || ops[2 * i] >= NUM_OPS || ops[2 * i + 1] < 0)
+            return fail("op %d: bad op (%d, %d)", i, ops[2 * i], ops[2 * i + 1]);
+        m += ops[2 * i] == OP_FWD;
+    }
+    for (int i = 0; i < nops; i++)
+        if (ops[2 * i + 1] >= m) return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], m);
+    if (s->y.first && !inputs) return fail("the first stage needs input tokens");
+    if (s->y.last && !targets) return fail("the last stage needs target tokens");
+    if (m > s->slot_of_cap) {
+        free(s->slot_of); free(s->last_op); free(s->mb_losses);
+        s->slot_of = (int *)malloc(m * sizeof(int));
+        s->last_op = (int *)malloc(m * sizeof(int));
+        s->mb_losses = (float *)malloc(m * sizeof(float));
+        s->slot_of_cap = s->slot_of && s->last_op && s->mb_losses ? m : 0;
+        if (!s->slot_of_cap) return fail("out of host memory");
+    }
+    if (m > s->d_mb_cap) {
+        CUDA_CHECK(cudaFree(s->d_mb_losses));
+        s->d_mb_losses = NULL;
+        s->d_mb_cap = 0;
+        CUDA_CHECK(cudaMalloc(&s->d_mb_losses, m * sizeof(float)));
+        s->d_mb_cap = m;
+    }
+    if (nops > s->op_times_cap) {
+        free(s->op_times);
+        s->op_times = (double *)malloc(2 * nops * sizeof(double));
+        s->op_times_cap = s->op_times ? nops : 0;
+        if (!s->op_times) return fail("out of host memory");
+    }
+    for (int i = 0; i < s->slot_of_cap; i++) s->slot_of[i] = -1;
+    // a micro-batch holds its slot from its first op to its last, as the
+    // validator counts it
+    for (int i = 0; i < nops; i++) s->last_op[ops[2 * i + 1]] = i;
+    if (m) CUDA_CHECK(cudaMemsetAsync(s->d_mb_losses, 0, m * sizeof(float), s->stream));
+    if (training) {
+        CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
+        if (s->y.first)
+            CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float), s->stream));
+    }
+    size_t BT = (size_t)s->B * s->T;
+    float dloss = 1.0f / (float)(BT * m);
+    for (int i = 0; i < nops;) {
+        int kind = ops[2 * i], mb = ops[2 * i + 1];
+        double t_start = now_seconds();
+        int n = 1;
+        if (kind >= OP_SEND_ACT) {
+            while (i + n < nops && ops[2 * (i + n)] >= OP_SEND_ACT) n++;
+            CHECK(run_comm_group(s, ops + 2 * i, n));
+            if (s->prof.on) s->prof.comm_ms += 1e3 * (now_seconds() - t_start);
+        } else {
+            Slot *a = slot_for(s, mb);
+            if (!a) return -1;
+            if (kind == OP_FWD) {
+                if (s->y.first || s->y.last)
+                    PROF(PC_COPY, CHECK(upload_tokens(s, a, s->y.first ? inputs + mb * BT : NULL,
+                                                      s->y.last ? targets + mb * BT : NULL, mb)));
+                CHECK(stage_forward(s, a, s->B, s->T));
+                if (s->y.last) CHECK(stage_loss(s, a, mb, dloss, training));
+            } else if (!training) {
+                return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
+            } else if (kind == OP_BWD_INPUT) {
+                CHECK(stage_backward_input(s, a));
+            } else {
+                CHECK(stage_backward_weight(s, a));
+            }
+            // finished work, so op times are the GPU's and faults surface here
+            CUDA_CHECK(cudaStreamSynchronize(s->stream));
+        }
+        double t_end = now_seconds();
+        for (int k = i; k < i + n; k++) {
+            s->op_times[2 * k] = t_start;
+            s->op_times[2 * k + 1] = t_end;
+            if (s->last_op[ops[2 * k + 1]] == k) s->slot_of[ops[2 * k + 1]] = -1;
+        }
+        i += n;
+    }
+    if (m) {
+        CUDA_CHECK(cudaMemcpyAsync(s->mb_losses, s->d_mb_losses, m * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
+        CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < m; i++) sum += s->mb_losses[i];
+    *loss_sum = s->y.last ? sum : 0.0f;
+    return 0;
+}
+
+int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets, int training,
+              float *loss_sum) {
+    *loss_sum = 0.0f;
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    if (s->prof.on) {
+        CHECK(prof_flush(s));
+        if (++s->prof.runs == 2) {  // the first step is warmup
+            memset(s->prof.ms, 0, sizeof s->prof.ms);
+            memset(s->prof.calls, 0, sizeof s->prof.calls);
+            s->prof.comm_ms = 0.0;
+        }
+    }
+    int rc = stage_run_ops(s, ops, nops, inputs, targets, training, loss_sum);
+    if (rc) cudaStreamSynchronize(s->stream);  // leave nothing in flight on failure
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// optimizer
+
+static int sum_wte_grads(Stage *s) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    if (!s->y.first && !s->y.last) return 0;
+    size_t n = s->y.sizes[P_WTE];
+    float *head = dparam(s, s->d_grads, P_WTE, 0);
+    if (!(s->y.first && s->y.last)) {
+        // the first stage has the embedding's part, the last the head's: swap
+        // them (the last stage receives into its d_dwte_embed scratch)
+        if (!s->d_dwte_embed) CUDA_CHECK(cudaMalloc(&s->d_dwte_embed, n * sizeof(float)));
+        float *send = s->y.first ? s->d_dwte_embed : head, *recv = s->y.first ? head : s->d_dwte_embed;
+        if (s->nccl) {
+            int peer = s->nccl_ranks == 1 ? 0 : s->y.first ? s->nccl_ranks - 1 : 0;
+            int sending[2] = {1, 0}, peers[2] = {peer, peer};
+            void *bufs[2] = {send, recv};
+            // fp32 on the wire: both ends must add the very same numbers
+            PROF(PC_SUM_WTE, CHECK(nccl_exchange(s, 2, sending, peers, bufs, n, ncclFloat, "the d(wte) swap")));
+        } else {
+            if (!s->h_swap_send) s->h_swap_send = (float *)malloc(n * sizeof(float));
+            if (!s->h_swap_recv) s->h_swap_recv = (float *)malloc(n * sizeof(float));
+            if (!s->h_swap_send || !s->h_swap_recv) return fail("out of host memory for d(wte)");
+            CUDA_CHECK(cudaMemcpyAsync(s->h_swap_send, send, n * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
+            CUDA_CHECK(cudaStreamSynchronize(s->stream));
+            CHECK(tied_swap(&s->links, s->h_swap_send, s->h_swap_recv, n * sizeof(float)));
+            CUDA_CHECK(cudaMemcpyAsync(recv, s->h_swap_recv, n * sizeof(float), cudaMemcpyHostToDevice, s->stream));
+        }
+    }
+    float *embed = s->d_dwte_embed;
+    PROF(PC_SUM_WTE, {
+        add_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(head, embed, n);
+        LAUNCH_CHECK();
+    });
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+int stage_sum_wte_grads(Stage *s) { return sum_wte_grads(s); }
+
+static int grad_norm_parts(Stage *s, double *parts) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    if (s->norm_blocks > 0) {
+        PROF(PC_NORM, {
+            sumsq_kernel<<<s->norm_blocks, NORM_THREADS, 0, s->stream>>>(s->d_norm_partials, s->d_grads, s->d_segs,
+                                                                        s->d_block_seg);
+            LAUNCH_CHECK();
+        });
+        CUDA_CHECK(cudaMemcpyAsync(s->h_norm_partials, s->d_norm_partials, s->norm_blocks * sizeof(double),
+                                   cudaMemcpyDeviceToHost, s->stream));
+        CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    }
+    for (int i = 0; i < s->nsegs; i++) {
+        double acc = 0.0;
+        for (int b = 0; b < s->segs[i].nblocks; b++) acc += s->h_norm_partials[s->segs[i].first_block + b];
+        parts[s->segs[i].part] = acc;
+    }
+    return 0;
+}
+
+void stage_grad_norm_parts(Stage *s, double *parts) {
+    memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->y.cfg.num_layers);
+    if (grad_norm_parts(s, parts)) mark_broken(s);
+}
+
+static int adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
+    float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = s->dev_len[t], o = s->dev_start[t];
+        if (!n) continue;
+        float wd = is_matrix(t) ? weight_decay : 0.0f;
+#ifdef GPT_FP32
+        floatX *px = NULL;
+#else
+        floatX *px = s->d_params_x + o;
+#endif
+        PROF(PC_ADAMW, {
+            adamw_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(s->d_params + o, px, s->d_grads + o, s->d_m + o,
+                                                                  s->d_v + o, n, lr, b1, b2, bc1, bc2, eps, wd,
+                                                                  grad_scale);
+            LAUNCH_CHECK();
+        });
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
+    if (adamw(s, lr, weight_decay, grad_scale, step)) mark_broken(s);
+}
+
+// ----------------------------------------------------------------------------
+// the device half of the API
+
+int gpt_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+static int sync_to_host(Stage *s) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CHECK(download_params(s, s->h_params, s->d_params));
+    CHECK(download_params(s, s->h_grads, s->d_grads));
+    if (s->y.first) {
+        CUDA_CHECK(cudaMemcpyAsync(s->h_dwte_embed, s->d_dwte_embed, s->y.sizes[P_WTE] * sizeof(float),
+                                   cudaMemcpyDeviceToHost, s->stream));
+        CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    }
+    return 0;
+}
+void stage_sync_to_host(Stage *s) { if (sync_to_host(s)) mark_broken(s); }
+
+static int sync_to_device(Stage *s) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CHECK(upload_params(s, s->d_params, s->h_params));
+    CHECK(refresh_params_x(s));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+void stage_sync_to_device(Stage *s) { if (sync_to_device(s)) mark_broken(s); }
+
+float *stage_wte_embed_grad(Stage *s, size_t *n) {
+    *n = s->y.first ? s->y.sizes[P_WTE] : 0;
+    if (!s->y.first) return NULL;
+    // the binding reads this without a sync first: refresh it here
+    if (cudaSetDevice(s->device) != cudaSuccess ||
+        cudaMemcpyAsync(s->h_dwte_embed, s->d_dwte_embed, *n * sizeof(float), cudaMemcpyDeviceToHost,
+                        s->stream) != cudaSuccess ||
+        cudaStreamSynchronize(s->stream) != cudaSuccess) {
+        fail("copying d(wte) to the host failed: %s", cudaGetErrorString(cudaGetLastError()));
+        mark_broken(s);
+    }
+    return s->h_dwte_embed;
+}
+
+void stage_init(Stage *s, uint64_t seed) {
+    init_params(&s->y, s->h_params, seed);
+    stage_sync_to_device(s);
+}
+
+// A test-only entry point (not in gpt.h; tests reach it through ctypes): a
+// one-rank NCCL communicator sends n floats to itself in one group, as the
+// executor's groups do, first as fp32 and then the same bytes as 2n bf16;
+// the received bytes must equal the sent ones.
+extern "C" int gpt_cuda_nccl_selftest(int n) {
+    if (n < 1) return fail("selftest: n must be positive");
+    if (gpt_device_count() < 1) return fail("no CUDA device");
+    CUDA_CHECK(cudaSetDevice(0));
+    ncclUniqueId u;
+    NCCL_CHECK(ncclGetUniqueId(&u));
+    ncclComm_t comm;
+    NCCL_CHECK(ncclCommInitRank(&comm, 1, u, 0));
+    int rc = -1;
+    float *h = (float *)malloc(2 * (size_t)n * sizeof(float)), *d = NULL;
+    cudaStream_t st = NULL;
+    if (!h) { fail("out of host memory"); goto done; }
+    for (int i = 0; i < n; i++) h[i] = (float)(i % 251) - 125.0f + 1.0f / (1 + i % 7);
+    if (cudaStreamCreate(&st) != cudaSuccess || cudaMalloc(&d, 2 * (size_t)n * sizeof(float)) != cudaSuccess ||
+        cudaMemcpy(d, h, n * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess) {
+        fail("CUDA setup failed: %s", cudaGetErrorString(cudaGetLastError()));
+        goto done;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        ncclDataType_t dt = pass == 0 ? ncclFloat : ncclBfloat16;
+        size_t count = pass == 0 ? (size_t)n : 2 * (size_t)n;
+        if (cudaMemset(d + n, 0, n * sizeof(float)) != cudaSuccess) {
+            fail("CUDA error: %s", cudaGetErrorString(cudaGetLastError()));
+            goto done;
+        }
+        ncclResult_t r = ncclGroupStart();
+        if (r == ncclSuccess) r = ncclSend(d, count, dt, 0, comm, st);
+        if (r == ncclSuccess) r = ncclRecv(d + n, count, dt, 0, comm, st);
+        ncclResult_t r2 = ncclGroupEnd();
+        if (r != ncclSuccess || r2 != ncclSuccess) {
+            fail("NCCL send/recv to self failed: %s", ncclGetErrorString(r != ncclSuccess ? r : r2));
+            goto done;
+        }
+        if (cudaStreamSynchronize(st) != cudaSuccess ||
+            cudaMemcpy(h + n, d + n, n * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
+            fail("CUDA error after NCCL: %s", cudaGetErrorString(cudaGetLastError()));
+            goto done;
+        }
+        if (memcmp(h, h + n, n * sizeof(float)) != 0) {
+            fail("NCCL send/recv to self (%s) delivered different bytes", pass == 0 ? "fp32" : "bf16");
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    if (d) cudaFree(d);
+    if (st) cudaStreamDestroy(st);
+    free(h);
+    ncclCommDestroy(comm);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// checkpoint I/O (the file formats are in common.h), through the host mirrors
+
+int stage_load(Stage *s, const char *path) {
+    CHECK(model_file_read(&s->y, path, s->h_params));
+    return sync_to_device(s);
+}
+
+static int ensure_moment_mirrors(Stage *s) {
+    if (!s->h_m) s->h_m = (float *)calloc(s->y.num_params, sizeof(float));
+    if (!s->h_v) s->h_v = (float *)calloc(s->y.num_params, sizeof(float));
+    return s->h_m && s->h_v ? 0 : fail("out of host memory for the AdamW state");
+}
+
+int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CHECK(ensure_moment_mirrors(s));
+    CHECK(download_params(s, s->h_params, s->d_params));
+    CHECK(download_params(s, s->h_m, s->d_m));
+    CHECK(download_params(s, s->h_v, s->d_v));
+    return checkpoint_files_write(&s->y, dir, ts, s->h_params, s->h_m, s->h_v);
+}
+
+int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CHECK(ensure_moment_mirrors(s));
+    CHECK(checkpoint_files_read(&s->y, dir, step, ts, s->h_params, s->h_m, s->h_v));
+    CHECK(upload_params(s, s->d_m, s->h_m));
+    CHECK(upload_params(s, s->d_v, s->h_v));
+    return sync_to_device(s);
+}
+
+// ----------------------------------------------------------------------------
+// sampling: the forward pass over a fixed window of T tokens (causal, so the
+// zeros after the last real token change nothing before it), logits of the
+// last real position in fp32, top-k on the host
+
+static int sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed, int *out) {
+    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
+    if (np < 1) return fail("sampling needs a prompt of at least one token");
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, T = s->T;
+    for (int i = 0; i < np; i++)
+        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
+    if (top_k <= 0 || top_k > V) top_k = V;
+    Candidate *cand = (Candidate *)malloc(sizeof(Candidate) * top_k);
+    int *window = (int *)calloc(T, sizeof(int));
+    if (!cand || !window) { free(cand); free(window); return fail("out of host memory for sampling"); }
+    memcpy(out, prompt, np * sizeof(int));
+    Slot *a = &s->slots[0];
+    uint64_t rng = seed;
+    int rc = -1;
+    for (int len = np; len < np + n; len++) {
+        int used = len < T ? len : T;
+        memset(window, 0, T * sizeof(int));
+        memcpy(window, out + len - used, used * sizeof(int));
+        if (cudaMemcpyAsync(a->inputs, window, T * sizeof(int), cudaMemcpyHostToDevice, s->stream) != cudaSuccess) {
+            fail("CUDA error: %s", cudaGetErrorString(cudaGetLastError()));
+            goto done;
+        }
+        if (stage_forward(s, a, 1, T)) goto done;
+        lm_head_row_kernel<<<(V + 7) / 8, 256, 0, s->stream>>>(s->d_sample_logits, a->lnf + (size_t)(used - 1) * C,
+                                                               xparam(s, P_WTE, 0), V, C);
+        if (cudaGetLastError() != cudaSuccess ||
+            cudaMemcpyAsync(s->h_sample_logits, s->d_sample_logits, V * sizeof(float), cudaMemcpyDeviceToHost,
+                            s->stream) != cudaSuccess ||
+            cudaStreamSynchronize(s->stream) != cudaSuccess) {
+            fail("CUDA error while sampling: %s", cudaGetErrorString(cudaGetLastError()));
+            goto done;
+        }
+        out[len] = sample_top_k(s->h_sample_logits, V, temperature, top_k, &rng, cand);
+    }
+    rc = 0;
+done:
+    free(cand);
+    free(window);
+    return rc;
+}
+
+int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed, int *out) {
+    return sample(s, prompt, np, n, temperature, top_k, seed, out);
+}
+
+// ----------------------------------------------------------------------------
+// main: single-process training from the shell, ./train_gpt_cu -h for the
+// flags (those of train_gpt.c). Built only for the binary.
+#ifdef TRAIN_GPT_MAIN
+
+static void usage(void) {
+    fprintf(stderr,
+        "usage: ./train_gpt_cu [flags]   (single-process training on GPU $GPT_DEVICE; python train.py does more)\n"
+        "  -i PATTERN  train shards (data/shakespeare/shakespeare_train_*.bin)\n"
+        "  -j PATTERN  val shards   (data/shakespeare/shakespeare_val_*.bin)\n"
+        "  -e MODEL    preset (tiny, d6, d8, d12, ...) or an llm.c model file (tiny)\n"
+        "  -b B -t T   micro-batch size and sequence length (8, 64)\n"
+        "  -a M        micro-batches per step (1)\n"
+        "  -n STEPS    optimizer steps (50)\n"
+        "  -l LR -u WARMUP   learning rate and warmup steps (1e-3, 10)\n"
+        "  -v EVERY    validation every N steps, 0 = never (25)\n"
+        "  -g TOKENS   tokens to sample at the end (64)\n"
+        "  -o DIR -k EVERY   checkpoint directory and interval (none)\n"
+        "  -r          resume from the newest checkpoint in -o\n"
+        "  -x SEED -p THREADS  (1337, all cores; threads only for the host-side init)\n"
+        "  -z PATH     tokenizer for printing samples (data/gpt2_tokenizer.bin)\n");
+}
+
+static int die(void) {
+    fprintf(stderr, "error: %s\n", gpt_last_error());
+    return 1;
+}
+
+static float validation_loss(Stage *s, DataLoader *val, int *x, int *y, int batches) {
+    int ops[2] = {OP_FWD, 0};
+    float sum = 0.0f, loss = 0.0f;
+    dataloader_set_position(val, 0, 0);
+    for (int i = 0; i < batches; i++) {
+        if (dataloader_next(val, x, y) || stage_run(s, ops, 1, x, y, 0, &loss)) return NAN;
+        sum += loss;
+    }
+    return sum / batches;
+}
+
+int main(int argc, char **argv) {
+    const char *train_pat = "data/shakespeare/shakespeare_train_*.bin";
+    const char *val_pat = "data/shakespeare/shakespeare_val_*.bin";
+    const char *model = "tiny", *ckpt_dir = NULL, *tok_path = "data/gpt2_tokenizer.bin";
+    int B = 8, T = 64, M = 1, steps = 50, warmup = 10, val_every = 25, sample_tokens = 64;
+    int ckpt_every = 0, resume = 0, threads = 0;
+    float lr = 1e-3f;
+    uint64_t seed = 1337;
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (strcmp(f, "-r") == 0) { resume = 1; continue; }
+        if (f[0] != '-' || strlen(f) != 2 || i + 1 >= argc) { usage(); return 1; }
+        const char *v = argv[++i];
+        switch (f[1]) {
+        case 'i': train_pat = v; break;
+        case 'j': val_pat = v; break;
+        case 'e': model = v; break;
+        case 'b': B = atoi(v); break;
+        case 't': T = atoi(v); break;
+        case 'a': M = atoi(v); break;
+        case 'n': steps = atoi(v); break;
+        case 'l': lr = (float)atof(v); break;
+        case 'u': warmup = atoi(v); break;
+        case 'v': val_every = atoi(v); break;
+        case 'g': sample_tokens = atoi(v); break;
+        case 'o': ckpt_dir = v; break;
+        case 'k': ckpt_every = atoi(v); break;
+        case 'x': seed = strtoull(v, NULL, 10); break;
+        case 'p': threads = atoi(v); break;
+        case 'z': tok_path = v; break;
+        default: usage(); return 1;
+        }
+    }
+    if (M < 1 || steps < 0) { fprintf(stderr, "error: -a and -n must be positive\n"); return 1; }
+    gpt_set_threads(threads);
+    if (gpt_device_count() < 1) { fprintf(stderr, "error: no CUDA device is visible\n"); return 1; }
+    GPTConfig cfg;
+    int from_file = gpt_config_from_name(model, &cfg) != 0;
+    if (from_file && gpt_read_config(model, &cfg)) return die();
+    Stage *s = stage_create(cfg, 0, cfg.num_layers, B, T, 1);
+    if (!s) return die();
+    if (from_file) { if (stage_load(s, model)) return die(); }
+    else { stage_init(s, seed); if (check_broken(s)) return die(); }
+    DataLoader *train = dataloader_open(train_pat, B, T);
+    if (!train) return die();
+    DataLoader *val = val_every > 0 ? dataloader_open(val_pat, B, T) : NULL;
+    if (val_every > 0 && !val) return die();
+    int start = 0;
+    if (resume) {
+        int64_t last = ckpt_dir ? checkpoint_latest(ckpt_dir) : -1;
+        TrainState ts;
+        if (last < 0) { fprintf(stderr, "error: -r: no finished checkpoint in %s\n", ckpt_dir ? ckpt_dir : "(no -o)"); return 1; }
+        if (stage_read_checkpoint(s, ckpt_dir, last, &ts) || dataloader_set_position(train, ts.shard, ts.pos)) return die();
+        start = (int)ts.step;
+        printf("resumed from %s step %d\n", ckpt_dir, start);
+    }
+    size_t BT = (size_t)B * T;
+    int *x = (int *)malloc(M * BT * sizeof(int)), *y = (int *)malloc(M * BT * sizeof(int));
+    int *ops = (int *)malloc(2 * 3 * M * sizeof(int));
+    for (int mb = 0; mb < M; mb++) {  // one stage: F, B, W per micro-batch
+        int op[6] = {OP_FWD, mb, OP_BWD_INPUT, mb, OP_BWD_WEIGHT, mb};
+        memcpy(ops + 6 * mb, op, sizeof op);
+    }
+    double *parts = (double *)malloc(sizeof(double) * NUM_PARAM_TENSORS * cfg.num_layers);
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, s->device);
+    printf("device %d: %s (%s, attention %s)\n", s->device, prop.name, PRECISION_NAME,
+           s->attn_mma == ATTN_MMA_PIPELINED ? "tensor-core, pipelined" : s->attn_mma ? "tensor-core" : "simple");
+    printf("model L=%d NH=%d C=%d, B=%d T=%d micro-batches=%d, %zu parameters\n",
+           cfg.num_layers, cfg.num_heads, cfg.channels, B, T, M, s->y.num_params);
+    for (int step = start; step < steps; step++) {
+        double t0 = now_seconds();
+        for (int mb = 0; mb < M; mb++)
+            if (dataloader_next(train, x + mb * BT, y + mb * BT)) return die();
+        float loss;
+        if (stage_run(s, ops, 3 * M, x, y, 1, &loss)) return die();
+        loss /= M;
+        if (stage_sum_wte_grads(s)) return die();
+        stage_grad_norm_parts(s, parts);
+        double norm = gpt_norm_from_parts(parts, cfg.num_layers);
+        float scale = norm > 1.0 ? (float)(1.0 / norm) : 1.0f;
+        float step_lr = gpt_lr_at(step, lr, warmup, steps, 0.1f);
+        stage_adamw(s, step_lr, 0.1f, scale, step + 1);
+        if (check_broken(s)) return die();
+        double ms = 1e3 * (now_seconds() - t0);
+        printf("step %d/%d | loss %f | lr %.2e | norm %.4f | %.0f ms | %.0f tok/s\n", step + 1, steps,
+               loss, step_lr, norm, ms, M * BT / ms * 1e3);
+        fflush(stdout);
+        if (val && (step + 1) % val_every == 0)
+            printf("val loss %f\n", validation_loss(s, val, x, y, 10));
+        if (ckpt_dir && ckpt_every > 0 && ((step + 1) % ckpt_every == 0 || step + 1 == steps)) {
+            TrainState ts = {step + 1, 0, 0};
+            dataloader_get_position(train, &ts.shard, &ts.pos);
+            if (stage_write_checkpoint(s, ckpt_dir, &ts) || checkpoint_commit(ckpt_dir, step + 1)) return die();
+        }
+    }
+    if (sample_tokens > 0) {
+        Tokenizer tk;
+        memset(&tk, 0, sizeof tk);
+        int have_tk = tokenizer_read(&tk, tok_path) == 0;
+        int prompt = have_tk ? tk.eot : 50256;
+        int *out = (int *)malloc((1 + sample_tokens) * sizeof(int));
+        if (stage_sample(s, &prompt, 1, sample_tokens, 1.0f, 40, seed, out)) return die();
+        printf("sample:\n");
+        for (int i = 1; i <= sample_tokens; i++) {
+            if (have_tk) printf("%s", tk.tokens[out[i]]);
+            else printf("%d ", out[i]);
+        }
+        printf("\n");
+        free(out);
+        tokenizer_free(&tk);
+    }
+    dataloader_free(train);
+    dataloader_free(val);
+    stage_free(s);
+    free(x); free(y); free(ops); free(parts);
+    return 0;
+}
+#endif
