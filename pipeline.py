@@ -652,6 +652,16 @@ class Rank:
     def barrier(self) -> None:
         self.allreduce(np.zeros(1))
 
+    def broadcast(self, blob: bytes) -> bytes:
+        """Rank 0's bytes, on every rank."""
+        if self.world == 1:
+            return blob
+        if self.rank != 0:
+            return recv_msg(self.control[0], BLOB, 1 << 20)
+        for r in range(1, self.world):
+            send_msg(self.control[r], BLOB, blob)
+        return blob
+
     def gather_blobs(self, blob: bytes) -> list[bytes] | None:
         """Every rank's bytes, on rank 0 (None elsewhere)."""
         if self.rank != 0:

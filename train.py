@@ -47,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train GPT-2 from scratch (llm.c-style C trainer, numpy-free hot loop).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="preset: tiny (L4 C128, the CPU default), d6, d8, d12 (GPT-2 124M), d24, d36, d48")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda when a GPU is visible and the CUDA trainer is built, else cpu")
+    p.add_argument("--model", default=None,
+                   help="preset: tiny (L4 C128), d6, d8, d12 (GPT-2 124M), d24, d36, d48 "
+                        "(default: tiny on the CPU, d12 on the GPU)")
     p.add_argument("--init-from", default=None, metavar="FILE",
                    help="start from an llm.c model file (version 3 fp32 or 5 bf16) instead of a fresh init")
     p.add_argument("--data", default="shakespeare",
@@ -56,12 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or a glob of llm.c train shards")
     p.add_argument("--val-data", default=None, help="glob of llm.c val shards (with a --data glob)")
     p.add_argument("--data-dir", default="data", help="where prepared data lives")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (8 CPU, 32 GPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (64 CPU, 1024 GPU)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="split each step's batch into this many micro-batches (gradient accumulation)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (2e-3 CPU, 6e-4 GPU)")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine decay to lr/10")
     p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (0: never)")
     p.add_argument("--sample-tokens", type=int, default=128, help="tokens to generate at the end (0: none)")
@@ -74,8 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     p.add_argument("--seed", type=int, default=1337, help="init and sampling seed")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: the cores shared out)")
-    p.add_argument("--stages", type=int, default=1,
-                   help="pipeline stages, one process each (under an outside launcher: WORLD_SIZE)")
+    p.add_argument("--stages", type=int, default=None,
+                   help="pipeline stages, one process each (default: 1 on the CPU, one per GPU; "
+                        "under an outside launcher: WORLD_SIZE)")
+    p.add_argument("--transport", choices=["auto", "socket", "nccl"], default="auto",
+                   help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write every rank's measured timeline as a Chrome trace (Perfetto, chrome://tracing)")
@@ -84,6 +90,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bind", default="127.0.0.1",
                    help="address the ranks listen on (0.0.0.0 for a job across machines)")
     return p.parse_args(argv)
+
+
+# what a run on each kind of device starts from, flag by flag
+DEVICE_DEFAULTS = {
+    "cpu": dict(model="tiny", batch_size=8, seq_len=64, lr=2e-3),
+    "cuda": dict(model="d12", batch_size=32, seq_len=1024, lr=6e-4),
+}
+
+
+def load_trainer(args: argparse.Namespace):
+    """The trainer module for --device (gpt: CPU, gpt_cuda: GPU), with the
+    device's defaults filled into the flags left unset."""
+    try:
+        import gpt_cuda
+        gpus = gpt_cuda.device_count()
+    except ImportError:
+        gpt_cuda, gpus = None, 0
+    if args.device == "cuda" and gpt_cuda is None:
+        raise UsageError("--device cuda: the CUDA trainer is not built (make builds it where nvcc is)")
+    if args.device == "cuda" and gpus == 0:
+        raise UsageError("--device cuda: no GPU is visible")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and gpus > 0) else "cpu"
+    for flag, value in DEVICE_DEFAULTS[device].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.stages is None:
+        args.stages = max(gpus, 1) if device == "cuda" else 1
+    args.device = device
+    if device == "cpu":
+        import gpt
+        return gpt
+    return gpt_cuda
 
 
 @dataclass
@@ -174,9 +212,28 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, config: dict,
     # the validator's peak is exactly what the executor allocates
     slots = max(pipeline.validate(train_ops, m).peak_held[ctx.rank],
                 pipeline.validate(val_ops, VAL_BATCHES, training=False).peak_held[ctx.rank])
+    if args.device == "cuda":  # one GPU per rank while there are enough, else they share
+        local = int(os.environ.get("LOCAL_RANK", ctx.rank))
+        os.environ.setdefault("GPT_DEVICE", str(local % gpt.device_count()))
     model = gpt.Model(config, lo, hi, B, args.seq_len, slots)
     model.set_peers(*ctx.fds(), args.peer_timeout)
+    if use_nccl(args, gpt, S):
+        uid = ctx.broadcast(gpt.nccl_unique_id() if ctx.rank == 0 else b"")
+        model.set_nccl(uid, S, ctx.rank)
     return Stage(model, ctx, as_ops(train_ops[ctx.rank]), as_ops(val_ops[ctx.rank]))
+
+
+def use_nccl(args: argparse.Namespace, gpt, stages: int) -> bool:
+    """NCCL between GPU stages when every rank has a GPU of its own (NCCL
+    refuses two ranks on one GPU); sockets otherwise."""
+    if args.device != "cuda" or stages == 1 or args.transport == "socket":
+        return False
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", stages))
+    own_gpu = local_ranks <= gpt.device_count()
+    if args.transport == "nccl" and not own_gpu:
+        raise UsageError(f"--transport nccl: {local_ranks} ranks on this machine but "
+                         f"{gpt.device_count()} GPU(s), and NCCL needs one GPU per rank")
+    return own_gpu
 
 
 def gather_params(stage: Stage) -> dict | None:
@@ -224,7 +281,7 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
     else:
         model.init(args.seed)
     say(f"model L={L} NH={cfg['num_heads']} C={cfg['channels']} | batch {args.batch_size} x {T} tokens "
-        f"in {m} micro-batch(es) | {args.steps} steps | {ctx.world} stage(s), {args.schedule}")
+        f"in {m} micro-batch(es) | {args.steps} steps | {ctx.world} stage(s), {args.schedule} | {args.device}")
     if ctx.world > 1:
         say(pipeline.describe_partition(cfg, pipeline.partition(cfg, ctx.world, T), T))
     timeline = []  # per step: (op start/end times) for the trace and the bubble
@@ -319,9 +376,10 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    import gpt
-    ctx = None
+    ctx, errors = None, (UsageError,)
     try:
+        gpt = load_trainer(args)
+        errors = (gpt.GPTError, ValueError, OSError)
         env = pipeline.env_from(os.environ)
         if env is None and args.stages > 1:
             make_plan(args, gpt)  # bad flags and data fail here, once, before any rank starts
@@ -335,14 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (gpt.GPTError, ValueError, OSError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if ctx:
             ctx.close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

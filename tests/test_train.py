@@ -3,6 +3,8 @@
 import os
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,6 +180,7 @@ def test_bad_checkpoint(tmp_path, data_dir, case, words):
     (["--batch-size", "6", "--micro-batches", "4"], ["--batch-size 6", "--micro-batches 4"]),
     (["--model", "gpt5"], ["--model", "unknown model 'gpt5'"]),
     (["--resume"], ["--resume needs --checkpoint-dir"]),
+    (["--stages", "5"], ["--stages 5", "4 layers"]),
 ])
 def test_bad_flags(data_dir, flags, words):
     assert_fails(run_train("--data-dir", data_dir, *flags), *words)
@@ -189,6 +192,14 @@ def test_unwritable_checkpoint_dir(tmp_path, data_dir):
     r = run_train("--data-dir", data_dir, "--checkpoint-dir", str(blocker / "ckpt"), "--steps", "1")
     assert_fails(r, "--checkpoint-dir", "not writable")
     assert blocker.read_text() == "not a directory"
+
+
+def test_cuda_without_a_gpu(data_dir):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "train.py", "--data-dir", data_dir, "--device", "cuda"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert_fails(r, "--device cuda")
+    assert "no GPU is visible" in r.stderr or "not built" in r.stderr
 
 
 def test_resume_without_checkpoint(data_dir, ckpt):
