@@ -320,7 +320,7 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
             if ctx.world > 1:
                 whole.set_params(params)
-            prompt = [EOT] + gpt2_encoding().encode(args.prompt)
+            prompt = [EOT] + (gpt2_encoding().encode(args.prompt) if args.prompt else [])
             out = whole.sample(np.array(prompt), args.sample_tokens, args.temperature, args.top_k, args.seed)
             ids = out[1:]
             text = decode(read_tokenizer(plan.tokenizer), ids) if plan.tokenizer else " ".join(map(str, ids))

@@ -74,6 +74,7 @@ part "tests: no device, fp32 build vs CPU" 60 95 $PYTEST -k "no_device or (fp32 
 part "tests: bf16 build vs CPU, attention kernels" 60 95 $PYTEST -k "bf16_one_step or tensor_core or odd_shape"
 part "tests: pipelines over sockets, NCCL" 75 95 $PYTEST -k "pipeline or nccl"
 part "tests: determinism, bad input, binary" 75 95 $PYTEST -k "identical or d12_shape or out_of_memory or bad_tokens or standalone"
+part "tests: train.py on the GPU" 90 95 $PYTEST -k "train_py"
 # the CPU side of the 20-step d12 comparison falls back to d6 when it would not fit
 export GPU_CHECK_TRACK_BUDGET_S=$((BUDGET - (SECONDS - START) - 95 - 30))
 part "tests: bf16 d12 tracks the CPU over 20 steps" 120 95 $PYTEST -k "tracks" --durations=3

@@ -673,3 +673,39 @@ def test_bf16_d12_tracks_the_cpu_trainer_over_20_steps():
     assert np.all(np.abs(g - c) < 0.1), "bf16 loss strays from fp32"
     assert abs(g[-1] - c[-1]) / c[-1] < 0.03
     assert c[-1] < c[0] and g[-1] < g[0], "no learning"
+
+
+# -----------------------------------------------------------------------------
+# train.py on the GPU
+
+
+def run_train_py(*flags: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "train.py", "--device", "cuda", *flags], cwd=ROOT, capture_output=True,
+                       text=True, timeout=240)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def step_lines(out: str) -> list[str]:
+    import re
+    return [re.sub(r" \| \d+ ms \| \d+ tok/s", "", l) for l in out.splitlines() if l.startswith(("step ", "val"))]
+
+
+@needs_gpu
+def test_train_py_defaults_to_gpt2_on_the_gpu():
+    r = run_train_py("--steps", "12", "--eval-every", "12", "--sample-tokens", "16")
+    assert "model L=12 NH=12 C=768 | batch 32 x 1024 tokens" in r.stdout and "| cuda" in r.stdout
+    losses = [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
+    assert losses[-1] < losses[0] - 1.0
+    assert "sample:" in r.stdout and "val loss" in r.stdout
+
+
+@needs_gpu
+def test_train_py_stages_sharing_one_gpu_match_one_stage():
+    flags = ["--model", "d6", "--batch-size", "8", "--seq-len", "128", "--micro-batches", "4", "--steps", "3",
+             "--eval-every", "3", "--sample-tokens", "0"]
+    one = run_train_py(*flags)
+    two = run_train_py(*flags, "--stages", "2", "--schedule", "zb-h1")
+    assert step_lines(two.stdout) == step_lines(one.stdout)
+    assert "bubble: measured" in two.stdout
