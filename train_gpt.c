@@ -18,6 +18,7 @@
 #include <omp.h>
 #endif
 #include "common.h"
+#include "asm/sgemm.h"
 
 void gpt_set_threads(int n) {
 #ifdef _OPENMP
@@ -212,25 +213,30 @@ static void gemm_nn(float *out, const float *A, size_t sm, size_t sk, const floa
 // out (N,OC) = inp (N,IC) @ W^T + bias
 static void matmul_forward(float *out, const float *inp, const float *W,
                            const float *bias, int N, int IC, int OC) {
-    gemm_nt(out, inp, W, bias, N, IC, OC);
+    if (asm_sgemm_available()) asm_gemm_nt(out, inp, W, bias, N, IC, OC);
+    else gemm_nt(out, inp, W, bias, N, IC, OC);
 }
 
 // dinp (N,IC) = dout (N,OC) @ W (OC,IC)
 static void matmul_backward_input(float *dinp, const float *dout, const float *W,
                                   int N, int IC, int OC) {
-    gemm_nn(dinp, dout, OC, 1, W, N, OC, IC, 0);
+    if (asm_sgemm_available()) asm_gemm_nn(dinp, dout, OC, 1, W, N, OC, IC, 0);
+    else gemm_nn(dinp, dout, OC, 1, W, N, OC, IC, 0);
 }
 
 // dW (OC,IC) += dout^T @ inp, dbias (OC) += column sums of dout
 static void matmul_backward_weight(float *dW, float *dbias, const float *dout,
                                    const float *inp, int N, int IC, int OC) {
-    gemm_nn(dW, dout, 1, OC, inp, OC, N, IC, 1);
-    if (dbias) {
+    if (asm_sgemm_available()) asm_gemm_nn(dW, dout, 1, OC, inp, OC, N, IC, 1);
+    else gemm_nn(dW, dout, 1, OC, inp, OC, N, IC, 1);
+    if (dbias) {  // column sums, rows in order, a strip of columns per thread
         #pragma omp parallel for
-        for (int o = 0; o < OC; o++) {
-            float s = 0.0f;
-            for (int n = 0; n < N; n++) s += dout[(size_t)n * OC + o];
-            dbias[o] += s;
+        for (int o0 = 0; o0 < OC; o0 += 64) {
+            int o1 = o0 + 64 < OC ? o0 + 64 : OC;
+            float s[64] = {0};
+            for (int n = 0; n < N; n++)
+                for (int o = o0; o < o1; o++) s[o - o0] += dout[(size_t)n * OC + o];
+            for (int o = o0; o < o1; o++) dbias[o] += s[o - o0];
         }
     }
 }
@@ -758,16 +764,33 @@ int stage_sum_wte_grads(Stage *s) {
     return 0;
 }
 
+// The sum of squares of n floats in double: fixed chunks summed in parallel,
+// each in 8 interleaved lanes (so it vectorises), then the chunks in order,
+// which makes the result independent of the thread count.
+#define SUMSQ_CHUNK 65536
 static double sum_squares(const float *p, size_t n) {
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++) s += (double)p[i] * p[i];
-    return s;
+    size_t nchunks = (n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+    double *chunk = malloc(nchunks * sizeof(double)), total = 0.0;
+    #pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunks; c++) {
+        size_t lo = c * SUMSQ_CHUNK, hi = lo + SUMSQ_CHUNK < n ? lo + SUMSQ_CHUNK : n;
+        double lane[8] = {0};
+        size_t i = lo;
+        for (; i + 8 <= hi; i += 8)
+            for (int k = 0; k < 8; k++) lane[k] += (double)p[i + k] * p[i + k];
+        for (; i < hi; i++) lane[0] += (double)p[i] * p[i];
+        double sum = 0.0;
+        for (int k = 0; k < 8; k++) sum += lane[k];
+        chunk[c] = sum;
+    }
+    for (size_t c = 0; c < nchunks; c++) total += chunk[c];
+    free(chunk);
+    return total;
 }
 
 void stage_grad_norm_parts(Stage *s, double *parts) {
     int L = s->y.cfg.num_layers;
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * L);
-    #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int t = 0; t < NUM_PARAM_TENSORS; t++)
         for (int l = 0; l < s->y.nl; l++) {
             if (!s->y.sizes[t]) continue;

@@ -1,0 +1,101 @@
+"""
+The AVX-512 GEMM of asm/ against numpy's sgemm (OpenBLAS), GFLOP/s on the
+GPT-2 shapes at M = B*T = 256 (every forward and backward product the trainer
+runs) and 2048^3, same threads, same run. Each product is laid out as the
+trainer lays it out:
+
+    fwd    out = inp @ W^T + bias        inp (M,K), W (N,K)         asm_gemm_nt
+    bwdin  dinp = dout @ W               dout (M,K), W (K,N)        asm_gemm_nn, sm=K, sk=1
+    bwdw   dW += dout^T @ inp            dout (K,M), inp (K,N)      asm_gemm_nn, sm=1, sk=M
+
+    python dev/bench/bench_sgemm.py [--threads 2]
+
+Needs build/test_sgemm (`make`); the asm side runs there, in a subprocess.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DRIVER = os.path.join(ROOT, "build", "test_sgemm")
+
+# (variant, M, K, N): the first nine are the GPT-2 shapes the targets are about
+SHAPES = [
+    ("fwd", 256, 768, 3072), ("fwd", 256, 3072, 768), ("fwd", 256, 768, 50304),
+    ("bwdin", 256, 3072, 768), ("bwdin", 256, 768, 3072), ("bwdin", 256, 50304, 768),
+    ("bwdw", 3072, 256, 768), ("bwdw", 768, 256, 3072), ("bwdw", 50304, 256, 768),
+    ("fwd", 2048, 2048, 2048), ("bwdin", 2048, 2048, 2048),
+]
+GPT2 = 9
+
+
+def numpy_gflops(np, variant: str, M: int, K: int, N: int) -> float:
+    """numpy's GFLOP/s on the product as the trainer lays it out, best of enough runs for ~0.3 s."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    if variant == "fwd":
+        a, w, bias = rng.standard_normal((M, K), f32), rng.standard_normal((N, K), f32), rng.standard_normal(N, f32)
+        out = np.empty((M, N), f32)
+
+        def run():
+            np.matmul(a, w.T, out=out)
+            np.add(out, bias, out=out)
+    elif variant == "bwdin":
+        a, b = rng.standard_normal((M, K), f32), rng.standard_normal((K, N), f32)
+        out = np.empty((M, N), f32)
+
+        def run():
+            np.matmul(a, b, out=out)
+    else:
+        a, b = rng.standard_normal((K, M), f32), rng.standard_normal((K, N), f32)
+        out, tmp = np.zeros((M, N), f32), np.empty((M, N), f32)
+
+        def run():
+            np.matmul(a.T, b, out=tmp)
+            np.add(out, tmp, out=out)
+    run()
+    best, total, i = float("inf"), 0.0, 0
+    while i < 3 or (total < 0.3 and i < 200):
+        t0 = time.perf_counter()
+        run()
+        t = time.perf_counter() - t0
+        best, total, i = min(best, t), total + t, i + 1
+    return 2.0 * M * K * N / best / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if not os.path.exists(DRIVER):
+        sys.exit(f"{DRIVER} is missing: run `make` first")
+    # numpy's OpenBLAS reads its thread count when it loads
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+    import numpy as np
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env.pop("GPT_NO_ASM", None)
+    spec = [str(x) for v, m, k, n in SHAPES for x in (m, k, n, v)]
+    r = subprocess.run([DRIVER, "bench", *spec], capture_output=True, text=True, env=env)
+    if r.returncode == 3:
+        sys.exit("no AVX-512 on this CPU: nothing to measure")
+    if r.returncode != 0:
+        sys.exit(r.stderr)
+    asm = [float(line.split()[-1]) for line in r.stdout.splitlines()]
+    ref = [numpy_gflops(np, *s) for s in SHAPES]
+
+    print(f"asm/sgemm_avx512.S vs numpy {np.__version__} sgemm, {args.threads} threads, GFLOP/s")
+    print(f"  {'product':<7} {'M':>6} {'K':>6} {'N':>6}   {'asm':>7} {'numpy':>7}  asm/numpy")
+    for (v, m, k, n), a, b in zip(SHAPES, asm, ref):
+        print(f"  {v:<7} {m:>6} {k:>6} {n:>6}   {a:7.1f} {b:7.1f}  {a / b:9.2f}")
+    ga, gr = sum(asm[:GPT2]) / GPT2, sum(ref[:GPT2]) / GPT2
+    worst = min(a / b for a, b in zip(asm[:GPT2], ref[:GPT2]))
+    print(f"GPT-2 shapes: asm {ga:.1f}, numpy {gr:.1f} GFLOP/s on average: {ga / gr:.2f} x numpy "
+          f"(worst shape {worst:.2f} x; target >= 0.80 x)")
+
+
+if __name__ == "__main__":
+    main()
