@@ -750,4 +750,165 @@ static void tokenizer_free(Tokenizer *tk) {
 
 #endif
 
+// ----------------------------------------------------------------------------
+// main: single-process training from the shell (./train_gpt -h), the same for
+// both trainers. Built only for the binaries: the Python bindings link the
+// stage API alone. Each trainer defines TRAINER_NAME and two hooks:
+//   trainer_describe(s): prints what runs where;
+//   trainer_check(s):    0, or -1 with the message of a failure that a void
+//                        call of the stage API recorded.
+
+#ifdef TRAIN_GPT_MAIN
+static void trainer_describe(Stage *s);
+static int trainer_check(Stage *s);
+
+static void usage(void) {
+    fprintf(stderr,
+        "usage: " TRAINER_NAME " [flags]   (single-process training; python train.py does more)\n"
+        "  -i PATTERN  train shards (data/shakespeare/shakespeare_train_*.bin)\n"
+        "  -j PATTERN  val shards   (data/shakespeare/shakespeare_val_*.bin)\n"
+        "  -e MODEL    preset (tiny, d6, d8, d12, ...) or an llm.c model file (tiny)\n"
+        "  -b B -t T   micro-batch size and sequence length (8, 64)\n"
+        "  -a M        micro-batches per step (1)\n"
+        "  -n STEPS    optimizer steps (50)\n"
+        "  -l LR -u WARMUP   learning rate and warmup steps (1e-3, 10)\n"
+        "  -v EVERY    validation every N steps, 0 = never (25)\n"
+        "  -g TOKENS   tokens to sample at the end (64)\n"
+        "  -o DIR -k EVERY   checkpoint directory and interval (none)\n"
+        "  -r          resume from the newest checkpoint in -o\n"
+        "  -x SEED -p THREADS  (1337, all cores)\n"
+        "  -z PATH     tokenizer for printing samples (data/gpt2_tokenizer.bin)\n");
+}
+
+static int die(void) {
+    fprintf(stderr, "error: %s\n", gpt_last_error());
+    return 1;
+}
+
+static float validation_loss(Stage *s, DataLoader *val, int *x, int *y, int batches) {
+    int ops[2] = {OP_FWD, 0};
+    float sum = 0.0f, loss = 0.0f;
+    dataloader_set_position(val, 0, 0);
+    for (int i = 0; i < batches; i++) {
+        if (dataloader_next(val, x, y) || stage_run(s, ops, 1, x, y, 0, &loss)) return NAN;
+        sum += loss;
+    }
+    return sum / batches;
+}
+
+int main(int argc, char **argv) {
+    const char *train_pat = "data/shakespeare/shakespeare_train_*.bin";
+    const char *val_pat = "data/shakespeare/shakespeare_val_*.bin";
+    const char *model = "tiny", *ckpt_dir = NULL, *tok_path = "data/gpt2_tokenizer.bin";
+    int B = 8, T = 64, M = 1, steps = 50, warmup = 10, val_every = 25, sample_tokens = 64;
+    int ckpt_every = 0, resume = 0, threads = 0;
+    float lr = 1e-3f;
+    uint64_t seed = 1337;
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (strcmp(f, "-r") == 0) { resume = 1; continue; }
+        if (f[0] != '-' || strlen(f) != 2 || i + 1 >= argc) { usage(); return 1; }
+        const char *v = argv[++i];
+        switch (f[1]) {
+        case 'i': train_pat = v; break;
+        case 'j': val_pat = v; break;
+        case 'e': model = v; break;
+        case 'b': B = atoi(v); break;
+        case 't': T = atoi(v); break;
+        case 'a': M = atoi(v); break;
+        case 'n': steps = atoi(v); break;
+        case 'l': lr = (float)atof(v); break;
+        case 'u': warmup = atoi(v); break;
+        case 'v': val_every = atoi(v); break;
+        case 'g': sample_tokens = atoi(v); break;
+        case 'o': ckpt_dir = v; break;
+        case 'k': ckpt_every = atoi(v); break;
+        case 'x': seed = strtoull(v, NULL, 10); break;
+        case 'p': threads = atoi(v); break;
+        case 'z': tok_path = v; break;
+        default: usage(); return 1;
+        }
+    }
+    if (M < 1 || steps < 0) { fprintf(stderr, "error: -a and -n must be positive\n"); return 1; }
+    gpt_set_threads(threads);
+    GPTConfig cfg;
+    int from_file = gpt_config_from_name(model, &cfg) != 0;
+    if (from_file && gpt_read_config(model, &cfg)) return die();
+    Stage *s = stage_create(cfg, 0, cfg.num_layers, B, T, 1);
+    if (!s) return die();
+    if (from_file ? stage_load(s, model) : (stage_init(s, seed), trainer_check(s))) return die();
+    DataLoader *train = dataloader_open(train_pat, B, T);
+    if (!train) return die();
+    DataLoader *val = val_every > 0 ? dataloader_open(val_pat, B, T) : NULL;
+    if (val_every > 0 && !val) return die();
+    int start = 0;
+    if (resume) {
+        int64_t last = ckpt_dir ? checkpoint_latest(ckpt_dir) : -1;
+        TrainState ts;
+        if (last < 0) { fprintf(stderr, "error: -r: no finished checkpoint in %s\n", ckpt_dir ? ckpt_dir : "(no -o)"); return 1; }
+        if (stage_read_checkpoint(s, ckpt_dir, last, &ts) || dataloader_set_position(train, ts.shard, ts.pos)) return die();
+        start = (int)ts.step;
+        printf("resumed from %s step %d\n", ckpt_dir, start);
+    }
+    size_t BT = (size_t)B * T;
+    int *x = (int *)malloc(M * BT * sizeof(int)), *y = (int *)malloc(M * BT * sizeof(int));
+    int *ops = (int *)malloc(2 * 3 * M * sizeof(int));
+    for (int mb = 0; mb < M; mb++) {  // one stage: F, B, W per micro-batch
+        int op[6] = {OP_FWD, mb, OP_BWD_INPUT, mb, OP_BWD_WEIGHT, mb};
+        memcpy(ops + 6 * mb, op, sizeof op);
+    }
+    double *parts = (double *)malloc(sizeof(double) * NUM_PARAM_TENSORS * cfg.num_layers);
+    trainer_describe(s);
+    printf("model L=%d NH=%d C=%d, B=%d T=%d micro-batches=%d, %zu parameters\n",
+           cfg.num_layers, cfg.num_heads, cfg.channels, B, T, M, model_size(&cfg));
+    for (int step = start; step < steps; step++) {
+        double t0 = now_seconds();
+        for (int mb = 0; mb < M; mb++)
+            if (dataloader_next(train, x + mb * BT, y + mb * BT)) return die();
+        float loss;
+        if (stage_run(s, ops, 3 * M, x, y, 1, &loss)) return die();
+        loss /= M;
+        if (stage_sum_wte_grads(s)) return die();
+        stage_grad_norm_parts(s, parts);
+        double norm = gpt_norm_from_parts(parts, cfg.num_layers);
+        float scale = norm > 1.0 ? (float)(1.0 / norm) : 1.0f;
+        float step_lr = gpt_lr_at(step, lr, warmup, steps, 0.1f);
+        stage_adamw(s, step_lr, 0.1f, scale, step + 1);
+        if (trainer_check(s)) return die();
+        double ms = 1e3 * (now_seconds() - t0);
+        printf("step %d/%d | loss %f | lr %.2e | norm %.4f | %.0f ms | %.0f tok/s\n", step + 1, steps,
+               loss, step_lr, norm, ms, M * BT / ms * 1e3);
+        fflush(stdout);
+        if (val && (step + 1) % val_every == 0)
+            printf("val loss %f\n", validation_loss(s, val, x, y, 10));
+        if (ckpt_dir && ckpt_every > 0 && ((step + 1) % ckpt_every == 0 || step + 1 == steps)) {
+            TrainState ts = {step + 1, 0, 0};
+            dataloader_get_position(train, &ts.shard, &ts.pos);
+            if (stage_write_checkpoint(s, ckpt_dir, &ts) || checkpoint_commit(ckpt_dir, step + 1)) return die();
+        }
+    }
+    if (sample_tokens > 0) {
+        Tokenizer tk;
+        memset(&tk, 0, sizeof tk);
+        int have_tk = tokenizer_read(&tk, tok_path) == 0;
+        int prompt = have_tk ? tk.eot : 50256;
+        int *out = (int *)malloc((1 + sample_tokens) * sizeof(int));
+        if (stage_sample(s, &prompt, 1, sample_tokens, 1.0f, 40, seed, out)) return die();
+        printf("sample:\n");
+        for (int i = 1; i <= sample_tokens; i++) {
+            if (have_tk) printf("%s", tk.tokens[out[i]]);
+            else printf("%d ", out[i]);
+        }
+        printf("\n");
+        free(out);
+        tokenizer_free(&tk);
+    }
+    dataloader_free(train);
+    dataloader_free(val);
+    stage_free(s);
+    free(x); free(y); free(ops); free(parts);
+    return 0;
+}
+#endif
+
 #endif
