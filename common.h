@@ -139,6 +139,20 @@ static Layout layout_make(GPTConfig cfg, int lo, int hi) {
     return y;
 }
 
+// What stage_create checks before it allocates anything.
+static int check_stage_args(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
+    if (cfg.num_layers < 1 || cfg.channels < 1 || cfg.num_heads < 1 || cfg.channels % cfg.num_heads)
+        return fail("bad model shape: L=%d NH=%d C=%d (C must divide into NH heads)",
+                    cfg.num_layers, cfg.num_heads, cfg.channels);
+    if (lo < 0 || hi > cfg.num_layers || lo >= hi)
+        return fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
+    if (B < 1 || T < 1 || T > cfg.max_seq_len)
+        return fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
+                    T, cfg.max_seq_len, B);
+    if (slots < 1) return fail("a stage needs at least one activation slot");
+    return 0;
+}
+
 // Element offset of the stage's share of tensor t in the whole-model layout
 // (the order of llm.c's files).
 static size_t model_offset(const Layout *y, int t) {

@@ -467,21 +467,7 @@ static int slot_alloc(Stage *s, Slot *a) {
 }
 
 Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (cfg.num_layers < 1 || cfg.channels < 1 || cfg.num_heads < 1 || cfg.channels % cfg.num_heads) {
-        fail("bad model shape: L=%d NH=%d C=%d (C must divide into NH heads)",
-             cfg.num_layers, cfg.num_heads, cfg.channels);
-        return NULL;
-    }
-    if (lo < 0 || hi > cfg.num_layers || lo >= hi) {
-        fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
-        return NULL;
-    }
-    if (B < 1 || T < 1 || T > cfg.max_seq_len) {
-        fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
-             T, cfg.max_seq_len, B);
-        return NULL;
-    }
-    if (slots < 1) { fail("a stage needs at least one activation slot"); return NULL; }
+    if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
     Stage *s = calloc(1, sizeof(Stage));
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->nslots = slots;

@@ -1521,21 +1521,7 @@ static int stage_alloc(Stage *s) {
 }
 
 Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (cfg.num_layers < 1 || cfg.channels < 1 || cfg.num_heads < 1 || cfg.channels % cfg.num_heads) {
-        fail("bad model shape: L=%d NH=%d C=%d (C must divide into NH heads)",
-             cfg.num_layers, cfg.num_heads, cfg.channels);
-        return NULL;
-    }
-    if (lo < 0 || hi > cfg.num_layers || lo >= hi) {
-        fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
-        return NULL;
-    }
-    if (B < 1 || T < 1 || T > cfg.max_seq_len) {
-        fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
-             T, cfg.max_seq_len, B);
-        return NULL;
-    }
-    if (slots < 1) { fail("a stage needs at least one activation slot"); return NULL; }
+    if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
     int hs = cfg.channels / cfg.num_heads;
     if (hs > 128) { fail("head size %d: the CUDA attention supports head sizes up to 128", hs); return NULL; }
     if ((size_t)B * T > (size_t)INT_MAX / 4 || (size_t)B * cfg.num_heads > 65535) {
