@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or a glob of llm.c train shards")
     p.add_argument("--val-data", default=None, help="glob of llm.c val shards (with a --data glob)")
     p.add_argument("--data-dir", default="data", help="where prepared data lives")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (8 CPU, 32 GPU)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (64 CPU, 1024 GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (16 CPU, 32 GPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (128 CPU, 1024 GPU)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="split each step's batch into this many micro-batches (gradient accumulation)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # what a run on each kind of device starts from, flag by flag
 DEVICE_DEFAULTS = {
-    "cpu": dict(model="tiny", batch_size=8, seq_len=64, lr=2e-3),
+    "cpu": dict(model="tiny", batch_size=16, seq_len=128, lr=2e-3),
     "cuda": dict(model="d12", batch_size=32, seq_len=1024, lr=6e-4),
 }
 
