@@ -95,3 +95,6 @@ gpu-check:
 	bash dev/gpu_check.sh
 
 .PHONY: gpu-check
+
+# the hand-written PTX kernels (asm/*.ptx): cubins embedded in build/ptx_kernels.h
+-include asm/ptx.mk

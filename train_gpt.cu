@@ -974,6 +974,7 @@ struct Stage {
     int nplans;
     int fuse_gelu_fwd, fuse_gelu_bwd;
     int attn_mma;  // ATTN_SIMPLE, or the tensor-core kernels with plain or cp.async tile loads
+    int ptx;       // GPT_PTX: which PTX twins (asm/*.ptx) replace CUDA C kernels (PTX_* bits)
     cudaStream_t stream;
     // transport
     Links links;
@@ -1158,12 +1159,120 @@ static int matmul_backward_weight(Stage *s, float *dW, const floatX *dout, const
 static int must(int rc) { return rc == 1 ? fail("cuBLASLt has no algorithm for a plain matmul") : rc; }
 
 // ----------------------------------------------------------------------------
+// PTX twins of the memory-bound kernels (asm/*.ptx, sm_90a; asm/README.md):
+// asm/ptx.mk assembles them with ptxas and embeds the cubins in
+// build/ptx_kernels.h; they are loaded once per process with
+// cudaLibraryLoadData (no -lcuda) and launched with cudaLaunchKernel with the
+// CUDA C kernels' arguments. GPT_PTX (read at stage_create): 0 or unset (the
+// CUDA C kernels), 1 or all, or a comma list of adamw, gelu, layernorm_fwd,
+// layernorm_bwd, layernorm, crossentropy. bf16 build only; a request that
+// cannot be met fails.
+
+#if __has_include("build/ptx_kernels.h")
+#include "build/ptx_kernels.h"
+#endif
+
+enum { PTX_ADAMW = 1, PTX_GELU = 2, PTX_LN_FWD = 4, PTX_LN_BWD = 8, PTX_CE = 16, PTX_ALL = 31 };
+enum { PK_ADAMW, PK_GELU_FWD, PK_GELU_BWD, PK_LN_FWD, PK_LN_BWD, PK_CE, NUM_PK };
+static cudaKernel_t g_ptx_kernels[NUM_PK];
+
+#ifndef GPT_FP32
+static int g_ptx_loaded;
+
+static int ptx_load(void) {
+#ifndef GPT_HAVE_PTX_KERNELS
+    return fail("GPT_PTX: this build has no PTX kernels (build/ptx_kernels.h was not generated: "
+                "ptxas or bin2c was missing, see asm/ptx.mk)");
+#else
+    if (g_ptx_loaded) return 0;
+    struct { const unsigned char *image; const char *file, *name; int k; } tab[] = {
+        {ptx_cubin_adamw, "adamw", "ptx_adamw", PK_ADAMW},
+        {ptx_cubin_gelu, "gelu", "ptx_gelu_forward", PK_GELU_FWD},
+        {ptx_cubin_gelu, "gelu", "ptx_gelu_backward", PK_GELU_BWD},
+        {ptx_cubin_layernorm, "layernorm", "ptx_layernorm_forward", PK_LN_FWD},
+        {ptx_cubin_layernorm, "layernorm", "ptx_layernorm_backward_input", PK_LN_BWD},
+        {ptx_cubin_crossentropy, "crossentropy", "ptx_crossentropy", PK_CE},
+    };
+    cudaLibrary_t lib = NULL;
+    const unsigned char *lib_image = NULL;
+    for (size_t i = 0; i < sizeof tab / sizeof tab[0]; i++) {
+        if (tab[i].image != lib_image) {  // one library per cubin (entries of a file are adjacent)
+            cudaError_t e = cudaLibraryLoadData(&lib, tab[i].image, NULL, NULL, 0, NULL, NULL, 0);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                return fail("GPT_PTX: loading asm/%s.ptx (an sm_90a cubin: H100/H200 only) failed: %s", tab[i].file,
+                            cudaGetErrorString(e));
+            }
+            lib_image = tab[i].image;
+        }
+        cudaError_t e = cudaLibraryGetKernel(&g_ptx_kernels[tab[i].k], lib, tab[i].name);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            return fail("GPT_PTX: kernel %s not found in asm/%s.ptx: %s", tab[i].name, tab[i].file,
+                        cudaGetErrorString(e));
+        }
+    }
+    g_ptx_loaded = 1;
+    return 0;
+#endif
+}
+#endif
+
+// GPT_PTX -> s->ptx, loading the kernels when any is selected
+static int ptx_select(Stage *s, const char *env) {
+    s->ptx = 0;
+    if (!env || !*env || strcmp(env, "0") == 0) return 0;
+    if (strcmp(env, "1") == 0 || strcmp(env, "all") == 0) {
+        s->ptx = PTX_ALL;
+    } else {
+        static const struct { const char *name; int bits; } names[] = {
+            {"adamw", PTX_ADAMW}, {"gelu", PTX_GELU}, {"layernorm_fwd", PTX_LN_FWD},
+            {"layernorm_bwd", PTX_LN_BWD}, {"layernorm", PTX_LN_FWD | PTX_LN_BWD}, {"crossentropy", PTX_CE}};
+        const char *p = env;
+        while (*p) {
+            size_t len = strcspn(p, ",");
+            int found = 0;
+            for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+                if (len == strlen(names[i].name) && strncmp(p, names[i].name, len) == 0) {
+                    s->ptx |= names[i].bits;
+                    found = 1;
+                }
+            if (!found)
+                return fail("GPT_PTX=%s: expected 0, 1, all, or a comma list of adamw, gelu, layernorm_fwd, "
+                            "layernorm_bwd, layernorm, crossentropy", env);
+            p += len + (p[len] == ',');
+        }
+    }
+#ifdef GPT_FP32
+    return fail("GPT_PTX=%s: the PTX kernels are for the bf16 build; this is the fp32 build", env);
+#else
+    if ((s->ptx & (PTX_GELU | PTX_LN_FWD | PTX_LN_BWD)) && s->y.cfg.channels % 8)
+        return fail("GPT_PTX=%s: the PTX GELU and layernorm kernels move 8 bf16 at a time and need channels "
+                    "%% 8 == 0 (channels = %d)", env, s->y.cfg.channels);
+    if ((s->ptx & PTX_CE) && s->y.cfg.padded_vocab_size % 8)
+        return fail("GPT_PTX=%s: the PTX cross-entropy kernel needs padded_vocab_size %% 8 == 0 (it is %d)", env,
+                    s->y.cfg.padded_vocab_size);
+    return ptx_load();
+#endif
+}
+
+static int ptx_launch(Stage *s, int k, size_t grid, int block, void **args) {
+    CUDA_CHECK(cudaLaunchKernel((const void *)g_ptx_kernels[k], dim3((unsigned)grid), dim3(block), args, 0,
+                                s->stream));
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
 // layer launchers
 
 static int layernorm_forward(Stage *s, floatX *out, float *mean, float *rstd, const floatX *inp,
                              const float *w, const float *b, int N, int C) {
     PROF(PC_LAYERNORM, {
-        layernorm_forward_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(out, mean, rstd, inp, w, b, N, C);
+        if (s->ptx & PTX_LN_FWD) {
+            void *args[] = {&out, &mean, &rstd, &inp, &w, &b, &N, &C};
+            CHECK(ptx_launch(s, PK_LN_FWD, (N + 7) / 8, 256, args));
+        } else
+            layernorm_forward_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(out, mean, rstd, inp, w, b, N, C);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1173,8 +1282,12 @@ static int layernorm_backward_input(Stage *s, floatX *dinp, const floatX *resid,
                                     const floatX *inp, const float *w, const float *mean, const float *rstd,
                                     int N, int C) {
     PROF(PC_LAYERNORM, {
-        layernorm_backward_input_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(dinp, resid, dout, inp, w, mean,
-                                                                            rstd, N, C);
+        if (s->ptx & PTX_LN_BWD) {
+            void *args[] = {&dinp, &resid, &dout, &inp, &w, &mean, &rstd, &N, &C};
+            CHECK(ptx_launch(s, PK_LN_BWD, (N + 7) / 8, 256, args));
+        } else
+            layernorm_backward_input_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(dinp, resid, dout, inp, w, mean,
+                                                                                rstd, N, C);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1276,7 +1389,11 @@ static int attention_backward(Stage *s, floatX *dqkv, const floatX *dout, const 
 
 static int gelu_forward(Stage *s, floatX *out, const floatX *inp, size_t n) {
     PROF(PC_GELU, {
-        gelu_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(out, inp, n);
+        if (s->ptx & PTX_GELU) {  // n = N * 4C, a multiple of 8 (ptx_select checked C)
+            void *args[] = {&out, &inp, &n};
+            CHECK(ptx_launch(s, PK_GELU_FWD, grid_for(n / 8, 256), 256, args));
+        } else
+            gelu_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(out, inp, n);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1284,7 +1401,11 @@ static int gelu_forward(Stage *s, floatX *out, const floatX *inp, size_t n) {
 
 static int gelu_backward(Stage *s, floatX *dinp, const floatX *inp, const floatX *dout, size_t n) {
     PROF(PC_GELU, {
-        gelu_backward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(dinp, inp, dout, n);
+        if (s->ptx & PTX_GELU) {
+            void *args[] = {&dinp, &inp, &dout, &n};
+            CHECK(ptx_launch(s, PK_GELU_BWD, grid_for(n / 8, 256), 256, args));
+        } else
+            gelu_backward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(dinp, inp, dout, n);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1559,6 +1680,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
 #endif
     env = getenv("GPT_PROFILE");
     s->prof.on = env && strcmp(env, "0") != 0 && *env;
+    if (ptx_select(s, getenv("GPT_PTX"))) { stage_free(s); return NULL; }
     // device parameter layout and grad-norm segments
     size_t off = 0;
     int blocks = 0;
@@ -1741,7 +1863,15 @@ static int stage_loss(Stage *s, Slot *a, int mb, float dloss, int training) {
     int N = s->B * s->T, C = s->y.cfg.channels, V = s->y.cfg.vocab_size, Vp = s->y.cfg.padded_vocab_size;
     PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, a->logits, a->lnf, xparam(s, P_WTE, 0), NULL, NULL, N, C, Vp, NULL))));
     PROF(PC_LOSS, {
-        crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(a->logits, a->losses, a->targets, V, Vp, dloss, training);
+        if (s->ptx & PTX_CE) {  // Vp % 8 == 0 (ptx_select checked it)
+            floatX *logits = a->logits;
+            float *losses = a->losses;
+            int *targets = a->targets;
+            void *args[] = {&logits, &losses, &targets, &V, &Vp, &dloss, &training};
+            CHECK(ptx_launch(s, PK_CE, N, CE_THREADS, args));
+        } else
+            crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(a->logits, a->losses, a->targets, V, Vp, dloss,
+                                                                 training);
         LAUNCH_CHECK();
         mean_kernel<<<1, 1024, 0, s->stream>>>(s->d_mb_losses + mb, a->losses, N);
         LAUNCH_CHECK();
@@ -2173,9 +2303,15 @@ static int adamw(Stage *s, float lr, float weight_decay, float grad_scale, int s
         floatX *px = s->d_params_x + o;
 #endif
         PROF(PC_ADAMW, {
-            adamw_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(s->d_params + o, px, s->d_grads + o, s->d_m + o,
-                                                                  s->d_v + o, n, lr, b1, b2, bc1, bc2, eps, wd,
-                                                                  grad_scale);
+            if (s->ptx & PTX_ADAMW) {  // n: whole 128-element padded segments, a multiple of 4
+                float *p = s->d_params + o, *g = s->d_grads + o, *m = s->d_m + o, *v = s->d_v + o;
+                float a_b1 = b1, a_b2 = b2, a_eps = eps;
+                void *args[] = {&p, &px, &g, &m, &v, &n, &lr, &a_b1, &a_b2, &bc1, &bc2, &a_eps, &wd, &grad_scale};
+                CHECK(ptx_launch(s, PK_ADAMW, grid_for((n + 3) / 4, 256), 256, args));
+            } else
+                adamw_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(s->d_params + o, px, s->d_grads + o,
+                                                                      s->d_m + o, s->d_v + o, n, lr, b1, b2, bc1,
+                                                                      bc2, eps, wd, grad_scale);
             LAUNCH_CHECK();
         });
     }
@@ -2296,6 +2432,275 @@ done:
     free(h);
     ncclCommDestroy(comm);
     return rc;
+}
+
+// ----------------------------------------------------------------------------
+// test-only: the PTX twins against their CUDA C kernels (tests/test_ptx.py)
+// and their times (dev/bench/bench_ptx.py), through the trainer's own
+// launchers on the same inputs.
+//
+// gpt_cuda_ptx_bench(kernel, n, C, iters, res): kernel 0 AdamW (n elements),
+// 1 GELU forward, 2 GELU backward (n elements), 3 layernorm forward, 4
+// layernorm backward input with a residual (n rows of C), 5 a device-to-device
+// cudaMemcpy of n bytes, 6 softmax + cross-entropy with its gradient (n rows
+// of C = V logits, padded to a multiple of 128). Each variant runs once on the same inputs into its
+// own outputs, which are compared; then, when iters > 0, each is timed over
+// iters launches (after one warmup) with cudaEvents. res[0] CUDA C ms per
+// launch, res[1] PTX ms per launch, res[2] bytes a launch must read and write,
+// res[3] output elements that differ bitwise, res[4] the largest |difference|
+// relative to the largest |CUDA C output| (the worst over the outputs),
+// res[5] output elements compared.
+
+__device__ __forceinline__ float ptxb_f(float x) { return x; }
+__device__ __forceinline__ float ptxb_f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void ptxb_set(float *p, float x) { *p = x; }
+__device__ __forceinline__ void ptxb_set(bf16 *p, float x) { *p = __float2bfloat16(x); }
+__device__ __forceinline__ void ptxb_set(unsigned char *p, float x) { *p = (unsigned char)(int)x; }
+__device__ __forceinline__ void ptxb_set(int *p, float x) { *p = (int)x; }
+
+// deterministic values offset + scale * u, u in [-1, 1)
+template <typename T>
+__global__ void ptxb_fill_kernel(T *f, size_t n, unsigned seed, float scale, float offset) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned x = (unsigned)i * 0x9E3779B9u ^ (unsigned)(i >> 32) ^ (seed * 0x85EBCA6Bu + 0x165667B1u);
+        x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+        ptxb_set(&f[i], offset + scale * ((float)(x >> 8) * (2.0f / 16777216.0f) - 1.0f));
+    }
+}
+
+// st[0] += elements whose bits differ, st[1] = max |a - b|, st[2] = max |a| (as float bits)
+template <typename T>
+__global__ void ptxb_compare_kernel(const T *a, const T *b, size_t n, unsigned *st) {
+    unsigned bad = 0, dmax = 0, amax = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned ra = 0, rb = 0;
+        memcpy(&ra, &a[i], sizeof(T));
+        memcpy(&rb, &b[i], sizeof(T));
+        float fa = ptxb_f(a[i]), fb = ptxb_f(b[i]);
+        if (ra != rb) {
+            bad++;
+            float d = fabsf(fa - fb);
+            dmax = max(dmax, isnan(d) ? __float_as_uint(INFINITY) : __float_as_uint(d));
+        }
+        if (!isnan(fa)) amax = max(amax, __float_as_uint(fabsf(fa)));
+    }
+    bad = __reduce_add_sync(0xffffffffu, bad);
+    dmax = __reduce_max_sync(0xffffffffu, dmax);
+    amax = __reduce_max_sync(0xffffffffu, amax);
+    if (threadIdx.x % 32 == 0) {
+        atomicAdd(&st[0], bad);
+        atomicMax(&st[1], dmax);
+        atomicMax(&st[2], amax);
+    }
+}
+
+typedef struct {
+    void *bufs[24];
+    int nb;
+    unsigned *d_st;
+    Stage *s;
+    cudaEvent_t e0, e1;
+} PtxBench;
+
+template <typename T>
+static int pb_alloc(PtxBench *b, T **p, size_t n, unsigned seed, float scale, float offset) {
+    CUDA_CHECK(cudaMalloc((void **)p, n * sizeof(T) + 16));
+    b->bufs[b->nb++] = *p;
+    ptxb_fill_kernel<T><<<1024, 256, 0, b->s->stream>>>(*p, n, seed, scale, offset);
+    LAUNCH_CHECK();
+    return 0;
+}
+
+template <typename T>
+static int pb_compare(PtxBench *b, const T *a, const T *c, size_t n, double *res) {
+    unsigned st[3];
+    CUDA_CHECK(cudaMemsetAsync(b->d_st, 0, 3 * sizeof(unsigned), b->s->stream));
+    ptxb_compare_kernel<T><<<1024, 256, 0, b->s->stream>>>(a, c, n, b->d_st);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaMemcpyAsync(st, b->d_st, sizeof st, cudaMemcpyDeviceToHost, b->s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(b->s->stream));
+    float dmax, amax;
+    memcpy(&dmax, &st[1], 4);
+    memcpy(&amax, &st[2], 4);
+    double rel = st[0] == 0 ? 0.0 : amax > 0 ? dmax / amax : INFINITY;
+    res[3] += st[0];
+    if (rel > res[4]) res[4] = rel;
+    res[5] += (double)n;
+    return 0;
+}
+
+#ifndef GPT_FP32
+static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, double *res) {
+    Stage *s = b->s;
+    float *p[2] = {}, *m[2] = {}, *v[2] = {}, *g = NULL, *w = NULL, *bb = NULL, *mean[2] = {}, *rstd[2] = {};
+    floatX *px[2] = {}, *x = NULL, *dout = NULL, *resid = NULL, *y[2] = {};
+    unsigned char *cp[2] = {};
+    int *tg = NULL, Vp = (C + 127) / 128 * 128, wg = 1;
+    float dloss = 1.0f / (float)n;
+    int N = (int)n;
+    float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, bc1 = 1.0f - 0.9f * 0.9f * 0.9f, bc2 = 1.0f - 0.95f * 0.95f * 0.95f;
+    float eps = 1e-8f, wd = 0.1f, gs = 0.5f;
+    size_t nv = n;  // output elements per variant
+    // one launch of variant k (0: CUDA C, 1: PTX), into that variant's outputs
+    auto launch = [&](int k) -> int {
+        s->ptx = k ? PTX_ALL : 0;
+        switch (kernel) {
+        case 0:
+            if (k) {
+                void *args[] = {&p[1], &px[1], &g, &m[1], &v[1], &n, &lr, &b1, &b2, &bc1, &bc2, &eps, &wd, &gs};
+                CHECK(ptx_launch(s, PK_ADAMW, grid_for((n + 3) / 4, 256), 256, args));
+            } else {
+                adamw_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(p[0], px[0], g, m[0], v[0], n, lr, b1, b2, bc1,
+                                                                      bc2, eps, wd, gs);
+            }
+            LAUNCH_CHECK();
+            return 0;
+        case 1: return gelu_forward(s, y[k], x, n);
+        case 2: return gelu_backward(s, y[k], x, dout, n);
+        case 3: return layernorm_forward(s, y[k], mean[k], rstd[k], x, w, bb, N, C);
+        case 4: return layernorm_backward_input(s, y[k], resid, dout, x, w, mean[0], rstd[0], N, C);
+        case 6:
+            if (k) {
+                void *args[] = {&y[1], &p[1], &tg, &C, &Vp, &dloss, &wg};
+                CHECK(ptx_launch(s, PK_CE, n, CE_THREADS, args));
+            } else {
+                crossentropy_kernel<<<(unsigned)n, CE_THREADS, 0, s->stream>>>(y[0], p[0], tg, C, Vp, dloss, wg);
+            }
+            LAUNCH_CHECK();
+            return 0;
+        default:
+            CUDA_CHECK(cudaMemcpyAsync(cp[1], cp[0], n, cudaMemcpyDeviceToDevice, s->stream));
+            return 0;
+        }
+    };
+    switch (kernel) {
+    case 0:
+        if (n % 4) return fail("ptx bench: AdamW needs n %% 4 == 0");
+        CHECK(pb_alloc(b, &g, n, 1, 1e-2f, 0.0f));
+        for (int k = 0; k < 2; k++) {  // the same starting state for both variants
+            CHECK(pb_alloc(b, &p[k], n, 2, 0.1f, 0.0f));
+            CHECK(pb_alloc(b, &m[k], n, 3, 1e-3f, 0.0f));
+            CHECK(pb_alloc(b, &v[k], n, 4, 0.5e-5f, 0.5e-5f));
+            CHECK(pb_alloc(b, &px[k], n, 5, 0.0f, 0.0f));
+        }
+        res[2] = 30.0 * n;  // read p, g, m, v; write p, m, v and the bf16 copy
+        break;
+    case 1:
+    case 2:
+        if (n % 8) return fail("ptx bench: GELU needs n %% 8 == 0");
+        CHECK(pb_alloc(b, &x, n, 6, 4.0f, 0.0f));
+        CHECK(pb_alloc(b, &dout, n, 7, 1.0f, 0.0f));
+        for (int k = 0; k < 2; k++) CHECK(pb_alloc(b, &y[k], n, 8, 0.0f, 0.0f));
+        res[2] = (kernel == 1 ? 4.0 : 6.0) * n;
+        break;
+    case 3:
+    case 4:
+        if (C <= 0 || C % 8 || n < 1 || n > INT_MAX) return fail("ptx bench: layernorm needs C %% 8 == 0 and 1 <= N");
+        nv = n * C;
+        CHECK(pb_alloc(b, &x, nv, 9, 2.0f, 0.3f));
+        CHECK(pb_alloc(b, &dout, nv, 10, 1.0f, 0.0f));
+        CHECK(pb_alloc(b, &resid, nv, 11, 1.0f, 0.0f));
+        CHECK(pb_alloc(b, &w, (size_t)C, 12, 0.2f, 1.0f));
+        CHECK(pb_alloc(b, &bb, (size_t)C, 13, 0.1f, 0.0f));
+        for (int k = 0; k < 2; k++) {
+            CHECK(pb_alloc(b, &y[k], nv, 14, 0.0f, 0.0f));
+            CHECK(pb_alloc(b, &mean[k], n, 15, 0.0f, 0.0f));
+            CHECK(pb_alloc(b, &rstd[k], n, 16, 0.0f, 0.0f));
+        }
+        if (kernel == 4) {  // the statistics the backward pass reads, from the CUDA C forward
+            s->ptx = 0;
+            CHECK(layernorm_forward(s, y[0], mean[0], rstd[0], x, w, bb, N, C));
+        }
+        res[2] = kernel == 3 ? 4.0 * nv + 8.0 * n + 8.0 * C : 8.0 * nv + 8.0 * n + 4.0 * C;
+        break;
+    case 6: {
+        if (C < 1 || n > INT_MAX) return fail("ptx bench: cross-entropy needs V >= 1 and n <= INT_MAX rows");
+        nv = n * Vp;
+        for (int k = 0; k < 2; k++) {  // the same logits for both (each variant overwrites its copy)
+            CHECK(pb_alloc(b, &y[k], nv, 19, 4.0f, 0.0f));
+            CHECK(pb_alloc(b, &p[k], n, 20, 0.0f, 0.0f));
+        }
+        CHECK(pb_alloc(b, &tg, n, 21, 0.0f, 0.0f));
+        int *h = (int *)malloc(n * sizeof(int));
+        if (!h) return fail("out of host memory");
+        for (size_t i = 0; i < n; i++) h[i] = (int)((i * 2654435761u + 12345u) % (unsigned)C);
+        cudaError_t e = cudaMemcpyAsync(tg, h, n * sizeof(int), cudaMemcpyHostToDevice, s->stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(s->stream);
+        free(h);
+        if (e != cudaSuccess) return fail("CUDA error: %s", cudaGetErrorString(e));
+        res[2] = 4.0 * nv + 8.0 * n;  // read and write the logits; targets, losses
+        break;
+    }
+    case 5:
+        CHECK(pb_alloc(b, &cp[0], n, 17, 0.0f, 0.0f));
+        CHECK(pb_alloc(b, &cp[1], n, 18, 0.0f, 0.0f));
+        res[2] = 2.0 * n;
+        break;
+    default:
+        return fail("ptx bench: unknown kernel %d (0 adamw, 1 gelu fwd, 2 gelu bwd, 3 layernorm fwd, "
+                    "4 layernorm bwd, 5 copy, 6 cross-entropy)", kernel);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    if (kernel != 5) {
+        for (int k = 0; k < 2; k++) CHECK(launch(k));
+        CUDA_CHECK(cudaStreamSynchronize(s->stream));
+        if (kernel == 0) {
+            CHECK(pb_compare(b, p[0], p[1], n, res));
+            CHECK(pb_compare(b, m[0], m[1], n, res));
+            CHECK(pb_compare(b, v[0], v[1], n, res));
+            CHECK(pb_compare(b, px[0], px[1], n, res));
+        } else {
+            CHECK(pb_compare(b, y[0], y[1], nv, res));
+            if (kernel == 3) {
+                CHECK(pb_compare(b, mean[0], mean[1], n, res));
+                CHECK(pb_compare(b, rstd[0], rstd[1], n, res));
+            }
+            if (kernel == 6) CHECK(pb_compare(b, p[0], p[1], n, res));  // the losses
+        }
+    }
+    for (int k = 0; iters > 0 && k < 2; k++) {
+        CHECK(launch(k));  // warmup
+        CUDA_CHECK(cudaEventRecord(b->e0, s->stream));
+        for (int i = 0; i < iters; i++) CHECK(launch(k));
+        CUDA_CHECK(cudaEventRecord(b->e1, s->stream));
+        CUDA_CHECK(cudaEventSynchronize(b->e1));
+        float ms = 0.0f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, b->e0, b->e1));
+        res[k] = ms / iters;
+    }
+    return 0;
+}
+#endif
+
+extern "C" int gpt_cuda_ptx_bench(int kernel, long long n, int C, int iters, double *res) {
+    for (int i = 0; i < 8; i++) res[i] = 0.0;
+#ifdef GPT_FP32
+    (void)kernel; (void)n; (void)C; (void)iters;
+    return fail("ptx bench: the PTX kernels are for the bf16 build (gpt_cuda)");
+#else
+    if (n < 1) return fail("ptx bench: n must be positive");
+    if (gpt_device_count() < 1) return fail("no CUDA device");
+    CUDA_CHECK(cudaSetDevice(0));
+    CHECK(ptx_load());
+    PtxBench b;
+    memset(&b, 0, sizeof b);
+    b.s = (Stage *)calloc(1, sizeof(Stage));
+    if (!b.s) return fail("out of host memory");
+    int rc = -1;
+    if (cudaStreamCreate(&b.s->stream) != cudaSuccess || cudaEventCreate(&b.e0) != cudaSuccess ||
+        cudaEventCreate(&b.e1) != cudaSuccess || cudaMalloc((void **)&b.d_st, 16) != cudaSuccess)
+        fail("CUDA setup failed: %s", cudaGetErrorString(cudaGetLastError()));
+    else
+        rc = ptx_bench_run(&b, kernel, (size_t)n, C, iters, res);
+    if (b.s->stream) cudaStreamSynchronize(b.s->stream);
+    for (int i = 0; i < b.nb; i++) cudaFree(b.bufs[i]);
+    if (b.d_st) cudaFree(b.d_st);
+    if (b.e0) cudaEventDestroy(b.e0);
+    if (b.e1) cudaEventDestroy(b.e1);
+    if (b.s->stream) cudaStreamDestroy(b.s->stream);
+    free(b.s);
+    return rc;
+#endif
 }
 
 // ----------------------------------------------------------------------------

@@ -78,6 +78,10 @@ part "tests: train.py on the GPU" 90 95 $PYTEST -k "train_py"
 # the CPU side of the 20-step d12 comparison falls back to d6 when it would not fit
 export GPU_CHECK_TRACK_BUDGET_S=$((BUDGET - (SECONDS - START) - 95 - 30))
 part "tests: bf16 d12 tracks the CPU over 20 steps" 120 95 $PYTEST -k "tracks" --durations=3
+# the PTX kernels (asm/*.ptx) against their CUDA C twins (~35 s; each check in
+# its own subprocess), then their bandwidth and the d12 step with GPT_PTX=0/1 (~40 s)
+part "tests: PTX kernels vs CUDA C twins" 75 95 $PYTHON -m pytest tests/test_ptx.py -v -rA -p no:cacheprovider -k ptx
+part "benchmark: PTX kernels" 60 95 $PYTHON dev/bench/bench_ptx.py
 
 # the PyTorch reference gets what is left after our part of the benchmark (~40 s)
 export BENCH_TORCH_TIMEOUT=$((BUDGET - (SECONDS - START) - 45))
@@ -86,7 +90,7 @@ part "benchmark" 200 0 $PYTHON dev/bench/bench_gpu.py
 log ""
 log "=== summary ($((SECONDS - START))s of ${BUDGET}s)"
 for s in "${SUMMARY[@]}"; do log "  $s"; done
-grep -E "^(tests/test_cuda.py::\S+ (PASSED|FAILED|ERROR|SKIPPED)|FAILED |ERROR )" "$RESULTS" | \
+grep -E "^(tests/test_(cuda|ptx).py::\S+ (PASSED|FAILED|ERROR|SKIPPED)|FAILED |ERROR )" "$RESULTS" | \
     awk '!seen[$0]++ {print "  " $0}' > "$RESULTS.tmp"
 if [ -s "$RESULTS.tmp" ]; then
     log "  tests:"
