@@ -1163,8 +1163,9 @@ static int must(int rc) { return rc == 1 ? fail("cuBLASLt has no algorithm for a
 // asm/ptx.mk assembles them with ptxas and embeds the cubins in
 // build/ptx_kernels.h; they are loaded once per process with
 // cudaLibraryLoadData (no -lcuda) and launched with cudaLaunchKernel with the
-// CUDA C kernels' arguments. GPT_PTX (read at stage_create): 0 or unset (the
-// CUDA C kernels), 1 or all, or a comma list of adamw, gelu, layernorm_fwd,
+// CUDA C kernels' arguments. GPT_PTX (read at stage_create): unset (the ones
+// measured faster, where they apply: PTX_DEFAULT below), 0 (the CUDA C
+// kernels), 1 or all, or a comma list of adamw, gelu, layernorm_fwd,
 // layernorm_bwd, layernorm, crossentropy. bf16 build only; a request that
 // cannot be met fails.
 
@@ -1219,9 +1220,33 @@ static int ptx_load(void) {
 #endif
 
 // GPT_PTX -> s->ptx, loading the kernels when any is selected
+// Without GPT_PTX, the PTX kernels that measured faster than their CUDA C
+// twins on the H100 (asm/README.md; layernorm forward did not) run wherever
+// they can: a bf16 build on an sm_90 device, shapes they support.
+#define PTX_DEFAULT (PTX_ADAMW | PTX_GELU | PTX_LN_BWD | PTX_CE)
+
+static void ptx_default(Stage *s) {
+    s->ptx = 0;
+#if !defined(GPT_FP32) && defined(GPT_HAVE_PTX_KERNELS)
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, s->device) != cudaSuccess || prop.major != 9 || prop.minor != 0) {
+        cudaGetLastError();
+        return;
+    }
+    int bits = PTX_DEFAULT;
+    if (s->y.cfg.channels % 8) bits &= ~(PTX_GELU | PTX_LN_FWD | PTX_LN_BWD);
+    if (s->y.cfg.padded_vocab_size % 8) bits &= ~PTX_CE;
+    if (bits && ptx_load() == 0) s->ptx = bits;
+#endif
+}
+
 static int ptx_select(Stage *s, const char *env) {
     s->ptx = 0;
-    if (!env || !*env || strcmp(env, "0") == 0) return 0;
+    if (!env || !*env) {
+        ptx_default(s);
+        return 0;
+    }
+    if (strcmp(env, "0") == 0) return 0;
     if (strcmp(env, "1") == 0 || strcmp(env, "all") == 0) {
         s->ptx = PTX_ALL;
     } else {

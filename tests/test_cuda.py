@@ -9,8 +9,8 @@ Tolerances:
 - fp32 build vs the CPU trainer (both fp32, different summation orders): loss
   relative 1e-5; every gradient relative error (max abs difference / max abs
   value) 2e-4; grad-norm parts relative 1e-4; parameters after 3 AdamW steps
-  (lr 1e-2) within 1e-4 absolute, as the CPU test against float64 (Adam turns
-  the rounding of a near-zero gradient into a visible step).
+  (lr 1e-2): 99.9% of each tensor's entries within 1e-5 absolute, all within
+  3e-3 (Adam turns the rounding of a near-zero gradient into a step of up to lr).
 - bf16 build vs the CPU trainer (bf16 weights, activations and gradient
   activations; fp32 master weights, gradients and loss): one step's loss
   relative 2e-2; every gradient's cosine similarity >= 0.99 and relative error
@@ -240,8 +240,13 @@ def test_fp32_three_adamw_steps_match_cpu():
         diff = np.abs(pg[name] - pc[name])
         if name == "qkvb":  # the key bias: zero gradient up to rounding, see test_model.py
             diff = diff[:, np.r_[0:C, 2 * C:3 * C]]
-        print(f"  {name:9s} max abs diff {np.max(diff):.2e}")
-        assert np.max(diff) < 1e-4, name
+        # Adam divides by sqrt(v): an entry whose gradient is close to zero
+        # turns a rounding difference into a step of up to lr, so bound almost
+        # all entries tightly and the few such ones by a tenth of the 3 lr
+        # an entry can move
+        near = np.quantile(diff, 0.999)
+        print(f"  {name:9s} 99.9% within {near:.2e}, max abs diff {np.max(diff):.2e}")
+        assert near < 1e-5 and np.max(diff) < 3e-3, name
 
 
 @needs_gpu

@@ -271,8 +271,13 @@ def test_training_with_every_ptx_kernel_tracks_the_cuda_c_run(tmp_path):
     for k in pa:
         if k.startswith("init_"):
             continue
-        da = (pa[k] - pa["init_" + k]).astype(np.float64).ravel()
-        db = (pb[k] - pb["init_" + k]).astype(np.float64).ravel()
+        da = (pa[k] - pa["init_" + k]).astype(np.float64)
+        db = (pb[k] - pb["init_" + k]).astype(np.float64)
+        if k == "qkvb":  # the key bias has a zero gradient up to rounding (see test_model.py)
+            C = da.shape[-1] // 3
+            keep = np.r_[0:C, 2 * C:3 * C]
+            da, db = da[..., keep], db[..., keep]
+        da, db = da.ravel(), db.ravel()
         na, nb = np.linalg.norm(da), np.linalg.norm(db)
         cs = 1.0 if na == 0 and nb == 0 else float(da @ db / max(na * nb, 1e-300))
         print(f"  {k:9s} update cosine {cs:.5f}")
