@@ -699,6 +699,85 @@ static int tied_swap(const Links *k, const void *send_buf, void *recv_buf, size_
 }
 
 // ----------------------------------------------------------------------------
+// the executor's bookkeeping, the same for both trainers: which activation
+// slot holds which micro-batch, when it is freed, the micro-batch losses, and
+// each op's start and end
+
+typedef struct {
+    int m;                   // micro-batches in this step: every rank runs one FWD per micro-batch
+    int nslots;              // activation slots the stage has (the validator's peak)
+    int *slot_of, *last_op;  // per micro-batch: its slot (-1: none), the index of its last op
+    float *mb_losses;        // per micro-batch mean loss (the last stage)
+    int cap;
+    double *op_times;        // start and end of each op, CLOCK_MONOTONIC seconds
+    int op_times_cap;
+} OpRun;
+
+// Checks an op list of (kind, mb) pairs and readies the bookkeeping for it.
+static int oprun_begin(OpRun *r, const int *ops, int nops) {
+    r->m = 0;
+    for (int i = 0; i < nops; i++) {
+        if (ops[2 * i] < 0 || ops[2 * i] >= NUM_OPS || ops[2 * i + 1] < 0)
+            return fail("op %d: bad op (%d, %d)", i, ops[2 * i], ops[2 * i + 1]);
+        r->m += ops[2 * i] == OP_FWD;
+    }
+    for (int i = 0; i < nops; i++)
+        if (ops[2 * i + 1] >= r->m) return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], r->m);
+    if (r->m > r->cap) {
+        free(r->slot_of); free(r->last_op); free(r->mb_losses);
+        r->slot_of = (int *)malloc(r->m * sizeof(int));
+        r->last_op = (int *)malloc(r->m * sizeof(int));
+        r->mb_losses = (float *)malloc(r->m * sizeof(float));
+        r->cap = r->slot_of && r->last_op && r->mb_losses ? r->m : 0;
+        if (!r->cap) return fail("out of memory for the op list's bookkeeping");
+    }
+    if (nops > r->op_times_cap) {
+        free(r->op_times);
+        r->op_times = (double *)malloc(2 * nops * sizeof(double));
+        r->op_times_cap = r->op_times ? nops : 0;
+        if (!r->op_times) return fail("out of memory for the op times");
+    }
+    for (int i = 0; i < r->m; i++) { r->slot_of[i] = -1; r->mb_losses[i] = 0.0f; }
+    // a micro-batch holds its slot from its first op to its last, as the
+    // validator counts it
+    for (int i = 0; i < nops; i++) r->last_op[ops[2 * i + 1]] = i;
+    return 0;
+}
+
+// The slot of micro-batch mb, taking a free one on its first op; -1 when all are held.
+static int oprun_slot(OpRun *r, int mb, int lo, int hi) {
+    if (r->slot_of[mb] >= 0) return r->slot_of[mb];
+    for (int i = 0; i < r->nslots; i++) {
+        int used = 0;
+        for (int j = 0; j < r->m; j++) used |= r->slot_of[j] == i;
+        if (!used) return r->slot_of[mb] = i;
+    }
+    return fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
+                "(the schedule holds more than the validator's peak)", lo, hi, mb, r->nslots);
+}
+
+// Ops [i, i+n) ran from t0 to t1: record that, and free the slots of the
+// micro-batches whose last op this was.
+static void oprun_done(OpRun *r, const int *ops, int i, int n, double t0, double t1) {
+    for (int k = i; k < i + n; k++) {
+        r->op_times[2 * k] = t0;
+        r->op_times[2 * k + 1] = t1;
+        if (r->last_op[ops[2 * k + 1]] == k) r->slot_of[ops[2 * k + 1]] = -1;
+    }
+}
+
+// The sum of the micro-batch losses, in micro-batch order.
+static float oprun_loss_sum(const OpRun *r) {
+    float sum = 0.0f;
+    for (int i = 0; i < r->m; i++) sum += r->mb_losses[i];
+    return sum;
+}
+
+static void oprun_free(OpRun *r) {
+    free(r->slot_of); free(r->last_op); free(r->mb_losses); free(r->op_times);
+}
+
+// ----------------------------------------------------------------------------
 // sampling: top-k with temperature from one row of logits
 
 typedef struct { float logit; int id; } Candidate;

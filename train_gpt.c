@@ -408,18 +408,13 @@ typedef struct {
 
 struct Stage {
     Layout y;                          // which layers and tensors this stage holds
-    int B, T, nslots;
+    int B, T;
     float *params, *grads, *m, *v;     // stage layout (common.h)
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
     Slot *slots;
-    int *slot_of;                      // micro-batch -> slot, -1 if not held
-    int *last_op;                      // micro-batch -> index of its last op in the list
-    int slot_of_cap;
-    float *mb_losses;
+    OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     Links links;
-    double *op_times;
-    int op_times_cap;
 };
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
@@ -434,7 +429,7 @@ float *stage_wte_embed_grad(Stage *s, size_t *n) {
     *n = s->y.first ? s->y.sizes[P_WTE] : 0;
     return s->dwte_embed;
 }
-const double *stage_op_times(const Stage *s) { return s->op_times; }
+const double *stage_op_times(const Stage *s) { return s->run.op_times; }
 
 static int slot_alloc(Stage *s, Slot *a) {
     size_t B = s->B, T = s->T, C = s->y.cfg.channels, NH = s->y.cfg.num_heads, nl = s->y.nl;
@@ -470,7 +465,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
     Stage *s = calloc(1, sizeof(Stage));
     s->y = layout_make(cfg, lo, hi);
-    s->B = B; s->T = T; s->nslots = slots;
+    s->B = B; s->T = T; s->run.nslots = slots;
     s->links = (Links){-1, -1, -1, 60.0, lo, hi};
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc(P, sizeof(float));
@@ -495,10 +490,11 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
 
 void stage_free(Stage *s) {
     if (!s) return;
-    for (int i = 0; s->slots && i < s->nslots; i++) {
+    for (int i = 0; s->slots && i < s->run.nslots; i++) {
         free(s->slots[i].memory); free(s->slots[i].inputs); free(s->slots[i].targets);
     }
-    free(s->slots); free(s->slot_of); free(s->last_op); free(s->mb_losses); free(s->op_times);
+    free(s->slots);
+    oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
     free(s);
@@ -631,15 +627,8 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
 
 // The slot holding micro-batch mb, taking a free one on first use.
 static Slot *slot_for(Stage *s, int mb) {
-    if (s->slot_of[mb] >= 0) return &s->slots[s->slot_of[mb]];
-    for (int i = 0; i < s->nslots; i++) {
-        int used = 0;
-        for (int j = 0; j < s->slot_of_cap; j++) used |= s->slot_of[j] == i;
-        if (!used) { s->slot_of[mb] = i; return &s->slots[i]; }
-    }
-    fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
-         "(the schedule holds more than the validator's peak)", s->y.lo, s->y.hi, mb, s->nslots);
-    return NULL;
+    int i = oprun_slot(&s->run, mb, s->y.lo, s->y.hi);
+    return i < 0 ? NULL : &s->slots[i];
 }
 
 // The buffer each op of a communication group sends from or receives into.
@@ -660,33 +649,10 @@ static int run_comm_group(Stage *s, const int *ops, int n) {
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    int m = 0;  // micro-batches in this step: every rank runs one FWD per micro-batch
-    for (int i = 0; i < nops; i++) {
-        if (ops[2 * i] < 0 || ops[2 * i] >= NUM_OPS || ops[2 * i + 1] < 0)
-            return fail("op %d: bad op (%d, %d)", i, ops[2 * i], ops[2 * i + 1]);
-        m += ops[2 * i] == OP_FWD;
-    }
-    for (int i = 0; i < nops; i++)
-        if (ops[2 * i + 1] >= m) return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], m);
+    if (oprun_begin(&s->run, ops, nops)) return -1;
+    int m = s->run.m;
     if (s->y.first && !inputs) return fail("the first stage needs input tokens");
     if (s->y.last && !targets) return fail("the last stage needs target tokens");
-    if (m > s->slot_of_cap) {
-        free(s->slot_of); free(s->last_op); free(s->mb_losses);
-        s->slot_of = malloc(m * sizeof(int));
-        s->last_op = malloc(m * sizeof(int));
-        s->mb_losses = malloc(m * sizeof(float));
-        s->slot_of_cap = m;
-    }
-    if (nops > s->op_times_cap) {
-        free(s->op_times);
-        s->op_times = malloc(2 * nops * sizeof(double));
-        s->op_times_cap = nops;
-    }
-    for (int i = 0; i < s->slot_of_cap; i++) s->slot_of[i] = -1;
-    for (int i = 0; i < m; i++) s->mb_losses[i] = 0.0f;
-    // a micro-batch holds its slot from its first op to its last, as the
-    // validator counts it
-    for (int i = 0; i < nops; i++) s->last_op[ops[2 * i + 1]] = i;
     if (training) {
         memset(s->grads, 0, s->y.num_params * sizeof(float));
         if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
@@ -707,7 +673,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
                 stage_forward(s, a, s->B, s->T);
                 if (s->y.last) {
                     memcpy(a->targets, targets + mb * BT, BT * sizeof(int));
-                    s->mb_losses[mb] = stage_loss(s, a);
+                    s->run.mb_losses[mb] = stage_loss(s, a);
                 }
             } else if (!training) {
                 return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
@@ -717,17 +683,10 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
                 stage_backward_weight(s, a);
             }
         }
-        double t_end = now_seconds();
-        for (int k = i; k < i + n; k++) {
-            s->op_times[2 * k] = t_start;
-            s->op_times[2 * k + 1] = t_end;
-            if (s->last_op[ops[2 * k + 1]] == k) s->slot_of[ops[2 * k + 1]] = -1;
-        }
+        oprun_done(&s->run, ops, i, n, t_start, now_seconds());
         i += n;
     }
-    float sum = 0.0f;
-    for (int i = 0; i < m; i++) sum += s->mb_losses[i];
-    *loss_sum = sum;
+    *loss_sum = oprun_loss_sum(&s->run);
     return 0;
 }
 

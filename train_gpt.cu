@@ -942,7 +942,7 @@ typedef struct {
 
 struct Stage {
     Layout y;
-    int B, T, nslots, device, hs;
+    int B, T, device, hs;
     // parameters on the device: each (tensor, layer) segment at a 512-byte
     // aligned offset (dev_start[t] + l * dev_stride[t]), the same whatever the
     // stage split; zero padding between segments
@@ -953,9 +953,8 @@ struct Stage {
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
     float *h_swap_send, *h_swap_recv;    // tied-embedding swap over sockets
     Slot *slots;
-    int *slot_of, slot_of_cap;
-    int *last_op;                        // micro-batch -> index of its last op in the list
-    float *mb_losses, *d_mb_losses;
+    OpRun run;                           // the executor's bookkeeping (common.h)
+    float *d_mb_losses;
     int d_mb_cap;
     size_t st_c, st_3c, st_4c, st_n, st_lse, slot_bytes;
     floatX *scratch_c, *scratch_4c;
@@ -982,8 +981,6 @@ struct Stage {
     size_t pinned_cap;
     ncclComm_t nccl;
     int nccl_rank, nccl_ranks;
-    double *op_times;
-    int op_times_cap;
     char broken[1024];  // a failure inside a void API function, reported by the next call
     Prof prof;
 };
@@ -1452,7 +1449,7 @@ static float *hparam(Stage *s, float *base, int t, int l) { return base + s->y.o
 
 float *stage_param(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return s->y.sizes[t] ? s->h_params + s->y.offsets[t] : NULL; }
 float *stage_grad(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return s->y.sizes[t] ? s->h_grads + s->y.offsets[t] : NULL; }
-const double *stage_op_times(const Stage *s) { return s->op_times; }
+const double *stage_op_times(const Stage *s) { return s->run.op_times; }
 
 // device <-> host mirror for whole-stage parameter-shaped buffers
 static int download_params(Stage *s, float *host, const float *dev) {
@@ -1569,7 +1566,7 @@ static MemPlan mem_plan(Stage *s) {
                  round_up(BT * NH * 4, 512) + LT_WORKSPACE + round_up((size_t)s->norm_blocks * 8, 512) +
                  round_up((size_t)s->nsegs * sizeof(NormSeg), 512) + round_up((size_t)s->norm_blocks * 4, 512) +
                  round_up(s->y.cfg.vocab_size * 4, 512) + 4096;
-    mp.total = mp.params + mp.slot * s->nslots + mp.scratch;
+    mp.total = mp.params + mp.slot * s->run.nslots + mp.scratch;
     return mp;
 }
 
@@ -1577,7 +1574,7 @@ static int oom_message(Stage *s, const MemPlan *mp, size_t free_b, size_t total_
     return fail("out of GPU memory: stage [%d,%d) with B=%d T=%d needs %.1f MiB (parameters, gradients and AdamW "
                 "state %.1f MiB, activations %.1f MiB x %d slot(s), scratch %.1f MiB) but GPU %d has %.1f MiB free "
                 "of %.1f MiB; use a smaller batch (-b/--batch-size), more micro-batches or more stages",
-                s->y.lo, s->y.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->slot), s->nslots,
+                s->y.lo, s->y.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->slot), s->run.nslots,
                 mib(mp->scratch), s->device, mib(free_b), mib(total_b));
 }
 
@@ -1633,7 +1630,7 @@ static int stage_alloc(Stage *s) {
     DMALLOC(&s->d_segs, (size_t)s->nsegs * sizeof(NormSeg));
     DMALLOC(&s->d_block_seg, (size_t)s->norm_blocks * sizeof(int));
     if (s->y.first && s->y.last) DMALLOC(&s->d_sample_logits, V * sizeof(float));
-    for (int i = 0; i < s->nslots; i++) {
+    for (int i = 0; i < s->run.nslots; i++) {
         DMALLOC(&s->slots[i].mem, s->slot_bytes);
         CHECK(slot_partition(s, &s->slots[i]));
     }
@@ -1690,7 +1687,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     Stage *s = (Stage *)calloc(1, sizeof(Stage));
     if (!s) { fail("out of host memory"); return NULL; }
     s->y = layout_make(cfg, lo, hi);
-    s->B = B; s->T = T; s->nslots = slots; s->device = device; s->hs = hs;
+    s->B = B; s->T = T; s->run.nslots = slots; s->device = device; s->hs = hs;
     s->links.prev_fd = s->links.next_fd = s->links.tied_fd = -1;
     s->links.timeout_s = 60.0;
     s->links.lo = lo; s->links.hi = hi;
@@ -1757,7 +1754,7 @@ void stage_free(Stage *s) {
     }
     if (s->nccl) ncclCommDestroy(s->nccl);
     for (int i = 0; i < s->nplans; i++) gemm_plan_free(&s->plans[i]);
-    for (int i = 0; s->slots && i < s->nslots; i++) cudaFree(s->slots[i].mem);
+    for (int i = 0; s->slots && i < s->run.nslots; i++) cudaFree(s->slots[i].mem);
     cudaFree(s->d_params); cudaFree(s->d_grads); cudaFree(s->d_m); cudaFree(s->d_v);
 #ifndef GPT_FP32
     cudaFree(s->d_params_x);
@@ -1776,7 +1773,8 @@ void stage_free(Stage *s) {
     free(s->h_swap_send); free(s->h_swap_recv);
     free(s->h_norm_partials); free(s->h_sample_logits);
     free(s->h_counts); free(s->h_tok); free(s->h_start); free(s->h_pos);
-    free(s->segs); free(s->slots); free(s->slot_of); free(s->last_op); free(s->mb_losses); free(s->op_times);
+    free(s->segs); free(s->slots);
+    oprun_free(&s->run);
     free(s);
 }
 
@@ -2127,37 +2125,16 @@ int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nran
 
 // The slot holding micro-batch mb, taking a free one on first use.
 static Slot *slot_for(Stage *s, int mb) {
-    if (s->slot_of[mb] >= 0) return &s->slots[s->slot_of[mb]];
-    for (int i = 0; i < s->nslots; i++) {
-        int used = 0;
-        for (int j = 0; j < s->slot_of_cap; j++) used |= s->slot_of[j] == i;
-        if (!used) { s->slot_of[mb] = i; return &s->slots[i]; }
-    }
-    fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
-         "(the schedule holds more than the validator's peak)", s->y.lo, s->y.hi, mb, s->nslots);
-    return NULL;
+    int i = oprun_slot(&s->run, mb, s->y.lo, s->y.hi);
+    return i < 0 ? NULL : &s->slots[i];
 }
 
 static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
                          int training, float *loss_sum) {
-    int m = 0;  // micro-batches in this step: every rank runs one FWD per micro-batch
-    for (int i = 0; i < nops; i++) {
-        if (ops[2 * i] < 0 || ops[2 * i] >= NUM_OPS || ops[2 * i + 1] < 0)
-            return fail("op %d: bad op (%d, %d)", i, ops[2 * i], ops[2 * i + 1]);
-        m += ops[2 * i] == OP_FWD;
-    }
-    for (int i = 0; i < nops; i++)
-        if (ops[2 * i + 1] >= m) return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], m);
+    CHECK(oprun_begin(&s->run, ops, nops));
+    int m = s->run.m;
     if (s->y.first && !inputs) return fail("the first stage needs input tokens");
     if (s->y.last && !targets) return fail("the last stage needs target tokens");
-    if (m > s->slot_of_cap) {
-        free(s->slot_of); free(s->last_op); free(s->mb_losses);
-        s->slot_of = (int *)malloc(m * sizeof(int));
-        s->last_op = (int *)malloc(m * sizeof(int));
-        s->mb_losses = (float *)malloc(m * sizeof(float));
-        s->slot_of_cap = s->slot_of && s->last_op && s->mb_losses ? m : 0;
-        if (!s->slot_of_cap) return fail("out of host memory");
-    }
     if (m > s->d_mb_cap) {
         CUDA_CHECK(cudaFree(s->d_mb_losses));
         s->d_mb_losses = NULL;
@@ -2165,16 +2142,6 @@ static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, 
         CUDA_CHECK(cudaMalloc(&s->d_mb_losses, m * sizeof(float)));
         s->d_mb_cap = m;
     }
-    if (nops > s->op_times_cap) {
-        free(s->op_times);
-        s->op_times = (double *)malloc(2 * nops * sizeof(double));
-        s->op_times_cap = s->op_times ? nops : 0;
-        if (!s->op_times) return fail("out of host memory");
-    }
-    for (int i = 0; i < s->slot_of_cap; i++) s->slot_of[i] = -1;
-    // a micro-batch holds its slot from its first op to its last, as the
-    // validator counts it
-    for (int i = 0; i < nops; i++) s->last_op[ops[2 * i + 1]] = i;
     if (m) CUDA_CHECK(cudaMemsetAsync(s->d_mb_losses, 0, m * sizeof(float), s->stream));
     if (training) {
         CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
@@ -2210,21 +2177,14 @@ static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, 
             // finished work, so op times are the GPU's and faults surface here
             CUDA_CHECK(cudaStreamSynchronize(s->stream));
         }
-        double t_end = now_seconds();
-        for (int k = i; k < i + n; k++) {
-            s->op_times[2 * k] = t_start;
-            s->op_times[2 * k + 1] = t_end;
-            if (s->last_op[ops[2 * k + 1]] == k) s->slot_of[ops[2 * k + 1]] = -1;
-        }
+        oprun_done(&s->run, ops, i, n, t_start, now_seconds());
         i += n;
     }
     if (m) {
-        CUDA_CHECK(cudaMemcpyAsync(s->mb_losses, s->d_mb_losses, m * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(s->run.mb_losses, s->d_mb_losses, m * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
         CUDA_CHECK(cudaStreamSynchronize(s->stream));
     }
-    float sum = 0.0f;
-    for (int i = 0; i < m; i++) sum += s->mb_losses[i];
-    *loss_sum = s->y.last ? sum : 0.0f;
+    *loss_sum = s->y.last ? oprun_loss_sum(&s->run) : 0.0f;
     return 0;
 }
 
