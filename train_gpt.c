@@ -14,20 +14,9 @@
 // Sections, in the order data flows: layers, model, executor, optimizer,
 // data, checkpoint I/O, sampling, main.
 #define _POSIX_C_SOURCE 200809L
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #define TRAINER_NAME "./train_gpt"
 #include "common.h"
 #include "asm/sgemm.h"
-
-void gpt_set_threads(int n) {
-#ifdef _OPENMP
-    if (n > 0) omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-}
 
 // ----------------------------------------------------------------------------
 // layers

@@ -41,19 +41,8 @@
 #include <nccl.h>
 #include <limits.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #define TRAINER_NAME "./train_gpt_cu"
 #include "common.h"
-
-void gpt_set_threads(int n) {
-#ifdef _OPENMP
-    if (n > 0) omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-}
 
 // ----------------------------------------------------------------------------
 // precision and checks
