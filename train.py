@@ -197,7 +197,9 @@ class Stage:
     val_ops: np.ndarray
 
     def run(self, ops: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool) -> float:
-        """Runs the op list; returns the sum of micro-batch losses, on every rank."""
+        """Runs the op list; returns the sum of the micro-batch losses: when
+        training on the last rank only (the step's allreduce spreads it), when
+        evaluating on every rank."""
         loss = self.model.run(ops, x if self.ctx.first else None, y if self.ctx.last else None, training)
         if training:
             return loss
