@@ -1206,10 +1206,10 @@ static int ptx_load(void) {
 #endif
 
 // GPT_PTX -> s->ptx, loading the kernels when any is selected
-// Without GPT_PTX, the PTX kernels that measured faster than their CUDA C
-// twins on the H100 (asm/README.md; layernorm forward did not) run wherever
-// they can: a bf16 build on an sm_90 device, shapes they support.
-#define PTX_DEFAULT (PTX_ADAMW | PTX_GELU | PTX_LN_BWD | PTX_CE)
+// Without GPT_PTX, the PTX kernels, each measured faster than its CUDA C twin
+// on the H100 (asm/README.md), run wherever they can: a bf16 build on an sm_90
+// device, shapes they support.
+#define PTX_DEFAULT PTX_ALL
 
 static void ptx_default(Stage *s) {
     s->ptx = 0;
@@ -1221,6 +1221,7 @@ static void ptx_default(Stage *s) {
     }
     int bits = PTX_DEFAULT;
     if (s->y.cfg.channels % 8) bits &= ~(PTX_GELU | PTX_LN_FWD | PTX_LN_BWD);
+    if (s->y.cfg.channels > 1792) bits &= ~(PTX_LN_FWD | PTX_LN_BWD);  // 7 chunks of 8 a lane at most
     if (s->y.cfg.padded_vocab_size % 8) bits &= ~PTX_CE;
     if (bits && ptx_load() == 0) s->ptx = bits;
 #endif
@@ -1260,6 +1261,9 @@ static int ptx_select(Stage *s, const char *env) {
     if ((s->ptx & (PTX_GELU | PTX_LN_FWD | PTX_LN_BWD)) && s->y.cfg.channels % 8)
         return fail("GPT_PTX=%s: the PTX GELU and layernorm kernels move 8 bf16 at a time and need channels "
                     "%% 8 == 0 (channels = %d)", env, s->y.cfg.channels);
+    if ((s->ptx & (PTX_LN_FWD | PTX_LN_BWD)) && s->y.cfg.channels > 1792)
+        return fail("GPT_PTX=%s: the PTX layernorm kernels hold a row in registers (at most 7 chunks of 8 bf16 "
+                    "a lane) and need channels <= 1792 (channels = %d)", env, s->y.cfg.channels);
     if ((s->ptx & PTX_CE) && s->y.cfg.padded_vocab_size % 8)
         return fail("GPT_PTX=%s: the PTX cross-entropy kernel needs padded_vocab_size %% 8 == 0 (it is %d)", env,
                     s->y.cfg.padded_vocab_size);
