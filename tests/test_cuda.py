@@ -35,6 +35,7 @@ import pytest
 
 import gpt
 from dev import reference as ref
+from tests.test_model import rough_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,28 +87,9 @@ def stack(data):
     return np.stack([d[0] for d in data]), np.stack([d[1] for d in data])
 
 
-def rough_params(seed: int, rcfg=RCFG) -> dict:
-    """As in test_model.py: noisy layernorms and biases, larger weights."""
-    params = ref.init_params(rcfg, seed)
-    rng = np.random.default_rng(seed + 1)
-    for name in ("ln1w", "ln1b", "ln2w", "ln2b", "lnfw", "lnfb", "qkvb", "attprojb", "fcb", "fcprojb"):
-        params[name] = params[name] + 0.1 * rng.standard_normal(params[name].shape)
-    for name in ("qkvw", "attprojw", "fcw", "fcprojw", "wte", "wpe"):
-        params[name] = params[name] * 5.0
-    params["wte"][rcfg.vocab_size:] = 0.0
-    return params
-
-
 def gentle_params(seed: int, rcfg) -> dict:
     """GPT-2's init plus a little noise on layernorms and biases (bf16 tests)."""
-    params = ref.init_params(rcfg, seed)
-    rng = np.random.default_rng(seed + 1)
-    for name in ("ln1w", "ln1b", "ln2w", "ln2b", "lnfw", "lnfb", "qkvb", "attprojb", "fcb", "fcprojb"):
-        params[name] = params[name] + 0.05 * rng.standard_normal(params[name].shape)
-    for name in ("qkvw", "attprojw", "fcw", "fcprojw", "wte", "wpe"):
-        params[name] = params[name] * 3.0
-    params["wte"][rcfg.vocab_size:] = 0.0
-    return params
+    return rough_params(seed, rcfg, noise=0.05, scale=3.0)
 
 
 def model(mod, params, cfg=CFG, b=B, t=T, slots=1, lo=0, hi=None):

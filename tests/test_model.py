@@ -25,16 +25,17 @@ def batches(seed: int, m: int):
             for _ in range(m)]
 
 
-def rough_params(seed: int) -> dict:
+def rough_params(seed: int, rcfg: ref.Config = RCFG, noise: float = 0.1, scale: float = 5.0) -> dict:
     """Reference init plus noise on layernorms and biases, so no path hides
-    behind weights of 1 and zero biases."""
-    params = ref.init_params(RCFG, seed)
+    behind weights of 1 and zero biases; scale sharpens the attention and
+    enlarges the activations. (The CUDA tests share it.)"""
+    params = ref.init_params(rcfg, seed)
     rng = np.random.default_rng(seed + 1)
     for name in ("ln1w", "ln1b", "ln2w", "ln2b", "lnfw", "lnfb", "qkvb", "attprojb", "fcb", "fcprojb"):
-        params[name] = params[name] + 0.1 * rng.standard_normal(params[name].shape)
+        params[name] = params[name] + noise * rng.standard_normal(params[name].shape)
     for name in ("qkvw", "attprojw", "fcw", "fcprojw", "wte", "wpe"):
-        params[name] = params[name] * 5.0  # sharper attention and larger activations
-    params["wte"][CFG["vocab_size"]:] = 0.0
+        params[name] = params[name] * scale
+    params["wte"][rcfg.vocab_size:] = 0.0
     return params
 
 
