@@ -262,6 +262,7 @@ __global__ void gelu_backward_kernel(floatX *dinp, const floatX *inp, const floa
 // and, when training, the logits overwritten in place by
 // d(loss)/d(logits) = (softmax - onehot(target)) * dloss, padded columns 0.
 #define CE_THREADS 1024  // two rows per SM at a time: the second pass over a row (100 KB at d12) hits L2
+#define CE_PTX_MAX_VP (7 * CE_THREADS * 8)  // asm/crossentropy.ptx keeps a row in registers: 7 x 8 bf16 a thread
 __global__ void __launch_bounds__(CE_THREADS) crossentropy_kernel(floatX *logits, float *losses,
                                                                   const int *targets, int V, int Vp,
                                                                   float dloss, int write_grad) {
@@ -1222,7 +1223,7 @@ static void ptx_default(Stage *s) {
     int bits = PTX_DEFAULT;
     if (s->y.cfg.channels % 8) bits &= ~(PTX_GELU | PTX_LN_FWD | PTX_LN_BWD);
     if (s->y.cfg.channels > 1792) bits &= ~(PTX_LN_FWD | PTX_LN_BWD);  // 7 chunks of 8 a lane at most
-    if (s->y.cfg.padded_vocab_size % 8) bits &= ~PTX_CE;
+    if (s->y.cfg.padded_vocab_size % 8 || s->y.cfg.padded_vocab_size > CE_PTX_MAX_VP) bits &= ~PTX_CE;
     if (bits && ptx_load() == 0) s->ptx = bits;
 #endif
 }
@@ -1264,8 +1265,9 @@ static int ptx_select(Stage *s, const char *env) {
     if ((s->ptx & (PTX_LN_FWD | PTX_LN_BWD)) && s->y.cfg.channels > 1792)
         return fail("GPT_PTX=%s: the PTX layernorm kernels hold a row in registers (at most 7 chunks of 8 bf16 "
                     "a lane) and need channels <= 1792 (channels = %d)", env, s->y.cfg.channels);
-    if ((s->ptx & PTX_CE) && s->y.cfg.padded_vocab_size % 8)
-        return fail("GPT_PTX=%s: the PTX cross-entropy kernel needs padded_vocab_size %% 8 == 0 (it is %d)", env,
+    if ((s->ptx & PTX_CE) && (s->y.cfg.padded_vocab_size % 8 || s->y.cfg.padded_vocab_size > CE_PTX_MAX_VP))
+        return fail("GPT_PTX=%s: the PTX cross-entropy kernel holds a row in registers (7 chunks of 8 bf16 a "
+                    "thread) and needs padded_vocab_size %% 8 == 0 and <= %d (it is %d)", env, CE_PTX_MAX_VP,
                     s->y.cfg.padded_vocab_size);
     return ptx_load();
 #endif
@@ -2592,7 +2594,8 @@ static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, do
         res[2] = kernel == 3 ? 4.0 * nv + 8.0 * n + 8.0 * C : 8.0 * nv + 8.0 * n + 4.0 * C;
         break;
     case 6: {
-        if (C < 1 || n > INT_MAX) return fail("ptx bench: cross-entropy needs V >= 1 and n <= INT_MAX rows");
+        if (C < 1 || Vp > CE_PTX_MAX_VP || n > INT_MAX)
+            return fail("ptx bench: cross-entropy needs 1 <= V, padded V <= %d and n <= INT_MAX rows", CE_PTX_MAX_VP);
         nv = n * Vp;
         for (int k = 0; k < 2; k++) {  // the same logits for both (each variant overwrites its copy)
             CHECK(pb_alloc(b, &y[k], nv, 19, 4.0f, 0.0f));

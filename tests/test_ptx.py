@@ -3,7 +3,8 @@ train_gpt.cu.
 
 Without a GPU (CI): every .ptx assembles for sm_90a with zero spill stores;
 asm/ptx_registers.txt (committed) matches what ptxas reports now; every entry
-point is loaded by train_gpt.cu and embedded by the build.
+point is loaded by train_gpt.cu and embedded by the build. (What each kernel
+computes is checked without a GPU too, by tests/test_ptx_emu.py.)
 
 With a GPU (skipped otherwise), every check in its own subprocess so that a
 faulting kernel (a sticky CUDA error) cannot spoil the others:
@@ -23,7 +24,8 @@ faulting kernel (a sticky CUDA error) cannot spoil the others:
   first steps are about +-lr per element whatever the gradient's size, so a
   bf16-level difference flips the sign of the update where the gradient is
   near zero; a broken kernel gives NaN or a cosine far below);
-- bad GPT_PTX values, the fp32 build and channels % 8 != 0 fail with a clear
+- bad GPT_PTX values, the fp32 build, channels % 8 != 0 and a padded
+  vocabulary over the cross-entropy kernel's 57344 columns fail with a clear
   message.
 """
 
@@ -286,7 +288,7 @@ def test_training_with_every_ptx_kernel_tracks_the_cuda_c_run(tmp_path):
 
 FAIL = """
 import json, gpt_cuda{suffix} as g
-cfg = dict(max_seq_len=256, vocab_size=300, padded_vocab_size=320, num_layers=2, num_heads=2, channels={C})
+cfg = dict(max_seq_len=256, vocab_size={V}, padded_vocab_size={Vp}, num_layers=2, num_heads=2, channels={C})
 try:
     g.Model(cfg, 0, 2, 2, 16, 1)
     print(json.dumps(dict(err=None)))
@@ -296,15 +298,16 @@ except Exception as e:
 
 
 @needs_gpu
-@pytest.mark.parametrize("case", ["bad_value", "fp32_build", "channels_not_multiple_of_8"])
+@pytest.mark.parametrize("case", ["bad_value", "fp32_build", "channels_not_multiple_of_8", "vocab_over_a_row"])
 def test_gpt_ptx_requests_that_cannot_be_met_fail_clearly(case):
-    suffix, C, value, expect = {
-        "bad_value": ("", 128, "adamw,bogus", "GPT_PTX=adamw,bogus: expected"),
-        "fp32_build": ("_fp32", 128, "1", "fp32 build"),
-        "channels_not_multiple_of_8": ("", 36, "gelu", "channels % 8 == 0"),
+    suffix, C, V, Vp, value, expect = {
+        "bad_value": ("", 128, 300, 320, "adamw,bogus", "GPT_PTX=adamw,bogus: expected"),
+        "fp32_build": ("_fp32", 128, 300, 320, "1", "fp32 build"),
+        "channels_not_multiple_of_8": ("", 36, 300, 320, "gelu", "channels % 8 == 0"),
+        "vocab_over_a_row": ("", 128, 57345, 57352, "crossentropy", "<= 57344 (it is 57352)"),
     }[case]
     if suffix:
         pytest.importorskip("gpt_cuda_fp32")
-    out = run_py(FAIL.format(suffix=suffix, C=C), {"GPT_PTX": value})
+    out = run_py(FAIL.format(suffix=suffix, C=C, V=V, Vp=Vp), {"GPT_PTX": value})
     print(out["err"])
     assert out["err"] and expect in out["err"], out["err"]
