@@ -4,6 +4,8 @@
 #   train_gpt_cu            standalone trainer (the flags of ./train_gpt)
 #   gpt_cuda$(EXT)          the Python module (gpt.pyx built as gpt_cuda), bf16
 #   gpt_cuda_fp32$(EXT)     the same in fp32 (-DGPT_FP32), for close comparison with the CPU
+#   build/train_gpt_cu.ptx  the bf16 build's kernels as PTX, which tests/test_cuda_emu.py runs on the
+#                           CPU (dev/ptx_emu.py)
 #   make gpu-check          the one prepared GPU run: dev/gpu_check.sh
 #
 # cuBLAS and NCCL come from the CUDA toolkit, or from /usr, or from the PyPI
@@ -45,7 +47,7 @@ CUDA_LDLIBS = $(addprefix -L,$(CUDA_LIBDIR_SET)) $(addprefix -Wl$(comma)-rpath$(
 	$(call lib_flag,$(NCCL_DIR),nccl) -lgomp -lstdc++ -lm
 comma := ,
 
-all: train_gpt_cu gpt_cuda$(EXT) gpt_cuda_fp32$(EXT)
+all: train_gpt_cu gpt_cuda$(EXT) gpt_cuda_fp32$(EXT) build/train_gpt_cu.ptx
 
 cuda-check-deps:
 	@test -n "$(CUBLAS_INC)" -a -n "$(CUBLAS_DIR)" || { echo "cuda.mk: cuBLAS not found (CUDA toolkit or pip install nvidia-cublas)"; exit 1; }
@@ -62,6 +64,13 @@ build/train_gpt_cu_fp32.o: train_gpt.cu common.h gpt.h | cuda-check-deps
 build/train_gpt_cu_main.o: train_gpt.cu common.h gpt.h | cuda-check-deps
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DTRAIN_GPT_MAIN -c train_gpt.cu -o $@
+
+# the device code of build/train_gpt_cu.o (bf16) as PTX: the same flags, for the virtual architecture
+# that its sm_90 machine code is compiled from (-ptx takes one architecture)
+CUDA_PTX_ARCH ?= -arch=compute_90
+build/train_gpt_cu.ptx: train_gpt.cu common.h gpt.h | cuda-check-deps
+	@mkdir -p build
+	$(NVCC) -O3 -std=c++17 $(CUDA_PTX_ARCH) $(addprefix -I,$(sort $(CUBLAS_INC) $(NCCL_INC))) -ptx train_gpt.cu -o $@
 
 train_gpt_cu: build/train_gpt_cu_main.o
 	$(CC) -fopenmp $^ -o $@ $(CUDA_LDLIBS)

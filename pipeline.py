@@ -229,7 +229,7 @@ def _pair_link(ranks: list[list[Op]], pairs: dict, src: int, dst: int, send: int
                          [(src, sends[k]), (dst, recvs[k])])
 
 
-def _pair_messages(ranks: list[list[Op]]) -> dict[tuple[int, int], tuple[int, int]]:
+def pair_messages(ranks: list[list[Op]]) -> dict[tuple[int, int], tuple[int, int]]:
     """Map (rank, slot) of every send and receive to (rank, slot) of its partner."""
     S = len(ranks)
     for r, ops in enumerate(ranks):
@@ -296,7 +296,7 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
             if not 0 <= op.mb < micro:
                 raise _error(ranks, f"rank {r}: {op} is out of range for {micro} micro-batches",
                              [(r, i)])
-    pairs = _pair_messages(ranks)
+    pairs = pair_messages(ranks)
 
     for r, ops in enumerate(ranks):
         slot = {}
@@ -426,7 +426,7 @@ def _timeline(slots: list[list[Slot]]) -> Timeline:
 
 def simulate(ranks: list[list[Op]], costs: Costs = Costs()) -> Timeline:
     """When every op starts and ends under a cost model (assumes a valid schedule)."""
-    pairs = _pair_messages(ranks)
+    pairs = pair_messages(ranks)
     slots, stuck = _run(ranks, pairs, costs)
     if stuck:
         raise _deadlock(ranks, pairs, stuck)

@@ -343,21 +343,29 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say)
     ranks_ops = pipeline.schedule(args.schedule, S, args.micro_batches)
     times = [json.loads(b) for b in blobs]  # [rank][step][op] = [start, end]
     steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
-    bubbles, costs = [], [[[], [], []] for _ in range(S)]
+    pairs = pipeline.pair_messages(ranks_ops)
+    bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
     for k in steps:
         span = max(t[k][-1][1] for t in times) - min(t[k][0][0] for t in times)
         busy = 0.0
         for r in range(S):
-            for op, (a, b) in zip(ranks_ops[r], times[r][k]):
+            for i, (op, (a, b)) in enumerate(zip(ranks_ops[r], times[r][k])):
                 if op.kind in pipeline.COMPUTE:
                     busy += b - a
                     costs[r][op.kind].append(b - a)
+                else:  # a transfer starts once both sides have posted it; before that it is waiting
+                    q, j = pairs[r, i]
+                    transfers.append(b - max(a, times[q][k][j][0]))
         bubbles.append(1.0 - busy / (S * span))
     mean = [[float(np.mean(c)) if c else 0.0 for c in per] for per in costs]
-    predicted = pipeline.simulate(ranks_ops, pipeline.Costs(f=[c[0] for c in mean], b=[c[1] for c in mean],
-                                                            w=[c[2] for c in mean])).bubble_fraction
-    say(f"bubble: measured {np.mean(bubbles):.1%}, simulator {predicted:.1%} for the measured op costs "
-        f"(transfers taken as free)")
+    comm = float(np.median(transfers)) if transfers else 0.0
+
+    def bubble(comm: float) -> float:
+        return pipeline.simulate(ranks_ops, pipeline.Costs(f=[c[0] for c in mean], b=[c[1] for c in mean],
+                                                           w=[c[2] for c in mean], comm=comm)).bubble_fraction
+
+    say(f"bubble: measured {np.mean(bubbles):.1%}, simulator {bubble(comm):.1%} for the measured op costs and "
+        f"transfer time ({comm * 1e3:.1f} ms, the median), {bubble(0.0):.1%} with free transfers")
     if args.trace:
         t0 = min(t[0][0][0] for t in times)
         events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{args.schedule} x{S}"}}]

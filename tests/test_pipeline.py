@@ -103,8 +103,11 @@ def test_trace_is_a_chrome_trace_of_every_rank(data_dir, tmp_path):
         mine = [e for e in events if e["tid"] == rank]
         assert len(mine) == 2 * len(ops[rank])
         assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in mine)
-    m = re.search(r"bubble: measured ([\d.]+)%, simulator ([\d.]+)%", r.stdout)
-    assert m and 0 < float(m.group(1)) < 100 and 0 < float(m.group(2)) < 100
+    m = re.search(r"bubble: measured ([\d.]+)%, simulator ([\d.]+)% .*\(([\d.]+) ms, the median\), "
+                  r"([\d.]+)% with free transfers", r.stdout)
+    assert m, r.stdout
+    measured, with_transfers, transfer_ms, free = map(float, m.groups())
+    assert 0 < measured < 100 and 0 < free <= with_transfers < 100 and transfer_ms >= 0
 
 
 # -----------------------------------------------------------------------------

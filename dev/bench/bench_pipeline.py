@@ -2,7 +2,8 @@
 Pipeline parallelism on the 2 CPU cores: m micro-batches per step, 2 stages
 with one thread each, against one stage with one thread and with two.
 Prints tokens/s and, for the pipeline, the measured bubble fraction next to
-the simulator's prediction for the measured op costs.
+the simulator's prediction for the measured op costs, with the measured
+transfer time and with free transfers.
 
     python dev/bench/bench_pipeline.py [--model d12] [--micro 8] [--steps 4]
 
@@ -31,9 +32,10 @@ def run(model: str, micro: int, steps: int, stages: int, threads: int, schedule:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
     tok = [float(t) for t in re.findall(r"\| (\d+) tok/s", r.stdout)][1:]  # the first step warms up
     out = {"tok/s": float(np.median(tok))}
-    m = re.search(r"bubble: measured ([\d.]+)%, simulator ([\d.]+)%", r.stdout)
+    m = re.search(r"bubble: measured ([\d.]+)%, simulator ([\d.]+)% .*\(([\d.]+) ms, the median\), "
+                  r"([\d.]+)% with free transfers", r.stdout)
     if m:
-        out["measured"], out["predicted"] = float(m.group(1)), float(m.group(2))
+        out["measured"], out["predicted"], out["transfer_ms"], out["free"] = map(float, m.groups())
     p = re.search(r"^partition: .*$", r.stdout, re.M)
     if p:
         out["partition"] = p.group(0)
@@ -55,7 +57,8 @@ def main() -> None:
         r = run(args.model, args.micro, args.steps, 2, 1, schedule)
         print(f"  2 stages x 1 thread, {schedule:5}: {r['tok/s']:7.0f} tok/s "
               f"({r['tok/s'] / base1['tok/s']:.2f}x one thread, {r['tok/s'] / base2['tok/s']:.2f}x two) | "
-              f"bubble measured {r['measured']:.1f}%, simulator {r['predicted']:.1f}%")
+              f"bubble measured {r['measured']:.1f}%, simulator {r['predicted']:.1f}% "
+              f"({r['transfer_ms']:.1f} ms a transfer; {r['free']:.1f}% if free)")
     print(f"  {r['partition']}")
 
 
