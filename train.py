@@ -346,17 +346,19 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say)
     pairs = pipeline.pair_messages(ranks_ops)
     bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
     for k in steps:
-        span = max(t[k][-1][1] for t in times) - min(t[k][0][0] for t in times)
+        # the step as the simulator sees it: from when the last rank starts it (before that, a rank that
+        # finished its optimizer early is waiting for the others, which is not the pipeline's bubble)
+        t0, t1 = max(t[k][0][0] for t in times), max(t[k][-1][1] for t in times)
         busy = 0.0
         for r in range(S):
             for i, (op, (a, b)) in enumerate(zip(ranks_ops[r], times[r][k])):
                 if op.kind in pipeline.COMPUTE:
-                    busy += b - a
+                    busy += max(0.0, min(b, t1) - max(a, t0))
                     costs[r][op.kind].append(b - a)
                 else:  # a transfer starts once both sides have posted it; before that it is waiting
                     q, j = pairs[r, i]
                     transfers.append(b - max(a, times[q][k][j][0]))
-        bubbles.append(1.0 - busy / (S * span))
+        bubbles.append(1.0 - busy / (S * (t1 - t0)))
     mean = [[float(np.mean(c)) if c else 0.0 for c in per] for per in costs]
     comm = float(np.median(transfers)) if transfers else 0.0
 

@@ -37,6 +37,7 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublasLt.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled: the driver call, found at run time (no -lcuda)
 #include <cublas_api.h>
 #include <nccl.h>
 #include <limits.h>
@@ -588,6 +589,22 @@ __device__ __forceinline__ void zero_acc(float (&acc)[8][4]) {
 // i-1), starts loading tile i+1 into the other buffer, then computes on tile i,
 // so with PIPE (cp.async) the loads overlap the tensor-core work.
 
+// The key loop of the forward and of dq: waits until key block kb's K and V
+// tiles are in Ks[kb & 1], Vs[kb & 1] (returned: kb & 1), and unless kb is
+// the last, starts block kb + 1's into the other pair, to land during kb's math.
+template <bool PIPE>
+__device__ int kv_tiles_next(Tile *Ks, Tile *Vs, const bf16 *base, int C, size_t C3, int T, int kb, int last) {
+    int cur = kb & 1, k1 = (kb + 1) * AT;
+    tiles_commit_and_wait<PIPE>();
+    __syncthreads();
+    if (kb < last) {
+        load_tile<PIPE>(Ks[cur ^ 1], base + C + (size_t)k1 * C3, C3, T - k1);
+        load_tile<PIPE>(Vs[cur ^ 1], base + 2 * C + (size_t)k1 * C3, C3, T - k1);
+        tiles_commit<PIPE>();
+    }
+    return cur;
+}
+
 // forward: one block per (64 queries, b*h), heavy blocks (late queries) first
 template <bool PIPE>
 __global__ void __launch_bounds__(128) attention_forward_mma_kernel(bf16 *out, float *lse, const bf16 *qkv,
@@ -608,14 +625,7 @@ __global__ void __launch_bounds__(128) attention_forward_mma_kernel(bf16 *out, f
     float o[8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     zero_acc(o);
     for (int kb = 0; kb <= qb; kb++) {
-        int k0 = kb * AT, cur = kb & 1;
-        tiles_commit_and_wait<PIPE>();
-        __syncthreads();
-        if (kb < qb) {
-            load_tile<PIPE>(Ks[cur ^ 1], base + C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
-            load_tile<PIPE>(Vs[cur ^ 1], base + 2 * C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
-            tiles_commit<PIPE>();
-        }
+        int k0 = kb * AT, cur = kv_tiles_next<PIPE>(Ks, Vs, base, C, C3, T, kb, qb);
         float s[8][4];
         zero_acc(s);
         mma_rows_nk(s, qa, Ks[cur]);
@@ -775,14 +785,7 @@ __global__ void __launch_bounds__(128) attention_backward_dq_mma_kernel(bf16 *dq
     float dq[8][4];
     zero_acc(dq);
     for (int kb = 0; kb <= qb; kb++) {
-        int k0 = kb * AT, cur = kb & 1;
-        tiles_commit_and_wait<PIPE>();
-        __syncthreads();
-        if (kb < qb) {
-            load_tile<PIPE>(Ks[cur ^ 1], base + C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
-            load_tile<PIPE>(Vs[cur ^ 1], base + 2 * C + (size_t)(k0 + AT) * C3, C3, T - k0 - AT);
-            tiles_commit<PIPE>();
-        }
+        int k0 = kb * AT, cur = kv_tiles_next<PIPE>(Ks, Vs, base, C, C3, T, kb, qb);
         float s[8][4], dp[8][4];
         zero_acc(s);
         zero_acc(dp);
@@ -1161,7 +1164,7 @@ static int must(int rc) { return rc == 1 ? fail("cuBLASLt has no algorithm for a
 #endif
 
 enum { PTX_ADAMW = 1, PTX_GELU = 2, PTX_LN_FWD = 4, PTX_LN_BWD = 8, PTX_CE = 16, PTX_ALL = 31 };
-enum { PK_ADAMW, PK_GELU_FWD, PK_GELU_BWD, PK_LN_FWD, PK_LN_BWD, PK_CE, NUM_PK };
+enum { PK_ADAMW, PK_GELU_FWD, PK_GELU_BWD, PK_LN_FWD, PK_LN_BWD, PK_CE, PK_GEMM, NUM_PK };
 static cudaKernel_t g_ptx_kernels[NUM_PK];
 
 #ifndef GPT_FP32
@@ -1180,6 +1183,7 @@ static int ptx_load(void) {
         {ptx_cubin_layernorm, "layernorm", "ptx_layernorm_forward", PK_LN_FWD},
         {ptx_cubin_layernorm, "layernorm", "ptx_layernorm_backward_input", PK_LN_BWD},
         {ptx_cubin_crossentropy, "crossentropy", "ptx_crossentropy", PK_CE},
+        {ptx_cubin_gemm, "gemm", "ptx_gemm_bf16", PK_GEMM},  // benchmarked, not trained with
     };
     cudaLibrary_t lib = NULL;
     const unsigned char *lib_image = NULL;
@@ -2510,6 +2514,22 @@ static int pb_compare(PtxBench *b, const T *a, const T *c, size_t n, double *res
 }
 
 #ifndef GPT_FP32
+// res[k] = ms per call of launch(k), k = 0 (the reference) and 1 (the PTX kernel), after one warmup call
+template <typename Launch>
+static int pb_time(PtxBench *b, Launch launch, int iters, double *res) {
+    for (int k = 0; iters > 0 && k < 2; k++) {
+        CHECK(launch(k));
+        CUDA_CHECK(cudaEventRecord(b->e0, b->s->stream));
+        for (int i = 0; i < iters; i++) CHECK(launch(k));
+        CUDA_CHECK(cudaEventRecord(b->e1, b->s->stream));
+        CUDA_CHECK(cudaEventSynchronize(b->e1));
+        float ms = 0.0f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, b->e0, b->e1));
+        res[k] = ms / iters;
+    }
+    return 0;
+}
+
 static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, double *res) {
     Stage *s = b->s;
     float *p[2] = {}, *m[2] = {}, *v[2] = {}, *g = NULL, *w = NULL, *bb = NULL, *mean[2] = {}, *rstd[2] = {};
@@ -2639,17 +2659,106 @@ static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, do
             if (kernel == 6) CHECK(pb_compare(b, p[0], p[1], n, res));  // the losses
         }
     }
-    for (int k = 0; iters > 0 && k < 2; k++) {
-        CHECK(launch(k));  // warmup
-        CUDA_CHECK(cudaEventRecord(b->e0, s->stream));
-        for (int i = 0; i < iters; i++) CHECK(launch(k));
-        CUDA_CHECK(cudaEventRecord(b->e1, s->stream));
-        CUDA_CHECK(cudaEventSynchronize(b->e1));
-        float ms = 0.0f;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, b->e0, b->e1));
-        res[k] = ms / iters;
-    }
+    CHECK(pb_time(b, launch, iters, res));
     return 0;
+}
+
+// asm/gemm.ptx, the TMA + wgmma GEMM (for reading and measuring; training uses
+// cuBLASLt): out (M,N) = A (M,K) @ B (N,K)^T in bf16, against matmul_forward.
+#define GEMM_TILE 128                   // rows and columns of out per block
+#define GEMM_SMEM (4 * 32768 + 1024)    // 4 stages of a 128x64 A tile and a 128x64 B tile, + alignment
+
+// a tensor map over a row-major (rows, cols) bf16 matrix: boxes of 64 columns
+// (128 bytes) x 128 rows, written to shared memory with the 128-byte swizzle
+static int tensor_map_2d(CUtensorMap *map, const floatX *base, int64_t rows, int64_t cols) {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode;
+    if (!encode) {
+        void *fn = NULL;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess || q != cudaDriverEntryPointSuccess || !fn) {
+            cudaGetLastError();
+            return fail("ptx gemm: the driver has no cuTensorMapEncodeTiled (CUDA 12.0 or newer needed)");
+        }
+        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    }
+    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * sizeof(floatX)};
+    cuuint32_t box[2] = {64, GEMM_TILE}, elem_strides[2] = {1, 1};
+    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? 0
+                             : fail("ptx gemm: cuTensorMapEncodeTiled failed (error %d) for a %lld x %lld matrix",
+                                    (int)r, (long long)rows, (long long)cols);
+}
+
+static int ptx_gemm(Stage *s, floatX *out, const floatX *A, const floatX *B, int M, int N, int K) {
+    if (M < 1 || N < 8 || K < 8 || N % 8 || K % 8)
+        return fail("ptx gemm: needs M >= 1 and N, K multiples of 8 (M=%d N=%d K=%d)", M, N, K);
+    CUtensorMap ta, tb;
+    CHECK(tensor_map_2d(&ta, A, M, K));
+    CHECK(tensor_map_2d(&tb, B, N, K));
+    CUDA_CHECK(cudaKernelSetAttributeForDevice(g_ptx_kernels[PK_GEMM], cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               GEMM_SMEM, s->device));
+    void *args[] = {&ta, &tb, &out, &M, &N, &K};
+    dim3 grid((N + GEMM_TILE - 1) / GEMM_TILE, (M + GEMM_TILE - 1) / GEMM_TILE);
+    CUDA_CHECK(cudaLaunchKernel((const void *)g_ptx_kernels[PK_GEMM], grid, dim3(256), args, GEMM_SMEM, s->stream));
+    return 0;
+}
+
+// res[0], res[1]: ms per call of cuBLASLt and of the PTX GEMM (iters > 0);
+// res[3] outputs whose bits differ, res[4] the largest difference / the largest |out|
+static int gemm_bench_run(PtxBench *b, int M, int N, int K, int iters, double *res) {
+    Stage *s = b->s;
+    floatX *A = NULL, *B = NULL, *out[2] = {};
+    size_t nout = (size_t)M * N;
+    CHECK(pb_alloc(b, &A, (size_t)M * K, 31, 1.0f, 0.0f));
+    CHECK(pb_alloc(b, &B, (size_t)N * K, 32, 1.0f, 0.0f));
+    for (int k = 0; k < 2; k++) CHECK(pb_alloc(b, &out[k], nout, 33, 0.0f, 0.0f));
+    auto launch = [&](int k) -> int {
+        if (k) return ptx_gemm(s, out[1], A, B, M, N, K);
+        CHECK(must(matmul_forward(s, out[0], A, B, NULL, NULL, M, K, N, NULL)));
+        return 0;
+    };
+    for (int k = 0; k < 2; k++) CHECK(launch(k));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    CHECK(pb_compare(b, out[0], out[1], nout, res));
+    CHECK(pb_time(b, launch, iters, res));
+    res[2] = 2.0 * M * N * (double)K;  // flops
+    return 0;
+}
+
+// a benchmark's scratch stage (a stream, cuBLASLt for the GEMM's reference),
+// events and buffers, around body(&b)
+template <typename Body>
+static int ptx_bench(Body body) {
+    if (gpt_device_count() < 1) return fail("no CUDA device");
+    CUDA_CHECK(cudaSetDevice(0));
+    CHECK(ptx_load());
+    PtxBench b;
+    memset(&b, 0, sizeof b);
+    b.s = (Stage *)calloc(1, sizeof(Stage));
+    if (!b.s) return fail("out of host memory");
+    int rc = -1;
+    if (cudaStreamCreate(&b.s->stream) != cudaSuccess || cudaEventCreate(&b.e0) != cudaSuccess ||
+        cudaEventCreate(&b.e1) != cudaSuccess || cudaMalloc((void **)&b.d_st, 16) != cudaSuccess ||
+        cudaMalloc(&b.s->workspace, LT_WORKSPACE) != cudaSuccess)
+        fail("CUDA setup failed: %s", cudaGetErrorString(cudaGetLastError()));
+    else if (cublasLtCreate(&b.s->lt) != CUBLAS_STATUS_SUCCESS)
+        fail("cublasLtCreate failed");
+    else
+        rc = body(&b);
+    if (b.s->stream) cudaStreamSynchronize(b.s->stream);
+    for (int i = 0; i < b.nb; i++) cudaFree(b.bufs[i]);
+    for (int i = 0; i < b.s->nplans; i++) gemm_plan_free(&b.s->plans[i]);
+    if (b.s->lt) cublasLtDestroy(b.s->lt);
+    if (b.s->workspace) cudaFree(b.s->workspace);
+    if (b.d_st) cudaFree(b.d_st);
+    if (b.e0) cudaEventDestroy(b.e0);
+    if (b.e1) cudaEventDestroy(b.e1);
+    if (b.s->stream) cudaStreamDestroy(b.s->stream);
+    free(b.s);
+    return rc;
 }
 #endif
 
@@ -2660,27 +2769,17 @@ extern "C" int gpt_cuda_ptx_bench(int kernel, long long n, int C, int iters, dou
     return fail("ptx bench: the PTX kernels are for the bf16 build (gpt_cuda)");
 #else
     if (n < 1) return fail("ptx bench: n must be positive");
-    if (gpt_device_count() < 1) return fail("no CUDA device");
-    CUDA_CHECK(cudaSetDevice(0));
-    CHECK(ptx_load());
-    PtxBench b;
-    memset(&b, 0, sizeof b);
-    b.s = (Stage *)calloc(1, sizeof(Stage));
-    if (!b.s) return fail("out of host memory");
-    int rc = -1;
-    if (cudaStreamCreate(&b.s->stream) != cudaSuccess || cudaEventCreate(&b.e0) != cudaSuccess ||
-        cudaEventCreate(&b.e1) != cudaSuccess || cudaMalloc((void **)&b.d_st, 16) != cudaSuccess)
-        fail("CUDA setup failed: %s", cudaGetErrorString(cudaGetLastError()));
-    else
-        rc = ptx_bench_run(&b, kernel, (size_t)n, C, iters, res);
-    if (b.s->stream) cudaStreamSynchronize(b.s->stream);
-    for (int i = 0; i < b.nb; i++) cudaFree(b.bufs[i]);
-    if (b.d_st) cudaFree(b.d_st);
-    if (b.e0) cudaEventDestroy(b.e0);
-    if (b.e1) cudaEventDestroy(b.e1);
-    if (b.s->stream) cudaStreamDestroy(b.s->stream);
-    free(b.s);
-    return rc;
+    return ptx_bench([&](PtxBench *b) { return ptx_bench_run(b, kernel, (size_t)n, C, iters, res); });
+#endif
+}
+
+extern "C" int gpt_cuda_gemm_bench(int M, int N, int K, int iters, double *res) {
+    for (int i = 0; i < 8; i++) res[i] = 0.0;
+#ifdef GPT_FP32
+    (void)M; (void)N; (void)K; (void)iters;
+    return fail("ptx gemm: the PTX kernels are for the bf16 build (gpt_cuda)");
+#else
+    return ptx_bench([&](PtxBench *b) { return gemm_bench_run(b, M, N, K, iters, res); });
 #endif
 }
 

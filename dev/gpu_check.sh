@@ -80,8 +80,8 @@ export GPU_CHECK_TRACK_BUDGET_S=$((BUDGET - (SECONDS - START) - 95 - 30))
 part "tests: bf16 d12 tracks the CPU over 20 steps" 120 95 $PYTEST -k "tracks" --durations=3
 # the PTX kernels (asm/*.ptx) against their CUDA C twins (~35 s; each check in
 # its own subprocess), then their bandwidth and the d12 step with GPT_PTX=0/1 (~40 s)
-part "tests: PTX kernels vs CUDA C twins" 75 95 $PYTHON -m pytest tests/test_ptx.py -v -rA -p no:cacheprovider -k ptx
-part "benchmark: PTX kernels" 60 95 $PYTHON dev/bench/bench_ptx.py
+part "tests: PTX kernels vs CUDA C twins, the GEMM vs cuBLASLt" 90 95 $PYTHON -m pytest tests/test_ptx.py -v -rA -p no:cacheprovider -k ptx
+part "benchmark: PTX kernels" 75 95 $PYTHON dev/bench/bench_ptx.py
 
 # the PyTorch reference gets what is left after our part of the benchmark (~40 s)
 export BENCH_TORCH_TIMEOUT=$((BUDGET - (SECONDS - START) - 45))

@@ -14,7 +14,12 @@ synchronisation as it goes, without a GPU:
 numpy arrays in `args` become device pointers to those arrays, and the kernel
 writes straight into them. Python ints and floats become the .param values
 (.u64/.s32/.f32...). None is NULL. launch(..., shared_bytes=n) is the third
-launch parameter: the size of the kernel's .extern .shared array.
+launch parameter: the size of the kernel's .extern .shared array. A
+TensorMap(array, box, swizzle) is what the host's cuTensorMapEncodeTiled makes
+for a TMA copy; it goes to a `.param .align 64 .b8 name[128]` parameter:
+
+    ta = TensorMap(A, box=(64, 128), swizzle=128)  # A (rows, cols): dims (cols, rows)
+    launch(k, grid, 256, [ta, tb, out, M, N, K], shared_bytes=4 * 32768 + 1024)
 
 The file has five sections, in reading order:
 
@@ -58,6 +63,25 @@ The file has five sections, in reading order:
    latest a GPU may), as a store of that thread: the other threads need a
    bar.sync after the wait too.
 
+Hopper's asynchronous units, as section 3 models them from the PTX ISA (each
+subsection there cites its sections and states what is checked):
+- TMA, cp.async.bulk.tensor: a box of a tensor map's tensor to shared memory,
+  zero-filled out of bounds, 32/64/128-byte swizzled as the ISA's tables say
+  (chunk address bits 4.. XOR bits 7..), then a complete-tx of its bytes on an
+  mbarrier. The bytes land at issue but the complete-tx only when a wait finds
+  the phase incomplete (so a try_wait outside a loop is caught), and reading
+  them before seeing that phase complete, or overwriting bytes another thread
+  read with no bar.sync or mbarrier hand-off since, is a RaceError.
+- mbarriers: phases, arrivals, tx-count, try_wait/test_wait.parity; misuse
+  (uninitialized, no bar.sync or fence.mbarrier_init after init, too many
+  arrivals) is an error. A wait loop whose release sits at a higher pc never
+  ends under the min-pc scheduler (RunawayError, naming the mbarrier).
+- wgmma: m64nNk16 with bf16/f16 from shared memory through matrix descriptors
+  (K-major, swizzled or not), fp32 accumulators. The operands are read at
+  mma_async and must be unchanged when the wgmma.wait_group that retires it
+  computes D; touching the accumulators in between, or without wgmma.fence,
+  is an AsyncError.
+
 Numerics. Registers keep the exact bits. add/sub/mul.rn.f32 are numpy
 float32 operations, which are IEEE correctly rounded. fma.rn.f32 is exact:
 the product in float64 (exact for float32 inputs), a TwoSum for the error of
@@ -83,14 +107,17 @@ recorded, not enforced; .maxntid and .reqntid are checked at launch, and
 shared memory against max_shared_bytes). Memory ordering is only modelled as
 far as the race check goes: kernels whose blocks must talk to each other
 (other than through atomics) are out of scope, and within a block memory is
-sequentially consistent. The racecheck tracks the last writer of each byte
-but not its readers, so a write after another thread's read with no barrier
-between them (write-after-read) is not caught; atomics do not count as
-writers. A bar.warp.sync with a partial membermask orders nothing for the
-racecheck (it can only report too much). NaN payloads are kept where a GPU
-would return its canonical NaN. Textures, generic addressing, local memory,
-.func calls, clusters, bulk and tensor copies (TMA), wgmma and mbarriers are
-not supported: the parser rejects them.
+sequentially consistent. The racecheck tracks the last writer of each byte;
+the last reader of shared bytes only serves the TMA's write-after-read check,
+so a plain store after another thread's read with no barrier between them
+(write-after-read) is not caught; atomics do not count as writers. A
+bar.warp.sync with a partial membermask orders nothing for the racecheck (it
+can only report too much). NaN payloads are kept where a GPU would return its
+canonical NaN. Textures, generic addressing, local memory, .func calls,
+clusters (and multicast), non-tensor bulk copies, tensor maps outside .param,
+wgmma with A in registers, M/N-major operands, non-zero descriptor base
+offsets or integer/fp8/tf32 types are not supported: the parser or the launch
+rejects them.
 """
 
 from __future__ import annotations
@@ -136,6 +163,12 @@ class RunawayError(PTXError):
     """More than max_steps steps in a block, or a thread ran past the last instruction."""
 
 
+class AsyncError(PTXError):
+    """Misuse of the asynchronous units: a wgmma accumulator touched before the wgmma.wait_group that retires
+    it, a missing wgmma.fence, differing descriptors, an mbarrier not made visible to the async proxy, a block
+    exiting with work in flight."""
+
+
 # =============================================================================
 # 1. parse
 
@@ -159,6 +192,11 @@ def bits(t: str) -> int:
 SPECIAL_REGS = {f"%{r}.{d}" for r in ("tid", "ntid", "ctaid", "nctaid") for d in "xyz"} | {"%laneid", "%warpid"}
 SHARED_BASE = 0x1000  # first byte of the shared window: small addresses (a zeroed register) are caught
 SHARED_GAP = 64       # bytes left unmapped after each shared variable, so overruns fault
+# The swizzles of TMA and wgmma are functions of shared address bits 4..9 (section 3), so the window must
+# start on a 1024-byte boundary, and its addresses must fit the 18 bits a wgmma descriptor encodes.
+assert SHARED_BASE % 1024 == 0 and SHARED_BASE + (240 << 10) <= 1 << 18  # 227 KiB at most (launch)
+PARAM_BASE = 0x100_0000             # .param window: `mov.b64 %r, param` gives PARAM_BASE + the parameter's offset
+PARAM_GENERIC = 0x7E00_0000_0000    # and cvta.param.u64 maps it to PARAM_GENERIC + the offset (a generic address)
 LINE_DIRECTIVES = (".version", ".target", ".address_size")  # the directives that end at a newline
 KERNEL_DIRECTIVES = (".maxnreg", ".maxntid", ".reqntid", ".minnctapersm")
 
@@ -199,19 +237,24 @@ class Instr:
     srcs: list = field(default_factory=list)
     addr: Addr | None = None
     target: int = -1         # branch target: index into Kernel.code
+    acc_touch: tuple = ()    # wgmma accumulator registers it names (section 3, _mark_accumulator_accesses)
 
 
 @dataclass
 class Kernel:
     name: str
     file: str
-    params: list[tuple[str, str]]              # (name, PTX type), in order
+    params: list[tuple[str, str]]              # (name, PTX type), in order (an array parameter: its element type)
     regs: dict[str, str]                       # register name -> PTX type
     shared: dict[str, tuple[int, int]]         # shared variable -> (address, bytes)
     code: list[Instr]
     labels: dict[str, int]
     directives: dict[str, tuple[int, ...]]     # .maxnreg, .maxntid, ... as written
     dynamic_shared: str | None = None          # the .extern .shared array, sized at launch (shared_bytes)
+    param_arrays: dict[str, int] = field(default_factory=dict)   # .param .align A .b8 name[N] -> N bytes
+    param_addr: dict[str, int] = field(default_factory=dict)     # parameter -> its .param-space address
+    param_align: dict[str, int] = field(default_factory=dict)    # parameter -> its alignment (.align or size)
+    wgmma_regs: frozenset = frozenset()        # registers that some wgmma.mma_async uses as accumulators
 
     def where(self, ins: Instr) -> str:
         return f"{self.file}:{ins.line}: in {self.name}: `{ins.text}`"
@@ -292,12 +335,20 @@ def parse_ptx(text: str, filename: str = "<ptx>") -> dict[str, Kernel]:
             raise err(off, f"unsupported module-level statement: {s.split()[0]!r} (only .entry kernels, "
                            f".shared, .extern .shared, {', '.join(LINE_DIRECTIVES)} are supported)")
         name, plist, tail = m.groups()
-        params = []
+        params, arrays, offset, addr, aligns = [], {}, 0, {}, {}
         for p in filter(None, (x.strip() for x in plist.split(","))):
-            pm = re.fullmatch(r"\.param\s+\.(\w+)\s+([\w$]+)", p)
-            if not pm or pm.group(1) not in TYPES or pm.group(1) == "pred":
+            # .param .u64 x, or an array: .param .align 128 .b8 tmap[128] (a CUtensorMap passed by value)
+            pm = re.fullmatch(r"\.param\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+([\w$]+)(?:\s*\[\s*(\d+)\s*\])?", p)
+            if not pm or pm.group(2) not in TYPES or pm.group(2) == "pred" or (pm.group(1) and not pm.group(4)):
                 raise err(off, f"unsupported kernel parameter {p!r} in {name}")
-            params.append((pm.group(2), pm.group(1)))
+            size = bits(pm.group(2)) // 8
+            align = int(pm.group(1) or size)
+            offset = -(-offset // align) * align  # the parameter's place in the .param window, as ptxas lays it out
+            addr[pm.group(3)], aligns[pm.group(3)] = PARAM_BASE + offset, align
+            if pm.group(4):
+                arrays[pm.group(3)] = size * int(pm.group(4))
+            offset += size * int(pm.group(4) or 1)
+            params.append((pm.group(3), pm.group(2)))
         directives = {}
         for dm in re.finditer(r"(\.\w+)\s*([\d,\s]*)", tail):
             if dm.group(1) not in KERNEL_DIRECTIVES:
@@ -314,7 +365,7 @@ def parse_ptx(text: str, filename: str = "<ptx>") -> dict[str, Kernel]:
             if b not in ("{", "}"):
                 body.append((line_of(boff), b))
             i += 1
-        kernels[name] = _build_kernel(name, filename, params, directives, module_shared + body)
+        kernels[name] = _build_kernel(name, filename, params, directives, module_shared + body, arrays, addr, aligns)
     return kernels
 
 
@@ -347,8 +398,9 @@ def find_entry(kernels: dict[str, Kernel], name: str, template: str = "") -> Ker
     return hits[0]
 
 
-def _build_kernel(name, file, params, directives, body) -> Kernel:
-    k = Kernel(name, file, params, {}, {}, [], {}, directives)
+def _build_kernel(name, file, params, directives, body, param_arrays, param_addr, param_align) -> Kernel:
+    k = Kernel(name, file, params, {}, {}, [], {}, directives, param_arrays=param_arrays, param_addr=param_addr,
+               param_align=param_align)
     err = lambda line, msg: PTXSyntaxError(f"{file}:{line}: in {name}: {msg}")
     next_shared = SHARED_BASE
     for line, s in body:
@@ -413,6 +465,7 @@ def _build_kernel(name, file, params, directives, body) -> Kernel:
                       " - add it to the opcode table in dev/ptx_emu.py")
         ins.op.decode(k, ins)
     _contract(k)
+    _mark_accumulator_accesses(k)
     return k
 
 
@@ -471,6 +524,10 @@ def _value(k: Kernel, ins: Instr, text: str, t: str):
         if t not in ("b32", "u32", "s32", "b64", "u64", "s64"):
             raise _syntax(k, ins, f"the address of {text} is an integer, not .{t}")
         return Imm(_imm(k, ins, str(k.shared[text][0]), t))
+    if text in k.param_addr:  # the .param-space address of a kernel parameter (PTX ISA 5.1.6.1)
+        if t not in ("b32", "u32", "s32", "b64", "u64", "s64"):
+            raise _syntax(k, ins, f"the address of parameter {text} is an integer, not .{t}")
+        return Imm(_imm(k, ins, str(k.param_addr[text]), t))
     if re.match(r"[-+]?(\d|\.\d)", text):
         return Imm(_imm(k, ins, text, t))
     raise _syntax(k, ins, f"bad operand {text!r}")
@@ -483,10 +540,10 @@ def _addr(k: Kernel, ins: Instr, text: str, space: str) -> Addr:
         raise _syntax(k, ins, f"bad address {text!r}")
     base, sign, off = m.groups()
     offset = 0 if off is None else int(_imm(k, ins, off, "s64")) * (-1 if sign == "-" else 1)
-    if space == "param":
-        if base not in dict(k.params) or offset:
+    if space == "param":  # [name], or [name+offset] into an array parameter
+        if base not in dict(k.params) or (offset and base not in k.param_arrays):
             raise _syntax(k, ins, f"ld.param wants [a parameter of {k.name}], got {text!r}")
-        return Addr(None, 0, base)
+        return Addr(None, offset, base)
     if base.startswith("%"):
         if base not in k.regs or bits(k.regs[base]) not in (32, 64):
             raise _syntax(k, ins, f"address register {base} must be a declared 32- or 64-bit register")
@@ -932,13 +989,23 @@ class Load:
         relaxed = self.t[0] in "bus" and self.space != "param"
         ins.dst = [_reg(k, ins, r, self.t, at_least=relaxed) for r in _vector(k, ins, ins.operands[0], self.vec)]
         ins.addr = _addr(k, ins, ins.operands[1], self.space)
-        if self.space == "param" and bits(dict(k.params)[ins.addr.param]) != bits(self.t):
+        if self.space == "param" and ins.addr.param in k.param_arrays:
+            if ins.addr.offset < 0 or ins.addr.offset + bits(self.t) // 8 > k.param_arrays[ins.addr.param]:
+                raise _syntax(k, ins, f"reads past the {k.param_arrays[ins.addr.param]} bytes of {ins.addr.param}")
+        elif self.space == "param" and bits(dict(k.params)[ins.addr.param]) != bits(self.t):
             raise _syntax(k, ins, f"parameter {ins.addr.param} is .{dict(k.params)[ins.addr.param]}, "
                                   f"not {bits(self.t)} bits")
 
     def execute(self, blk, ins, idx, idx_all):
         if self.space == "param":
-            vals = [np.asarray(blk.params[ins.addr.param]).view(TYPES[self.t])]
+            v = blk.params[ins.addr.param]
+            if isinstance(v, TensorMap):
+                raise _Fault(MemcheckError, f"ld.param of the tensor map {ins.addr.param}: a CUtensorMap is opaque "
+                                            f"(only cp.async.bulk.tensor reads it)", None)
+            if ins.addr.param in blk.k.param_arrays:  # raw bytes of an array parameter
+                n = bits(self.t) // 8
+                v = v[ins.addr.offset:ins.addr.offset + n].copy().view(TYPES[self.t])[0]
+            vals = [np.asarray(v).view(TYPES[self.t])]
         else:
             size = bits(self.t) // 8
             raw = blk.memory(self.space).load(blk.address(ins.addr, idx), size * self.vec, size * self.vec,
@@ -1231,6 +1298,9 @@ class Bar:
             raise _Fault(DivergenceError, f"thread {blk.tid3(int(blk.tid[t]))} {blk.whereabouts(t)}, not at this "
                                           f"barrier", None, block=int(blk.blk[t]))
         blk.epoch[blocks] += 1
+        for seen in blk.observed.values():  # what one thread saw of an mbarrier, all have seen after bar.sync
+            per_block = seen.reshape(blk.nb, blk.Tp).max(1)
+            seen[blocks[blk.blk]] = per_block[blk.blk][blocks[blk.blk]]
 
 
 class Branch:
@@ -1368,6 +1438,593 @@ for num in (1, 2, 4):
     for trans in ("", ".trans"):
         OPCODES[f"ldmatrix.sync.aligned.m8n8.x{num}{trans}.shared.b16"] = LdMatrix(num, bool(trans))
 OPCODES["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"] = MmaBf16()
+
+
+# ---- the .param space: kernel parameter addresses
+#
+# PTX ISA 5.1.6.1: "The address of a kernel parameter may be moved into a register using the mov
+# instruction. The resulting address is in the .param state space". cvta.param.u64 (PTX 7.7, sm_70)
+# turns it into a generic address. The emulator lays the parameters out from PARAM_BASE (.param
+# space) at ptxas's offsets (each aligned to its .align or size), and puts their generic addresses at
+# PARAM_GENERIC + the same offset. Only cp.async.bulk.tensor consumes such a generic address: its
+# tensorMap operand must be the generic address of a tensor-map parameter (section 5, TensorMap).
+
+def _cvta_param(a):
+    a = np.atleast_1d(np.asarray(a, np.uint64))
+    bad = (a < PARAM_BASE) | (a >= PARAM_BASE + (1 << 20))
+    if bad.any():
+        raise _Fault(MemcheckError, f"cvta.param of {int(a[np.argmax(bad)]):#x}, which is not a .param-space "
+                                    f"address", None)
+    return a - np.uint64(PARAM_BASE) + np.uint64(PARAM_GENERIC)
+
+
+_alu("cvta.param.u64", "u64", "u64", _cvta_param)
+
+
+# ---- mbarriers (PTX ISA 9.7.13.15)
+#
+# An mbarrier is an opaque 8-byte object in shared memory, 8-byte aligned. The emulator keeps its state
+# beside shared memory (_MBarrier, one per block and address) and marks its 8 bytes, so a plain ld or st
+# of them is a MemcheckError. Its state, as the ISA's "Contents of the mbarrier object" lists it:
+#   the current phase (here: the number of phases completed so far; its parity is phase & 1), the
+#   pending arrival count of the current phase, the expected arrival count of the next phase, and the
+#   tx-count: bytes of asynchronous transactions the current phase still waits for.
+# Operations:
+#   mbarrier.init [a], count: phase 0, pending = expected = count (1 .. 2^20-1), tx-count 0. Any other
+#     operation on an address that holds no initialized mbarrier is an error; so is init of a live one
+#     (undefined in the ISA: mbarrier.inval it first).
+#   expect-tx(n): tx-count += n (mbarrier.expect_tx; mbarrier.arrive.expect_tx does it *before* its
+#     arrive-on, with count 1). complete-tx(n): tx-count -= n (cp.async.bulk.tensor, when its bytes
+#     land). arrive-on(count): pending -= count. tx-count must stay within +-(2^20 - 1), and an arrival
+#     the phase does not expect (pending below 0) is an error.
+#   Phase completion: when pending and tx-count are both 0, atomically, the phase advances and pending
+#     is reloaded with the expected count (arrive-on and complete-tx check this; expect-tx cannot
+#     complete a phase).
+#   mbarrier.test_wait/try_wait.parity p, [a], parity: the ISA tests "the completion of the phase
+#     indicated by phaseParity, the integer parity of either the current phase or the immediately
+#     preceding phase": p is true when that phase is the preceding one (the current phase's parity
+#     differs from `parity`) and false when it is the current, incomplete one. A parity naming a phase
+#     two or more back aliases; the ISA leaves that invalid and nobody can tell. try_wait may return
+#     false early on a GPU (its time limit); the emulator's returns false only while a copy it waits for
+#     is in flight (TMA, below). Parities other than 0 and 1 are an error. The state returned by
+#     mbarrier.arrive (opaque in the ISA) is the phase number here.
+# Ordering, checked: a thread other than the initializing one may use an mbarrier only after a bar.sync
+# that follows the init; the async proxy (a cp.async.bulk.tensor's complete-tx) only after the
+# initializing thread made the init visible to it with fence.mbarrier_init.release.cluster or
+# fence.proxy.async (the CUDA programming guide's TMA example: "make initialized barrier visible in
+# async proxy"). A successful wait with the default .acquire semantics records, per thread, that every
+# phase before the current one has completed (a bar.sync passes that on to the rest of the block);
+# section 5 uses it to check reads of the bytes a cp.async.bulk.tensor wrote. .relaxed waits record
+# nothing: they order no memory.
+# Scheduling: the min-pc scheduler always runs the lowest pc, so a spin loop on try_wait whose releasing
+# event sits at a higher pc (a producer warp whose code follows its consumers' wait loop) spins until
+# max_steps; that RunawayError names the wait and the mbarrier's counts. Kernels whose releases come
+# earlier in program order (one thread issuing the copies, then everyone waiting) run.
+
+MBAR_MAX = (1 << 20) - 1  # the ISA's bound on counts and |tx-count|
+
+
+@dataclass
+class _MBarrier:
+    addr: int          # its shared address, for messages
+    expected: int      # arrivals each phase expects
+    pending: int       # arrivals the current phase still waits for
+    tx: int            # tx-count: bytes of asynchronous transactions the current phase still waits for
+    phase: int         # phases completed so far (the current phase's parity is phase & 1)
+    init_gid: int      # the initializing thread (wave index), its block's bar.sync epoch then, its line
+    init_epoch: int
+    init_line: int
+    fenced: bool = False  # the init made visible to the async proxy
+
+    def complete_if_done(self):
+        if self.pending == 0 and self.tx == 0:
+            self.phase += 1
+            self.pending = self.expected
+
+    def counts(self) -> str:
+        return (f"phase {self.phase} (parity {self.phase & 1}), {self.pending} of {self.expected} arrivals "
+                f"pending, tx-count {self.tx}")
+
+
+class MbarInit:
+    control = False
+
+    def decode(self, k, ins):
+        _arity(k, ins, 2)
+        ins.addr = _addr(k, ins, ins.operands[0], "shared")
+        ins.srcs = [_value(k, ins, ins.operands[1], "u32")]
+
+    def execute(self, blk, ins, idx, idx_all):
+        g = blk.gid[idx]
+        counts = np.broadcast_to(blk.read(ins.srcs[0], "u32", idx), g.shape)
+        for i, (key, loc) in enumerate(zip(*blk.mbar_locate(blk.address(ins.addr, idx), idx, "mbarrier.init"))):
+            key = int(key)
+            if key in blk.mbarriers:
+                raise _Fault(MemcheckError, f"mbarrier.init of a live mbarrier (initialized at line "
+                                            f"{blk.mbarriers[key].init_line}): mbarrier.inval it first", int(g[i]))
+            if not 1 <= int(counts[i]) <= MBAR_MAX:
+                raise _Fault(MemcheckError, f"mbarrier.init count {int(counts[i])} outside 1 .. 2^20-1", int(g[i]))
+            blk.mbarriers[key] = _MBarrier(key & 0xFFFFFFFF, int(counts[i]), int(counts[i]), 0, 0, int(g[i]),
+                                           int(blk.epoch[blk.blk[g[i]]]), ins.line)
+            blk.shared.mark_mbarrier(*loc, True)
+
+
+class MbarInval:
+    control = False
+
+    def decode(self, k, ins):
+        _arity(k, ins, 1)
+        ins.addr = _addr(k, ins, ins.operands[0], "shared")
+
+    def execute(self, blk, ins, idx, idx_all):
+        keys, locs = blk.mbar_locate(blk.address(ins.addr, idx), idx, "mbarrier.inval")
+        blk.mbar_states(keys, idx, "mbarrier.inval")
+        for key, loc in zip(keys, locs):
+            if blk.mbarriers.pop(int(key), None) is not None:
+                blk.shared.mark_mbarrier(*loc, False)
+
+
+class MbarArrive:
+    """mbarrier.arrive{.expect_tx} state|_, [a]{, count|txCount} and mbarrier.expect_tx [a], txCount."""
+    control = False
+
+    def __init__(self, expect_tx: bool, arrive: bool = True, release: bool = True):
+        self.expect_tx, self.arrive, self.release = expect_tx, arrive, release
+
+    def decode(self, k, ins):
+        ops = ins.operands
+        if not self.arrive:
+            _arity(k, ins, 2)
+            ins.dst, ops = None, ["_"] + ops
+        elif len(ops) not in ((3,) if self.expect_tx else (2, 3)):
+            raise _syntax(k, ins, f"{ins.opcode} takes state, [addr]{', txCount' if self.expect_tx else '[, count]'}")
+        ins.dst = None if ops[0] == "_" else _reg(k, ins, ops[0], "b64")
+        ins.addr = _addr(k, ins, ops[1], "shared")
+        ins.srcs = [_value(k, ins, ops[2], "u32") if len(ops) == 3 else None]
+
+    def execute(self, blk, ins, idx, idx_all):
+        g = blk.gid[idx]
+        n = np.ones(g.shape, np.int64) if ins.srcs[0] is None else \
+            np.broadcast_to(blk.read(ins.srcs[0], "u32", idx), g.shape).astype(np.int64)
+        keys, _ = blk.mbar_locate(blk.address(ins.addr, idx), idx, ins.opcode.split(".b64")[0])
+        states = blk.mbar_states(keys, idx, "mbarrier.arrive" if self.arrive else "mbarrier.expect_tx")
+        old = np.zeros(g.shape, np.uint64)
+        for i, st in enumerate(states):
+            old[i] = st.phase
+            if self.expect_tx:  # the expect-tx comes first, so this arrive cannot complete the phase early
+                st.tx += int(n[i])
+                if abs(st.tx) > MBAR_MAX:
+                    raise _Fault(MemcheckError, f"expect-tx of {int(n[i])} takes the tx-count of the mbarrier at "
+                                                f"{st.addr:#x} to {st.tx}, outside +-(2^20-1)", int(g[i]))
+            if not self.arrive:
+                continue
+            count = 1 if self.expect_tx else int(n[i])
+            if not 1 <= count <= MBAR_MAX:
+                raise _Fault(MemcheckError, f"mbarrier.arrive count {count} outside 1 .. 2^20-1", int(g[i]))
+            if count > st.pending:
+                raise _Fault(MemcheckError, f"arrives {count} time(s) on the mbarrier at {st.addr:#x}, whose "
+                                            f"phase expects only {st.pending} more ({st.counts()})", int(g[i]))
+            if self.release:  # what the thread read before, a thread that sees this phase complete may overwrite
+                blk.arrive_clock += 1
+                blk.arrivals.setdefault(int(g[i]), []).append((blk.arrive_clock, int(keys[i]), st.phase))
+            st.pending -= count
+            st.complete_if_done()
+        if ins.dst is not None:
+            blk.write(ins.dst, "b64", old, idx)
+
+
+class MbarWait:
+    """mbarrier.test_wait.parity / try_wait.parity p, [a], parity{, suspendTimeHint}."""
+    control = False
+
+    def __init__(self, acquire: bool, hint: bool):
+        self.acquire, self.hint = acquire, hint
+
+    def decode(self, k, ins):
+        if len(ins.operands) not in ((3, 4) if self.hint else (3,)):
+            raise _syntax(k, ins, f"{ins.opcode} takes waitComplete, [addr], phaseParity"
+                                  + ("{, suspendTimeHint}" if self.hint else ""))
+        ins.dst = _reg(k, ins, ins.operands[0], "pred")
+        ins.addr = _addr(k, ins, ins.operands[1], "shared")
+        ins.srcs = [_value(k, ins, o, "u32") for o in ins.operands[2:]]
+
+    def execute(self, blk, ins, idx, idx_all):
+        g = blk.gid[idx]
+        parity = np.broadcast_to(blk.read(ins.srcs[0], "u32", idx), g.shape)
+        if (parity > 1).any():
+            i = int(np.argmax(parity > 1))
+            raise _Fault(MemcheckError, f"phaseParity {int(parity[i])}: only 0 and 1 are valid", int(g[i]))
+        keys, _ = blk.mbar_locate(blk.address(ins.addr, idx), idx, ins.opcode.split(".b64")[0])
+        states = blk.mbar_states(keys, idx, ins.opcode.split(".parity")[0])
+        ready = np.array([(st.phase & 1) != int(p) for st, p in zip(states, parity)], bool)
+        seen = {int(key): blk.mbarriers[int(key)].phase for key in np.unique(keys[ready])}  # before any lands below
+        for key in np.unique(keys[~ready]):  # the copies these waits are for complete now (they saw them in flight)
+            st = blk.mbarriers[int(key)]
+            for tag, nbytes in blk.inflight_tx.pop(int(key), []):
+                blk.tags[tag][1] = st.phase  # the phase its complete-tx counts in
+                st.tx -= nbytes
+                if abs(st.tx) > MBAR_MAX:
+                    raise _Fault(MemcheckError, f"complete-tx of {nbytes} bytes (the cp.async.bulk.tensor of line "
+                                                f"{blk.tags[tag][2]}) takes the tx-count of the mbarrier at "
+                                                f"{st.addr:#x} to {st.tx}", None, block=int(key) >> 32)
+                st.complete_if_done()
+        if self.acquire:
+            for key, phase in seen.items():
+                blk.observe(key, g[ready & (keys == key)], phase)
+        if not ready.all():
+            i = int(np.argmin(ready))
+            blk.failed_wait = (blk.steps, ins.line, states[i])
+        blk.write(ins.dst, "pred", ready, idx)
+
+
+class Fence:
+    """fence.mbarrier_init.release.cluster: makes the thread's prior mbarrier.init visible to the cluster
+    and the async proxy (the TMA's complete-tx). fence.proxy.async{.shared::cta,.shared::cluster}: a
+    bidirectional fence between the generic and the async proxy for the thread's accesses, recorded for
+    its mbarrier inits (as above) and its prior generic stores to shared memory, which a wgmma.mma_async
+    may then read (PTX ISA, wgmma.fence: "An async proxy fence must be used to establish an ordering
+    between prior writes to shared memory matrices and subsequent reads of the same matrices in a
+    wgmma.mma_async instruction"). fence.proxy.async.global orders global memory only, which the
+    emulator does not track across proxies (the TMA's global reads are checked as plain loads)."""
+    control = False
+
+    def __init__(self, mbarrier_init: bool, shared: bool):
+        self.mbarrier_init, self.shared = mbarrier_init, shared
+
+    def decode(self, k, ins):
+        _arity(k, ins, 0)
+
+    def execute(self, blk, ins, idx, idx_all):
+        g = blk.gid[idx]
+        if not self.shared:
+            return
+        mine = set(int(x) for x in g)
+        for st in blk.mbarriers.values():
+            if st.init_gid in mine:
+                st.fenced = True
+        if not self.mbarrier_init:
+            blk.proxy_fences[g] += 1
+
+
+OPCODES["mbarrier.init.shared.b64"] = OPCODES["mbarrier.init.shared::cta.b64"] = MbarInit()
+OPCODES["mbarrier.inval.shared.b64"] = OPCODES["mbarrier.inval.shared::cta.b64"] = MbarInval()
+for space in (".shared", ".shared::cta"):
+    for sem in ("", ".release.cta", ".release.cluster", ".relaxed.cta", ".relaxed.cluster"):
+        OPCODES[f"mbarrier.arrive{sem}{space}.b64"] = MbarArrive(False, release="relaxed" not in sem)
+        OPCODES[f"mbarrier.arrive.expect_tx{sem}{space}.b64"] = MbarArrive(True, release="relaxed" not in sem)
+    for sem in ("", ".relaxed.cta", ".relaxed.cluster"):
+        OPCODES[f"mbarrier.expect_tx{sem}{space}.b64"] = MbarArrive(True, arrive=False)
+    for sem in ("", ".acquire.cta", ".acquire.cluster", ".relaxed.cta", ".relaxed.cluster"):
+        for kind in ("test_wait", "try_wait"):
+            OPCODES[f"mbarrier.{kind}.parity{sem}{space}.b64"] = MbarWait("relaxed" not in sem, kind == "try_wait")
+OPCODES["fence.mbarrier_init.release.cluster"] = Fence(True, True)
+OPCODES["fence.proxy.async"] = OPCODES["fence.proxy.async.shared::cta"] = Fence(False, True)
+OPCODES["fence.proxy.async.shared::cluster"] = Fence(False, True)
+OPCODES["fence.proxy.async.global"] = Fence(False, False)
+
+
+# ---- TMA: cp.async.bulk.tensor (PTX ISA 9.7.9.25, "asynchronous copy"; 5.5, "tensors")
+#
+# cp.async.bulk.tensor.Nd.shared::cluster.global{.tile}.mbarrier::complete_tx::bytes
+#     [dstMem], [tensorMap, {c0, .., cN-1}], [mbar]
+# copies the box of the tensor-map's tensor whose first element is at coordinates (c0 innermost, s32)
+# to shared memory at dstMem, and performs complete-tx of the copy's bytes on mbar. As modelled:
+#   tensorMap: the generic address of a tensor-map kernel parameter (ISA: "the generic address of the
+#     opaque tensor-map object which resides in .param space or .const space or .global space"; only
+#     .param is supported). Any other value is an error, and the .param-space address that a missing
+#     cvta.param leaves is named as such.
+#   the box, element by element in row-major order of the box (innermost dimension fastest), each
+#     element read from global memory at base + sum(c_i * stride_i) (a memchecked load by the issuing
+#     thread), or 0 where any coordinate falls outside 0 .. dim-1 (5.5.3.3, zero fill mode: the host's
+#     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE).
+#   shared memory: dstMem must be 128-byte aligned (the CUDA programming guide's rule for TMA), and
+#     the box's bytes go to dstMem + their offset in the box, with the swizzle (5.5.7) applied to the
+#     address: for a W-byte swizzle (32, 64, 128) the 16-byte chunk index, address bits 4 .. 3+b, is
+#     XORed with bits 7 .. 6+b (b = log2(W/16)); the pattern repeats every 8 W bytes and is a function of
+#     the absolute address, which is what the ISA's "swizzle base offset = (dstMem / 128) % 8" says for
+#     a dstMem off the 8 W boundary. The emulator models swizzled boxes whose rows are exactly W bytes
+#     (TensorMap checks that).
+#   complete-tx of the whole box's bytes, zero-filled ones included (the box is always written whole).
+# When: a GPU does the copy some time after the instruction. The emulator reads global memory and writes
+# shared memory at issue, but performs the complete-tx late: when a wait on the mbarrier finds its phase
+# incomplete (that wait returns false, as a GPU's may while the copy is in flight; the next one sees the
+# phase complete, if the copy was all it waited for). So a wait that is not in a loop is caught, and
+# what is checked is the order a GPU needs: every byte the copy writes is tagged with it, and an access
+# to the byte (ld.shared, ldmatrix, st.shared, a wgmma operand) by a thread that has not seen the phase of
+# its complete-tx complete (a successful acquire wait on the mbarrier, by itself or by a thread it has
+# since passed a bar.sync with) is a RaceError; a plain store then clears the tag. The copy's own write
+# must be ordered after the earlier accesses of other threads to its bytes: after their plain stores by a
+# bar.sync (as any store), and after the last read of each byte (a load, or a wgmma operand as of the
+# wgmma.wait_group that retired it) by a bar.sync or an mbarrier hand-off: the reader's next release
+# arrive on an mbarrier, whose phase the copying thread has seen complete. Otherwise it is a RaceError
+# (write-after-read: the copy may land while the reader still reads). Only the last reader of a byte is
+# remembered, so this finds some such races, not all. A block that exits with a copy in flight (its
+# mbarrier phase never completed) is an AsyncError. Tensor maps in global memory, multicast, im2col and
+# the .shared::cta destination of PTX 8.6 are not supported.
+
+class CpAsyncBulkTensor:
+    control = False
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def decode(self, k, ins):
+        _arity(k, ins, 3)
+        ins.addr = _addr(k, ins, ins.operands[0], "shared")
+        m = re.fullmatch(r"\[\s*(%[\w$]+)\s*,\s*\{(.*)\}\s*\]", ins.operands[1].strip(), re.S)
+        if not m:
+            raise _syntax(k, ins, f"expected [tensorMap, {{coordinates}}], got {ins.operands[1]!r}")
+        coords = [c.strip() for c in m.group(2).split(",")]
+        if len(coords) != self.dim:
+            raise _syntax(k, ins, f"{ins.opcode} takes {self.dim} coordinates, got {len(coords)}")
+        ins.srcs = [_reg(k, ins, m.group(1), "b64"), [_value(k, ins, c, "s32") for c in coords],
+                    _addr(k, ins, ins.operands[2], "shared")]
+
+    def execute(self, blk, ins, idx, idx_all):
+        tmap_reg, coord_ops, mbar_addr = ins.srcs
+        g = blk.gid[idx]
+        dst = blk.address(ins.addr, idx)
+        tmaps = blk.regs[tmap_reg.name][idx]
+        coords = np.stack([np.broadcast_to(blk.read(c, "s32", idx), g.shape) for c in coord_ops], axis=1)
+        keys, _ = blk.mbar_locate(blk.address(mbar_addr, idx), idx, "cp.async.bulk.tensor's mbarrier")
+        states = blk.mbar_states(keys, idx, "cp.async.bulk.tensor")
+        for i in range(len(g)):  # one copy per thread, in thread order
+            tm = blk.tensor_map(int(tmaps[i]), int(g[i]))
+            if tm.rank != self.dim:
+                raise _Fault(MemcheckError, f"a .{self.dim}d copy through a {tm.rank}-dimensional tensor map", int(g[i]))
+            if int(dst[i]) % 128:
+                raise _Fault(MemcheckError, f"shared destination {int(dst[i]):#x} is not 128-byte aligned", int(g[i]))
+            st = states[i]
+            if not st.fenced:
+                raise _Fault(AsyncError, f"the mbarrier at {st.addr:#x} was initialized (line {st.init_line}) but "
+                                         f"not made visible to the async proxy: its complete-tx needs a "
+                                         f"fence.mbarrier_init.release.cluster (or fence.proxy.async) by the "
+                                         f"initializing thread after mbarrier.init", int(g[i]))
+            data = tm.read_box(blk, coords[i], int(g[i]))
+            chunks = int(dst[i]) + 16 * np.arange(tm.box_bytes // 16, dtype=np.int64)
+            if tm.swizzle:
+                mask = tm.swizzle // 16 - 1
+                chunks ^= ((chunks >> 7) & mask) << 4
+            tag = blk.new_tag(int(keys[i]), ins.line)
+            try:
+                blk.shared.land_async(chunks.astype(np.uint64), data.reshape(-1, 16),
+                                      blk.access(np.full(len(chunks), g[i]), False), tag)
+            except _Fault as f:
+                raise _Fault(f.cls, f"cp.async.bulk.tensor to {int(dst[i]):#x}: {f.msg}", f.thread) from None
+            blk.inflight_tx.setdefault(int(keys[i]), []).append((tag, tm.box_bytes))  # its complete-tx, later
+
+
+for _dim in range(1, 6):
+    for _mode in ("", ".tile"):
+        OPCODES[f"cp.async.bulk.tensor.{_dim}d.shared::cluster.global{_mode}.mbarrier::complete_tx::bytes"] = \
+            CpAsyncBulkTensor(_dim)
+
+
+# ---- warpgroup MMA: wgmma (PTX ISA 9.7.15)
+#
+# A warpgroup is 4 consecutive warps of a block, the first a multiple of 4: threads 128 w .. 128 w + 127.
+# wgmma.fence, wgmma.mma_async, wgmma.commit_group and wgmma.wait_group are .sync.aligned: all 128
+# threads execute them together, with the same guard (else DivergenceError).
+#   wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 (or .f16.f16) {d0 .. d(N/2-1)}, a-desc, b-desc,
+#     scale-d, imm-scale-a, imm-scale-b, imm-trans-a, imm-trans-b: D (64 x N) = A (64 x 16) B (16 x N)
+#     + (scale-d ? D : 0), N = 8 .. 256 in steps of 8; imm-scale-a/b = -1 negates A/B; imm-trans = 0
+#     (K-major, "non-transposed") is the only layout modelled (1 is rejected at load time), and so is
+#     A from shared memory (the register-A form is rejected). The descriptors must be the same in all
+#     128 threads (ISA), and so must scale-d (the emulator's requirement).
+#   The 64-bit matrix descriptor (9.7.15.5.1.2.2): start address >> 4 in bits 0-13, leading dimension
+#     byte offset (LBO) >> 4 in 16-29, stride dimension byte offset (SBO) >> 4 in 32-45, matrix base
+#     offset in 49-51, swizzle in 62-63 (0 none, 1 128B, 2 64B, 3 32B). Other bits are ignored. Only base
+#     offset 0 is modelled (the swizzle pattern anchored at absolute address bits, like the TMA's).
+#   The K-major layouts (9.7.15.5.1.2.1.3, canonical layouts, T = 8 elements of 16 bits = 16 bytes):
+#     element (r, k) of the 64 x 16 A or of the N x 16 B (B's rows are its N columns) is at
+#       no swizzle ((8,m),(T,2k)):((1T,SBO),(1,LBO)): start + 16 (r%8) + SBO (r/8) + 2 (k%8) + LBO (k/8)
+#       W-byte swizzle ((8,m),(T,2k)):((W/2,SBO),(1,T)): start + W (r%8) + SBO (r/8) + 2 k, then
+#         Swizzle<b,4,3> of that address: bits 4 .. 3+b ^= bits 7 .. 6+b, b = log2(W/16)
+#     (LBO is unused for swizzled K-major layouts: the 16 columns sit inside one W-byte row).
+#   D's registers (9.7.15.5.1.1.1, figure "WGMMA .m64nNk16 register fragment layout for D"): thread
+#     t = 32 w + 4 g + q of the warpgroup holds d[4 j + v] = D[16 w + g + 8 (v / 2)][8 j + 2 q + v % 2].
+#   Numerics: the products of bf16 (or f16) are exact in float64; the 16 of them and D are summed in
+#     float64 and rounded to fp32 once per instruction. The tensor cores' internal rounding is not
+#     documented, so a GPU may differ by about an fp32 ulp of the largest partial sum per instruction.
+# Asynchrony, as modelled:
+#   at mma_async the descriptors are decoded and A and B read from shared memory (bounds, alignment,
+#     uninitialized bytes, races with plain stores, cp.async.bulk.tensor bytes whose mbarrier phase the
+#     warpgroup has not seen complete, and plain stores not followed by a fence.proxy.async of their
+#     writer: all errors). The accumulator registers are then locked: any other instruction that reads
+#     or writes one of them before the wgmma.wait_group that retires the mma_async is an AsyncError (ISA:
+#     undefined behaviour), except another mma_async of the same shape (the ISA orders those).
+#   wgmma.commit_group closes the warpgroup's uncommitted mma_asyncs into a group; wgmma.wait_group N
+#     retires the oldest groups until at most N are pending: each mma_async of them, in order, re-reads
+#     its shared memory (a change since issue is a RaceError: the GPU may read it at any time in
+#     between), computes D with the registers' current values, writes them and unlocks them.
+#   wgmma.fence: each thread must have executed one before its first mma_async, and between any other
+#     instruction's access to an accumulator register and the next mma_async using it (ISA, wgmma.fence);
+#     missing ones are AsyncErrors. A block that exits with an unretired mma_async is an AsyncError too.
+
+WGMMA_SHAPES = tuple(range(8, 257, 8))
+
+
+@dataclass
+class _Wgmma:
+    line: int
+    n: int
+    dregs: list          # accumulator registers, in order
+    scale_d: bool
+    a: np.ndarray        # (64, 16) float64, imm-scale-a applied
+    b: np.ndarray        # (n, 16) float64: b[j, k] = B[k][j], imm-scale-b applied
+    reads: list          # [(allocation, byte index matrix, bytes at issue)] of its shared memory operands
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_d_layout(n: int):
+    """(rows, cols) of D for each (thread of the warpgroup, register): arrays of shape (128, n / 2)."""
+    t = np.arange(128)[:, None]
+    i = np.arange(n // 2)[None, :]
+    w, g, q, j, v = t // 32, (t % 32) // 4, t % 4, i // 4, i % 4
+    return 16 * w + g + 8 * (v // 2), 8 * j + 2 * q + v % 2
+
+
+def _wgmma_addresses(desc: int, rows: int) -> np.ndarray:
+    """Shared addresses of the 16-byte chunks (row r, columns 8 c .. 8 c + 7), as (rows, 2), of a K-major
+    rows x 16 operand of 16-bit elements that the descriptor describes."""
+    start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    mode = (desc >> 62) & 3
+    r = np.arange(rows, dtype=np.int64)[:, None]
+    c = np.arange(2, dtype=np.int64)[None, :]
+    if mode == 0:
+        return start + 16 * (r % 8) + sbo * (r // 8) + lbo * c
+    width = {1: 128, 2: 64, 3: 32}[mode]
+    addr = start + width * (r % 8) + sbo * (r // 8) + 16 * c
+    return addr ^ (((addr >> 7) & (width // 16 - 1)) << 4)
+
+
+class WgmmaMma:
+    control = False
+
+    def __init__(self, n: int, atype: str):
+        self.n, self.atype = n, atype
+
+    def decode(self, k, ins):
+        _arity(k, ins, 8)
+        if ins.operands[1].startswith("{"):
+            raise _syntax(k, ins, "wgmma.mma_async with A in registers is not supported (only a-desc)")
+        ins.dst = [_reg(k, ins, r, "f32") for r in _vector(k, ins, ins.operands[0], self.n // 2)]
+        if len({r.name for r in ins.dst}) != len(ins.dst):
+            raise _syntax(k, ins, "an accumulator register appears twice")
+        scale_d = ins.operands[3]
+        imms = []
+        for o, ok in zip(ins.operands[4:], ((-1, 1), (-1, 1), (0, 1), (0, 1))):
+            v = int(_imm(k, ins, o, "s32"))
+            if v not in ok:
+                raise _syntax(k, ins, f"immediate {o} must be one of {ok}")
+            imms.append(v)
+        if imms[2] or imms[3]:
+            raise _syntax(k, ins, "imm-trans-a/b = 1 (M- or N-major shared memory layouts) is not modelled")
+        ins.srcs = [_value(k, ins, ins.operands[1], "b64"), _value(k, ins, ins.operands[2], "b64"),
+                    _reg(k, ins, scale_d, "pred") if scale_d.startswith("%") else Imm(_imm(k, ins, scale_d, "pred")),
+                    imms[0], imms[1]]
+
+    def execute(self, blk, ins, idx, idx_all):
+        adesc_op, bdesc_op, scale_op, sa, sb = ins.srcs
+        for wg, th in blk.warpgroups(ins, idx, idx_all):
+            need = blk.wg_fences[th] == 0
+            if need.any():
+                raise _Fault(AsyncError, "wgmma.mma_async with no wgmma.fence before it in this thread (the ISA "
+                                         "requires one before the first wgmma.mma_async)", int(th[np.argmax(need)]))
+            for r in ins.dst:
+                late = blk.wg_touch[r.name][th] == blk.wg_fences[th]
+                if late.any():
+                    t = int(np.argmax(late))
+                    raise _Fault(AsyncError, f"{r.name} was accessed at line {int(blk.wg_touch_line[r.name][th[t]])} "
+                                             f"after this thread's last wgmma.fence: the ISA requires a wgmma.fence "
+                                             f"between that access and a wgmma.mma_async using the register",
+                                 int(th[t]))
+                other = [op for op in blk.wg_pending(wg) if r.name in {x.name for x in op.dregs} and op.n != self.n]
+                if other:
+                    raise _Fault(AsyncError, f"{r.name} is an accumulator of the pending m64n{other[0].n}k16 "
+                                             f"wgmma.mma_async of line {other[0].line} (a different shape)", int(th[0]))
+            descs = []
+            for o in (adesc_op, bdesc_op):
+                v = np.broadcast_to(blk.read(o, "b64", th), th.shape)
+                if (v != v[0]).any():
+                    raise _Fault(AsyncError, f"matrix descriptors differ within the warpgroup ({int(v[0]):#x} in thread "
+                                             f"{blk.tid3(int(blk.tid[th[0]]))}, {int(v[np.argmax(v != v[0])]):#x} in "
+                                             f"another): the ISA requires the same descriptor in all of its warps",
+                                 int(th[np.argmax(v != v[0])]))
+                if (int(v[0]) >> 49) & 7:
+                    raise _Fault(AsyncError, f"descriptor {int(v[0]):#x} has a non-zero matrix base offset, which is "
+                                             f"not modelled", int(th[0]))
+                mode, start = (int(v[0]) >> 62) & 3, (int(v[0]) & 0x3FFF) << 4
+                phase = (start >> 7) & (0, 7, 3, 1)[mode]
+                if phase:  # base offset 0 says the swizzle pattern starts on its boundary (8 rows of the span)
+                    span = (0, 128, 64, 32)[mode]
+                    raise _Fault(AsyncError, f"descriptor {int(v[0]):#x}: the matrix starts at {start:#x}, row "
+                                             f"{phase} of the {8 * span}-byte {span}B swizzle pattern, but its base "
+                                             f"offset is 0, which the ISA reserves for patterns starting on a "
+                                             f"{8 * span}-byte boundary (else base offset = (start >> 7) & 7, which "
+                                             f"the emulator does not model)", int(th[0]))
+                descs.append(int(v[0]))
+            scale = np.broadcast_to(blk.read(scale_op, "pred", th), th.shape)
+            if (scale != scale[0]).any():
+                raise _Fault(AsyncError, "scale-d differs within the warpgroup", int(th[np.argmax(scale != scale[0])]))
+            reads, mats = [], []
+            for desc, rows, what in ((descs[0], 64, "A"), (descs[1], self.n, "B")):
+                addrs = _wgmma_addresses(desc, rows).reshape(-1).astype(np.uint64)
+                try:
+                    raw, groups = blk.shared.read_async(addrs, 16, blk.access(np.full(len(addrs), th[0]), False), th,
+                                                        "wgmma.mma_async")
+                except _Fault as f:
+                    raise _Fault(f.cls, f"matrix {what} (descriptor {desc:#x}): {f.msg}", f.thread) from None
+                reads += [(a, bi, a.buf[bi].copy()) for a, bi in groups]
+                h = raw.view(np.uint16).reshape(rows, 16).astype(np.uint32)
+                if self.atype == "bf16":
+                    vals = (h << np.uint32(16)).view(np.float32).astype(np.float64)
+                else:
+                    vals = h.astype(np.uint16).view(np.float16).astype(np.float64)
+                mats.append(vals)
+            op = _Wgmma(ins.line, self.n, list(ins.dst), bool(scale[0]), mats[0] * sa, mats[1] * sb, reads)
+            blk.wg_open.setdefault(wg, []).append(op)
+            for r in ins.dst:
+                blk.wg_lock[r.name][th] += 1
+                blk.wg_lock_line[r.name][th] = ins.line
+
+
+class WgmmaFence:
+    control = False
+
+    def decode(self, k, ins):
+        _arity(k, ins, 0)
+
+    def execute(self, blk, ins, idx, idx_all):
+        for wg, th in blk.warpgroups(ins, idx, idx_all):
+            blk.wg_fences[th] += 1
+
+
+class WgmmaCommit:
+    control = False
+
+    def decode(self, k, ins):
+        _arity(k, ins, 0)
+
+    def execute(self, blk, ins, idx, idx_all):
+        for wg, th in blk.warpgroups(ins, idx, idx_all):
+            blk.wg_groups.setdefault(wg, []).append(blk.wg_open.pop(wg, []))
+
+
+class WgmmaWait:
+    control = False
+
+    def decode(self, k, ins):
+        _arity(k, ins, 1)
+        ins.srcs = [int(_imm(k, ins, ins.operands[0], "u32"))]
+
+    def execute(self, blk, ins, idx, idx_all):
+        for wg, th in blk.warpgroups(ins, idx, idx_all):
+            groups = blk.wg_groups.get(wg, [])
+            while len(groups) > ins.srcs[0]:
+                for op in groups.pop(0):
+                    blk.retire_wgmma(op, th)
+
+
+def _mark_accumulator_accesses(k: Kernel):
+    """Every register that a wgmma.mma_async uses as an accumulator; each other instruction that names one
+    gets them in ins.acc_touch, for the scheduler's checks (section 4: _Wave.touch_accumulators)."""
+    acc = {r.name for ins in k.code if isinstance(ins.op, WgmmaMma) for r in ins.dst}
+    k.wgmma_regs = frozenset(acc)
+    if not acc:
+        return
+    for ins in k.code:
+        if not isinstance(ins.op, WgmmaMma):
+            used = set(re.findall(r"%[\w$]+", " ".join(ins.operands))) | ({ins.guard.name} if ins.guard else set())
+            ins.acc_touch = tuple(sorted(used & acc))
+
+
+for _n in WGMMA_SHAPES:
+    for _t in ("bf16", "f16"):
+        OPCODES[f"wgmma.mma_async.sync.aligned.m64n{_n}k16.f32.{_t}.{_t}"] = WgmmaMma(_n, _t)
+OPCODES["wgmma.fence.sync.aligned"] = WgmmaFence()
+OPCODES["wgmma.commit_group.sync.aligned"] = WgmmaCommit()
+OPCODES["wgmma.wait_group.sync.aligned"] = WgmmaWait()
 
 
 # ---- ptxas's FMA contraction
@@ -1546,7 +2203,31 @@ class _Wave:
         self.wepoch = np.zeros(self.nwarps, np.int64)    # full bar.warp.syncs each warp has passed
         self.ncommit = np.zeros(N, np.int64)             # cp.async groups each thread has committed
         self.async_copies: list[_AsyncCopy] = []
-        self.cur = 0
+        self.cur = self.steps = 0
+        # mbarriers and TMA (section 3): state by (block in wave) << 32 | address; per mbarrier, the phases
+        # each thread has seen complete; the tags of the bytes cp.async.bulk.tensor wrote: (mbarrier, phase
+        # of its complete-tx, line); the last try_wait that failed (for a RunawayError's message)
+        self.mbarriers: dict[int, _MBarrier] = {}
+        self.observed: dict[int, np.ndarray] = {}
+        self.tags: list[list] = []                       # [mbarrier key, phase of its complete-tx or None, line]
+        self.inflight_tx: dict[int, list[tuple[int, int]]] = {}  # mbarrier -> copies (tag, bytes) not complete
+        self.arrive_clock = 0                            # release arrives made so far, by all threads
+        self.arrivals: dict[int, list[tuple[int, int, int]]] = {}  # thread -> its (clock, mbarrier, phase)
+        self.failed_wait = None
+        self.proxy_fences = np.zeros(N, np.int64)        # fence.proxy.async each thread has executed
+        self.shared.wave = self
+        # wgmma (section 3): wgmma.fences per thread; per warpgroup its uncommitted mma_asyncs and its
+        # committed groups; per accumulator register, which threads have it locked by a pending mma_async
+        # (and its line), and the wgmma.fence count at each thread's last other access to it (and the line)
+        self.wpg = -(-self.wpb // 4)                     # warpgroups per block
+        self.wgid = self.blk * self.wpg + self.tid // 128
+        self.wg_fences = np.zeros(N, np.int64)
+        self.wg_open: dict[int, list[_Wgmma]] = {}
+        self.wg_groups: dict[int, list[list[_Wgmma]]] = {}
+        self.wg_lock = {r: np.zeros(N, np.int32) for r in k.wgmma_regs}
+        self.wg_lock_line = {r: np.zeros(N, np.int32) for r in k.wgmma_regs}
+        self.wg_touch = {r: np.full(N, -1, np.int64) for r in k.wgmma_regs}
+        self.wg_touch_line = {r: np.zeros(N, np.int32) for r in k.wgmma_regs}
 
     # -- operands
 
@@ -1630,6 +2311,210 @@ class _Wave:
             raise _Fault(DivergenceError, f"membermask {wmask[w]:#x} names lane {lane} of warp {w % self.wpb}, "
                                           f"which {why}", int(32 * w + np.argmax(have[w])))
 
+    # -- mbarriers and tensor maps (section 3)
+
+    def mbar_locate(self, addrs, idx, verb):
+        """Keys ((block in wave) << 32 | address) and (allocation, byte index) of 8-byte mbarrier objects; out of
+        bounds or not 8-byte aligned is a MemcheckError."""
+        acc = self.access(idx, False)
+        keys, locs = np.zeros(len(addrs), np.int64), [None] * len(addrs)
+        for a, rows, bi in self.shared._locate(addrs, 8, 8, acc, verb):
+            keys[rows] = (acc.bank[rows].astype(np.int64) << 32) | addrs[rows].astype(np.int64)
+            for r, b in zip(rows, bi[:, 0]):
+                locs[r] = (a, int(b))
+        return keys, locs
+
+    def mbar_states(self, keys, idx, verb) -> list[_MBarrier]:
+        """The mbarriers at these keys, one per executing thread: each must be initialized, and the thread must be
+        the initializing one or have passed a bar.sync since the init."""
+        g = self.gid[idx]
+        out = []
+        for i, key in enumerate(keys):
+            st = self.mbarriers.get(int(key))
+            if st is None:
+                raise _Fault(MemcheckError, f"{verb} on {int(key) & 0xFFFFFFFF:#x}, where no mbarrier.init made an "
+                                            f"mbarrier (or it was invalidated)", int(g[i]))
+            if int(g[i]) != st.init_gid and self.epoch[self.blk[g[i]]] == st.init_epoch:
+                raise _Fault(RaceError, f"{verb} on the mbarrier at {st.addr:#x} that thread "
+                                        f"{self.tid3(int(self.tid[st.init_gid]))} initialized at line {st.init_line}, "
+                                        f"with no bar.sync since", int(g[i]))
+            out.append(st)
+        return out
+
+    def observe(self, key: int, gids, phase: int):
+        """These threads have seen phases 0 .. phase-1 of the mbarrier complete (an acquire wait)."""
+        seen = self.observed.setdefault(key, np.zeros(self.N, np.int64))
+        seen[gids] = np.maximum(seen[gids], phase)
+
+    def new_tag(self, key: int, line: int) -> int:
+        self.tags.append([key, None, line])
+        return len(self.tags) - 1
+
+    def check_tags(self, tags: np.ndarray, readers, per_row: bool, verb: str, where):
+        """Bytes a cp.async.bulk.tensor wrote (tags >= 0, one row per access) are accessed: the reader of each row
+        (per_row: readers[r]) or every one of readers must have seen the phase of the copy's complete-tx
+        complete. where(r, c) describes byte c of row r."""
+        for tag in np.unique(tags[tags >= 0]):
+            key, phase, line = self.tags[int(tag)]
+            seen = self.observed.get(key, np.zeros(self.N, np.int64))
+            rows = np.flatnonzero((tags == tag).any(1))
+            who = readers[rows] if per_row else np.asarray(readers)
+            bad = np.ones(len(who), bool) if phase is None else seen[who] <= phase
+            if bad.any():
+                r = int(rows[np.argmax(bad)] if per_row else rows[0])
+                st = self.mbarriers.get(key)
+                when = "while it is in flight (no wait has seen its mbarrier phase complete)" if phase is None else \
+                    f"before this thread saw the mbarrier at {key & 0xFFFFFFFF:#x} complete phase {phase} " + \
+                    (f"(it is in phase {st.phase})" if st else "(it was invalidated)")
+                raise _Fault(RaceError, f"{verb} of shared memory that the cp.async.bulk.tensor of line {line} "
+                                        f"writes, {when}: a successful mbarrier.try_wait by the thread, or by one "
+                                        f"it has passed a bar.sync with since, orders the access after the copy: "
+                                        f"{where(r, int(np.argmax(tags[r] == tag)))}", int(who[np.argmax(bad)]))
+
+    def check_war(self, a, bi, writer: int, verb: str):
+        """The bytes bi are about to be overwritten by thread writer's cp.async.bulk.tensor: their last reader (a
+        thread, or a warpgroup for a wgmma operand), if not the writer, must be ordered before it: by a bar.sync
+        since the read, or by a release arrive of a reading thread after the read, on an mbarrier whose phase
+        (of that arrive) the writer has seen complete."""
+        r = a.reader[bi]
+        reader_gid = (bi // a.size) * self.Tp + np.maximum(r, 0) % self.T
+        other = (r >= 0) & np.where(a.rwg[bi], self.wgid[reader_gid] != self.wgid[writer], r % self.T != self.tid[writer])
+        if not other.any():
+            return
+        flat = np.flatnonzero(other.ravel())
+        quad = np.stack([a.reader[bi].ravel()[flat], a.repoch[bi].ravel()[flat], a.rseq[bi].ravel()[flat],
+                         a.rwg[bi].ravel()[flat]], 1)
+        _, first = np.unique(quad, axis=0, return_index=True)
+        for (uid, repoch, rseq, wg), byte in zip(quad[first].tolist(), bi.ravel()[flat[first]].tolist()):
+            block = byte // a.size
+            gid = block * self.Tp + uid % self.T
+            if self.epoch[block] != repoch:
+                continue  # a bar.sync since the read
+            readers = np.flatnonzero(self.wgid == self.wgid[gid]) if wg else [gid]
+            if self.released(readers, rseq, writer):
+                continue  # the read was released through an mbarrier phase the writer has seen complete
+            who = f"the wgmma.mma_asyncs of warpgroup {self.wgid[gid] % self.wpg}" if wg else \
+                f"thread {self.tid3(uid % self.T)}"
+            raise _Fault(RaceError, f"{verb} overwrites shared memory that {who} read, with no bar.sync since "
+                                    f"and no mbarrier hand-off (a release arrive after the read, in a phase this "
+                                    f"thread has seen complete): the copy may land before that read is done: "
+                                    f"{self.shared._where(a, byte)}", writer)
+
+    def released(self, threads, since: int, writer: int) -> bool:
+        """Did one of these threads make a release arrive after clock `since`, in an mbarrier phase that thread
+        writer has seen complete?"""
+        for t in threads:
+            for clock, key, phase in reversed(self.arrivals.get(int(t), [])):
+                if clock <= since:
+                    break
+                if key in self.observed and self.observed[key][writer] > phase:
+                    return True
+        return False
+
+    def unfenced_generic(self, a, bi) -> np.ndarray:
+        """Which of these shared bytes were last written by a plain store that its thread has not followed with a
+        fence.proxy.async (so the async proxy, a wgmma, may not see it)."""
+        w = a.writer[bi]
+        gen = w >= 0
+        if not gen.any():
+            return gen
+        writer = (bi // a.size) * self.Tp + np.where(gen, w, 0) % self.T  # its wave index: block copy, thread
+        return gen & (self.proxy_fences[writer] <= a.wproxy[bi])
+
+    def tensor_map(self, addr: int, g: int) -> TensorMap:
+        """The tensor map whose generic address (cvta.param of a tensor-map parameter) this is."""
+        for name, off in self.k.param_addr.items():
+            if addr in (off, off - PARAM_BASE + PARAM_GENERIC):
+                v = self.params[name]
+                if addr == off:
+                    raise _Fault(MemcheckError, f"tensorMap operand {addr:#x} is the .param-space address of "
+                                                f"{name}; cp.async.bulk.tensor wants its generic address "
+                                                f"(cvta.param.u64)", g)
+                if not isinstance(v, TensorMap):
+                    raise _Fault(MemcheckError, f"tensorMap operand points at parameter {name}, which holds no "
+                                                f"TensorMap", g)
+                return v
+        raise _Fault(MemcheckError, f"tensorMap operand {addr:#x} is not the generic address of a tensor-map "
+                                    f"parameter (only .param tensor maps are supported)", g)
+
+    # -- warpgroups and wgmma (section 3)
+
+    def warpgroups(self, ins, idx, idx_all):
+        """(warpgroup, its 128 threads) for each warpgroup that executes this .sync.aligned instruction: all of its
+        threads must be here with the guard true (else DivergenceError)."""
+        act = np.zeros(self.N, bool)
+        act[idx] = True
+        here = np.zeros(self.N, bool)
+        here[idx_all] = True
+        for wg in np.unique(self.wgid[act]):
+            th = np.flatnonzero(self.wgid == wg)
+            if len(th) != 128 or not self.exists[th].all():
+                raise _Fault(DivergenceError, f"warpgroup {wg % self.wpg} of a block of {self.T} threads is not 4 "
+                                              f"whole warps", int(th[0]))
+            if not act[th].all():
+                t = int(th[np.argmin(act[th])])
+                why = self.whereabouts(t)
+                raise _Fault(DivergenceError, f"thread {self.tid3(int(self.tid[t]))} of the warpgroup {why}: "
+                                              f"{ins.opcode.split('.sync')[0]} is executed by all 128 threads of "
+                                              f"a warpgroup together (.sync.aligned)", int(th[np.argmax(act[th])]))
+            yield int(wg), th
+
+    def wg_pending(self, wg: int) -> list:
+        return self.wg_open.get(wg, []) + [op for grp in self.wg_groups.get(wg, []) for op in grp]
+
+    def retire_wgmma(self, op: _Wgmma, th):
+        """A wgmma.wait_group retires a wgmma.mma_async: its shared memory must be as it was at issue; D is computed,
+        written to the registers of the warpgroup's threads th, and unlocked."""
+        for a, bi, snap in op.reads:
+            changed = a.buf[bi] != snap
+            if changed.any():
+                r, c = (int(x) for x in np.argwhere(changed)[0])
+                raise _Fault(RaceError, f"the shared memory that the wgmma.mma_async of line {op.line} reads "
+                                        f"changed before this wgmma.wait_group retired it: "
+                                        f"{self.shared._where(a, bi[r, c])}", int(th[0]))
+        for a, bi, snap in op.reads:  # the wgmma's reads are done now, for the TMA's write-after-read check
+            if a.reader is not None:
+                self.shared.note_read(a, bi, self.uids[th[0]], self.epoch[self.blk[th[0]]], True)
+        rows, cols = _wgmma_d_layout(op.n)
+        d = op.a @ op.b.T  # (64, n) in float64: exact products, one float64 sum
+        if op.scale_d:
+            cur = np.stack([self.regs[r.name][th].view(np.float32) for r in op.dregs], axis=1).astype(np.float64)
+            acc = np.zeros((64, op.n))
+            acc[rows, cols] = cur
+            d = d + acc
+        out = d.astype(np.float32)[rows, cols]  # rounded once to fp32, then scattered to the threads
+        for i, r in enumerate(op.dregs):
+            self.regs[r.name][th] = out[:, i].view(np.uint32)
+            self.wg_lock[r.name][th] -= 1
+
+    def touch_accumulators(self, ins, idx):
+        """An instruction other than wgmma.mma_async names wgmma accumulator registers: none may be locked by a
+        pending mma_async, and the access is recorded for the wgmma.fence check."""
+        g = self.gid[idx]
+        for r in ins.acc_touch:
+            locked = self.wg_lock[r][g] > 0
+            if locked.any():
+                t = int(g[np.argmax(locked)])
+                raise _Fault(AsyncError, f"{r} is an accumulator of the wgmma.mma_async of line "
+                                         f"{int(self.wg_lock_line[r][t])}, which no wgmma.wait_group has retired "
+                                         f"yet: accessing it before is undefined (PTX ISA, wgmma.wait_group)", t)
+            self.wg_touch[r][g] = self.wg_fences[g]
+            self.wg_touch_line[r][g] = ins.line
+
+    def finish(self):
+        """All threads have exited: nothing asynchronous may still be running."""
+        for wg in sorted(set(self.wg_open) | set(self.wg_groups)):
+            ops = self.wg_pending(wg)
+            if ops:
+                raise AsyncError(f"{self.k.file}: in {self.k.name}: block {self.ctaids[wg // self.wpg]}: warpgroup "
+                                 f"{wg % self.wpg} exits with the wgmma.mma_async of line {ops[0].line} never retired "
+                                 f"by a wgmma.wait_group (commit_group, then wait_group)")
+        for key, copies in self.inflight_tx.items():
+            if copies:
+                raise AsyncError(f"{self.k.file}: in {self.k.name}: block {self.ctaids[key >> 32]} exits while the "
+                                 f"cp.async.bulk.tensor of line {self.tags[copies[0][0]][2]} is in flight: no thread "
+                                 f"waited for its mbarrier at {key & 0xFFFFFFFF:#x}")
+
     # -- the loop
 
     def run(self, max_steps: int) -> int:
@@ -1637,16 +2522,24 @@ class _Wave:
         while True:
             cur = int(pcs.min())
             if cur == EXITED:
+                self.finish()
                 return steps
             if cur >= len(code):
                 t = int(np.argmin(pcs))
                 raise RunawayError(f"{self.k.file}: in {self.k.name}: block {self.ctaids[self.blk[t]]} thread "
                                    f"{self.tid3(int(self.tid[t]))} ran past the last instruction (no ret)")
             steps += 1
+            self.steps = steps
             ins = code[cur]
             if steps > max_steps:
-                raise RunawayError(f"{self.context(ins, None)}: more than max_steps={max_steps} steps "
-                                   f"(an endless loop?)")
+                msg = f"{self.context(ins, None)}: more than max_steps={max_steps} steps (an endless loop?)"
+                if self.failed_wait and self.failed_wait[0] > steps - 64:
+                    _, line, st = self.failed_wait
+                    msg += (f"; threads spin on the mbarrier wait of line {line}: the mbarrier at {st.addr:#x} "
+                            f"never completes its phase ({st.counts()}). Missing arrivals, or an expect-tx that "
+                            f"no copy fulfils? (The emulator runs the lowest pc first, so a release that comes "
+                            f"later in the code than the wait loop, such as a producer warp's, never runs.)")
+                raise RunawayError(msg)
             here = pcs == cur
             idx_all = idx = slice(None) if here.all() else np.flatnonzero(here)
             if ins.guard is not None:
@@ -1656,6 +2549,8 @@ class _Wave:
                     idx = np.flatnonzero(g) if isinstance(idx_all, slice) else idx_all[g]
             self.cur = cur
             try:
+                if ins.acc_touch and self.count(idx):
+                    self.touch_accumulators(ins, idx)
                 if ins.op.control:
                     ins.op.execute(self, ins, idx, idx_all)
                 else:
@@ -1691,14 +2586,25 @@ class _Allocation:
         self.base, self.buf, self.name, self.writable, self.copies = base, buf, name, writable, copies
         self.size = buf.size // copies  # the bytes at base; buf holds one copy per block of a wave (shared)
         self.inflight = np.zeros(buf.size, np.uint8) if copies > 1 or name.startswith("shared") else None
-        self.writer = self.wepoch = self.wwepoch = self.ncread = None
+        self.mbar = None  # shared memory: which bytes hold mbarrier objects (made on the first mbarrier.init)
+        self.writer = self.wepoch = self.wwepoch = self.ncread = self.atag = self.wproxy = None
+        self.reader = self.repoch = self.rseq = self.rwg = None
 
     def begin(self, track: bool):
         n = self.buf.size
-        self.writer = np.full(n, -1, np.int64) if track else None  # launch-wide thread id, -1: none
+        shared = self.inflight is not None
+        self.writer = np.full(n, -1, np.int64) if track else None  # launch-wide thread id; -1 none, -2 a TMA
         self.wepoch = np.zeros(n, np.int64) if track else None     # the writer's block barrier epoch
         self.wwepoch = np.zeros(n, np.int64) if track else None    # the writer's warp's bar.warp.sync epoch
         self.ncread = np.zeros(n, bool) if track else None
+        self.atag = np.full(n, -1, np.int32) if track and shared else None  # the TMA that wrote it (_Wave.tags)
+        self.wproxy = np.zeros(n, np.int64) if track and shared else None   # writer's fence.proxy.asyncs then
+        # shared memory: the last reader (launch-wide id, -1 none), its block's bar.sync epoch and the wave's
+        # release-arrive clock then, and whether it was a warpgroup's wgmma (for the TMA's write-after-read check)
+        self.reader = np.full(n, -1, np.int64) if track and shared else None
+        self.repoch = np.zeros(n, np.int64) if track and shared else None
+        self.rseq = np.zeros(n, np.int64) if track and shared else None
+        self.rwg = np.zeros(n, bool) if track and shared else None
 
 
 class Memory:
@@ -1708,6 +2614,7 @@ class Memory:
     def __init__(self, space: str, track: bool = True, uninit_check: bool = False):
         self.space, self.track, self.uninit_check = space, track, uninit_check
         self.allocs: list[_Allocation] = []
+        self.wave = None  # shared memory: its _Wave, which knows the mbarrier phases threads have seen
 
     def add(self, base: int, buf: np.ndarray, name: str, writable: bool = True, copies: int = 1) -> int:
         self.allocs.append(_Allocation(base, buf, name, writable, copies))
@@ -1790,14 +2697,37 @@ class Memory:
                                         f"{self._where(a, bi[r][a.inflight[bi[r]] > 0][0])}",
                          int(acc.gids[rows[r]]))
 
+    def _mbarrier_bytes(self, a: _Allocation, rows, bi, acc: _Access, verb: str):
+        if a.mbar is not None and a.mbar[bi].any():
+            r = int(np.argmax(a.mbar[bi].any(1)))
+            raise _Fault(MemcheckError, f"{verb} of the bytes of an mbarrier object (only mbarrier instructions "
+                                        f"may access it): {self._where(a, bi[r][a.mbar[bi[r]]][0])}",
+                         int(acc.gids[rows[r]]))
+
+    def _tma_bytes(self, a: _Allocation, rows, bi, acc: _Access, verb: str, readers=None):
+        """Bytes a cp.async.bulk.tensor wrote: the threads (each row's, or all of readers) must have seen its
+        mbarrier phase complete (_Wave.check_tags)."""
+        if a.atag is not None and self.wave is not None:
+            t = a.atag[bi]
+            if (t >= 0).any():
+                self.wave.check_tags(t, acc.gids[rows] if readers is None else readers, readers is None, verb,
+                                     lambda r, c: self._where(a, bi[r, c]))
+
+    def mark_mbarrier(self, a: _Allocation, first: int, on: bool):
+        if a.mbar is None:
+            a.mbar = np.zeros(a.buf.size, bool)
+        a.mbar[first:first + 8] = on
+
     def load(self, addrs, nbytes: int, align: int, acc: _Access) -> np.ndarray:
         out = np.empty((len(addrs), nbytes), np.uint8)
         verb = "ld.global.nc" if acc.nc else "load"
         for a, rows, bi in self._locate(addrs, nbytes, align, acc, verb):
             self._in_flight(a, rows, bi, acc, verb)
+            self._mbarrier_bytes(a, rows, bi, acc, verb)
             if self.track:
-                if self.uninit_check and (a.writer[bi] < 0).any():
-                    r = int(np.argmax((a.writer[bi] < 0).any(1)))
+                self._tma_bytes(a, rows, bi, acc, verb)
+                if self.uninit_check and (a.writer[bi] == -1).any():
+                    r = int(np.argmax((a.writer[bi] == -1).any(1)))
                     raise _Fault(MemcheckError, f"load of shared memory this block never wrote (uninitialized): "
                                                 f"{self._where(a, bi[r, 0])}", int(acc.gids[rows[r]]))
                 if acc.nc and (a.writer[bi] >= 0).any():
@@ -1808,8 +2738,15 @@ class Memory:
                 self._race(a, rows, bi, acc, verb)
                 if acc.nc:
                     a.ncread[bi] = True
+                if a.reader is not None:
+                    self.note_read(a, bi, acc.uids[rows][:, None], acc.epoch[rows][:, None], False)
             out[rows] = a.buf[bi]
         return out
+
+    def note_read(self, a: _Allocation, bi, uid, epoch, warpgroup: bool):
+        """Shared memory: remember the last reader of these bytes (for _Wave.check_war)."""
+        a.reader[bi], a.repoch[bi], a.rwg[bi] = uid, epoch, warpgroup
+        a.rseq[bi] = self.wave.arrive_clock if self.wave is not None else 0
 
     def store(self, addrs, data: np.ndarray, align: int, acc: _Access, landing: bool = False):
         """landing: a cp.async's bytes arrive (they were reserved, in flight, since it issued)."""
@@ -1820,6 +2757,7 @@ class Memory:
             if landing:
                 a.inflight[bi] -= 1
             self._in_flight(a, rows, bi, acc, "store")
+            self._mbarrier_bytes(a, rows, bi, acc, "store")
             if self.track:
                 if a.ncread[bi].any():
                     r = int(np.argmax(a.ncread[bi].any(1)))
@@ -1827,10 +2765,56 @@ class Memory:
                                                 f"{self._where(a, bi[r, 0])}", int(acc.gids[rows[r]]))
                 self._same_instruction(a, rows, bi, acc)
                 self._race(a, rows, bi, acc, "store")
+                self._tma_bytes(a, rows, bi, acc, "store")
                 a.writer[bi] = acc.uids[rows][:, None]
                 a.wepoch[bi] = acc.epoch[rows][:, None]
                 a.wwepoch[bi] = acc.wepoch[rows][:, None]
+                if a.atag is not None:  # a plain store: the generic proxy's bytes now
+                    a.atag[bi] = -1
+                    a.wproxy[bi] = self.wave.proxy_fences[acc.gids[rows]][:, None] if self.wave else 0
             a.buf[bi] = data[rows]
+
+    def land_async(self, addrs, data: np.ndarray, acc: _Access, tag: int):
+        """A cp.async.bulk.tensor's bytes land (16-byte chunks at addrs): ordered after earlier plain stores by a
+        bar.sync like any store, then tagged with the TMA (its mbarrier phase) instead of a writer."""
+        for a, rows, bi in self._locate(addrs, data.shape[1], 16, acc, "store"):
+            self._in_flight(a, rows, bi, acc, "store")
+            self._mbarrier_bytes(a, rows, bi, acc, "store")
+            if self.track:
+                self._race(a, rows, bi, acc, "store")
+                self.wave.check_war(a, bi, int(acc.gids[0]), "the copy")
+                a.writer[bi] = -2
+                a.atag[bi] = tag
+                a.reader[bi] = -1
+            a.buf[bi] = data[rows]
+
+    def read_async(self, addrs, nbytes: int, acc: _Access, readers, verb: str):
+        """The async proxy (a wgmma) reads shared memory for the threads readers: the checks of a load (acc: the
+        first reader, for races), bytes of a TMA whose phase some reader has not seen complete, and bytes of a
+        plain store that its thread has not followed with a fence.proxy.async. Returns the bytes and the
+        (allocation, byte index) groups they came from."""
+        out, groups = np.empty((len(addrs), nbytes), np.uint8), []
+        for a, rows, bi in self._locate(addrs, nbytes, 16, acc, verb):
+            self._in_flight(a, rows, bi, acc, verb)
+            self._mbarrier_bytes(a, rows, bi, acc, verb)
+            if self.track:
+                if self.uninit_check and (a.writer[bi] == -1).any():
+                    r = int(np.argmax((a.writer[bi] == -1).any(1)))
+                    raise _Fault(MemcheckError, f"{verb} of shared memory this block never wrote (uninitialized): "
+                                                f"{self._where(a, bi[r][a.writer[bi[r]] == -1][0])}",
+                                 int(acc.gids[rows[r]]))
+                self._race(a, rows, bi, acc, verb)
+                self._tma_bytes(a, rows, bi, acc, verb, readers)
+                if self.wave is not None:
+                    unf = self.wave.unfenced_generic(a, bi)
+                    if unf.any():
+                        r = int(np.argmax(unf.any(1)))
+                        raise _Fault(RaceError, f"{verb} (the async proxy) reads shared memory that a plain store "
+                                                f"wrote with no fence.proxy.async by its thread after it: "
+                                                f"{self._where(a, bi[r][unf[r]][0])}", int(acc.gids[rows[r]]))
+            out[rows] = a.buf[bi]
+            groups.append((a, bi))
+        return out, groups
 
     def _same_instruction(self, a: _Allocation, rows, bi, acc: _Access):
         """Two threads storing to one byte in one instruction race; the later thread (in wave order) is
@@ -1868,6 +2852,7 @@ class Memory:
                 raise _Fault(MemcheckError, f"atom on a read-only array: {self._where(a, bi[0, 0])}",
                              int(acc.gids[rows[0]]))
             self._in_flight(a, rows, bi, acc, "atom")
+            self._mbarrier_bytes(a, rows, bi, acc, "atom")
             if self.track:
                 self._race(a, rows, bi, acc, "atom")
             for r, b in zip(rows, bi):
@@ -1875,6 +2860,82 @@ class Memory:
                 old[r] = cur
                 a.buf[b] = np.asarray(fn(cur, vals[r])).astype(TYPES[t]).reshape(1).view(np.uint8)
         return old
+
+
+class TensorMap:
+    """A tensor map as the host's cuTensorMapEncodeTiled (CUDA driver API) encodes it, for cp.async.bulk.tensor:
+    "a 128-byte opaque object ... in .param space" (PTX ISA 5.5.8), passed by value to a kernel parameter
+    declared `.param .align A .b8 name[128]` (A >= 64: the driver wants the map 64-byte aligned).
+
+    array: the tensor, a C-contiguous numpy array that becomes device memory at launch (the element size is
+    its dtype's: bf16 is uint16). dims: the size of each dimension, innermost first (globalDim; default the
+    array's shape reversed). strides: the byte stride of each dimension but the innermost (globalStrides;
+    default the array's). box: boxDim, innermost first. swizzle: 0, 32, 64 or 128 (CU_TENSOR_MAP_SWIZZLE_NONE,
+    _32B, _64B, _128B). Modelled: interleave none, element strides 1, out-of-bounds elements filled with zeros
+    (CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE). The constructor rejects (LaunchError) what cuTensorMapEncodeTiled
+    would: rank outside 1..5; a dimension outside 1..2^32; a stride not a multiple of 16 or not below 2^40;
+    a box size outside 1..256; box[0] * element size not a multiple of 16 bytes, or (with a swizzle) larger
+    than the swizzle's span. The emulator also requires, with a swizzle, box[0] * element size equal to the
+    span (narrower swizzled boxes are not modelled), and a tensor that fits in the array."""
+
+    def __init__(self, array: np.ndarray, box, swizzle: int = 0, *, dims=None, strides=None):
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+            raise LaunchError("TensorMap: the tensor must be a C-contiguous numpy array")
+        es = array.dtype.itemsize
+        dims = tuple(int(d) for d in (array.shape[::-1] if dims is None else dims))
+        if strides is None:
+            strides = array.strides[::-1][1:] if len(dims) == array.ndim else \
+                tuple(es * int(np.prod(dims[:i + 1])) for i in range(len(dims) - 1))
+        strides, box = tuple(int(x) for x in strides), tuple(int(b) for b in box)
+        rank = len(dims)
+        problems = []
+        if not 1 <= rank <= 5 or len(box) != rank or len(strides) != rank - 1:
+            problems.append(f"rank {rank} with {len(box)} box sizes and {len(strides)} strides")
+        if any(not 1 <= d <= 1 << 32 for d in dims):
+            problems.append(f"dims {dims} outside 1..2^32")
+        if any(x % 16 or not 0 < x < 1 << 40 for x in strides):
+            problems.append(f"strides {strides} must be multiples of 16 bytes below 2^40")
+        if any(not 1 <= b <= 256 for b in box) or (box and box[0] * es % 16):
+            problems.append(f"box {box}: sizes 1..256, and box[0] * {es} bytes a multiple of 16")
+        if swizzle not in (0, 32, 64, 128):
+            problems.append(f"swizzle {swizzle} (0, 32, 64 or 128)")
+        elif swizzle and box and box[0] * es > swizzle:
+            problems.append(f"box[0] * {es} = {box[0] * es} bytes is wider than the {swizzle}-byte swizzle")
+        elif swizzle and box and box[0] * es != swizzle:
+            problems.append(f"box[0] * {es} = {box[0] * es} bytes with a {swizzle}-byte swizzle: only rows of "
+                            f"exactly the swizzle's span are modelled")
+        if not problems and es * (1 + (dims[0] - 1)) + sum((d - 1) * x for d, x in zip(dims[1:], strides)) \
+                > array.nbytes:
+            problems.append(f"dims {dims} with strides {strides} reach past the array's {array.nbytes} bytes")
+        if problems:
+            raise LaunchError("TensorMap: " + "; ".join(problems))
+        self.array, self.es, self.dims, self.strides, self.box, self.swizzle = array, es, dims, strides, box, swizzle
+        self.rank = rank
+        self.box_bytes = int(np.prod(box)) * es
+        self.addr = None  # the array's device address, at launch
+
+    def __repr__(self):
+        return f"TensorMap(dims={self.dims}, strides={self.strides}, box={self.box}, swizzle={self.swizzle})"
+
+    def read_box(self, blk, coords, g: int) -> np.ndarray:
+        """The box at coords (innermost first) as bytes in box order, zeros outside the tensor; the global
+        reads are memchecked loads of thread g."""
+        es, box, coords = self.es, self.box, np.asarray(coords, np.int64)
+        rows = int(np.prod(box[1:]))
+        data = np.zeros((rows, box[0] * es), np.uint8)
+        lo, hi = max(int(coords[0]), 0), min(int(coords[0]) + box[0], self.dims[0])
+        if hi <= lo:
+            return data.reshape(-1)
+        # the outer coordinates of each row of the box (dimension 1 fastest), and whether all are in the tensor
+        outer = np.indices(box[:0:-1]).reshape(self.rank - 1, -1)[::-1] if self.rank > 1 else np.zeros((0, 1), int)
+        c = outer + coords[1:, None]
+        ok = np.flatnonzero(((c >= 0) & (c < np.array(self.dims[1:], np.int64)[:, None])).all(0))
+        if ok.size:
+            base = self.addr + (c[:, ok] * np.array(self.strides, np.int64)[:, None]).sum(0) + lo * es
+            raw = blk.device.memory.load(base.astype(np.uint64), (hi - lo) * es, 1,
+                                         blk.access(np.full(ok.size, g), False))
+            data[ok, (lo - int(coords[0])) * es:(hi - int(coords[0])) * es] = raw
+        return data.reshape(-1)
 
 
 class Device:
@@ -1909,6 +2970,19 @@ class Device:
         out = {}
         for (name, t), a in zip(k.params, args):
             w = bits(t)
+            if name in k.param_arrays:  # .param .b8 name[N]: a TensorMap (N = 128), or N raw bytes
+                n = k.param_arrays[name]
+                if isinstance(a, TensorMap):
+                    if n != 128 or k.param_align[name] < 64:
+                        raise LaunchError(f"{k.name}: {name} is a {n}-byte parameter aligned to "
+                                          f"{k.param_align[name]}; a CUtensorMap is 128 bytes, 64-byte aligned")
+                    a.addr = self.ptr(a.array, name)
+                    out[name] = a
+                elif isinstance(a, (bytes, bytearray, np.ndarray)) and len(bytes(a)) == n:
+                    out[name] = np.frombuffer(bytes(a), np.uint8).copy()
+                else:
+                    raise LaunchError(f"{k.name}: {name} is a {n}-byte array parameter: pass a TensorMap or {n} bytes")
+                continue
             if isinstance(a, np.ndarray) or a is None:
                 if t not in ("u64", "b64", "s64"):
                     raise LaunchError(f"{k.name}: {name} is .{t}, not a pointer")

@@ -35,6 +35,10 @@ import numpy as np
 import pytest
 
 from dev import ptx_emu as emu
+from tests.emu_util import (ELEMENTWISE, PARAMS4, adamw_inputs, assert_bf16_close, assert_f32_close, bf16,
+                            ce_inputs, ce_reference, f64, gelu_grad_ref, gelu_inputs, gelu_ref, grid_for,
+                            ln_inputs, ln_stats, nan_bf16, nan_f32, ro, round_f32)
+from tests.emu_util import inline as _inline
 
 ROOT = Path(__file__).resolve().parent.parent
 PTX = ROOT / "build" / "train_gpt_cu.ptx"
@@ -79,74 +83,11 @@ def covers(*kernels):
     return lambda f: f
 
 
-def grid_for(n, block):  # train_gpt.cu's grid_for
-    return max(1, min((n + block - 1) // block, 65536 * 8))
-
-
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory without cudaFuncSetAttribute, which train_gpt.cu never calls
 
 
 # -----------------------------------------------------------------------------
 # helpers: bf16 by hand, read-only inputs, comparisons
-
-def bf16(x) -> np.ndarray:
-    """float -> bf16 bits (uint16), round to nearest even (inputs here are finite or inf)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def f64(h) -> np.ndarray:
-    """bf16 bits -> float64 (exact)."""
-    return (np.asarray(h).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def ro(a: np.ndarray) -> np.ndarray:
-    """A read-only copy: the emulator faults if the kernel stores to it."""
-    a = np.array(a)
-    a.setflags(write=False)
-    return a
-
-
-def nan_bf16(shape) -> np.ndarray:
-    return np.full(shape, 0x7FC0, np.uint16)
-
-
-def nan_f32(shape) -> np.ndarray:
-    return np.full(shape, np.nan, np.float32)
-
-
-def bf16_ulp(ref) -> np.ndarray:
-    """One bf16 ulp at |ref| (8 significant bits); 0 where ref == 0."""
-    a = np.abs(np.asarray(ref, np.float64))
-    e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    return np.where(a > 0, 2.0 ** (e - 7), 0.0)
-
-
-def _report(what, got, ref, err, tol):
-    bad = np.flatnonzero(err > tol)
-    worst = bad[np.argmax((err / np.maximum(tol, 1e-300)).ravel()[bad])] if bad.size else 0
-    return (f"{what}: {bad.size} of {err.size} outside tolerance; worst at flat index {worst}: got "
-            f"{got.ravel()[worst]!r}, want {ref.ravel()[worst]!r} (tolerance {np.ravel(tol)[worst]:.3g})")
-
-
-def assert_bf16_close(got_bits, ref, atol, what):
-    """Each bf16 output within one bf16 ulp of the float64 reference (its own rounding), plus atol."""
-    got = f64(got_bits)
-    ref = np.asarray(ref, np.float64)
-    assert not np.isnan(got).any(), f"{what}: {int(np.isnan(got).sum())} outputs are NaN (never written?)"
-    err = np.abs(got - ref)
-    tol = np.broadcast_to(bf16_ulp(ref) + atol, err.shape)
-    assert (err <= tol).all(), _report(what, got, ref, err, tol)
-
-
-def assert_f32_close(got, ref, rtol, atol, what):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert np.isfinite(got).all(), f"{what}: non-finite outputs {got[~np.isfinite(got)][:4]} (never written?)"
-    err = np.abs(got - ref)
-    tol = np.broadcast_to(rtol * np.abs(ref) + atol, err.shape)
-    assert (err <= tol).all(), _report(what, got, ref, err, tol)
-
 
 def bf16_ulps_apart(a_bits, b_bits) -> np.ndarray:
     """How many bf16 values lie between two bf16 bit patterns (0: the same value; +0 and -0 are one)."""
@@ -358,28 +299,6 @@ CE_SHAPES = [
 ]
 
 
-def ce_inputs(V, Vp, offsets, rng):
-    N = len(offsets)
-    x = rng.normal(0, 3, (N, Vp)) + np.array(offsets)[:, None]
-    x[:, 3 % V] += 8  # one clear winner per row
-    logits = bf16(x)
-    pad = np.array([0x7FC0, 0x7F80, 0xFF80, 0x7149], np.uint16)  # NaN, +inf, -inf, 1e30: must not matter
-    logits[:, V:] = np.resize(pad, Vp - V)
-    targets = np.array([[0, V - 1, V // 2][i % 3] for i in range(N)], np.int32)
-    return logits, targets
-
-
-def ce_reference(logits, targets, V, dloss):
-    x = f64(logits)[:, :V]
-    mx = x.max(1, keepdims=True)
-    lse = (mx + np.log(np.exp(x - mx).sum(1, keepdims=True)))[:, 0]
-    rows = np.arange(len(targets))
-    p = np.exp(x - lse[:, None])
-    grad = p.copy()
-    grad[rows, targets] -= 1
-    return lse, lse - x[rows, targets], grad * dloss, p
-
-
 def ce_loss_atol(lse, V):
     """fp32: the running sum of V / 1024 exponentials per thread and a 10-level tree (an ulp each, relative),
     logf and the loss's own rounding (ulps of |lse|)."""
@@ -429,19 +348,6 @@ def test_mean(n):
 # layernorm: one warp per row, 256 threads, (N + 7) / 8 blocks
 
 LN_SHAPES = [(5, 8), (11, 768), (3, 1600), (20, 64), (9, 100)]  # C = 100: not a multiple of 32
-
-
-def ln_inputs(N, C, rng):
-    x = rng.normal(0.3, 1.5, (N, C))
-    x[0] = 2.5  # a constant row: variance 0, rstd = 1/sqrt(1e-5)
-    w = rng.normal(1, 0.3, C).astype(np.float32)
-    b = rng.normal(0, 0.3, C).astype(np.float32)
-    return bf16(x), w, b
-
-
-def ln_stats(x):
-    m = x.mean(1)
-    return m, 1 / np.sqrt(((x - m[:, None]) ** 2).mean(1) + 1e-5)
 
 
 @covers("layernorm_forward_kernel")
@@ -545,25 +451,6 @@ def test_layernorm_backward_weight(N, C):
 # -----------------------------------------------------------------------------
 # GELU (tanh form): grid_for(n, 256) x 256, a grid-stride loop
 
-SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
-
-
-def gelu_inputs(n, rng):
-    x = rng.normal(0, 2, n)
-    edge = [0.0, -0.0, 1e-3, -1e-3, 0.5, -0.5, 3.0, -3.0, 10.0, -10.0, 20.0, -20.0, 1e4, -1e4]
-    x[:len(edge)] = edge
-    return bf16(x)
-
-
-def gelu_ref(x):
-    return 0.5 * x * (1 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
-
-
-def gelu_grad_ref(x):
-    th = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-
-
 @covers("gelu_forward_kernel")
 @pytest.mark.parametrize("n", [1000, 2400])
 def test_gelu_forward(n):
@@ -590,16 +477,6 @@ def test_gelu_backward(n):
 # AdamW, and the bookkeeping kernels
 
 HP = dict(lr=1e-3, b1=0.9, b2=0.95, bc1=1 - 0.9 ** 3, bc2=1 - 0.95 ** 3, eps=1e-8, wd=0.1, gs=0.5)
-
-
-def adamw_inputs(n, rng):
-    p = rng.normal(0, 0.1, n).astype(np.float32)
-    g = rng.normal(0, 1e-2, n).astype(np.float32)
-    m = rng.normal(0, 1e-3, n).astype(np.float32)
-    v = np.abs(rng.normal(0, 1e-5, n)).astype(np.float32)
-    g[:4], m[:4], v[:4] = 0, 0, 0           # a first step on a zero gradient: only weight decay moves p
-    g[4:8] = [30.0, -30.0, 1e-20, -1e-20]   # a huge and a tiny gradient
-    return p, g, m, v
 
 
 def adamw_args(p, px, g, m, v, hp=HP):
@@ -858,11 +735,9 @@ def test_crossentropy_twins(V, Vp, offsets):
 # -----------------------------------------------------------------------------
 # the emulator's new parts, on small inline kernels
 
-HEAD = ".version 9.0\n.target sm_90\n.address_size 64\n"
-
 
 def inline(body: str, params: str, name: str = "k") -> emu.Kernel:
-    return emu.parse_ptx(HEAD + f".visible .entry {name}({params})\n{{\n{body}\n}}\n", "inline.ptx")[name]
+    return _inline(body, params, name, target="sm_90")
 
 
 def pack_bf16(lo, hi) -> np.ndarray:
@@ -893,9 +768,6 @@ MMA = """
     st.global.v4.f32 [%pd], {%d0, %d1, %d2, %d3};
     ret;
 """
-PARAMS4 = ".param .u64 pa, .param .u64 pb, .param .u64 pc, .param .u64 pd"
-
-
 def test_mma_fragments_follow_the_ptx_isa_tables():
     """PTX ISA, mma.m16n8k16 with .bf16: groupID = lane >> 2, threadID_in_group = lane % 4; A element a_i
     (i = 0..7, two to a register) is at row groupID for i < 2 or 4 <= i < 6, else groupID + 8, and column
@@ -1131,49 +1003,6 @@ def test_bar_warp_sync_orders_a_warps_shared_memory():
     assert (out == np.arange(64) ^ 1).all()
     with pytest.raises(emu.RaceError, match=r"races with a store by thread \(1,0,0\)"):
         emu.launch(inline(WARP_SYNC.replace("SYNC", ""), ".param .u64 pd"), 1, 64, [out])
-
-
-ELEMENTWISE = """
-    .reg .b32 %t;
-    .reg .b64 %a, %b, %c, %d, %o;
-    .reg .f32 %x, %y, %z, %w, %w2;
-    ld.param.u64 %a, [pa];
-    ld.param.u64 %b, [pb];
-    ld.param.u64 %c, [pc];
-    ld.param.u64 %d, [pd];
-    mov.u32 %t, %tid.x;
-    mul.wide.u32 %o, %t, 4;
-    add.u64 %a, %a, %o;
-    add.u64 %b, %b, %o;
-    add.u64 %c, %c, %o;
-    add.u64 %d, %d, %o;
-    ld.global.f32 %x, [%a];
-    ld.global.f32 %y, [%b];
-    ld.global.f32 %z, [%c];
-    OP;
-    st.global.b32 [%d], %w;
-    ret;
-"""
-
-
-def round_f32(q: Fraction, mode: str = "rn") -> np.float32:
-    """The float32 nearest to a rational (rn, ties to even), or the next one down (rm) or up (rp)."""
-    if q == 0:
-        return np.float32(0.0)
-    sign, a = (-1 if q < 0 else 1), abs(q)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    if Fraction(2) ** e > a:
-        e -= 1
-    quantum = Fraction(2) ** (max(e, -126) - 23)
-    n = a / quantum
-    k, rem = divmod(n.numerator, n.denominator)
-    away = {"rn": 2 * rem > n.denominator or (2 * rem == n.denominator and k % 2),
-            "rm": rem != 0 and sign < 0, "rp": rem != 0 and sign > 0}[mode]
-    v = (k + away) * quantum
-    if v >= 2 ** 128:  # overflow: inf, unless rounding toward zero's side
-        big = mode == "rn" or (mode == "rm") == (sign < 0)
-        return np.float32(sign * (np.inf if big else np.finfo(np.float32).max))
-    return np.float32(sign * float(v))
 
 
 def test_fma_rm_rounds_toward_minus_infinity():

@@ -15,12 +15,14 @@ outputs are pre-filled with NaN so an element a kernel forgets comes out
 wrong. Shapes are awkward on purpose: sizes that are not a multiple of the
 block, grids that make the grid-stride loops go round, channels 8 and the
 largest the layernorm allows, a vocabulary that is not a multiple of 8 with
-padded columns full of NaN and inf, targets at column 0 and V-1.
+padded columns full of NaN and inf, targets at column 0 and V-1, GEMM sizes
+below and between the 128 x 128 x 64 tiles.
 
 Then the emulator itself: fma rounding against exact rational arithmetic,
-bf16 packing, shfl.bfly, bar.sync with shared memory, and the errors it must
-raise (out of bounds, misaligned, race, divergence, uninitialized shared
-memory, unknown opcode, runaway loop).
+bf16 packing, shfl.bfly, bar.sync with shared memory, TMA copies and their
+swizzles, mbarrier phases, wgmma against numpy, and the errors it must raise
+(out of bounds, misaligned, race, divergence, uninitialized shared memory,
+unknown opcode, runaway loop, asynchronous results used too early).
 """
 
 import re
@@ -31,76 +33,20 @@ import numpy as np
 import pytest
 
 from dev import ptx_emu as emu
+from tests.emu_util import (ELEMENTWISE, HEAD, adamw_inputs, assert_bf16_close, assert_f32_close, bf16,
+                            ce_inputs, ce_reference, f64, gelu_grad_ref, gelu_inputs, gelu_ref,
+                            grid_for, inline, ln_inputs, ln_stats, nan_bf16, ro, round_f32)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASM = ROOT / "asm"
 PTX_FILES = sorted(ASM.glob("*.ptx"))
 
-SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
-
 
 # -----------------------------------------------------------------------------
-# helpers: bf16 by hand, read-only inputs, comparisons
-
-def bf16(x) -> np.ndarray:
-    """float -> bf16 bits (uint16), round to nearest even (inputs here are finite or inf)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def f64(h) -> np.ndarray:
-    """bf16 bits -> float64 (exact)."""
-    return (np.asarray(h).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def ro(a: np.ndarray) -> np.ndarray:
-    """A read-only copy: the emulator faults if the kernel stores to it."""
-    a = np.array(a)
-    a.setflags(write=False)
-    return a
-
-
-def nan_bf16(shape) -> np.ndarray:
-    return np.full(shape, 0x7FC0, np.uint16)
-
-
-def bf16_ulp(ref) -> np.ndarray:
-    """One bf16 ulp at |ref| (8 significant bits); 0 where ref == 0."""
-    a = np.abs(np.asarray(ref, np.float64))
-    e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    return np.where(a > 0, 2.0 ** (e - 7), 0.0)
-
-
-def assert_bf16_close(got_bits, ref, atol, what):
-    """Each bf16 output within one bf16 ulp of the float64 reference, plus atol (scalar or per element)."""
-    got = f64(got_bits)
-    ref = np.asarray(ref, np.float64)
-    assert not np.isnan(got).any(), f"{what}: {int(np.isnan(got).sum())} outputs are NaN (never written?)"
-    err = np.abs(got - ref)
-    tol = bf16_ulp(ref) + atol
-    bad = np.flatnonzero(err > tol)
-    assert bad.size == 0, (f"{what}: {bad.size} of {err.size} outside 1 bf16 ulp + atol; worst at flat index "
-                           f"{bad[np.argmax((err / tol).ravel()[bad])]}: got "
-                           f"{got.ravel()[bad[0]]!r}, want {ref.ravel()[bad[0]]!r}")
-
-
-def assert_f32_close(got, ref, rtol, atol, what):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert np.isfinite(got).all(), f"{what}: non-finite outputs {got[~np.isfinite(got)][:4]}"
-    err = np.abs(got - ref)
-    tol = rtol * np.abs(ref) + atol
-    bad = np.flatnonzero(err > tol)
-    assert bad.size == 0, (f"{what}: {bad.size} of {err.size} outside tolerance; first at flat index {bad[0]}: "
-                           f"got {got.ravel()[bad[0]]!r}, want {ref.ravel()[bad[0]]!r}")
-
+# the kernels under test (bf16, comparisons and references: tests/emu_util.py)
 
 def kernel(file: str, name: str) -> emu.Kernel:
     return emu.load_kernel(ASM / file, name)
-
-
-def grid_for(n, block):  # train_gpt.cu's grid_for
-    return max(1, min((n + block - 1) // block, 65536 * 8))
 
 
 TESTED = set()  # kernels exercised below; test_every_entry_is_tested checks it covers asm/*.ptx
@@ -115,16 +61,6 @@ def covers(name):
 # AdamW: p, m, v fp32 in place, px the bf16 copy (or NULL); n % 4 == 0
 
 HP = dict(lr=1e-3, b1=0.9, b2=0.95, bc1=1 - 0.9 ** 3, bc2=1 - 0.95 ** 3, eps=1e-8, wd=0.1, gs=0.5)
-
-
-def adamw_inputs(n, rng):
-    p = rng.normal(0, 0.1, n).astype(np.float32)
-    g = rng.normal(0, 1e-2, n).astype(np.float32)
-    m = rng.normal(0, 1e-3, n).astype(np.float32)
-    v = np.abs(rng.normal(0, 1e-5, n)).astype(np.float32)
-    g[:4], m[:4], v[:4] = 0, 0, 0           # a first step on a zero gradient: only weight decay moves p
-    g[4:8] = [30.0, -30.0, 1e-20, -1e-20]   # a huge and a tiny gradient
-    return p, g, m, v
 
 
 def run_adamw(p, px, g, m, v, grid, hp=HP):
@@ -201,24 +137,6 @@ def test_adamw_is_the_c_kernels_arithmetic_bit_for_bit():
 # -----------------------------------------------------------------------------
 # GELU (tanh form) on bf16, n % 8 == 0
 
-def gelu_inputs(n, rng, extreme):
-    x = rng.normal(0, 2, n)
-    edge = [0.0, -0.0, 1e-3, -1e-3, 0.5, -0.5, 3.0, -3.0, 10.0, -10.0, 20.0, -20.0, 1e4, -1e4]
-    if extreme:
-        edge += [1e15, -1e15]  # x^3 overflows fp32: tanh(+-inf) = +-1 still gives x and 0
-    x[:len(edge)] = edge
-    return bf16(x)
-
-
-def gelu_ref(x):
-    return 0.5 * x * (1 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
-
-
-def gelu_grad_ref(x):
-    th = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-
-
 @covers("ptx_gelu_forward")
 @pytest.mark.parametrize("n, grid", [(8 * 300, None), (8 * 1000, 1)])  # 2 blocks, last partly idle; grid stride
 def test_gelu_forward(n, grid):
@@ -251,19 +169,6 @@ LN_SHAPES = [
     (3, 1792, None),   # the largest C the header allows: 7 chunks in every lane
     (20, 64, 1),       # one block of 8 warps for 20 rows: the row loop goes round
 ]
-
-
-def ln_inputs(N, C, rng):
-    x = rng.normal(0.3, 1.5, (N, C))
-    x[0] = 2.5  # a constant row: variance 0, rstd = 1/sqrt(1e-5)
-    w = rng.normal(1, 0.3, C).astype(np.float32)
-    b = rng.normal(0, 0.3, C).astype(np.float32)
-    return bf16(x), w, b
-
-
-def ln_stats(x):
-    m = x.mean(1)
-    return m, 1 / np.sqrt(((x - m[:, None]) ** 2).mean(1) + 1e-5)
 
 
 @covers("ptx_layernorm_forward")
@@ -324,34 +229,12 @@ CE_SHAPES = [
 ]
 
 
-def ce_inputs(V, Vp, offsets, rng):
-    N = len(offsets)
-    x = rng.normal(0, 3, (N, Vp)) + np.array(offsets)[:, None]
-    x[:, 3 % V] += 8  # one clear winner per row
-    logits = bf16(x)
-    pad = np.array([0x7FC0, 0x7F80, 0xFF80, 0x7149], np.uint16)  # NaN, +inf, -inf, 1e30: must not matter
-    logits[:, V:] = np.resize(pad, Vp - V)
-    targets = np.array([[0, V - 1, V // 2][i % 3] for i in range(N)], np.int32)
-    return logits, targets
-
-
-def ce_reference(logits, targets, V, dloss):
-    x = f64(logits)[:, :V]
-    mx = x.max(1, keepdims=True)
-    lse = (mx + np.log(np.exp(x - mx).sum(1, keepdims=True)))[:, 0]
-    rows = np.arange(len(targets))
-    losses = lse - x[rows, targets]
-    grad = np.exp(x - lse[:, None])
-    grad[rows, targets] -= 1
-    return lse, losses, grad * dloss
-
-
 @covers("ptx_crossentropy")
 @pytest.mark.parametrize("V, Vp, offsets", CE_SHAPES)
 def test_crossentropy(V, Vp, offsets):
     logits, targets = ce_inputs(V, Vp, offsets, np.random.default_rng(V))
     N, dloss = len(offsets), 0.37
-    lse, losses_ref, grad_ref = ce_reference(logits, targets, V, dloss)
+    lse, losses_ref, grad_ref, _ = ce_reference(logits, targets, V, dloss)
     x = logits.copy()
     losses = np.full(N, np.nan, np.float32)
     emu.launch(kernel("crossentropy.ptx", "ptx_crossentropy"), N, 1024, [x, losses, ro(targets), V, Vp, dloss, 1])
@@ -371,7 +254,7 @@ def test_crossentropy_every_partial_chunk(r):
     V, Vp = 1016 + r, 1032
     logits, _ = ce_inputs(V, Vp, [0.0], np.random.default_rng(r))
     targets = np.array([V - 1], np.int32)
-    lse, losses_ref, grad_ref = ce_reference(logits, targets, V, 0.5)
+    lse, losses_ref, grad_ref, _ = ce_reference(logits, targets, V, 0.5)
     x, losses = logits.copy(), np.full(1, np.nan, np.float32)
     emu.launch(kernel("crossentropy.ptx", "ptx_crossentropy"), 1, 1024, [x, losses, ro(targets), V, Vp, 0.5, 1])
     assert_f32_close(losses, losses_ref, 1e-6, 4e-7 * max(1, abs(lse[0])), "losses")
@@ -391,7 +274,7 @@ def test_crossentropy_row_max_sees_every_column():
         x[r, 8 * (thread + 1024 * j) + 2 * word + r % 2] = 120.0
     logits = bf16(x)
     targets = np.array([V - 1 - r for r in range(N)], np.int32)
-    lse, losses_ref, grad_ref = ce_reference(logits, targets, V, 1.0)
+    lse, losses_ref, grad_ref, _ = ce_reference(logits, targets, V, 1.0)
     losses = np.full(N, np.nan, np.float32)
     emu.launch(kernel("crossentropy.ptx", "ptx_crossentropy"), N, 1024,
                [logits.copy(), losses, ro(targets), V, Vp, 1.0, 0])
@@ -402,12 +285,40 @@ def test_crossentropy_row_max_sees_every_column():
 def test_crossentropy_without_grad_leaves_the_logits_alone():
     V, Vp, offsets = 1001, 1024, [0.0, 20.0]
     logits, targets = ce_inputs(V, Vp, offsets, np.random.default_rng(1))
-    _, losses_ref, _ = ce_reference(logits, targets, V, 1.0)
+    _, losses_ref, _, _ = ce_reference(logits, targets, V, 1.0)
     x = logits.copy()
     losses = np.full(2, np.nan, np.float32)
     emu.launch(kernel("crossentropy.ptx", "ptx_crossentropy"), 2, 1024, [x, losses, ro(targets), V, Vp, 1.0, 0])
     assert (x == logits).all(), "write_grad = 0 must not touch the logits (padding included)"
     assert_f32_close(losses, losses_ref, 1e-6, 1e-5, "losses")
+
+
+# -----------------------------------------------------------------------------
+# the TMA + wgmma GEMM: out (M,N) = A (M,K) @ B (N,K)^T, bf16 in and out, fp32 accumulation
+
+GEMM_SMEM = 4 * 32768 + 1024  # train_gpt.cu's GEMM_SMEM
+
+
+@covers("ptx_gemm_bf16")
+@pytest.mark.parametrize("M, N, K", [
+    (128, 128, 64),    # one tile, one K-tile
+    (64, 8, 8),        # N and K far below the 128 x 64 boxes: the TMA fills the rest with zeros
+    (200, 136, 520),   # edges in M and N, 9 K-tiles: each stage refilled twice (the parity flips)
+    (256, 256, 320),   # 2 x 2 tiles, the second warpgroup's rows, and 5 K-tiles over 4 stages
+])
+def test_gemm(M, N, K):
+    rng = np.random.default_rng(M * N + K)
+    A, B = bf16(rng.uniform(-1, 1, (M, K))), bf16(rng.uniform(-1, 1, (N, K)))
+    out = np.full((M, N), 0x7FC0, np.uint16)  # NaN: every output must be written
+    # the host's cuTensorMapEncodeTiled: (K, rows) with K innermost, boxes of 64 x 128, 128-byte swizzle
+    ta = emu.TensorMap(ro(A), box=(64, 128), swizzle=128)
+    tb = emu.TensorMap(ro(B), box=(64, 128), swizzle=128)
+    grid = ((N + 127) // 128, (M + 127) // 128)
+    emu.launch(kernel("gemm.ptx", "ptx_gemm_bf16"), grid, 256, [ta, tb, out, M, N, K], shared_bytes=GEMM_SMEM)
+    ref = f64(A) @ f64(B).T
+    # fp32 accumulation of K products, each exact: an error of at most K ulps of fp32 of sum |a b|
+    atol = K * 2.0 ** -24 * (np.abs(f64(A)) @ np.abs(f64(B)).T)
+    assert_bf16_close(out, ref, atol, f"gemm {M}x{N}x{K}")
 
 
 def test_every_entry_is_tested():
@@ -426,55 +337,7 @@ def test_every_asm_module_parses(ptx):
 # -----------------------------------------------------------------------------
 # the emulator itself, on small inline kernels
 
-HEAD = ".version 9.0\n.target sm_90a\n.address_size 64\n"
-
-
-def inline(body: str, params: str = ".param .u64 pa, .param .u64 pb, .param .u64 pc, .param .u64 pd",
-           name: str = "k") -> emu.Kernel:
-    return emu.parse_ptx(HEAD + f".visible .entry {name}({params})\n{{\n{body}\n}}\n", "inline.ptx")[name]
-
-
 # loads a[tid], b[tid], c[tid] (f32) and stores OP(a, b, c) to d[tid]
-ELEMENTWISE = """
-    .reg .b32 %t;
-    .reg .b64 %a, %b, %c, %d, %o;
-    .reg .f32 %x, %y, %z, %w;
-    ld.param.u64 %a, [pa];
-    ld.param.u64 %b, [pb];
-    ld.param.u64 %c, [pc];
-    ld.param.u64 %d, [pd];
-    mov.u32 %t, %tid.x;
-    mul.wide.u32 %o, %t, 4;
-    add.u64 %a, %a, %o;
-    add.u64 %b, %b, %o;
-    add.u64 %c, %c, %o;
-    add.u64 %d, %d, %o;
-    ld.global.f32 %x, [%a];
-    ld.global.f32 %y, [%b];
-    ld.global.f32 %z, [%c];
-    OP;
-    st.global.b32 [%d], %w;
-    ret;
-"""
-
-
-def round_f32(q: Fraction) -> np.float32:
-    """The float32 nearest to a rational, ties to even (subnormals and overflow included)."""
-    if q == 0:
-        return np.float32(0.0)
-    sign, q = (-1 if q < 0 else 1), abs(q)
-    e = q.numerator.bit_length() - q.denominator.bit_length()
-    if Fraction(2) ** e > q:
-        e -= 1                            # now 2^e <= q < 2^(e+1)
-    quantum = Fraction(2) ** (max(e, -126) - 23)
-    n = q / quantum
-    k, rem = divmod(n.numerator, n.denominator)
-    if 2 * rem > n.denominator or (2 * rem == n.denominator and k % 2):
-        k += 1
-    v = k * quantum
-    return np.float32(sign * (np.inf if v >= 2 ** 128 else float(v)))
-
-
 def test_fma_rounds_once_like_exact_arithmetic():
     rng = np.random.default_rng(3)
     n = 1000
@@ -720,3 +583,359 @@ def test_launch_checks_its_arguments():
         emu.launch(k, 1, 256, [np.zeros(8, np.uint16)])
     with pytest.raises(emu.LaunchError, match="prm_n is .u64"):
         emu.launch(k, 1, 256, [np.zeros(8, np.uint16), np.zeros(8, np.uint16), 8.0])
+
+
+# the asynchronous units: TMA (cp.async.bulk.tensor), mbarriers, wgmma. The expectations come from the
+# PTX ISA's tables and figures, written out here, not from the emulator's code.
+
+# 5.5.7 "Swizzling Modes": position p of 128-byte line j of the destination holds 16-byte chunk
+# SWIZZLE_TABLES[mode][j % rows][p] of that line (the table's rows start on a 256/512/1024-byte boundary)
+SWIZZLE_TABLES = {
+    0: [[0, 1, 2, 3, 4, 5, 6, 7]],
+    32: [[0, 1, 2, 3, 4, 5, 6, 7], [1, 0, 3, 2, 5, 4, 7, 6]],
+    64: [[0, 1, 2, 3, 4, 5, 6, 7], [1, 0, 3, 2, 5, 4, 7, 6], [2, 3, 0, 1, 6, 7, 4, 5], [3, 2, 1, 0, 7, 6, 5, 4]],
+    128: [[0, 1, 2, 3, 4, 5, 6, 7], [1, 0, 3, 2, 5, 4, 7, 6], [2, 3, 0, 1, 6, 7, 4, 5], [3, 2, 1, 0, 7, 6, 5, 4],
+          [4, 5, 6, 7, 0, 1, 2, 3], [5, 4, 7, 6, 1, 0, 3, 2], [6, 7, 4, 5, 2, 3, 0, 1], [7, 6, 5, 4, 3, 2, 1, 0]],
+}
+
+TMA_PARAMS = ".param .align 64 .b8 ptmap[128], .param .u64 pout, .param .u32 pdst, .param .s32 pc0, .param .s32 pc1"
+
+# thread 0 copies the box at (c0, c1) to shared memory at a 1024-aligned base + pdst, everyone waits for the
+# mbarrier, then the block copies the box's NBYTES bytes from there to out
+TMA_BOX = """
+    .reg .pred %p, %leader, %ready;
+    .reg .b32 %t, %smem, %mb, %dst, %u, %c0, %c1, %i, %v<4>;
+    .reg .b64 %tm, %out, %a, %o;
+    .shared .align 8 .b64 mbar;
+    .extern .shared .align 1024 .b8 smem[];
+    mov.u32 %t, %tid.x;
+    setp.eq.u32 %leader, %t, 0;
+    mov.u32 %mb, mbar;
+    mov.u32 %smem, smem;
+    add.u32 %smem, %smem, 1023;
+    and.b32 %smem, %smem, 0xFFFFFC00;
+    ld.param.u32 %u, [pdst];
+    add.u32 %dst, %smem, %u;
+    ld.param.s32 %c0, [pc0];
+    ld.param.s32 %c1, [pc1];
+    @%leader mbarrier.init.shared::cta.b64 [%mb], 1;
+    @%leader fence.mbarrier_init.release.cluster;
+    bar.sync 0;
+    mov.b64 %tm, ptmap;
+    cvta.param.u64 %tm, %tm;
+    @%leader mbarrier.arrive.expect_tx.shared::cta.b64 _, [%mb], NBYTES;
+    @%leader cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%dst], [%tm, {%c0, %c1}], [%mb];
+$Lwait:
+    mbarrier.try_wait.parity.shared::cta.b64 %ready, [%mb], 0;
+    @!%ready bra $Lwait;
+    ld.param.u64 %out, [pout];
+    mov.u32 %i, %t;
+$Lcopy:
+    setp.ge.u32 %p, %i, NCHUNKS;
+    @%p bra $Ldone;
+    shl.b32 %u, %i, 4;
+    add.u32 %u, %u, %dst;
+    ld.shared.v4.b32 {%v0, %v1, %v2, %v3}, [%u];
+    mul.wide.u32 %o, %i, 16;
+    add.u64 %a, %out, %o;
+    st.global.v4.b32 [%a], {%v0, %v1, %v2, %v3};
+    add.u32 %i, %i, 32;
+    bra $Lcopy;
+$Ldone:
+    ret;
+"""
+
+
+def tma_box(A, box, swizzle, c0, c1, dst):
+    """Run TMA_BOX: the bytes the copy put in shared memory at dst (relative to a 1024-aligned base)."""
+    nbytes = box[0] * box[1] * 2
+    out = np.zeros(nbytes, np.uint8)
+    k = inline(TMA_BOX.replace("NBYTES", str(nbytes)).replace("NCHUNKS", str(nbytes // 16)), TMA_PARAMS)
+    emu.launch(k, 1, 32, [emu.TensorMap(ro(A), box=box, swizzle=swizzle), out, dst, c0, c1], shared_bytes=4096)
+    return out
+
+
+def expected_box(A, box, swizzle, c0, c1, dst):
+    """The box, rows of box[0] bf16 from (c0, c1), zero outside A, laid out by the ISA's swizzle table."""
+    rows, cols = A.shape
+    logical = np.zeros((box[1], box[0]), np.uint16)
+    for r in range(box[1]):
+        for c in range(box[0]):
+            if 0 <= c1 + r < rows and 0 <= c0 + c < cols:
+                logical[r, c] = A[c1 + r, c0 + c]
+    chunks = logical.view(np.uint8).reshape(-1, 8, 16)  # 128-byte lines of 16-byte chunks
+    table = SWIZZLE_TABLES[swizzle]
+    out = np.empty_like(chunks)
+    for j in range(chunks.shape[0]):
+        pattern_row = table[(dst // 128 + j) % len(table)]  # the ISA's base offset: (dstMem / 128) % rows
+        for p in range(8):
+            out[j, p] = chunks[j, pattern_row[p]]
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("swizzle, box, dst", [(128, (64, 8), 0), (128, (64, 16), 1024), (128, (64, 8), 384),
+                                               (64, (32, 16), 512), (32, (16, 32), 256), (0, (24, 8), 128)])
+def test_tma_copy_swizzles_16_byte_chunks_as_the_isa_tables_say(swizzle, box, dst):
+    A = ((np.arange(40 * 200) * 7 + 3) % 65536).astype(np.uint16).reshape(40, 200)  # all chunks differ
+    got = tma_box(A, box, swizzle, 8, 5, dst)
+    assert (got == expected_box(A, box, swizzle, 8, 5, dst)).all()
+    if swizzle:
+        assert not (got == expected_box(A, box, 0, 8, 5, dst)).all(), "the swizzle moved something"
+
+
+@pytest.mark.parametrize("swizzle, box, c0, c1", [(0, (32, 8), -8, 5), (128, (64, 8), -16, -3), (128, (64, 8), 40, 9)])
+def test_tma_copy_fills_out_of_bounds_elements_with_zeros(swizzle, box, c0, c1):
+    """A 10 x 24 tensor and boxes hanging over its edges (negative coordinates too, and one entirely outside):
+    the rest is zeros, and the complete-tx counts the whole box (else the wait would never end)."""
+    A = (np.arange(10 * 24) + 1).astype(np.uint16).reshape(10, 24)
+    got = tma_box(A, box, swizzle, c0, c1, 0)
+    assert (got == expected_box(A, box, swizzle, c0, c1, 0)).all()
+    assert (got == 0).any() and ((got != 0).any() or c0 >= 24)
+
+
+def test_tma_destination_must_be_128_byte_aligned_and_tensor_map_generic():
+    A = np.zeros((8, 64), np.uint16)
+    with pytest.raises(emu.MemcheckError, match="shared destination .* is not 128-byte aligned"):
+        tma_box(A, (64, 8), 128, 0, 0, 64)
+    k = inline(TMA_BOX.replace("NBYTES", "1024").replace("NCHUNKS", "64").replace("cvta.param.u64 %tm, %tm;", ""),
+               TMA_PARAMS)
+    with pytest.raises(emu.MemcheckError, match="the .param-space address of ptmap; .* wants its generic address"):
+        emu.launch(k, 1, 32, [emu.TensorMap(ro(A), box=(64, 8), swizzle=128), np.zeros(1024, np.uint8), 0, 0, 0],
+                   shared_bytes=4096)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ("$Lwait:", emu.RaceError, r"ld.shared.* of shared memory that the cp.async.bulk.tensor of line \d+ writes, "
+                               r"while it is in flight"),
+    ("@!%ready bra $Lwait;", emu.RaceError,  # one try_wait, no loop: it returns false (the copy in flight)
+     r"before this thread saw the mbarrier at 0x[0-9a-f]+ complete phase 0"),
+    ("@%leader fence.mbarrier_init.release.cluster;", emu.AsyncError, "not made visible to the async proxy"),
+])
+def test_tma_misuse_raises(change, error, message):
+    body = TMA_BOX.replace("NBYTES", "1024").replace("NCHUNKS", "64")
+    if change == "$Lwait:":  # the block reads the box before waiting for it
+        body = body.replace("$Lwait:", "    ld.shared.b32 %u, [%dst];\n$Lwait:")
+    else:
+        body = body.replace(change, "")
+    with pytest.raises(error, match=message):
+        emu.launch(inline(body, TMA_PARAMS), 1, 32, [emu.TensorMap(ro(np.ones((8, 64), np.uint16)), box=(64, 8),
+                   swizzle=128), np.zeros(1024, np.uint8), 0, 0, 0], shared_bytes=4096)
+
+
+# mbarrier accounting: count 2, a 16-byte copy; thread 0 records test_wait.parity results in out[k]
+MBAR = """
+    .reg .pred %leader, %second, %r;
+    .reg .b32 %t, %mb, %buf, %x;
+    .reg .b64 %tm, %out;
+    .shared .align 8 .b64 mbar;
+    .shared .align 128 .b8 buf[128];
+    mov.u32 %t, %tid.x;
+    setp.eq.u32 %leader, %t, 0;
+    setp.eq.u32 %second, %t, 1;
+    mov.u32 %mb, mbar;
+    mov.u32 %buf, buf;
+    ld.param.u64 %out, [pout];
+    INIT
+    @%leader fence.mbarrier_init.release.cluster;
+    bar.sync 0;
+    mov.b64 %tm, ptmap;
+    cvta.param.u64 %tm, %tm;
+    BODY
+    ret;
+"""
+
+
+def mbar_kernel(body, init="@%leader mbarrier.init.shared::cta.b64 [%mb], 2;"):
+    def record(k, parity):
+        return (f"mbarrier.test_wait.parity.shared::cta.b64 %r, [%mb], {parity};\n    selp.u32 %x, 1, 0, %r;\n"
+                f"    @%leader st.global.u32 [%out+{4 * k}], %x;")
+    body = re.sub(r"RECORD\((\d), (\d)\)", lambda m: record(int(m.group(1)), int(m.group(2))), body)
+    return inline(MBAR.replace("INIT", init).replace("BODY", body), ".param .align 64 .b8 ptmap[128], .param .u64 pout")
+
+
+COPY16 = ("@%leader cp.async.bulk.tensor.1d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%buf], "
+          "[%tm, {0}], [%mb];")
+
+
+def run_mbar(k, max_steps=100_000):
+    out = np.full(8, 7, np.uint32)
+    emu.launch(k, 1, 32, [emu.TensorMap(ro(np.arange(8, dtype=np.uint16)), box=(8,)), out], max_steps=max_steps)
+    return list(out)
+
+
+def test_mbarrier_phases_parity_and_tx_count():
+    k = mbar_kernel(f"""
+    RECORD(0, 0)
+    @%leader mbarrier.arrive.expect_tx.shared::cta.b64 _, [%mb], 16;
+    RECORD(1, 0)
+    @%second mbarrier.arrive.shared::cta.b64 _, [%mb];
+    RECORD(2, 0)
+    {COPY16}
+    RECORD(3, 0)
+    RECORD(4, 0)
+    RECORD(5, 1)
+    @%leader mbarrier.arrive.shared::cta.b64 _, [%mb];
+    @%second mbarrier.arrive.shared::cta.b64 _, [%mb];
+    RECORD(6, 1)
+    RECORD(7, 0)""")
+    # phase 0 incomplete: no arrivals; one of two; two, but 16 bytes expected; the copy in flight when the
+    # wait looks (it then completes); phase 0 complete; phase 1 current; phase 1 complete; phase 2 current
+    assert run_mbar(k) == [0, 0, 0, 0, 1, 0, 1, 0]
+
+
+def test_mbarrier_misuse_raises():
+    with pytest.raises(emu.MemcheckError, match="where no mbarrier.init made an mbarrier"):
+        run_mbar(mbar_kernel("RECORD(0, 0)", init=""))
+    with pytest.raises(emu.MemcheckError, match=r"arrives 1 time\(s\) on the mbarrier at .*, whose phase expects "
+                                                r"only 0 more"):
+        run_mbar(mbar_kernel("""@%leader mbarrier.arrive.expect_tx.shared::cta.b64 _, [%mb], 16;
+    @%second mbarrier.arrive.shared::cta.b64 _, [%mb];
+    @%second mbarrier.arrive.shared::cta.b64 _, [%mb];"""))  # the phase waits for its bytes, not a third arrival
+    with pytest.raises(emu.RaceError, match=r"on the mbarrier .* that thread \(0,0,0\) initialized .* with no "
+                                            r"bar.sync since"):
+        run_mbar(mbar_kernel("RECORD(0, 0)", init="@%leader mbarrier.init.shared::cta.b64 [%mb], 2;\n"
+                                                  "    mbarrier.test_wait.parity.shared::cta.b64 %r, [%mb], 0;"))
+    with pytest.raises(emu.MemcheckError, match="load of the bytes of an mbarrier object"):
+        run_mbar(mbar_kernel("ld.shared.u32 %x, [%mb];"))
+
+
+def test_an_expect_tx_that_no_copy_fulfils_spins_until_max_steps():
+    k = mbar_kernel(f"""
+    @%leader mbarrier.arrive.expect_tx.shared::cta.b64 _, [%mb], 32;
+    @%second mbarrier.arrive.shared::cta.b64 _, [%mb];
+    {COPY16}
+$Lspin:
+    mbarrier.try_wait.parity.shared::cta.b64 %r, [%mb], 0;
+    @!%r bra $Lspin;""")
+    with pytest.raises(emu.RunawayError, match=r"more than max_steps=2000 .* spin on the mbarrier wait of line \d+: "
+                                               r"the mbarrier at 0x[0-9a-f]+ never completes its phase \(phase 0 "
+                                               r"\(parity 0\), 0 of 2 arrivals pending, tx-count 16\)"):
+        run_mbar(k, max_steps=2000)
+
+
+# wgmma: one warpgroup copies a host-made 24 KB image of A (64 x 16 at +0) and B (N x 16 at +8192) to a
+# 1024-aligned shared base, loads C into its accumulators, multiplies, and stores D
+def wgmma_kernel(n: int, remove: str = "") -> emu.Kernel:
+    d = [f"%d{i}" for i in range(n // 2)]
+    # ISA 9.7.15.5.1.1.1, the accumulator figure: thread 32 w + 4 g + q holds d[4 j + v] at row
+    # 16 w + g + 8 (v / 2), column 8 j + 2 q + v % 2: offset from (16 w + g, 2 q) in floats
+    off = [4 * (8 * ((i % 4) // 2) * n + 8 * (i // 4) + i % 2) for i in range(n // 2)]
+    loads = "\n".join(f"    ld.global.f32 {r}, [%c+{o}];" for r, o in zip(d, off))
+    stores = "\n".join(f"    st.global.f32 [%out+{o}], {r};" for r, o in zip(d, off))
+    text = f"""
+    .reg .pred %p, %scale;
+    .reg .b32 %t, %w, %l, %smem, %u, %i, %row, %col, %v<4>;
+    .reg .b64 %img, %c, %out, %ahi, %bhi, %da, %db, %a, %o;
+    .reg .f32 %d<{n // 2}>;
+    .extern .shared .align 1024 .b8 smem[];
+    mov.u32 %t, %tid.x;
+    mov.u32 %smem, smem;
+    add.u32 %smem, %smem, 1023;
+    and.b32 %smem, %smem, 0xFFFFFC00;
+    ld.param.u64 %img, [pimg];
+    mov.u32 %i, %t;
+$Lcopy:
+    setp.ge.u32 %p, %i, 1536;
+    @%p bra $Lcopied;
+    mul.wide.u32 %o, %i, 16;
+    add.u64 %a, %img, %o;
+    ld.global.v4.u32 {{%v0, %v1, %v2, %v3}}, [%a];
+    shl.b32 %u, %i, 4;
+    add.u32 %u, %u, %smem;
+    st.shared.v4.u32 [%u], {{%v0, %v1, %v2, %v3}};
+    add.u32 %i, %i, 128;
+    bra $Lcopy;
+$Lcopied:
+    fence.proxy.async.shared::cta;
+    bar.sync 0;
+    ld.param.u64 %ahi, [pahi];
+    ld.param.u64 %bhi, [pbhi];
+    cvt.u64.u32 %da, %smem;
+    shr.u64 %da, %da, 4;
+    and.b64 %da, %da, 0x3FFF;
+    or.b64 %da, %da, %ahi;
+    add.u32 %u, %smem, 8192;
+    cvt.u64.u32 %db, %u;
+    shr.u64 %db, %db, 4;
+    and.b64 %db, %db, 0x3FFF;
+    or.b64 %db, %db, %bhi;
+    shr.u32 %w, %t, 5;
+    and.b32 %l, %t, 31;
+    shl.b32 %row, %w, 4;
+    shr.u32 %u, %l, 2;
+    add.u32 %row, %row, %u;
+    and.b32 %col, %l, 3;
+    shl.b32 %col, %col, 1;
+    mad.lo.u32 %u, %row, {n}, %col;
+    mul.wide.u32 %o, %u, 4;
+    ld.param.u64 %c, [pc];
+    add.u64 %c, %c, %o;
+    ld.param.u64 %out, [pout];
+    add.u64 %out, %out, %o;
+{loads}
+    ld.param.u32 %u, [pscale];
+    setp.ne.u32 %scale, %u, 0;
+    wgmma.fence.sync.aligned;
+    wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{', '.join(d)}}}, %da, %db, %scale, 1, 1, 0, 0;
+    wgmma.commit_group.sync.aligned;
+    wgmma.wait_group.sync.aligned 0;
+{stores}
+    ret;"""
+    assert remove in text
+    return inline(text.replace(remove, "", 1), ".param .u64 pimg, .param .u64 pc, .param .u64 pout, .param .u64 pahi, "
+                                               ".param .u64 pbhi, .param .u32 pscale")
+
+
+def cute_swizzle(offset: int, b: int) -> int:
+    """CuTe's Swizzle<b, 4, 3>, which the ISA's canonical-layout table names: bits 7.. XORed into bits 4.."""
+    mask = ((1 << b) - 1) << 7
+    return offset ^ ((offset & mask) >> 3)
+
+
+def smem_image(img, base, M, swizzle):
+    """Put the rows x 16 bf16 matrix M at img[base:], K-major as ISA 9.7.15.5.1.2.1.3 lays it out (in bytes, with
+    T = 8 elements per 16 bytes): no swizzle ((8,m),(T,2k)):((1T,SBO),(1,LBO)) with LBO 128, SBO 256; a W-byte
+    swizzle ((8,m),(T,2k)):((W/2,SBO),(1,T)) with SBO = 8 W, then Swizzle<log2(W/16),4,3>. Returns the
+    descriptor's bits other than the start address: LBO >> 4 at 16, SBO >> 4 at 32, the mode at 62."""
+    for r in range(M.shape[0]):
+        for k in range(16):
+            if swizzle == 0:
+                off = 16 * (r % 8) + 256 * (r // 8) + 2 * (k % 8) + 128 * (k // 8)
+            else:
+                off = cute_swizzle(swizzle * (r % 8) + 8 * swizzle * (r // 8) + 2 * k, {32: 1, 64: 2, 128: 3}[swizzle])
+            img[base + off:base + off + 2] = M[r, k:k + 1].view(np.uint8)
+    lbo, sbo = (128, 256) if swizzle == 0 else (16, 8 * swizzle)
+    return (lbo >> 4) << 16 | (sbo >> 4) << 32 | {0: 0, 128: 1, 64: 2, 32: 3}[swizzle] << 62
+
+
+@pytest.mark.parametrize("n, swizzle, scale_d", [(8, 0, True), (8, 128, False), (128, 0, False), (128, 128, True),
+                                                 (64, 64, True), (16, 32, False)])
+def test_wgmma_m64nNk16_against_numpy(n, swizzle, scale_d):
+    rng = np.random.default_rng(n + swizzle)
+    A, B = bf16(rng.uniform(-2, 2, (64, 16))), bf16(rng.uniform(-2, 2, (n, 16)))
+    C = rng.uniform(-4, 4, (64, n)).astype(np.float32)
+    img = rng.integers(0, 256, 24576, dtype=np.uint8)  # the unused bytes are garbage
+    ahi, bhi = smem_image(img, 0, A, swizzle), smem_image(img, 8192, B, swizzle)
+    out = np.full((64, n), np.nan, np.float32)
+    emu.launch(wgmma_kernel(n), 1, 128, [ro(img), ro(C), out, ahi, bhi, int(scale_d)], shared_bytes=24576 + 1024)
+    ref = f64(A) @ f64(B).T + (C.astype(np.float64) if scale_d else 0)
+    bound = (np.abs(f64(A)) @ np.abs(f64(B)).T + np.abs(C)) * 2.0 ** -23  # one fp32 rounding
+    assert np.isfinite(out).all() and (np.abs(out - ref) <= bound).all()
+    if not scale_d:
+        assert (out == (f64(A) @ f64(B).T).astype(np.float32)).all(), "scale-d false: C is ignored"
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ("    wgmma.wait_group.sync.aligned 0;\n", emu.AsyncError,
+     r"%d0 is an accumulator of the wgmma.mma_async of line \d+, which no wgmma.wait_group has retired yet"),
+    ("    wgmma.fence.sync.aligned;\n", emu.AsyncError, "no wgmma.fence before it"),
+    ("    fence.proxy.async.shared::cta;\n", emu.RaceError, "a plain store wrote with no fence.proxy.async"),
+])
+def test_wgmma_misuse_raises(change, error, message):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, 24576, dtype=np.uint8)
+    ahi = smem_image(img, 0, bf16(rng.uniform(-1, 1, (64, 16))), 0)
+    bhi = smem_image(img, 8192, bf16(rng.uniform(-1, 1, (8, 16))), 0)
+    with pytest.raises(error, match=message):
+        emu.launch(wgmma_kernel(8, remove=change), 1, 128, [ro(img), ro(np.zeros((64, 8), np.float32)),
+                   np.zeros((64, 8), np.float32), ahi, bhi, 1], shared_bytes=24576 + 1024)

@@ -43,6 +43,15 @@ KERNELS = [
     ("crossentropy", 6, 4096, 50257),          # 4096 rows of 50304 bf16 logits, read and written: 824 MB
 ]
 COPY_BYTES = 512 * MB
+# the TMA + wgmma GEMM (asm/gemm.ptx) against cuBLASLt: out (M,N) = A (M,K) @ B (N,K)^T, bf16
+GEMMS = [
+    ("qkv", 32768, 2304, 768),       # d12 at B=32, T=1024: the attention's input projection
+    ("attproj", 32768, 768, 768),
+    ("fc", 32768, 3072, 768),
+    ("fcproj", 32768, 768, 3072),
+    ("lm_head", 32768, 50304, 768),
+    ("square4096", 4096, 4096, 4096),
+]
 
 
 def bench_lib():
@@ -51,6 +60,8 @@ def bench_lib():
     lib.gpt_last_error.restype = ctypes.c_char_p
     lib.gpt_cuda_ptx_bench.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                        ctypes.POINTER(ctypes.c_double)]
+    lib.gpt_cuda_gemm_bench.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.c_double)]
     return lib
 
 
@@ -84,6 +95,25 @@ def kernels(iters: int) -> int:
               flush=True)
         print(f"RESULT ptx_{name}_gbs={gp:.0f} cuda_c_{name}_gbs={gc:.0f} ptx_vs_copy={gp / copy_gbs:.3f} "
               f"ptx_vs_cuda_c={gp / gc:.3f}")
+    return failed
+
+
+def gemms(iters: int) -> int:
+    lib = bench_lib()
+    print(f"\n{'GEMM (M, N, K)':30s} {'cuBLASLt ms':>11s} {'TFLOP/s':>8s} {'PTX ms':>8s} {'TFLOP/s':>8s} "
+          f"{'PTX/cuBLASLt':>12s}  outputs")
+    failed = 0
+    for name, M, N, K in GEMMS:
+        res = (ctypes.c_double * 8)()
+        if lib.gpt_cuda_gemm_bench(M, N, K, iters, res) != 0:
+            print(f"{name:10s} FAILED: {lib.gpt_last_error().decode()}", flush=True)
+            failed += 1
+            continue
+        ms_lt, ms_p, flops, bad, rel, total = list(res)[:6]
+        tl, tp = flops / (ms_lt * 1e-3) / 1e12, flops / (ms_p * 1e-3) / 1e12
+        print(f"{name:10s} {f'({M}, {N}, {K})':19s} {ms_lt:11.3f} {tl:8.0f} {ms_p:8.3f} {tp:8.0f} {tp / tl:12.2f}"
+              f"  {int(bad)}/{int(total)} differ, max rel {rel:.1e}", flush=True)
+        print(f"RESULT ptx_gemm_{name}_tflops={tp:.0f} cublaslt_{name}_tflops={tl:.0f} ptx_vs_cublaslt={tp / tl:.3f}")
     return failed
 
 
@@ -164,7 +194,7 @@ def main() -> int:
         print("bench_ptx: SKIPPED: no GPU visible")
         return 0
     t0 = time.monotonic()
-    failed = kernels(args.iters)
+    failed = kernels(args.iters) + gemms(args.iters)
     print(f"(kernels: {time.monotonic() - t0:.1f} s)", flush=True)
     if not args.no_e2e:
         failed += e2e(args.steps, args.batch, args.seq, args.e2e_budget)
