@@ -313,11 +313,36 @@ static void attention_backward(float *dqkv, const float *dout, const float *qkv,
 
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
 
+// tanh(u) = sign(u) (1 - 2 / (e^2|u| + 1)), written so that the compiler
+// vectorises the GELU loops: libm's tanhf is one scalar call per element,
+// which made the GELU the largest cost of a CPU step outside the matmuls.
+// e^y for 0 <= y <= 18: y = n ln 2 + r with |r| <= ln(2) / 2 (ln 2 split in
+// two so n ln 2 is exact), e^r by its Taylor series to r^6 (relative error
+// 1.2e-7), times 2^n built in the exponent bits. The result is within 1.6e-7
+// of tanh(u), and within 1e-7 relative for |u| >= 1 (measured on a 40M-point
+// grid over [-20, 20]); the GELU's 1 + tanh never needs more.
+static inline float tanh_gelu(float u) {
+    // min(|u|, 9) on the bits (a float compare, fminf or floorf stops gcc's vectoriser); tanh(9) is 1 in fp32
+    float a = fabsf(u), y;
+    uint32_t ab;
+    memcpy(&ab, &a, sizeof ab);
+    ab = ab < 0x41100000u ? ab : 0x41100000u;
+    memcpy(&y, &ab, sizeof y);
+    y *= 2.0f;
+    float n = (float)(int32_t)(y * 1.44269504f + 0.5f);  // y >= 0: truncation rounds to nearest
+    float r = fmaf(n, -1.42860677e-6f, fmaf(n, -0.693145752f, y));
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return copysignf(1.0f - 2.0f / (p * scale + 1.0f), u);
+}
+
 static void gelu_forward(float *out, const float *inp, size_t n) {
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+        out[i] = 0.5f * x * (1.0f + tanh_gelu(GELU_SCALE * (x + 0.044715f * x * x * x)));
     }
 }
 
@@ -327,7 +352,7 @@ static void gelu_backward(float *dinp, const float *inp, const float *dout, size
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float u = GELU_SCALE * (x + 0.044715f * x * x * x);
-        float th = tanhf(u);
+        float th = tanh_gelu(u);
         float sech2 = 1.0f - th * th;
         float du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
         dinp[i] = (0.5f * (1.0f + th) + 0.5f * x * sech2 * du) * dout[i];
@@ -700,8 +725,9 @@ int stage_sum_wte_grads(Stage *s) {
 }
 
 // The sum of squares of n floats in double: fixed chunks summed in parallel,
-// each in 8 interleaved lanes (so it vectorises), then the chunks in order,
-// which makes the result independent of the thread count.
+// each in 32 interleaved lanes (it vectorises as four independent chains of
+// 8 doubles, so the adds overlap: 2.5x faster than one chain), then the
+// chunks in order, which makes the result independent of the thread count.
 #define SUMSQ_CHUNK 65536
 static double sum_squares(const float *p, size_t n) {
     size_t nchunks = (n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
@@ -709,13 +735,13 @@ static double sum_squares(const float *p, size_t n) {
     #pragma omp parallel for schedule(static)
     for (size_t c = 0; c < nchunks; c++) {
         size_t lo = c * SUMSQ_CHUNK, hi = lo + SUMSQ_CHUNK < n ? lo + SUMSQ_CHUNK : n;
-        double lane[8] = {0};
+        double lane[32] = {0};
         size_t i = lo;
-        for (; i + 8 <= hi; i += 8)
-            for (int k = 0; k < 8; k++) lane[k] += (double)p[i + k] * p[i + k];
+        for (; i + 32 <= hi; i += 32)
+            for (int k = 0; k < 32; k++) lane[k] += (double)p[i + k] * p[i + k];
         for (; i < hi; i++) lane[0] += (double)p[i] * p[i];
         double sum = 0.0;
-        for (int k = 0; k < 8; k++) sum += lane[k];
+        for (int k = 0; k < 32; k++) sum += lane[k];
         chunk[c] = sum;
     }
     for (size_t c = 0; c < nchunks; c++) total += chunk[c];
