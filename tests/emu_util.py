@@ -167,6 +167,43 @@ def ln_stats(x):
     return m, 1 / np.sqrt(((x - m[:, None]) ** 2).mean(1) + 1e-5)
 
 
+def check_layernorm_forward(out, mean, rstd, x, w, b):
+    """A layernorm forward kernel's out (bf16), mean and rstd (fp32) against float64."""
+    xf = f64(x)
+    m, s = ln_stats(xf)
+    norm = (xf - m[:, None]) * s[:, None]
+    # fp32 sums of C / 32 terms a lane and a 5-step butterfly: a few ulps of the mean, the variance
+    assert_f32_close(mean, m, 1e-6, 1e-7, "mean")
+    assert_f32_close(rstd, s, 1e-5, 0, "rstd")
+    # the normalised value's fp32 error (from mean and rstd), times the weight
+    assert_bf16_close(out, norm * w + b, 1e-5 * (np.abs(norm * w) + np.abs(b)) + 1e-6, "layernorm out")
+
+
+def ln_backward_inputs(N, C, with_resid, rng):
+    """x, w, dout, resid (or None), and mean, rstd in fp32 as the forward pass stored them."""
+    x, w, _ = ln_inputs(N, C, rng)
+    dout = bf16(rng.normal(0, 1, (N, C)))
+    resid = bf16(rng.normal(0, 1, (N, C))) if with_resid else None
+    m64, s64 = ln_stats(f64(x))
+    return x, w, dout, resid, m64.astype(np.float32), s64.astype(np.float32)
+
+
+def check_layernorm_backward_input(dinp, x, w, dout, resid, mean, rstd):
+    """dinp = resid + (dn - mean(dn) - norm * mean(dn * norm)) * rstd, dn = w * dout, against float64."""
+    m, s = mean.astype(np.float64)[:, None], rstd.astype(np.float64)[:, None]
+    dn = w * f64(dout)
+    norm = (f64(x) - m) * s
+    a = dn.mean(1, keepdims=True)
+    bn = (dn * norm).mean(1, keepdims=True)
+    ref = (dn - a - norm * bn) * s
+    scale = (np.abs(dn) + np.abs(a) + np.abs(norm * bn)) * s  # the terms whose difference ref is
+    if resid is not None:
+        ref = ref + f64(resid)
+        scale = scale + np.abs(f64(resid))
+    # fp32: each term a few ulps (the row sums' errors carry over), relative to the terms
+    assert_bf16_close(dinp, ref, 2e-6 * scale + 1e-7, "layernorm dinp")
+
+
 # -----------------------------------------------------------------------------
 # small kernels written inline
 

@@ -35,9 +35,10 @@ import numpy as np
 import pytest
 
 from dev import ptx_emu as emu
-from tests.emu_util import (ELEMENTWISE, PARAMS4, adamw_inputs, assert_bf16_close, assert_f32_close, bf16,
-                            ce_inputs, ce_reference, f64, gelu_grad_ref, gelu_inputs, gelu_ref, grid_for,
-                            ln_inputs, ln_stats, nan_bf16, nan_f32, ro, round_f32)
+from tests.emu_util import (ELEMENTWISE, PARAMS4, adamw_inputs, assert_bf16_close, assert_f32_close, bf16, ce_inputs,
+                            ce_reference, check_layernorm_backward_input, check_layernorm_forward, f64,
+                            gelu_grad_ref, gelu_inputs, gelu_ref, grid_for, ln_backward_inputs, ln_inputs, ln_stats,
+                            nan_bf16, nan_f32, ro, round_f32)
 from tests.emu_util import inline as _inline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,6 +226,18 @@ def test_attention_forward_mma(B, NH, T, template, how):
     check_attention_forward(out, lse, r, T, D, EPS_MMA, f"forward mma ({how})")
 
 
+def attention_delta(dev, dout, out, B, T, NH, D):
+    """attention_delta_kernel as attention_backward launches it, checked: delta = rowsum(dout * out), in fp32
+    over D exact bf16 products. Returns delta (B, NH, T) for the dq / dkv kernels."""
+    delta = nan_f32((B, NH, T))
+    emu.launch(cuda_kernel("attention_delta_kernel"), grid_for(B * T * NH * 32, 256), 256,
+               [delta, ro(dout), ro(out), B, T, NH, D], device=dev)
+    exact_delta = (heads(f64(dout), B, T, NH, D) * heads(f64(out), B, T, NH, D)).sum(-1)
+    abs_delta = (np.abs(heads(f64(dout), B, T, NH, D)) * np.abs(heads(f64(out), B, T, NH, D))).sum(-1)
+    assert_f32_close(delta, exact_delta, 0, D * 2.0 ** -24 * abs_delta, "delta")
+    return delta
+
+
 @covers("attention_delta_kernel", ("attention_backward_dkv_mma_kernel", "ILb1E"),
         ("attention_backward_dkv_mma_kernel", "ILb0E"), ("attention_backward_dq_mma_kernel", "ILb1E"),
         ("attention_backward_dq_mma_kernel", "ILb0E"))
@@ -234,16 +247,10 @@ def test_attention_backward_mma(B, NH, T, template, how):
     D = 64
     qkv, dout, out, lse, r = attention_backward_inputs(B, T, NH, D, seed=T + B + 1)
     _, scale, scale_log2 = attention_scales(D)
-    delta = nan_f32((B, NH, T))
     dqkv = nan_bf16((B, T, 3 * NH * D))
     dev = emu.Device()
     # attention_backward: the delta kernel, then dK/dV and dQ on grid ((T + 63) / 64, B * NH), 128 threads
-    emu.launch(cuda_kernel("attention_delta_kernel"), grid_for(B * T * NH * 32, 256), 256,
-               [delta, ro(dout), ro(out), B, T, NH, D], device=dev)
-    # delta = rowsum(dout * out) in fp32 over D exact bf16 products
-    exact_delta = (heads(f64(dout), B, T, NH, D) * heads(f64(out), B, T, NH, D)).sum(-1)
-    abs_delta = (np.abs(heads(f64(dout), B, T, NH, D)) * np.abs(heads(f64(out), B, T, NH, D))).sum(-1)
-    assert_f32_close(delta, exact_delta, 0, D * 2.0 ** -24 * abs_delta, "delta")
+    delta = attention_delta(dev, dout, out, B, T, NH, D)
     grid = ((T + 63) // 64, B * NH)
     args = [dqkv, ro(qkv), ro(dout), ro(lse), ro(delta), T, NH, scale, scale_log2]
     emu.launch(cuda_kernel("attention_backward_dkv_mma_kernel", template), grid, 128, args, device=dev)
@@ -274,11 +281,9 @@ def test_attention_forward_simple(B, NH, T, D):
 def test_attention_backward_simple(B, NH, T, D):
     qkv, dout, out, lse, r = attention_backward_inputs(B, T, NH, D, seed=T + D + 1)
     _, scale, scale_log2 = attention_scales(D)
-    delta = nan_f32((B, NH, T))
     dqkv = nan_bf16((B, T, 3 * NH * D))
     dev = emu.Device()
-    emu.launch(cuda_kernel("attention_delta_kernel"), grid_for(B * T * NH * 32, 256), 256,
-               [delta, ro(dout), ro(out), B, T, NH, D], device=dev)
+    delta = attention_delta(dev, dout, out, B, T, NH, D)
     grid = ((T + 3) // 4, B * NH)
     args = [dqkv, ro(dout), ro(qkv), ro(lse), ro(delta), T, NH, D, scale, scale_log2]  # dout before qkv here
     emu.launch(cuda_kernel("attention_backward_dq_simple_kernel"), grid, 128, args, device=dev,
@@ -356,42 +361,18 @@ def test_layernorm_forward(N, C):
     x, w, b = ln_inputs(N, C, np.random.default_rng(C))
     out, mean, rstd = nan_bf16((N, C)), nan_f32(N), nan_f32(N)
     emu.launch(cuda_kernel("layernorm_forward_kernel"), (N + 7) // 8, 256, [out, mean, rstd, ro(x), ro(w), ro(b), N, C])
-    xf = f64(x)
-    m, s = ln_stats(xf)
-    norm = (xf - m[:, None]) * s[:, None]
-    # fp32 sums of C / 32 terms a lane and a 5-step butterfly: a few ulps of the mean, the variance
-    assert_f32_close(mean, m, 1e-6, 1e-7, "mean")
-    assert_f32_close(rstd, s, 1e-5, 0, "rstd")
-    # the normalised value's fp32 error (from mean and rstd), times the weight
-    assert_bf16_close(out, norm * w + b, 1e-5 * (np.abs(norm * w) + np.abs(b)) + 1e-6, "layernorm out")
+    check_layernorm_forward(out, mean, rstd, x, w, b)
 
 
 @covers("layernorm_backward_input_kernel")
 @pytest.mark.parametrize("with_resid", [False, True])
 @pytest.mark.parametrize("N, C", LN_SHAPES)
 def test_layernorm_backward_input(N, C, with_resid):
-    rng = np.random.default_rng(C + 1)
-    x, w, _ = ln_inputs(N, C, rng)
-    dout = bf16(rng.normal(0, 1, (N, C)))
-    resid = bf16(rng.normal(0, 1, (N, C))) if with_resid else None
-    xf, d = f64(x), f64(dout)
-    m64, s64 = ln_stats(xf)
-    mean, rstd = m64.astype(np.float32), s64.astype(np.float32)  # as the forward pass stored them
+    x, w, dout, resid, mean, rstd = ln_backward_inputs(N, C, with_resid, np.random.default_rng(C + 1))
     dinp = nan_bf16((N, C))
     emu.launch(cuda_kernel("layernorm_backward_input_kernel"), (N + 7) // 8, 256,
                [dinp, None if resid is None else ro(resid), ro(dout), ro(x), ro(w), ro(mean), ro(rstd), N, C])
-    m, s = mean.astype(np.float64)[:, None], rstd.astype(np.float64)[:, None]
-    dn = w * d
-    norm = (xf - m) * s
-    a = dn.mean(1, keepdims=True)
-    bn = (dn * norm).mean(1, keepdims=True)
-    ref = (dn - a - norm * bn) * s
-    scale = (np.abs(dn) + np.abs(a) + np.abs(norm * bn)) * s  # the terms whose difference ref is
-    if resid is not None:
-        ref = ref + f64(resid)
-        scale = scale + np.abs(f64(resid))
-    # fp32: each term a few ulps (the row sums' errors carry over), relative to the terms
-    assert_bf16_close(dinp, ref, 2e-6 * scale + 1e-7, "layernorm dinp")
+    check_layernorm_backward_input(dinp, x, w, dout, resid, mean, rstd)
 
 
 # -----------------------------------------------------------------------------

@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 
 from dev import ptx_emu as emu
-from tests.emu_util import (ELEMENTWISE, HEAD, adamw_inputs, assert_bf16_close, assert_f32_close, bf16,
-                            ce_inputs, ce_reference, f64, gelu_grad_ref, gelu_inputs, gelu_ref,
-                            grid_for, inline, ln_inputs, ln_stats, nan_bf16, ro, round_f32)
+from tests.emu_util import (ELEMENTWISE, HEAD, adamw_inputs, assert_bf16_close, assert_f32_close, bf16, ce_inputs,
+                            ce_reference, check_layernorm_backward_input, check_layernorm_forward, f64,
+                            gelu_grad_ref, gelu_inputs, gelu_ref, grid_for, inline, ln_backward_inputs, ln_inputs,
+                            nan_bf16, nan_f32, ro, round_f32)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASM = ROOT / "asm"
@@ -175,45 +176,21 @@ LN_SHAPES = [
 @pytest.mark.parametrize("N, C, grid", LN_SHAPES)
 def test_layernorm_forward(N, C, grid):
     x, w, b = ln_inputs(N, C, np.random.default_rng(C))
-    out = nan_bf16((N, C))
-    mean, rstd = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
+    out, mean, rstd = nan_bf16((N, C)), nan_f32(N), nan_f32(N)
     emu.launch(kernel("layernorm.ptx", "ptx_layernorm_forward"), grid or (N + 7) // 8, 256,
                [out, mean, rstd, ro(x), ro(w), ro(b), N, C])
-    xf = f64(x)
-    m, s = ln_stats(xf)
-    norm = (xf - m[:, None]) * s[:, None]
-    assert_f32_close(mean, m, 1e-6, 1e-7, "mean")
-    assert_f32_close(rstd, s, 1e-5, 0, "rstd")
-    ref = norm * w + b
-    # atol: fp32 error of the normalised value, times the weight
-    assert_bf16_close(out, ref, 1e-5 * (np.abs(norm * w) + np.abs(b)) + 1e-6, "layernorm out")
+    check_layernorm_forward(out, mean, rstd, x, w, b)
 
 
 @covers("ptx_layernorm_backward_input")
 @pytest.mark.parametrize("with_resid", [False, True])
 @pytest.mark.parametrize("N, C, grid", LN_SHAPES)
 def test_layernorm_backward_input(N, C, grid, with_resid):
-    rng = np.random.default_rng(C + 1)
-    x, w, _ = ln_inputs(N, C, rng)
-    dout = bf16(rng.normal(0, 1, (N, C)))
-    resid = bf16(rng.normal(0, 1, (N, C))) if with_resid else None
-    xf, d = f64(x), f64(dout)
-    m64, s64 = ln_stats(xf)
-    mean, rstd = m64.astype(np.float32), s64.astype(np.float32)  # as the forward pass stored them
+    x, w, dout, resid, mean, rstd = ln_backward_inputs(N, C, with_resid, np.random.default_rng(C + 1))
     dinp = nan_bf16((N, C))
     emu.launch(kernel("layernorm.ptx", "ptx_layernorm_backward_input"), grid or (N + 7) // 8, 256,
                [dinp, None if resid is None else ro(resid), ro(dout), ro(x), ro(w), ro(mean), ro(rstd), N, C])
-    m, s = mean.astype(np.float64)[:, None], rstd.astype(np.float64)[:, None]
-    dn = w * d
-    norm = (xf - m) * s
-    a = dn.mean(1, keepdims=True)
-    bn = (dn * norm).mean(1, keepdims=True)
-    ref = (dn - a - norm * bn) * s
-    scale = (np.abs(dn) + np.abs(a) + np.abs(norm * bn)) * s  # the terms whose difference ref is
-    if resid is not None:
-        ref = ref + f64(resid)
-        scale = scale + np.abs(f64(resid))
-    assert_bf16_close(dinp, ref, 2e-6 * scale + 1e-7, "layernorm dinp")
+    check_layernorm_backward_input(dinp, x, w, dout, resid, mean, rstd)
 
 
 # -----------------------------------------------------------------------------
