@@ -16,8 +16,8 @@ NVCC := $(shell command -v nvcc 2>/dev/null)
 ifneq ($(NVCC),)
 
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
-# every site directory of $(PYTHON) (the wheels may be installed --user)
-PY_SITES := $(shell $(PYTHON) -c "import site, sysconfig; p = sysconfig.get_paths(); \
+# every site directory of $(PY) (the wheels may be installed --user)
+PY_SITES := $(shell $(PY) -c "import site, sysconfig; p = sysconfig.get_paths(); \
 	print(' '.join(dict.fromkeys([p['purelib'], p['platlib']] + site.getsitepackages() + [site.getusersitepackages()])))" 2>/dev/null)
 in_sites = $(foreach d,$(PY_SITES),$(d)/$(1))
 
@@ -26,7 +26,8 @@ first_with = $(firstword $(foreach d,$(2),$(if $(wildcard $(d)/$(1)),$(d))))
 # -lNAME when libNAME.so is there, else the versioned file itself (wheels ship only .so.N)
 lib_flag = $(if $(wildcard $(1)/lib$(2).so),-l$(2),-l:$(notdir $(firstword $(wildcard $(1)/lib$(2).so.*))))
 
-CUDA_LIBDIRS := $(CUDA_HOME)/lib64 $(CUDA_HOME)/targets/x86_64-linux/lib $(CUDA_HOME)/lib
+CUDA_LIBDIRS := $(CUDA_HOME)/lib64 $(CUDA_HOME)/targets/x86_64-linux/lib $(CUDA_HOME)/targets/sbsa-linux/lib \
+	$(CUDA_HOME)/lib
 CUDART_DIR := $(call first_with,libcudart.so*,$(CUDA_LIBDIRS))
 CUBLAS_INC := $(call first_with,cublasLt.h,$(CUDA_HOME)/include $(call in_sites,nvidia/cu13/include) \
 	$(call in_sites,nvidia/cublas/include))
@@ -34,7 +35,7 @@ CUBLAS_DIR := $(call first_with,libcublasLt.so*,$(CUDA_LIBDIRS) $(call in_sites,
 	$(call in_sites,nvidia/cublas/lib))
 NCCL_INC := $(call first_with,nccl.h,$(CUDA_HOME)/include /usr/include /usr/local/include \
 	$(call in_sites,nvidia/nccl/include) $(call in_sites,nvidia/cu13/include))
-NCCL_DIR := $(call first_with,libnccl.so*,$(CUDA_LIBDIRS) /usr/lib/x86_64-linux-gnu /usr/local/lib /usr/lib64 \
+NCCL_DIR := $(call first_with,libnccl.so*,$(CUDA_LIBDIRS) /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/local/lib /usr/lib64 \
 	$(call in_sites,nvidia/nccl/lib) $(call in_sites,nvidia/cu13/lib))
 
 # sm_90 machine code plus PTX that newer GPUs (and sm_80+) can JIT
@@ -77,18 +78,18 @@ train_gpt_cu: build/train_gpt_cu_main.o
 
 build/gpt_cuda.c: gpt.pyx gpt.h .requirements.stamp
 	@mkdir -p build
-	$(PYTHON) -m cython -3 --module-name gpt_cuda gpt.pyx -o $@
+	$(PY) -m cython -3 --module-name gpt_cuda gpt.pyx -o $@
 
 build/gpt_cuda_fp32.c: gpt.pyx gpt.h .requirements.stamp
 	@mkdir -p build
-	$(PYTHON) -m cython -3 --module-name gpt_cuda_fp32 gpt.pyx -o $@
+	$(PY) -m cython -3 --module-name gpt_cuda_fp32 gpt.pyx -o $@
 
-gpt_cuda$(EXT): build/gpt_cuda.c build/train_gpt_cu.o
-	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function -shared -I. -I$(PYINC) -I$(NPINC) \
+gpt_cuda$(EXT): build/gpt_cuda.c build/train_gpt_cu.o | python-headers
+	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function $(SHARED) -I. -I$(PYINC) -I$(NPINC) \
 		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION $^ -o $@ $(CUDA_LDLIBS)
 
-gpt_cuda_fp32$(EXT): build/gpt_cuda_fp32.c build/train_gpt_cu_fp32.o
-	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function -shared -I. -I$(PYINC) -I$(NPINC) \
+gpt_cuda_fp32$(EXT): build/gpt_cuda_fp32.c build/train_gpt_cu_fp32.o | python-headers
+	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function $(SHARED) -I. -I$(PYINC) -I$(NPINC) \
 		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION $^ -o $@ $(CUDA_LDLIBS)
 
 clean: clean-cuda

@@ -62,12 +62,12 @@ PTX_DISASM = $(firstword $(wildcard $(PTX_CUDA_BIN)/nvdisasm $(PTX_CUDA_BIN)/cuo
 ptx-sass: $(PTX_CUBINS) ptx-registers
 	@tool="$(PTX_DISASM)"; \
 	if [ -z "$$tool" ]; then \
-		tool=$$($(PYTHON) -c "import nvidia, os; p = os.path.join(nvidia.__path__[0], 'cu13', 'bin', 'nvdisasm'); print(p if os.path.exists(p) else '')" 2>/dev/null); \
+		tool=$$($(PY) -c "import nvidia, os; p = os.path.join(nvidia.__path__[0], 'cu13', 'bin', 'nvdisasm'); print(p if os.path.exists(p) else '')" 2>/dev/null); \
 	fi; \
 	if [ -z "$$tool" ]; then \
 		echo "ptx.mk: no nvdisasm/cuobjdump here: pip install $(PTX_PIP_NVDISASM)"; \
-		$(PYTHON) -m pip install -q --disable-pip-version-check "$(PTX_PIP_NVDISASM)" || true; \
-		tool=$$($(PYTHON) -c "import nvidia, os; p = os.path.join(nvidia.__path__[0], 'cu13', 'bin', 'nvdisasm'); print(p if os.path.exists(p) else '')" 2>/dev/null); \
+		$(PY) -m pip install -q --disable-pip-version-check "$(PTX_PIP_NVDISASM)" || true; \
+		tool=$$($(PY) -c "import nvidia, os; p = os.path.join(nvidia.__path__[0], 'cu13', 'bin', 'nvdisasm'); print(p if os.path.exists(p) else '')" 2>/dev/null); \
 	fi; \
 	if [ -z "$$tool" ]; then \
 		echo "ptx.mk: ptx-sass SKIPPED: neither nvdisasm nor cuobjdump is available (toolkit, PATH or pip $(PTX_PIP_NVDISASM))"; \

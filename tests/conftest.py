@@ -1,6 +1,7 @@
 """Shared fixtures: the prepared Shakespeare data, made once per test session."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,3 +23,15 @@ def run_train(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """python train.py with flags, from the repo root."""
     return subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def copy_checkout(dst: str) -> None:
+    """The files a fresh clone of this checkout would have, with the changes
+    not yet committed (git's tracked and untracked, not its ignored: no
+    build outputs, no data), copied to dst."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if os.path.isfile(os.path.join(ROOT, f)):  # a deleted file git still tracks is skipped
+            os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
