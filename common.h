@@ -321,7 +321,7 @@ DataLoader *dataloader_open(const char *pattern, int B, int T) {
     DataLoader *d = (DataLoader *)calloc(1, sizeof(DataLoader));
     d->B = B; d->T = T;
     if (glob(pattern, 0, NULL, &d->shards) != 0 || d->shards.gl_pathc == 0) {
-        fail("no token shards match '%s' (prepare the data first: python -m dev.data.prepare)", pattern);
+        fail("no token shards match '%s' (prepare the data first: python3 -m dev.data.prepare)", pattern);
         globfree(&d->shards);
         free(d);
         return NULL;
@@ -604,6 +604,10 @@ typedef struct {
     size_t nbytes, done;    // header + payload bytes
 } Transfer;
 
+#ifndef MSG_NOSIGNAL  // a libc without it (older macOS): the Python process that owns these sockets ignores SIGPIPE
+#define MSG_NOSIGNAL 0
+#endif
+
 // Moves what the socket takes now; returns bytes moved, or (size_t)-1 when
 // the peer is gone.
 static size_t transfer_step(Transfer *x) {
@@ -868,7 +872,7 @@ static int trainer_check(Stage *s);
 
 static void usage(void) {
     fprintf(stderr,
-        "usage: " TRAINER_NAME " [flags]   (single-process training; python train.py does more)\n"
+        "usage: " TRAINER_NAME " [flags]   (single-process training; python3 train.py does more)\n"
         "  -i PATTERN  train shards (data/shakespeare/shakespeare_train_*.bin)\n"
         "  -j PATTERN  val shards   (data/shakespeare/shakespeare_val_*.bin)\n"
         "  -e MODEL    preset (tiny, d6, d8, d12, ...) or an llm.c model file (tiny)\n"

@@ -7,7 +7,7 @@ and the sends/receives that carry activations down the pipeline and gradients ba
 up. The C executor runs these op lists verbatim, so this file is about making them
 right (validate), fast (simulate) and visible (render):
 
-    python pipeline.py show --schedule zb-h1 --stages 4 --micro 8
+    python3 pipeline.py show --schedule zb-h1 --stages 4 --micro 8
 """
 
 import argparse
@@ -23,6 +23,10 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
+
+if __name__ == "__main__":  # before the requirements, which make may have put in .venv
+    from dev.project_venv import reexec_in_project_venv
+    reexec_in_project_venv()
 
 import numpy as np
 

@@ -2,10 +2,10 @@
 Train a GPT-2 on the CPU (or GPU), the llm.c way: python says what runs when,
 C does the math.
 
-    python train.py                      # tiny model on Shakespeare, a few minutes on 2 cores
-    python train.py --stages 2 --schedule zb-h1 --micro-batches 8 --trace trace.json
-    python train.py --model d12 --steps 1000 --checkpoint-dir runs/d12
-    python train.py --help
+    python3 train.py                      # tiny model on Shakespeare, a few minutes on 2 cores
+    python3 train.py --stages 2 --schedule zb-h1 --micro-batches 8 --trace trace.json
+    python3 train.py --model d12 --steps 1000 --checkpoint-dir runs/d12
+    python3 train.py --help
 
 The model is cut into --stages pipeline stages, one process (rank) each. Per
 optimizer step every rank runs its op list from pipeline.py (forwards,
@@ -21,6 +21,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # before the requirements, which make may have put in .venv
+    from dev.project_venv import reexec_in_project_venv
+    reexec_in_project_venv()
 
 import numpy as np
 

@@ -14,6 +14,7 @@
 // Sections, in the order data flows: layers, model, executor, optimizer,
 // data, checkpoint I/O, sampling, main.
 #define _POSIX_C_SOURCE 200809L
+#define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
 #define TRAINER_NAME "./train_gpt"
 #include "common.h"
 #include "asm/sgemm.h"

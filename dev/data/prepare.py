@@ -15,7 +15,7 @@ Files written (little-endian, every header is 256 int32 = 1024 bytes):
   per token one uint8 length and that many raw bytes.
 - token shards: [0]=20240520 [1]=1 [2]=ntok, then ntok uint16 tokens.
 
-Usage: python -m dev.data.prepare [--source shakespeare|tinyshakespeare] [--data-dir data]
+Usage: python3 -m dev.data.prepare [--source shakespeare|tinyshakespeare] [--data-dir data]
 """
 
 import argparse
@@ -29,6 +29,10 @@ import sys
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # before the requirements, which make may have put in .venv
+    from dev.project_venv import reexec_in_project_venv
+    reexec_in_project_venv()
 
 import numpy as np
 import numpy.typing as npt
