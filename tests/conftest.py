@@ -35,3 +35,10 @@ def copy_checkout(dst: str) -> None:
         if os.path.isfile(os.path.join(ROOT, f)):  # a deleted file git still tracks is skipped
             os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+
+
+def run_make(*args: str, cwd: str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """make with args in cwd, free of the make that may be running the tests
+    (its MAKEFLAGS would pass on its variables and jobserver)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -27,11 +27,11 @@ import pytest
 
 import gpt
 from dev.data.prepare import write_shard
-from tests.conftest import ROOT, copy_checkout
+from tests.conftest import ROOT, copy_checkout, run_make
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
 SYSROOT = "/usr/aarch64-linux-gnu"  # where Debian's libc6-arm64-cross puts the arm64 libc and libgomp
-# awkward on purpose: C and the head size (9) no multiple of a NEON or AVX vector, T of 8
+# awkward on purpose: C and the head size (9) no multiple of a NEON or AVX vector
 CFG = dict(max_seq_len=32, vocab_size=256, padded_vocab_size=264, num_layers=2, num_heads=4, channels=36)
 RUN = ["-b", "3", "-t", "24", "-n", "8", "-l", "3e-3", "-u", "2", "-v", "4", "-g", "0"]
 # printed losses (6 decimals, about 5) and norms (4 decimals, about 1): after
@@ -57,7 +57,7 @@ def cross_tools():
         pytest.skip(f"the host is {platform.machine()}, not x86-64: there `make test` builds the portable path natively")
     missing = cross_tools_missing()
     if missing and os.environ.get("CI") == "true":
-        r = subprocess.run(["make", "cross-tools"], cwd=ROOT, capture_output=True, text=True, timeout=480)
+        r = run_make("cross-tools", timeout=480)
         if r.returncode != 0:
             reason = (r.stdout + r.stderr).strip().splitlines()[-1:]
             if shutil.which("apt-get") and os.geteuid() == 0:  # it could have worked: a real failure
@@ -73,8 +73,7 @@ def cross_tools():
 def arm_trainer(cross_tools, tmp_path_factory) -> str:
     src = str(tmp_path_factory.mktemp("arm64"))
     copy_checkout(src)
-    r = subprocess.run(["make", f"CC={CROSS_CC}", f"PYTHON={sys.executable}", "train_gpt"], cwd=src,
-                       capture_output=True, text=True, timeout=300)
+    r = run_make(f"CC={CROSS_CC}", f"PYTHON={sys.executable}", "train_gpt", cwd=src, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not re.search(r"\.S\b", r.stdout), f"the arm64 build assembled x86 code:\n{r.stdout}"
     exe = os.path.join(src, "train_gpt")

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import copy_checkout
+from tests.conftest import copy_checkout, run_make
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # what pip itself checks (PEP 668): the marker in the stdlib directory, outside a venv
@@ -43,8 +43,8 @@ def test_make_and_train_on_an_externally_managed_python(tmp_path):
     can_venv, headers = system_python()
     src = str(tmp_path / "clone")
     copy_checkout(src)
-    make = ["make", f"PYTHON={SYSTEM_PYTHON}", "CUDA=0"]
-    r = subprocess.run(make, cwd=src, capture_output=True, text=True, timeout=600)
+    make = [f"PYTHON={SYSTEM_PYTHON}", "CUDA=0", "-j2"]
+    r = run_make(*make, cwd=src, timeout=600)
     if not (can_venv and headers):
         assert r.returncode != 0
         errors = [l for l in r.stdout.splitlines() if l.startswith("Makefile: ") and ("failed" in l or "Python.h" in l)]
@@ -53,7 +53,7 @@ def test_make_and_train_on_an_externally_managed_python(tmp_path):
         return
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"^\.venv/bin/python -m pip install", r.stdout, re.M), r.stdout
-    again = subprocess.run(make, cwd=src, capture_output=True, text=True, timeout=120)
+    again = run_make(*make, cwd=src, timeout=120)
     assert again.returncode == 0 and "pip install" not in again.stdout, again.stdout  # .venv is reused
 
     run = subprocess.run([SYSTEM_PYTHON, "train.py", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
