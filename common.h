@@ -471,11 +471,15 @@ static int check_finite(const float *p, size_t n, int nonnegative, const char *p
     return 0;
 }
 
+static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t *elem);
+
 int gpt_read_config(const char *path, GPTConfig *cfg) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
     int32_t h[HEADER_INTS];
-    int rc = read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, cfg) ? -1 : 0;
+    size_t elem;  // the size too, so a truncated file fails before anything is built
+    int rc = read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, cfg) ||
+             model_file_check(fd, path, cfg, &elem) ? -1 : 0;
     close(fd);
     return rc;
 }

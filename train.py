@@ -208,7 +208,8 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
         try:
             files = prepare(args.data_dir, args.data, progress=True)
         except RuntimeError as e:
-            raise UsageError(f"--data {args.data}: {e}") from None
+            hint = " use --data shakespeare, which needs no network" if str(e).endswith("offline?") else ""
+            raise UsageError(f"--data {args.data}: {e}{hint}") from None
         train_pattern, val_pattern, tokenizer = files.train, files.val, files.tokenizer
     else:
         train_pattern, val_pattern = args.data, args.val_data
