@@ -196,8 +196,9 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
         pipeline.partition(config, args.stages, args.seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if (args.resume or args.overwrite or args.keep_checkpoints) and not args.checkpoint_dir:
-        raise UsageError("--resume, --overwrite and --keep-checkpoints need --checkpoint-dir")
+    for flag in ("resume", "overwrite", "keep_checkpoints"):
+        if getattr(args, flag) and not args.checkpoint_dir:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --checkpoint-dir")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the checkpoints that --overwrite deletes: pick one")
     if args.trace:

@@ -311,7 +311,7 @@ def test_non_finite_loss_stops_the_run_unpublished(tmp_path):
     (["--warmup", "3000000000"], ["--warmup"]),
     (["--micro-batches", "100000000", "--batch-size", "100000000"], ["--micro-batches 100000000"]),
     (["--top-k", str(1 << 40)], ["--top-k"]),
-    (["--keep-checkpoints", "2"], ["--keep-checkpoints need --checkpoint-dir"]),
+    (["--keep-checkpoints", "2"], ["--keep-checkpoints needs --checkpoint-dir"]),
 ])
 def test_resource_flags_are_bounded(data_dir, flags, words):
     assert_fails(run_train(*data_flags(data_dir), *flags), *words)
