@@ -1219,7 +1219,10 @@ int main(int argc, char **argv) {
         default: usage(); return 1;
         }
     }
-    if ((resume || overwrite || keep) && !ckpt_dir) { fprintf(stderr, "error: -r, -w and -K need -o\n"); return 1; }
+    if ((resume || overwrite || keep || ckpt_every) && !ckpt_dir) {
+        fprintf(stderr, "error: -r, -w, -k and -K need a checkpoint directory (-o)\n");
+        return 1;
+    }
     if (resume && overwrite) { fprintf(stderr, "error: -r continues what -w would delete: pick one\n"); return 1; }
     gpt_set_threads(threads);
     GPTConfig cfg;

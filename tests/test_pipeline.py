@@ -193,6 +193,14 @@ def test_mismatched_op_lists_are_reported_not_mixed_up():
 # rendezvous
 
 
+def assert_connected(rank0: pipeline.Rank, rank1: pipeline.Rank) -> None:
+    """The two ranks' control link carries an allreduce."""
+    sums = [None, None]
+    run_threads([lambda: sums.__setitem__(0, rank0.allreduce(np.array([1.0]))),
+                 lambda: sums.__setitem__(1, rank1.allreduce(np.array([2.0])))])
+    assert sums[0][0] == sums[1][0] == 3.0
+
+
 def test_rendezvous_rejects_wrong_token_and_malformed_messages(capsys):
     port = free_port()
     env0 = pipeline.Env(0, 2, "127.0.0.1", port, "secret" * 4)
@@ -226,10 +234,7 @@ def test_rendezvous_rejects_wrong_token_and_malformed_messages(capsys):
     rank0 = result["rank0"]
     try:
         assert rank0.next is not None and rank0.tied is not None and rank1.prev is not None
-        sums = [None, None]
-        run_threads([lambda: sums.__setitem__(0, rank0.allreduce(np.array([1.0]))),
-                     lambda: sums.__setitem__(1, rank1.allreduce(np.array([2.0])))])
-        assert sums[0][0] == sums[1][0] == 3.0
+        assert_connected(rank0, rank1)
     finally:
         rank0.close()
         rank1.close()
@@ -266,9 +271,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_long_run(data_dir: str, ckpt: str) -> tuple[subprocess.Popen, list[str]]:
+def start_long_run(data_dir: str, ckpt: str, stages: int = 3) -> tuple[subprocess.Popen, list[str]]:
+    """A run of endless steps, returned at step 3 (so checkpoints 1 and 2 are published)."""
     p = subprocess.Popen([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--steps", "100000",
-                          "--stages", "3", "--checkpoint-dir", ckpt, "--checkpoint-every", "1"],
+                          "--stages", str(stages), "--checkpoint-dir", ckpt, "--checkpoint-every", "1"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True).start()
