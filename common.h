@@ -52,7 +52,8 @@ static int fail(const char *fmt, ...) {
 // says which allocation did not fit (n * size is checked for overflow)
 static void *calloc_or_fail(size_t n, size_t size, const char *what) {
     void *p = n && size > SIZE_MAX / n ? NULL : calloc(n ? n : 1, size);
-    if (!p) fail("out of memory allocating %s (%zu x %zu bytes = %.1f MiB)", what, n, size, (double)n * size / (1 << 20));
+    if (!p)
+        fail("out of memory allocating %s (%zu x %zu bytes = %.1f MiB)", what, n, size, (double)n * size / (1 << 20));
     return p;
 }
 
@@ -497,7 +498,8 @@ static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t
     *elem = h[1] == 3 ? 4 : 2;
     int64_t expect = (int64_t)sizeof h + (int64_t)(*elem * model_size(&fc)), size = file_size(fd);
     if (size != expect)
-        return fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size, (long long)expect);
+        return fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size,
+                    (long long)expect);
     return 0;
 }
 
@@ -774,7 +776,8 @@ static int mkdir_parents(const char *dir) {
         char c = *p;
         if (c != '/' && c != 0) continue;
         *p = 0;
-        if (mkdir(path, 0755) && errno != EEXIST) return fail("%s: not writable: cannot create %s (%s)", dir, path, strerror(errno));
+        if (mkdir(path, 0755) && errno != EEXIST)
+            return fail("%s: not writable: cannot create %s (%s)", dir, path, strerror(errno));
         *p = c;
         if (!c) return 0;
     }
@@ -1086,7 +1089,10 @@ static int tokenizer_read(Tokenizer *tk, const char *path, int vocab_size) {
         unsigned char len;
         if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d of %d", path, i, tk->n); goto done; }
         if (!(tk->tokens[i] = (char *)calloc_or_fail(len + 1, 1, "a token"))) goto done;
-        if (fread(tk->tokens[i], 1, len, f) != len) { fail("%s: truncated at token %d of %d", path, i, tk->n); goto done; }
+        if (fread(tk->tokens[i], 1, len, f) != len) {
+            fail("%s: truncated at token %d of %d", path, i, tk->n);
+            goto done;
+        }
     }
     rc = 0;
 done:
@@ -1241,8 +1247,8 @@ int main(int argc, char **argv) {
     // no tokenizer file prints token ids; one that is there must fit the model
     int have_tk = sample_tokens > 0 && access(tok_path, F_OK) == 0;
     if (have_tk && tokenizer_read(&tk, tok_path, cfg.vocab_size)) return die();
-    int ckpt_lock = ckpt_dir ? checkpoint_dir_claim(ckpt_dir, resume ? CKPT_RESUME : overwrite ? CKPT_OVERWRITE : CKPT_FRESH,
-                                                    "resume it (-r) or start over (-w)") : -1;
+    int mode = resume ? CKPT_RESUME : overwrite ? CKPT_OVERWRITE : CKPT_FRESH;
+    int ckpt_lock = ckpt_dir ? checkpoint_dir_claim(ckpt_dir, mode, "resume it (-r) or start over (-w)") : -1;
     if (ckpt_dir && ckpt_lock < 0) return die();
     int start = 0;
     if (resume) {
@@ -1254,7 +1260,8 @@ int main(int argc, char **argv) {
         printf("resumed from %s step %d\n", ckpt_dir, start);
     }
     size_t BT = (size_t)B * T;
-    int *x = (int *)calloc_or_fail(M * BT, sizeof(int), "the inputs"), *y = (int *)calloc_or_fail(M * BT, sizeof(int), "the targets");
+    int *x = (int *)calloc_or_fail(M * BT, sizeof(int), "the inputs");
+    int *y = (int *)calloc_or_fail(M * BT, sizeof(int), "the targets");
     int *ops = (int *)calloc_or_fail(2 * 3 * M, sizeof(int), "the op list");
     if (!x || !y || !ops) return die();
     for (int mb = 0; mb < M; mb++) {  // one stage: F, B, W per micro-batch

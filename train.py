@@ -129,7 +129,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, (lo, hi, lo_ok) in floats.items():
         x = getattr(args, flag)
         if not (math.isfinite(x) and (lo <= x if lo_ok else lo < x) and x <= hi):
-            raise UsageError(f"--{flag.replace('_', '-')} {x}: must be a number in {'[' if lo_ok else '('}{lo:g}, {hi:g}]")
+            opening = "[" if lo_ok else "("
+            raise UsageError(f"--{flag.replace('_', '-')} {x}: must be a number in {opening}{lo:g}, {hi:g}]")
 
 
 # what a run on each kind of device starts from, flag by flag
@@ -238,10 +239,11 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
 def check_trace_path(args: argparse.Namespace) -> None:
     if args.stages < 2:
         raise UsageError("--trace: the timeline is of a pipeline; it needs --stages 2 or more")
+    probe = f"{args.trace}.{os.getpid()}.tmp"  # the launcher and every rank check it, at once
     try:
-        with open(f"{args.trace}.tmp", "w"):
+        with open(probe, "w"):
             pass
-        os.remove(f"{args.trace}.tmp")
+        os.remove(probe)
     except OSError as e:
         raise UsageError(f"--trace {args.trace}: cannot write ({e.strerror})") from None
 
@@ -496,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(args, gpt, claim=True)  # bad flags and data fail here, once, before any rank starts
             if plan.lock is not None:
                 os.close(plan.lock)  # rank 0 claims the directory for the run
+            del plan  # and the ranks read the data
             return pipeline.launch(argv, args.stages, os.path.abspath(__file__))
         if env is not None:
             args.stages = env.world
