@@ -95,12 +95,12 @@ def inputs(tmp_path_factory) -> list[str]:
     d = tmp_path_factory.mktemp("inputs")
     model = gpt.Model(CFG, 0, CFG["num_layers"], 1, CFG["max_seq_len"])
     model.init(11)
-    model.write_checkpoint(str(d), 0, 0, 0)
-    gpt.commit_checkpoint(str(d), 0)  # renames the files into place
+    model.write_checkpoint(str(d), 1, 0, 0)  # steps count from 1
+    gpt.commit_checkpoint(str(d), 1)  # renames the files into place
     with open(os.path.join(ROOT, "README.md"), "rb") as f:
         write_shard(str(d / "bytes_000.bin"), np.frombuffer(f.read(), np.uint8))
     shard = str(d / "bytes_*.bin")
-    return ["-e", str(d / "model_00000000.bin"), "-i", shard, "-j", shard]
+    return ["-e", str(d / "model_00000001.bin"), "-i", shard, "-j", shard]
 
 
 def train(cmd: list[str], inputs: list[str], threads: int, **env: str) -> str:
