@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write every rank's measured timeline as a Chrome trace (Perfetto, chrome://tracing)")
+    p.add_argument("--link-gbps", type=float, default=None, metavar="G",
+                   help="pace every socket link to G Gb/s, so one machine behaves like ranks on slower links")
+    p.add_argument("--link-latency-us", type=float, default=None, metavar="U",
+                   help="and add U microseconds per message (the pacing model is in common.h)")
     p.add_argument("--peer-timeout", type=float, default=120.0,
                    help="seconds without progress from a peer before a rank gives up")
     p.add_argument("--bind", default="127.0.0.1",
@@ -148,6 +152,7 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     for flag in ("steps", "warmup", "eval_every", "sample_tokens", "checkpoint_every", "threads"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must not be negative")
+    check_link_pace(args, gpt)
     try:
         pipeline.partition(config, args.stages, args.seq_len)
     except ValueError as e:
@@ -162,6 +167,15 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     tokenizer = os.path.join(args.data_dir, "gpt2_tokenizer.bin")
     return Plan(config, args.batch_size // args.micro_batches, args.data, args.val_data,
                 tokenizer if os.path.exists(tokenizer) else None)
+
+
+def check_link_pace(args: argparse.Namespace, gpt) -> None:
+    for flag, value, most in (("--link-gbps", args.link_gbps, 1e6), ("--link-latency-us", args.link_latency_us, 1e6)):
+        if value is not None and not 0 < value <= most:  # also refuses nan and inf
+            raise UsageError(f"{flag} {value}: expected a number above 0 and at most {most:g}")
+    if (args.link_gbps or args.link_latency_us) and use_nccl(args, gpt, args.stages):
+        raise UsageError("--link-gbps/--link-latency-us pace the socket transport, and these GPU ranks talk "
+                         "over NCCL: add --transport socket to pace them")
 
 
 def check_writable(directory: str) -> None:
@@ -265,6 +279,7 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
     plan = make_plan(args, gpt)
     cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
     gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
+    gpt.set_link_pace(args.link_gbps or 0.0, args.link_latency_us or 0.0)
     stage = build_stage(args, gpt, ctx, cfg, B)
     model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
     loader = gpt.Loader(plan.train_pattern, B, T)
