@@ -79,16 +79,27 @@ def layer_params(cfg: dict) -> int:
     return 12 * C * C + 13 * C  # qkv 3C^2+3C, proj C^2+C, fc 4C^2+4C, fcproj 4C^2+C, two layernorms 4C
 
 
-def stage_params(cfg: dict, lo: int, hi: int) -> int:
-    """Parameters a stage owns: its layers, the embeddings on the first, the
-    final layernorm and the LM head on the last (a copy of wte when tied)."""
+def end_params(cfg: dict, lo: int, hi: int) -> tuple[int, int]:
+    """Parameters of the embeddings a stage owns (the first) and of its head
+    (the last: the final layernorm and the LM head, a copy of wte when tied)."""
     C, Vp, L = cfg["channels"], cfg["padded_vocab_size"], cfg["num_layers"]
-    n = (hi - lo) * layer_params(cfg)
-    if lo == 0:
-        n += Vp * C + cfg["max_seq_len"] * C
-    if hi == L:
-        n += 2 * C + (Vp * C if (lo > 0 or not cfg["tied"]) else 0)
-    return n
+    embed = Vp * C + cfg["max_seq_len"] * C if lo == 0 else 0
+    head = 2 * C + (Vp * C if (lo > 0 or not cfg["tied"]) else 0) if hi == L else 0
+    return embed, head
+
+
+def stage_params(cfg: dict, lo: int, hi: int) -> int:
+    return (hi - lo) * layer_params(cfg) + sum(end_params(cfg, lo, hi))
+
+
+def fsdp_units(cfg: dict, lo: int, hi: int) -> list[int]:
+    """What FSDP gathers at once on a stage: a layer, the embedding with the
+    first one, the head with the last."""
+    units = [layer_params(cfg)] * (hi - lo)
+    embed, head = end_params(cfg, lo, hi)
+    units[0] += embed
+    units[-1] += head
+    return units
 
 
 def model_params(cfg: dict) -> int:
@@ -361,8 +372,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                 t = (hi - lo) * tp_comm(cfg, batch, cluster, tp)
                 fr, br = fr + t, br + t
             if not free and layout.zero == 3 and D > 1:
-                # a unit per layer; the embedding joins the first layer's, the head the last's
-                units = [(stage_params(cfg, l, l + 1) / tp, *costs.stage(cfg, l, l + 1)) for l in range(lo, hi)]
+                units = [(p / tp, *costs.stage(cfg, l, l + 1)) for l, p in zip(range(lo, hi), fsdp_units(cfg, lo, hi))]
                 ef, eb, ew = _fsdp_exposed(units, dp_link, D, bytes_, cluster.overlap)
                 fr, br, wr = fr + ef, br + eb, wr + ew
             f.append(fr), b.append(br), w.append(wr)
@@ -388,7 +398,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
         part = 1 / D if layout.zero == 3 else 1
         gathered = 0.0
         if layout.zero == 3 and D > 1:  # the prefetch window: two layers gathered, one full gradient
-            unit = max(stage_params(cfg, l, l + 1) for l in range(lo, hi)) / tp
+            unit = max(fsdp_units(cfg, lo, hi)) / tp
             gathered = unit * (2 * bytes_.gathered + bytes_.gradient)
         return Memory(owned[r] * bytes_.weights * part, owned[r] * bytes_.gradient * part,
                       owned[r] * bytes_.optimizer * part,
