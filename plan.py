@@ -27,7 +27,7 @@ it can be compared.
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -225,18 +225,19 @@ class Layout:
 
 @dataclass(frozen=True)
 class OpCosts:
-    """Seconds per micro-batch for the (embedding, one layer, LM head) in
-    each of FWD, BWD_INPUT, BWD_WEIGHT, and the optimizer's seconds per
-    parameter. From FLOPs for a cluster (flop_costs), or measured (the bench)."""
+    """Seconds per sequence for the (embedding, one layer, LM head) in each
+    of FWD, BWD_INPUT, BWD_WEIGHT, and the optimizer's seconds per parameter.
+    From FLOPs for a cluster (flop_costs), or measured (the bench)."""
     f: tuple[float, float, float]
     b: tuple[float, float, float]
     w: tuple[float, float, float]
     optimizer: float
 
-    def stage(self, cfg: dict, lo: int, hi: int) -> tuple[float, float, float]:
+    def stage(self, cfg: dict, lo: int, hi: int, micro: int) -> tuple[float, float, float]:
+        """Seconds of a micro-batch of `micro` sequences on layers [lo, hi)."""
         L = cfg["num_layers"]
         def part(c):
-            return c[0] * (lo == 0) + c[1] * (hi - lo) + c[2] * (hi == L)
+            return micro * (c[0] * (lo == 0) + c[1] * (hi - lo) + c[2] * (hi == L))
         return part(self.f), part(self.b), part(self.w)
 
 
@@ -247,9 +248,8 @@ ADAMW_BYTES = 4 * 4 + 3 * 4 + 2
 def flop_costs(cfg: dict, batch: Batch, cluster: Cluster, tp: int = 1) -> OpCosts:
     """Costs from pipeline.stage_costs' FLOPs per token at the achieved rate;
     tensor parallelism splits each layer's and the head's matmuls tp ways."""
-    tokens = batch.micro * batch.seq_len
     rate = cluster.flops * cluster.achieved * tp
-    f = tuple(c * tokens / rate for c in pipeline.stage_costs(cfg, batch.seq_len))
+    f = tuple(c * batch.seq_len / rate for c in pipeline.stage_costs(cfg, batch.seq_len))
     return OpCosts(f, f, f, ADAMW_BYTES / cluster.hbm)
 
 
@@ -296,7 +296,8 @@ class Memory:
 @dataclass
 class StepPlan:
     layout: Layout
-    micro_batches: int
+    micro_batches: int  # per replica per step
+    micro: int          # sequences in each
     compute: float      # the busiest rank's forwards, backwards and optimizer
     comm: float         # what communication adds to the step
     bubble: float       # idle time that remains when communication is free
@@ -367,12 +368,13 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
     def finish(free: bool) -> tuple[float, list[float]]:
         f, b, w = [], [], []
         for lo, hi in bounds:
-            fr, br, wr = costs.stage(cfg, lo, hi)
+            fr, br, wr = costs.stage(cfg, lo, hi, batch.micro)
             if not free and tp > 1:
                 t = (hi - lo) * tp_comm(cfg, batch, cluster, tp)
                 fr, br = fr + t, br + t
             if not free and layout.zero == 3 and D > 1:
-                units = [(p / tp, *costs.stage(cfg, l, l + 1)) for l, p in zip(range(lo, hi), fsdp_units(cfg, lo, hi))]
+                units = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro))
+                         for l, p in zip(range(lo, hi), fsdp_units(cfg, lo, hi))]
                 ef, eb, ew = _fsdp_exposed(units, dp_link, D, bytes_, cluster.overlap)
                 fr, br, wr = fr + ef, br + eb, wr + ew
             f.append(fr), b.append(br), w.append(wr)
@@ -386,7 +388,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                 t = all_reduce(owned[r] * bytes_.gradient, D, dp_link)
                 end += max(0.0, t - w[r]) if cluster.overlap else t
             ends.append(end)
-        busy = [m * sum(costs.stage(cfg, lo, hi)) for lo, hi in bounds]
+        busy = [m * sum(costs.stage(cfg, lo, hi, batch.micro)) for lo, hi in bounds]
         return max(ends) + max(s * costs.optimizer for s in shard), busy
 
     step, _ = finish(free=False)
@@ -406,7 +408,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
     worst = max((memory(r) for r in range(S)), key=lambda mem: mem.total)
     tokens = batch.sequences * batch.seq_len
     model_flops = 3 * tokens * sum(c * n for c, n in zip(pipeline.stage_costs(cfg, batch.seq_len), (1, L, 1)))
-    return StepPlan(layout, m, compute, step - step_free, step_free - compute, worst,
+    return StepPlan(layout, m, batch.micro, compute, step - step_free, step_free - compute, worst,
                     worst.total <= cluster.memory, tokens / step / cluster.gpus, model_flops / step / cluster.gpus)
 
 
@@ -470,10 +472,11 @@ def plan(cfg: dict, cluster: Cluster, batch: Batch, tp: int = 1, stages: int | N
         row = Row(candidates)
         results = []
         for layout in candidates:
-            try:
-                results.append(evaluate(cfg, cluster, batch, layout, costs))
-            except PlanError as e:
-                row.why_not = row.why_not or str(e)
+            for micro in micro_batches(batch, layout):
+                try:
+                    results.append(evaluate(cfg, cluster, replace(batch, micro=micro), layout, costs))
+                except PlanError as e:
+                    row.why_not = row.why_not or str(e)
         if results:
             row.best = min(results, key=lambda p: (not p.fits, p.step if p.fits else p.memory.total))
         elif not candidates:
@@ -489,6 +492,19 @@ def plan(cfg: dict, cluster: Cluster, batch: Batch, tp: int = 1, stages: int | N
     return rows
 
 
+def micro_batches(batch: Batch, layout: Layout) -> list[int]:
+    """The micro-batch sizes to try: --micro when given; else 1 for a
+    pipeline (the more micro-batches, the smaller its bubble), and for DP and
+    FSDP every size that divides a replica's batch (FSDP gathers every layer
+    once per micro-batch, so fewer are faster, if their activations fit)."""
+    if batch.micro:
+        return [batch.micro]
+    if layout.stages > 1 or batch.sequences % layout.dp:
+        return [1]
+    per_replica = batch.sequences // layout.dp
+    return [b for b in range(1, per_replica + 1) if per_replica % b == 0]
+
+
 def describe(layout: Layout) -> str:
     sched = f" {layout.schedule}" if layout.stages > 1 else ""
     return f"{layout.name}: S {layout.stages} x D {layout.dp}{sched}"
@@ -496,7 +512,7 @@ def describe(layout: Layout) -> str:
 
 def table(rows: list[Row]) -> str:
     gib = 2 ** 30
-    head = (f"{'layout':<16}{'S':>5}{'D':>6}{' sched':<7}{'m':>5}{'step s':>9}{'compute':>9}{'comm':>8}"
+    head = (f"{'layout':<16}{'S':>5}{'D':>6}{' sched':<7}{'m x b':>8}{'step s':>9}{'compute':>9}{'comm':>8}"
             f"{'bubble':>8}  {'GiB/GPU: w+g+opt+act(+gath)':<29}{'fits':>5}{'tok/s/GPU':>11}{'TFLOP/s':>9}")
     lines = [head]
     best = min((r.best for r in rows if r.best and r.best.fits), key=lambda p: p.step)
@@ -510,8 +526,8 @@ def table(rows: list[Row]) -> str:
         if mem.gathered:
             parts += f"(+{mem.gathered / gib:.1f})"
         parts = f"{mem.total / gib:6.1f} = {parts}"
-        sched = y.schedule if y.stages > 1 else "-"
-        lines.append(f"{y.name:<16}{y.stages:>5}{y.dp:>6} {sched:<6}{p.micro_batches:>5}{p.step:>9.3f}"
+        sched, split = (y.schedule if y.stages > 1 else "-"), f"{p.micro_batches}x{p.micro}"
+        lines.append(f"{y.name:<16}{y.stages:>5}{y.dp:>6} {sched:<6}{split:>8}{p.step:>9.3f}"
                      f"{p.compute:>9.3f}{p.comm:>8.3f}{p.bubble:>8.3f}  {parts:<29}{'yes' if p.fits else 'no':>5}"
                      f"{p.tokens_per_gpu:>11.0f}{p.flops_per_gpu / 1e12:>9.1f}" + ("  <- best" if p is best else ""))
     return "\n".join(lines)
@@ -533,7 +549,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inter-gbps", type=float, default=None, help="between nodes, per GPU (its NIC)")
     p.add_argument("--inter-latency-us", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=512, help="global batch, sequences per step")
-    p.add_argument("--micro", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--micro", type=int, default=0,
+                   help="sequences per micro-batch (0: 1 for pipelines, the fastest that fits for DP and FSDP)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel ways (modelled, not in this trainer)")
     p.add_argument("--stages", type=int, default=None, help="only this stage count for the PP x rows")
@@ -550,7 +567,7 @@ def cluster_from(args: argparse.Namespace) -> Cluster:
               "--intra-latency-us": args.intra_latency_us, "--inter-latency-us": args.inter_latency_us}
     for flag, v in values.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0) or \
-                (v == 0 and "latency" not in flag):
+                (v == 0 and "latency" not in flag and flag != "--micro"):
             raise PlanError(f"{flag} {v}: expected a finite number above 0")
     if args.achieved > 1:
         raise PlanError(f"--achieved {args.achieved}: a fraction of the peak, at most 1")
@@ -578,7 +595,7 @@ def run(args: argparse.Namespace) -> None:
           f"{cluster.gpus} x {args.gpu} ({cluster.flops / 1e12:g} TFLOP/s x {cluster.achieved:g}, "
           f"{cluster.memory / 2**30:g} GiB), {cluster.gpus_per_node} per node, "
           f"{cluster.intra.bandwidth * 8e-9:g} Gb/s inside, {cluster.inter.bandwidth * 8e-9:g} Gb/s between | "
-          f"batch {batch.sequences} x {T} tokens, micro-batch {batch.micro}"
+          f"batch {batch.sequences} x {T} tokens, micro-batch {batch.micro or 'auto'}"
           + (f" | TP {args.tp} modelled" if args.tp > 1 else ""))
     print(f"state per parameter: {GPU_BYTES.weights} B weights (bf16 copy + fp32 master) + "
           f"{GPU_BYTES.gradient} B gradient + {GPU_BYTES.optimizer} B AdamW m, v; FSDP shards all of it")

@@ -47,7 +47,7 @@ def test_unbalanced_pipeline_step_is_the_simulators_plus_the_optimizer():
     costs = plan.flop_costs(CFG, batch, cluster(S))
     got = plan.evaluate(CFG, cluster(S), batch, plan.Layout(S, 1, 0, "1f1b"), costs)
     bounds = pipeline.partition(CFG, S, 64)
-    f, b, w = zip(*(costs.stage(CFG, lo, hi) for lo, hi in bounds))
+    f, b, w = zip(*(costs.stage(CFG, lo, hi, 1) for lo, hi in bounds))
     timeline = pipeline.simulate(pipeline.schedule("1f1b", S, m), pipeline.Costs(list(f), list(b), list(w)))
     optimizer = max(plan.stage_params(CFG, lo, hi) for lo, hi in bounds) * costs.optimizer
     assert got.step == pytest.approx(timeline.step_time + optimizer, rel=1e-12)
@@ -153,5 +153,5 @@ def test_a_layout_the_batch_does_not_divide_says_so_in_its_row():
     r = plan_cli("--model", "d12", "--gpus", "8", "--batch", "12", "--seq-len", "256")
     assert r.returncode == 0, r.stderr
     rows = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines()[3:]}
-    assert "--batch 12: does not divide into 8 replicas" in rows["DP"]
+    assert "--batch 12: does not divide into 8 replicas" in rows["DP"], r.stdout
     assert "<- best" in r.stdout
