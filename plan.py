@@ -528,7 +528,7 @@ def table(rows: list[Row]) -> str:
         parts = f"{mem.total / gib:6.1f} = {parts}"
         sched, split = (y.schedule if y.stages > 1 else "-"), f"{p.micro_batches}x{p.micro}"
         lines.append(f"{y.name:<16}{y.stages:>5}{y.dp:>6} {sched:<6}{split:>8}{p.step:>9.3f}"
-                     f"{p.compute:>9.3f}{p.comm:>8.3f}{p.bubble:>8.3f}  {parts:<29}{'yes' if p.fits else 'no':>5}"
+                     f"{p.compute:>9.3f}{p.comm:>8.3f}{max(p.bubble, 0.0):>8.3f}  {parts:<29}{'yes' if p.fits else 'no':>5}"
                      f"{p.tokens_per_gpu:>11.0f}{p.flops_per_gpu / 1e12:>9.1f}" + ("  <- best" if p is best else ""))
     return "\n".join(lines)
 
