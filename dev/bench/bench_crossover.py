@@ -18,7 +18,8 @@ check is of the model of the step (bubble, transfers, the tied embedding's
 swap, optimizer) rather than of how busy the cores were during another run.
 AdamW's time per parameter is measured in-process, and the socket's speed
 unpaced (a paced link is never faster than it). Other work sharing the cores
-moves every figure: each is the least of the steps after the first.
+moves every figure: each is the least of the steps after the first, and its
+prediction uses the op costs of that same step.
 """
 
 import argparse
@@ -63,11 +64,11 @@ def optimizer_seconds_per_param(cfg: dict) -> float:
     return min(times) / plan.model_params(dict(cfg, tied=True))
 
 
-def traced_costs(cfg: dict, trace: str, optimizer: float) -> plan.OpCosts:
-    """Per-sequence op costs from a pipeline run's trace (steps after the first): the first
-    stage's layers give a layer's F/B/W, the last stage's rest is the head's (the embedding's
-    few ms count as layers)."""
-    events = [e for e in json.load(open(trace))["traceEvents"] if e["ph"] == "X" and e["args"]["step"] > 1]
+def traced_costs(cfg: dict, trace: str, step: int, optimizer: float) -> plan.OpCosts:
+    """Per-sequence op costs of one step of a pipeline run, from its trace: the first stage's
+    layers give a layer's F/B/W, the last stage's rest is the head's (the embedding's few ms
+    count as layers)."""
+    events = [e for e in json.load(open(trace))["traceEvents"] if e["ph"] == "X" and e["args"]["step"] == step]
     mean = {(e["tid"], e["cat"]): [] for e in events}
     for e in events:
         mean[e["tid"], e["cat"]].append(e["dur"] * 1e-6)
@@ -107,9 +108,10 @@ def has_dp() -> bool:
     return "--dp" in r.stdout and "--zero" in r.stdout
 
 
-def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> float:
-    """Least seconds per step of train.py after the first step (which warms up): other work
-    shares these cores, and the least is the step it disturbed least. The run's timeline goes to trace."""
+def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> tuple[float, int]:
+    """Least seconds per step of train.py after the first step (which warms up), and which step:
+    other work shares these cores, and the least is the step it disturbed least. The run's
+    timeline goes to trace."""
     flags = {"pp": ["--stages", "2", "--schedule", "1f1b", "--micro-batches", str(SEQUENCES)],
              "dp": ["--stages", "1", "--dp", "2", "--zero", "0", "--micro-batches", "1"],
              "fsdp": ["--stages", "1", "--dp", "2", "--zero", "3", "--micro-batches", "1"]}[layout]
@@ -121,8 +123,9 @@ def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if r.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
-    ms = [float(v) for v in re.findall(r"\| (\d+) ms \|", r.stdout)][1:]
-    return min(ms) / 1e3
+    ms = [float(v) for v in re.findall(r"\| (\d+) ms \|", r.stdout)]
+    best = min(range(1, len(ms)), key=ms.__getitem__)
+    return ms[best] / 1e3, best + 1
 
 
 def predict(cfg: dict, layout: str, gbps: float, costs: dict, loopback: float) -> float:
@@ -168,20 +171,24 @@ def main() -> None:
         cfg = dict(gpt.config_from_name(model), tied=True)
         optimizer = optimizer_seconds_per_param(cfg)
         print(f"{model}: AdamW and the grad norm {optimizer * 1e9:.1f} ns/parameter; each prediction takes "
-              f"its op costs from the pipeline run at the same speed (the curves from the unpaced one)")
+              f"its op costs from the pipeline run at the same speed (the curves and the crossover from "
+              f"the run with the least op costs, the one other work disturbed least)")
+        least = float("inf")
         print(f"  {'link':>11} {'layout':>6} {'predicted s':>12} {'measured s':>11} {'ratio':>6}   op costs per sequence")
         for gbps in SPEEDS:
             speed = loop if gbps is None else gbps
             name = "unpaced" if gbps is None else f"{gbps:g} Gb/s"
-            points[model, "pp", speed] = measure(model, "pp", gbps, args.steps, trace)
-            costs = traced_costs(cfg, trace, optimizer)
-            if gbps is None:
+            points[model, "pp", speed], step = measure(model, "pp", gbps, args.steps, trace)
+            costs = traced_costs(cfg, trace, step, optimizer)
+            load = sum(costs.f) + sum(costs.b) + sum(costs.w)
+            if gbps is None or load < least:  # the curves: from the run other work disturbed least
+                least = load
                 for layout in ("pp", "dp", "fsdp"):
                     curves[model, layout] = np.array([predict(cfg, layout, g, costs, loop) for g in grid])
             for layout in ("pp", "dp", "fsdp"):
                 predicted = predict(cfg, layout, speed, costs, loop)
                 if layout in layouts and layout != "pp":
-                    points[model, layout, speed] = measure(model, layout, gbps, args.steps, trace + ".dp")
+                    points[model, layout, speed] = measure(model, layout, gbps, args.steps, trace + ".dp")[0]
                 if layout in layouts:
                     measured = points[model, layout, speed]
                     print(f"  {name:>11} {layout:>6} {predicted:12.2f} {measured:11.2f} {predicted / measured:6.2f}"
