@@ -69,9 +69,9 @@ def test_bad_pace_is_refused(gbps, latency_us):
 def test_train_refuses_bad_pace_and_pacing_nccl():
     import argparse
     import train
-    args = argparse.Namespace(link_gbps=0.0, link_latency_us=None, device="cpu", stages=2, transport="auto")
-    with pytest.raises(train.UsageError, match="--link-gbps 0.0: expected a number above 0"):
-        train.check_link_pace(args, gpt)
+    for flags in (["--link-gbps", "0"], ["--link-gbps", "nan"], ["--link-latency-us", "inf"]):
+        with pytest.raises(train.UsageError, match=f"{flags[0]} .*: must be a number in \\(0, 1e\\+06\\]"):
+            train.check_flags(train.parse_args(["--batch-size", "16", "--seq-len", "128", "--stages", "1", *flags]))
 
     class TwoGPUs:
         @staticmethod
