@@ -65,7 +65,8 @@ def optimizer_seconds_per_param(cfg: dict) -> float:
 
 
 def traced_costs(cfg: dict, trace: str, step: int, optimizer: float) -> plan.OpCosts:
-    """Per-sequence op costs of one step of a pipeline run, from its trace: the first stage's
+    """Per-sequence op costs of one step of a pipeline run (whose micro-batches are one sequence
+    each), from its trace: the first stage's
     layers give a layer's F/B/W, the last stage's rest is the head's (the embedding's few ms
     count as layers)."""
     events = [e for e in json.load(open(trace))["traceEvents"] if e["ph"] == "X" and e["args"]["step"] == step]
