@@ -7,6 +7,9 @@ sizes. Writes dev/bench/crossover.png (with matplotlib: pip install matplotlib).
 
     python dev/bench/bench_crossover.py [--models d12 d24] [--steps 3]
 
+(about 4 minutes for d12 and 10 for d24 on the 2 cores while other work
+shared them, most of it the 0.1 Gb/s runs: the tied embedding's swap.)
+
 Every run is 2 ranks with 1 thread each on the 2 cores, a global batch of 8
 sequences of 64 tokens: the pipeline (2 stages, 1F1B) in 8 micro-batches of
 1; data parallel and FSDP (when train.py has --dp and --zero) 2 replicas of
