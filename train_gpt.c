@@ -477,6 +477,7 @@ static int slot_alloc(Stage *s, Slot *a) {
 
 Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
+    if (asm_sgemm_error()) { fail("%s", asm_sgemm_error()); return NULL; }
     Stage *s = calloc(1, sizeof(Stage));
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
@@ -846,7 +847,7 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
 static void trainer_describe(Stage *s) {
     (void)s;
 #ifdef _OPENMP
-    printf("device: CPU, %d thread(s)\n", omp_get_max_threads());
+    printf("device: CPU, %d thread(s), GEMM kernel: %s\n", omp_get_max_threads(), asm_sgemm_name());
 #endif
 }
 static int trainer_check(Stage *s) { (void)s; return 0; }
