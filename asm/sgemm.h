@@ -20,13 +20,13 @@
 // Both take the arguments of train_gpt.c's gemm_nt / gemm_nn.
 //
 // Blocking (GotoBLAS's five loops; MR x NR is the kernel's tile, KC its
-// measured K block, MC and NC from the L2 size read at run time):
+// measured K block, MC from the L2 size read at run time, NC = 768):
 //
 //   for jc in N step NC          B block: KC x NC, packed in NR-column panels
 //     for pc in K step KC          (K blocks always in increasing order)
-//       pack B[pc, jc]             about half of L2
+//       pack B[pc, jc]             NC = 768
 //       for ic in M step MC        A block: MC x KC, packed in MR-row slivers
-//         pack A[ic, pc]           about a fifth of L2
+//         pack A[ic, pc]           3/8 of L2, MC <= 256
 //         for jr in NC step NR     one B panel, KC x NR, reused by
 //           for ir in MC step MR   every A sliver of the block
 //             microkernel: C[ir, jr] (+)= sliver @ panel
@@ -52,7 +52,7 @@
 // one machine: the two kernels' KC differ, and so may the L2). Accumulating,
 // out becomes ((out + P1) + P2) + ... over the K blocks' partial products P1,
 // P2, ...: one block (out + the whole product) whenever K <= KC, which covers
-// dW at B*T <= 256 tokens per micro-batch.
+// dW at B*T <= 384 tokens per micro-batch on the AVX-512 kernel, 256 on AVX2.
 #ifndef ASM_SGEMM_H
 #define ASM_SGEMM_H
 
@@ -326,15 +326,17 @@ static size_t sg_l2_bytes(void) {
     return l2 >= 64 * 1024 && l2 <= 64L * 1024 * 1024 ? (size_t)l2 : (size_t)1 << 20;
 }
 
-// The blocks for a kernel on this L2: the B block (kc x nc) takes about half
-// of it, the A block (mc x kc) about a fifth; on the 2 MiB Xeon this is near
-// the (384, 256, 768) that its sweep put at the top (asm/README.md)
+// The blocks for a kernel on this L2. KC is the kernel's (asm/README.md).
+// The A block (MC x KC), which every B panel of the block sweeps, gets 3/8
+// of L2, up to MC = 256: 384 KiB at KC = 384, where the sweeps on the Xeon
+// (2 MiB L2) and on Zen 4 (1 MiB) found nothing faster; Zen 2's 512 KiB gets
+// MC = 192 with the AVX2 kernel's KC = 256. NC = 768: the B block is read
+// panel by panel, once per A block, so it need not fit in L2; smaller blocks
+// measured slower (the A block is repacked for each), larger no faster.
 static sg_blocking sg_blocking_for(const sg_kernel *kn, size_t l2) {
-    sg_blocking bl = {kn->kc, 0, 0};
-    size_t kbytes = (size_t)kn->kc * sizeof(float);
-    bl.nc = (int)(l2 / 2 / kbytes) / kn->nr * kn->nr;
-    bl.mc = (int)(l2 / 5 / kbytes) / kn->mr * kn->mr;
-    if (bl.nc < 4 * kn->nr) bl.nc = 4 * kn->nr;
+    sg_blocking bl = {kn->kc, 0, 768 / kn->nr * kn->nr};
+    bl.mc = (int)(l2 * 3 / 8 / ((size_t)kn->kc * sizeof(float))) / kn->mr * kn->mr;
+    if (bl.mc > 256) bl.mc = 256;
     if (bl.mc < 4 * kn->mr) bl.mc = 4 * kn->mr;
     return bl;
 }
