@@ -149,8 +149,8 @@ static inline void sg_pack_a_block(float *dst, sg_mat A, int mc, int kc, const i
             const float *s = A.p + (size_t)k * A.cs;
             for (int ir = 0; ir < mc; ir += MR) {
                 float *d = dst + (size_t)ir * kc + (size_t)k * MR;
-                if (ir + MR <= mc)
-                    for (int r = 0; r < MR; r++) d[r] = s[ir + r];
+                if (ir + MR <= mc)  // one vector move (a loop here stays scalar: d and s might overlap)
+                    memcpy(d, s + ir, MR * sizeof(float));
                 else
                     for (int r = 0; r < MR; r++) d[r] = ir + r < mc ? s[ir + r] : 0.0f;
             }
@@ -201,7 +201,7 @@ static inline void sg_pack_b_block(float *dst, sg_mat B, int kc, int nc, const i
             float *d = dst + (size_t)k * NR;
             for (int jr = 0; jr < nc; jr += NR, d += pstride) {
                 if (jr + NR <= nc)
-                    for (int j = 0; j < NR; j++) d[j] = s[jr + j];
+                    memcpy(d, s + jr, NR * sizeof(float));
                 else
                     for (int j = 0; j < NR; j++) d[j] = jr + j < nc ? s[jr + j] : 0.0f;
             }
