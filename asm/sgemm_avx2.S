@@ -37,11 +37,15 @@
 // (16 bytes per k) is prefetched 16 k-steps ahead. The 4 C rows are
 // prefetched for writing before the loop, so the epilogue finds them in L1.
 //
-// Measured (asm/README.md has the tables and how), on an AMD EPYC Zen 4 (which
-// runs AVX-512 too, so this is a proxy for an AVX2-only machine): the kernel
-// alone in L1/L2, one core, against a bare loop of independent ymm FMAs;
-// whole GEMMs on the GPT-2 shapes against numpy's OpenBLAS and the C twin
-// (train_gpt.c's gemm_nt / gemm_nn).
+// Measured (asm/README.md has the tables and how), on an AMD EPYC Zen 4,
+// which runs AVX-512 too, so this is a proxy for an AVX2-only machine (Zen 4
+// has the two 256-bit FMA pipes of Zen 2 and 3, at a higher clock; its zmm
+// FMAs are two halves, so here the AVX2 kernel loses nothing to the AVX-512
+// one): the kernel alone, one core, packed operands hot, kc = 256, one panel
+// against 64 slivers, 115 GFLOP/s against 112 for a bare loop of 12
+// independent ymm FMAs (the clock varies: at the limit); whole GEMMs on the
+// nine GPT-2 products at M = 256, one core: 95-103, 1.6-10x the C twin
+// (train_gpt.c's gemm_nt / gemm_nn, auto-vectorised for AVX-512 here).
 
 #if defined(__x86_64__) && defined(__ELF__)
 
