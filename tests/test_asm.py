@@ -3,7 +3,8 @@ asm/sgemm_avx2.S), each kernel this CPU runs, forced with GPT_ASM.
 
 Through build/test_sgemm: every product against a float64 triple loop on
 random data, on shapes chosen to miss every tile and block size (8x48 and
-4x24 tiles, KC = 384 and 256, MC and NC from the L2) and on dimensions of 1;
+4x24 tiles, KC = 384 and 256, MC = 256 on L2s of 768 KiB and more, NC = 768)
+and on dimensions of 1;
 the backward's strided A in every layout, with and without accumulation;
 bitwise the same output for 1, 2 and 3 threads. Through the Python module: a
 few training steps on each kernel match the portable C path (GPT_NO_ASM=1)
@@ -94,8 +95,8 @@ def test_kernels_this_cpu_runs():
 
 
 # (M, K, N): whole tiles of both kernels, one past them, one short, dimensions
-# of 1, K across the KC blocks (256, 384), M across MC, N across NC (both
-# a few hundred), and the LM head's N with small M
+# of 1, K across the KC blocks (256, 384), M across MC (256), N across NC
+# (768), and the LM head's N with small M
 SHAPES = [
     (8, 384, 48), (9, 385, 49), (7, 383, 47), (4, 256, 24), (5, 257, 25), (3, 255, 23),
     (1, 1, 1), (1, 768, 1), (5, 1, 7), (256, 1, 96), (1, 64, 50304), (3, 770, 50304),
