@@ -150,8 +150,6 @@ int checkpoint_commit(const char *dir, int64_t step);
 int64_t checkpoint_latest(const char *dir);
 
 // ----------------------------------------------------------------------------
-
-// ----------------------------------------------------------------------------
 // device memory and NCCL (the CUDA build; on the CPU the syncs do nothing and
 // NCCL fails with a message)
 
@@ -167,6 +165,9 @@ int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]);
 int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank);
 
 // ----------------------------------------------------------------------------
+// errors and threads: a call that fails (returns nonzero, or marks its stage
+// broken) leaves a one-line message for gpt_last_error, per thread, kept until
+// the next failure; gpt_set_threads sets the OpenMP threads of this process
 
 const char *gpt_last_error(void);
 void gpt_set_threads(int n);

@@ -26,10 +26,11 @@
 //     ymm4-15   the 4x24 accumulator tile: row r, vector j lives in ymm(4+3r+j)
 // Per k: 3 vector loads + 4 broadcasts (7 load uops, 2 load ports: 3.5
 // cycles) feed 12 FMAs (6 cycles on the 2 FMA pipes): FMA-bound. The usual
-// AVX2 tile, 6x16, needs 8 loads for the same 12 FMAs, and its 6 rows divide
-// no GPT-2 size; 4 rows divide B*T and 24 columns divide every GPT-2
-// dimension (768, 2304, 3072, 50304), so no GPT-2 product has an edge tile,
-// and 4 and 24 keep the packing's 8x8 transposes whole (asm/sgemm.h). 12
+// AVX2 tile, 6x16, needs 8 loads for the same 12 FMAs, and 6 does not divide
+// B*T (a power of two here), the row count of the forward and input-gradient
+// products; 4 divides every row count (B*T, 768, 2304, 3072, 50304) and 24
+// every column count (768, 2304, 3072, 50304), so no GPT-2 product has an
+// edge tile, and 4 and 24 keep the packing's 8x8 transposes whole. 12
 // independent accumulators cover the FMA latency (4-5 cycles) at 2 a cycle.
 //
 // Memory plan. The caller reuses one B panel (kc x 24 x 4 bytes, 24 KiB at
