@@ -17,7 +17,9 @@ loss at intervals, and a sample at the end.
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +39,10 @@ WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")  # the rest are per layer
 
 class UsageError(Exception):
     """Bad flags or input: reported as one line and exit status 2."""
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss): one line and exit status 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -75,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="checkpoint every N steps (0: only at the end, if --checkpoint-dir is set)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a --checkpoint-dir that holds checkpoints, deleting them")
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                   help="keep only the newest K checkpoints (0: all)")
     p.add_argument("--seed", type=int, default=1337, help="init and sampling seed")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: the cores shared out)")
     p.add_argument("--stages", type=int, default=None,
@@ -89,7 +99,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds without progress from a peer before a rank gives up")
     p.add_argument("--bind", default="127.0.0.1",
                    help="address the ranks listen on (0.0.0.0 for a job across machines)")
+    p.add_argument("--advertise", default=os.environ.get("GPT_ADVERTISE_ADDR"), metavar="ADDR",
+                   help="address the other ranks reach this one at (default: GPT_ADVERTISE_ADDR, else --bind, "
+                        "else with --bind 0.0.0.0 this host's address on the route to MASTER_ADDR)")
     return p.parse_args(argv)
+
+
+# what each numeric flag may be: far past any sensible run, small enough that
+# nothing overflows or runs for ever (checkpoint names hold 8 digits of steps)
+MAX_STEPS = 99_999_999
+MAX_SAMPLE_TOKENS = 100_000
+MAX_MICRO_BATCHES = 1024
+MAX_STAGES = 64
+THREADS_PER_CORE = 4
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in range, before anything is read, built or written."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ints = {"steps": (0, MAX_STEPS), "warmup": (0, MAX_STEPS), "eval_every": (0, MAX_STEPS),
+            "checkpoint_every": (0, MAX_STEPS), "keep_checkpoints": (0, MAX_STEPS),
+            "sample_tokens": (0, MAX_SAMPLE_TOKENS), "threads": (0, THREADS_PER_CORE * cores),
+            "micro_batches": (1, MAX_MICRO_BATCHES), "stages": (1, MAX_STAGES), "seed": (0, 2**64 - 1),
+            "top_k": (1, 2**31 - 1), "batch_size": (1, 2**31 - 1), "seq_len": (1, 2**31 - 1)}
+    for flag, (lo, hi) in ints.items():
+        if not lo <= getattr(args, flag) <= hi:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be between {lo} and {hi}")
+    floats = {"lr": (0.0, 10.0, False), "temperature": (0.0, 100.0, True), "peer_timeout": (0.0, 86400.0, False)}
+    for flag, (lo, hi, lo_ok) in floats.items():
+        x = getattr(args, flag)
+        if not (math.isfinite(x) and (lo <= x if lo_ok else lo < x) and x <= hi):
+            opening = "[" if lo_ok else "("
+            raise UsageError(f"--{flag.replace('_', '-')} {x}: must be a number in {opening}{lo:g}, {hi:g}]")
 
 
 # what a run on each kind of device starts from, flag by flag
@@ -131,10 +172,17 @@ class Plan:
     micro_batch: int        # sequences per micro-batch
     train_pattern: str
     val_pattern: str | None
-    tokenizer: str | None
+    tokenizer: list[bytes] | None  # what each token id decodes to, for the sample
+    train_loader: object           # gpt.Loader, every shard checked against the vocabulary
+    val_loader: object | None
+    prompt: list[int]              # the sample's start: EOT, then --prompt
+    lock: int | None               # holds --checkpoint-dir while open (see claim_checkpoint_dir)
 
 
-def make_plan(args: argparse.Namespace, gpt) -> Plan:
+def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
+    """Everything the run will need, checked before step 1; with claim, the
+    checkpoint directory locked for this process (rank 0 and the launcher)."""
+    check_flags(args)
     try:
         config = gpt.read_config(args.init_from) if args.init_from else gpt.config_from_name(args.model)
     except gpt.GPTError as e:
@@ -145,34 +193,70 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     if args.batch_size < 1 or args.micro_batches < 1 or args.batch_size % args.micro_batches:
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
                          f"--micro-batches {args.micro_batches}")
-    for flag in ("steps", "warmup", "eval_every", "sample_tokens", "checkpoint_every", "threads"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must not be negative")
     try:
         pipeline.partition(config, args.stages, args.seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.resume and not args.checkpoint_dir:
-        raise UsageError("--resume needs --checkpoint-dir")
-    if args.checkpoint_dir:
-        check_writable(args.checkpoint_dir)
+    for flag in ("resume", "overwrite", "keep_checkpoints"):
+        if getattr(args, flag) and not args.checkpoint_dir:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --checkpoint-dir")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the checkpoints that --overwrite deletes: pick one")
+    if args.trace:
+        check_trace_path(args)
+    lock = claim_checkpoint_dir(args, gpt) if claim and args.checkpoint_dir else None
+    B, T, V = args.batch_size // args.micro_batches, args.seq_len, config["vocab_size"]
     if args.data in ("shakespeare", "tinyshakespeare"):
-        files = prepare(args.data_dir, args.data, progress=True)
-        return Plan(config, args.batch_size // args.micro_batches, files.train, files.val, files.tokenizer)
-    tokenizer = os.path.join(args.data_dir, "gpt2_tokenizer.bin")
-    return Plan(config, args.batch_size // args.micro_batches, args.data, args.val_data,
-                tokenizer if os.path.exists(tokenizer) else None)
-
-
-def check_writable(directory: str) -> None:
+        try:
+            files = prepare(args.data_dir, args.data, progress=True)
+        except RuntimeError as e:
+            hint = " use --data shakespeare, which needs no network" if str(e).endswith("offline?") else ""
+            raise UsageError(f"--data {args.data}: {e}{hint}") from None
+        train_pattern, val_pattern, tokenizer = files.train, files.val, files.tokenizer
+    else:
+        train_pattern, val_pattern = args.data, args.val_data
+        tokenizer = os.path.join(args.data_dir, "gpt2_tokenizer.bin")
+        tokenizer = tokenizer if os.path.exists(tokenizer) else None
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".probe.{os.getpid()}")
-        with open(probe, "wb"):
+        train_loader = gpt.Loader(train_pattern, B, T, V)
+        val_loader = gpt.Loader(val_pattern, B, T, V) if val_pattern and args.eval_every else None
+    except gpt.GPTError as e:
+        raise UsageError(str(e)) from None
+    token_bytes, prompt = None, [EOT]
+    if args.sample_tokens:
+        if tokenizer:
+            token_bytes = read_tokenizer(tokenizer)
+            if len(token_bytes) < V:
+                raise UsageError(f"{tokenizer}: {len(token_bytes)} tokens, fewer than the model's vocabulary of {V}")
+        # <|endoftext|> in the prompt is the separator the model was trained on
+        prompt += gpt2_encoding().encode(args.prompt, allowed_special={"<|endoftext|>"}) if args.prompt else []
+        if max(prompt) >= V:
+            raise UsageError(f"--prompt: token {max(prompt)} is outside the model's vocabulary of {V} "
+                             f"(the sample starts with end-of-text, {EOT}; use --sample-tokens 0)")
+    return Plan(config, B, train_pattern, val_pattern, token_bytes, train_loader, val_loader, prompt, lock)
+
+
+def check_trace_path(args: argparse.Namespace) -> None:
+    if args.stages < 2:
+        raise UsageError("--trace: the timeline is of a pipeline; it needs --stages 2 or more")
+    probe = f"{args.trace}.{os.getpid()}.tmp"  # the launcher and every rank check it, at once
+    try:
+        with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f"--checkpoint-dir {directory}: not writable ({e.strerror})") from None
+        raise UsageError(f"--trace {args.trace}: cannot write ({e.strerror})") from None
+
+
+def claim_checkpoint_dir(args: argparse.Namespace, gpt) -> int:
+    """Locks --checkpoint-dir for this process's life (the descriptor returned
+    holds the lock), refusing a fresh run into another run's checkpoints."""
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "fresh"
+    try:
+        return gpt.claim_checkpoint_dir(args.checkpoint_dir, mode, "continue it with --resume or start over "
+                                        "with --overwrite (which deletes them)")
+    except gpt.GPTError as e:
+        raise UsageError(f"--checkpoint-dir: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -262,19 +346,19 @@ def gather_params(stage: Stage) -> dict | None:
 
 
 def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
-    plan = make_plan(args, gpt)
+    plan = make_plan(args, gpt, claim=ctx.rank == 0)
     cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
     gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
     stage = build_stage(args, gpt, ctx, cfg, B)
     model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
-    loader = gpt.Loader(plan.train_pattern, B, T)
+    loader = plan.train_loader
     start = 0
     if args.resume:
-        # rank 0 decides which checkpoint; the others follow
-        mine = gpt.checkpoint_latest_step(args.checkpoint_dir) if ctx.rank == 0 else 0
+        # rank 0 decides which checkpoint (the newest whose files are whole); the others follow
+        mine = gpt.latest_usable_checkpoint(args.checkpoint_dir, cfg) if ctx.rank == 0 else 0
         last = int(ctx.allreduce(np.array([mine]))[0])
         if last < 0:
-            raise UsageError(f"--resume: no finished checkpoint in {args.checkpoint_dir}")
+            raise UsageError(f"--resume: no finished checkpoint in {args.checkpoint_dir} that this run can use")
         start, shard, pos = model.read_checkpoint(args.checkpoint_dir, last)
         loader.position = (shard, pos)
         say(f"resumed from {args.checkpoint_dir} at step {start}")
@@ -296,6 +380,9 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
         # and the norm adds them in one canonical order, as one stage would
         total = ctx.allreduce(np.append(model.grad_norm_parts(), loss_sum if ctx.last else 0.0))
         norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / m
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # every rank sees the same sums
+            raise TrainingError(f"step {step + 1}: loss {loss:g}, grad norm {norm:g}: not finite; stopped "
+                                f"before its update and checkpoint")
         lr = gpt.lr_at(step, args.lr, args.warmup, args.steps, MIN_LR_FRAC)
         model.adamw(lr, WEIGHT_DECAY, MAX_GRAD_NORM / norm if norm > MAX_GRAD_NORM else 1.0, step + 1)
         dt = time.perf_counter() - t0
@@ -303,8 +390,9 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
         say(f"step {step + 1}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | norm {norm:.4f} | "
             f"{dt * 1e3:.0f} ms | {args.batch_size * T / dt:.0f} tok/s", flush=True)
         done = step + 1 == args.steps
-        if plan.val_pattern and args.eval_every and ((step + 1) % args.eval_every == 0 or done):
-            val = gpt.Loader(plan.val_pattern, B, T)
+        if plan.val_loader and ((step + 1) % args.eval_every == 0 or done):
+            val = plan.val_loader
+            val.position = (0, 0)
             x, y = next_batch(val, VAL_BATCHES)
             say(f"val loss {stage.run(stage.val_ops, x, y, training=False) / VAL_BATCHES:.6f}", flush=True)
         if args.checkpoint_dir and ((args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or done):
@@ -313,6 +401,8 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
             ctx.barrier()  # every rank's slices are in the files before they are published
             if ctx.rank == 0:
                 gpt.commit_checkpoint(args.checkpoint_dir, step + 1)
+                if args.keep_checkpoints:
+                    gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
     if ctx.world > 1 and timeline:
         report_pipeline(args, stage, timeline, say)
@@ -322,10 +412,9 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
             if ctx.world > 1:
                 whole.set_params(params)
-            prompt = [EOT] + (gpt2_encoding().encode(args.prompt) if args.prompt else [])
-            out = whole.sample(np.array(prompt), args.sample_tokens, args.temperature, args.top_k, args.seed)
+            out = whole.sample(np.array(plan.prompt), args.sample_tokens, args.temperature, args.top_k, args.seed)
             ids = out[1:]
-            text = decode(read_tokenizer(plan.tokenizer), ids) if plan.tokenizer else " ".join(map(str, ids))
+            text = decode(plan.tokenizer, ids) if plan.tokenizer else " ".join(map(str, ids))
             print("sample:\n" + text)
 
 
@@ -385,26 +474,44 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say)
         say(f"trace: {args.trace}")
 
 
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: one line, and a
+    launcher stops its ranks. (Ranks of our launcher die with it instead.)"""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
+    pipeline.follow_launcher()
+    if not pipeline.launched_rank():
+        interrupt_on_signals()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     ctx, errors = None, (UsageError,)
     try:
         gpt = load_trainer(args)
-        errors = (gpt.GPTError, ValueError, OSError)
+        errors = (gpt.GPTError, ValueError, OSError, TrainingError)
         env = pipeline.env_from(os.environ)
         if env is None and args.stages > 1:
-            make_plan(args, gpt)  # bad flags and data fail here, once, before any rank starts
+            plan = make_plan(args, gpt, claim=True)  # bad flags and data fail here, once, before any rank starts
+            if plan.lock is not None:
+                os.close(plan.lock)  # rank 0 claims the directory for the run
+            del plan  # and the ranks read the data
             return pipeline.launch(argv, args.stages, os.path.abspath(__file__))
         if env is not None:
             args.stages = env.world
-            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout)
+            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout, args.advertise)
         else:
             ctx = pipeline.Rank(timeout=args.peer_timeout)
         train(args, gpt, ctx)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2190,6 +2190,11 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
               float *loss_sum) {
     *loss_sum = 0.0f;
     CHECK(check_broken(s));
+    size_t mBT = 0;  // the tokens index wte and the softmax on the device: check them here
+    for (int i = 0; i < nops; i++) mBT += ops[2 * i] == OP_FWD ? (size_t)s->B * s->T : 0;
+    if ((s->y.first && inputs && check_tokens(inputs, mBT, s->y.cfg.vocab_size, "input")) ||
+        (s->y.last && targets && check_tokens(targets, mBT, s->y.cfg.vocab_size, "target")))
+        return -1;
     CUDA_CHECK(cudaSetDevice(s->device));
     if (s->prof.on) {
         CHECK(prof_flush(s));
