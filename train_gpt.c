@@ -327,26 +327,32 @@ static void attention_backward(float *dqkv, const float *dout, const float *qkv,
 // and the softmax the largest costs of a CPU step outside the matmuls):
 // y = n ln 2 + r with |r| <= ln(2) / 2 (ln 2 split in two so n ln 2 is
 // exact), e^r by its Taylor series to r^6 (relative error 1.2e-7), times 2^n
-// built in the exponent bits. n is rounded by adding and subtracting 1.5 *
-// 2^23, which pushes the fraction out of the mantissa (floorf or a
-// conversion of a negative number would not vectorise or round as wanted).
+// built in the exponent bits. n is rounded by adding 1.5 * 2^23, which
+// pushes the fraction out of the mantissa and leaves n in its low bits, read
+// back as an integer (floorf, or converting a float to int, would not
+// vectorise, round as wanted or be defined for a NaN). A NaN y gives NaN.
 static inline float exp_vec(float y) {
-    float n = (y * 1.44269504f + 12582912.0f) - 12582912.0f;
+    float t = y * 1.44269504f + 12582912.0f;  // 1.5 * 2^23 + n, n = round(y / ln 2)
+    float n = t - 12582912.0f;
     float r = fmaf(n, -1.42860677e-6f, fmaf(n, -0.693145752f, y));
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    uint32_t bits = (tb - 0x4B400000u + 127u) << 23;  // 2^n: the exponent n + 127
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
 
 // min(x, c) for x, c >= 0 (or max for both <= 0) on the bits, which order
-// like the magnitudes: a float compare, fminf or floorf stops gcc's vectoriser
+// like the magnitudes (a float compare, fminf or floorf stops gcc's
+// vectoriser); a NaN stays NaN, so that it reaches the loss
 static inline float clamp_magnitude(float x, float c) {
     uint32_t xb, cb;
     memcpy(&xb, &x, sizeof xb);
     memcpy(&cb, &c, sizeof cb);
-    xb = xb < cb ? xb : cb;
+    uint32_t keep = (xb < cb) | ((xb & 0x7FFFFFFFu) > 0x7F800000u);  // smaller, or NaN
+    xb = keep * xb + (1u - keep) * cb;
     memcpy(&x, &xb, sizeof x);
     return x;
 }
