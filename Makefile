@@ -37,7 +37,7 @@ ASM_OBJS =
 ifneq ($(filter x86_64-%,$(TARGET)),)
 ARCH_FLAGS = -march=native -mprefer-vector-width=512
 ifeq ($(findstring darwin,$(TARGET)),)
-ASM_OBJS = build/sgemm_avx512.o
+ASM_OBJS = build/sgemm_avx512.o build/sgemm_avx2.o
 endif
 endif
 

@@ -232,6 +232,18 @@ static void matmul_backward_weight(float *dW, float *dbias, const float *dout,
     }
 }
 
+// a . b in 8 interleaved lanes summed in a fixed order: gcc vectorises it,
+// where one running sum is a chain of dependent adds it must keep in order
+static inline float dot(const float *a, const float *b, int n) {
+    float lane[8] = {0}, s = 0.0f;
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int l = 0; l < 8; l++) s += lane[l];
+    return s;
+}
+
 // Causal self-attention. qkv (B,T,3C) holds q, k, v side by side; head h owns
 // channels [h*hs, (h+1)*hs). att (B,NH,T,T) keeps the softmax for backward;
 // out (B,T,C) is the heads' outputs merged back.
@@ -248,9 +260,7 @@ static void attention_forward(float *out, float *att, const float *qkv,
                 float maxv = -INFINITY;
                 for (int t2 = 0; t2 <= t; t2++) {
                     const float *k = qkv + (size_t)(b * T + t2) * C3 + C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
-                    a[t2] = s * scale;
+                    a[t2] = dot(q, k, hs) * scale;
                     if (a[t2] > maxv) maxv = a[t2];
                 }
                 float sum = 0.0f;
@@ -291,18 +301,17 @@ static void attention_backward(float *dqkv, const float *dout, const float *qkv,
                 const float *q = qkv + (size_t)(b * T + t) * C3 + h * hs;
                 float *dq = dqkv + (size_t)(b * T + t) * C3 + h * hs;
                 // through out = att @ v
-                float dot = 0.0f;
+                float datt_dot_att = 0.0f;
                 for (int t2 = 0; t2 <= t; t2++) {
                     const float *v = qkv + (size_t)(b * T + t2) * C3 + 2 * C + h * hs;
                     float *dv = dqkv + (size_t)(b * T + t2) * C3 + 2 * C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
-                    datt[t2] = s;
-                    dot += a[t2] * s;
+                    for (int i = 0; i < hs; i++) dv[i] += a[t2] * d[i];
+                    datt[t2] = dot(d, v, hs);
+                    datt_dot_att += a[t2] * datt[t2];
                 }
                 // through the softmax, then the scaled q.k
                 for (int t2 = 0; t2 <= t; t2++) {
-                    float dpre = a[t2] * (datt[t2] - dot) * scale;
+                    float dpre = a[t2] * (datt[t2] - datt_dot_att) * scale;
                     const float *k = qkv + (size_t)(b * T + t2) * C3 + C + h * hs;
                     float *dk = dqkv + (size_t)(b * T + t2) * C3 + C + h * hs;
                     for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
@@ -314,29 +323,48 @@ static void attention_backward(float *dqkv, const float *dout, const float *qkv,
 
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
 
-// tanh(u) = sign(u) (1 - 2 / (e^2|u| + 1)), written so that the compiler
-// vectorises the GELU loops: libm's tanhf is one scalar call per element,
-// which made the GELU the largest cost of a CPU step outside the matmuls.
-// e^y for 0 <= y <= 18: y = n ln 2 + r with |r| <= ln(2) / 2 (ln 2 split in
-// two so n ln 2 is exact), e^r by its Taylor series to r^6 (relative error
-// 1.2e-7), times 2^n built in the exponent bits. The result is within 1.6e-7
-// of tanh(u), and within 1e-7 relative for |u| >= 1 (measured on a 40M-point
-// grid over [-20, 20]); the GELU's 1 + tanh never needs more.
-static inline float tanh_gelu(float u) {
-    // min(|u|, 9) on the bits (a float compare, fminf or floorf stops gcc's vectoriser); tanh(9) is 1 in fp32
-    float a = fabsf(u), y;
-    uint32_t ab;
-    memcpy(&ab, &a, sizeof ab);
-    ab = ab < 0x41100000u ? ab : 0x41100000u;
-    memcpy(&y, &ab, sizeof y);
-    y *= 2.0f;
-    float n = (float)(int32_t)(y * 1.44269504f + 0.5f);  // y >= 0: truncation rounds to nearest
+// e^y for -87 <= y <= 88 (the callers clamp), in a form gcc vectorises
+// (libm's expf and tanhf are one scalar call per element, which made GELU
+// and the softmax the largest costs of a CPU step outside the matmuls):
+// y = n ln 2 + r with |r| <= ln(2) / 2 (ln 2 split in two so n ln 2 is
+// exact), e^r by its Taylor series to r^6 (relative error 1.2e-7), times 2^n
+// built in the exponent bits. n is rounded by adding 1.5 * 2^23, which
+// pushes the fraction out of the mantissa and leaves n in its low bits, read
+// back as an integer (floorf, or converting a float to int, would not
+// vectorise, round as wanted or be defined for a NaN). A NaN y gives NaN.
+static inline float exp_vec(float y) {
+    float t = y * 1.44269504f + 12582912.0f;  // 1.5 * 2^23 + n, n = round(y / ln 2)
+    float n = t - 12582912.0f;
     float r = fmaf(n, -1.42860677e-6f, fmaf(n, -0.693145752f, y));
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    uint32_t bits = (tb - 0x4B400000u + 127u) << 23;  // 2^n: the exponent n + 127
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return copysignf(1.0f - 2.0f / (p * scale + 1.0f), u);
+    return p * scale;
+}
+
+// min(x, c) for x, c >= 0 (or max for both <= 0) on the bits, which order
+// like the magnitudes (a float compare, fminf or floorf stops gcc's
+// vectoriser); a NaN stays NaN, so that it reaches the loss
+static inline float clamp_magnitude(float x, float c) {
+    uint32_t xb, cb;
+    memcpy(&xb, &x, sizeof xb);
+    memcpy(&cb, &c, sizeof cb);
+    uint32_t keep = (xb < cb) | ((xb & 0x7FFFFFFFu) > 0x7F800000u);  // smaller, or NaN
+    xb = keep * xb + (1u - keep) * cb;
+    memcpy(&x, &xb, sizeof x);
+    return x;
+}
+
+// tanh(u) = sign(u) (1 - 2 / (e^2|u| + 1)), with |u| clamped to 9 (tanh(9)
+// is 1 in fp32). Within 1.6e-7 of tanh(u), and within 1e-7 relative for
+// |u| >= 1 (measured on a 40M-point grid over [-20, 20]); the GELU's 1 + tanh
+// never needs more.
+static inline float tanh_gelu(float u) {
+    float e = exp_vec(2.0f * clamp_magnitude(fabsf(u), 9.0f));
+    return copysignf(1.0f - 2.0f / (e + 1.0f), u);
 }
 
 static void gelu_forward(float *out, const float *inp, size_t n) {
@@ -372,12 +400,26 @@ static float crossentropy_forward(float *probs, float *losses, const int *target
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         float *p = probs + (size_t)n * Vp;
-        float maxv = -INFINITY;
-        for (int i = 0; i < V; i++) if (p[i] > maxv) maxv = p[i];
-        float sum = 0.0f;
-        for (int i = 0; i < V; i++) { p[i] = expf(p[i] - maxv); sum += p[i]; }
-        for (int i = 0; i < V; i++) p[i] /= sum;
-        for (int i = V; i < Vp; i++) p[i] = 0.0f;
+        // the max and the sum in 16 interleaved lanes, so both vectorise;
+        // e^(x - max) clamped to e^-87 (below it, fp32 is denormal: p is 0
+        // to within 1e-38 either way)
+        float lane[16], maxv = -INFINITY, sum = 0.0f;
+        for (int l = 0; l < 16; l++) lane[l] = -INFINITY;
+        int i = 0;
+        for (; i + 16 <= V; i += 16)
+            for (int l = 0; l < 16; l++) lane[l] = p[i + l] > lane[l] ? p[i + l] : lane[l];
+        for (; i < V; i++) maxv = p[i] > maxv ? p[i] : maxv;
+        for (int l = 0; l < 16; l++) maxv = lane[l] > maxv ? lane[l] : maxv;
+        for (int l = 0; l < 16; l++) lane[l] = 0.0f;
+        for (i = 0; i + 16 <= V; i += 16)
+            for (int l = 0; l < 16; l++) {
+                p[i + l] = exp_vec(clamp_magnitude(p[i + l] - maxv, -87.0f));
+                lane[l] += p[i + l];
+            }
+        for (; i < V; i++) { p[i] = exp_vec(clamp_magnitude(p[i] - maxv, -87.0f)); sum += p[i]; }
+        for (int l = 0; l < 16; l++) sum += lane[l];
+        for (i = 0; i < V; i++) p[i] /= sum;
+        for (i = V; i < Vp; i++) p[i] = 0.0f;
         losses[n] = -logf(p[targets[n]]);
     }
     float mean = 0.0f;
@@ -476,6 +518,7 @@ static int slot_alloc(Stage *s, Slot *a) {
 
 Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
+    if (asm_sgemm_error()) { fail("%s", asm_sgemm_error()); return NULL; }
     Stage *s = calloc_or_fail(1, sizeof(Stage), "the stage");
     if (!s) return NULL;
     s->y = layout_make(cfg, lo, hi);
@@ -848,7 +891,7 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
 static void trainer_describe(Stage *s) {
     (void)s;
 #ifdef _OPENMP
-    printf("device: CPU, %d thread(s)\n", omp_get_max_threads());
+    printf("device: CPU, %d thread(s), GEMM kernel: %s\n", omp_get_max_threads(), asm_sgemm_name());
 #endif
 }
 static int trainer_check(Stage *s) { (void)s; return 0; }

@@ -1,7 +1,12 @@
-// dev/test_sgemm.c: drives asm/sgemm.h for the tests and the benchmark.
+// dev/test_sgemm.c: drives asm/sgemm.h for the tests and the benchmark, on
+// the kernel asm/sgemm.h chooses (GPT_ASM=avx512|avx2 forces one).
 //
+//   build/test_sgemm kernels
+//       one line per kernel: its name and 1 if this CPU runs it, else 0
 //   build/test_sgemm avail
-//       prints "avx512 1" or "avx512 0" (asm_sgemm_available())
+//       "kernel NAME MRxNR" or "kernel none (portable C)": what the GEMMs run
+//       on here (asm_sgemm_name()), exit status 2 with the reason when
+//       GPT_ASM asks for a kernel that cannot be had
 //   build/test_sgemm nt M K N BIAS SEED
 //   build/test_sgemm nn M K N LAYOUT ACCUMULATE SEED
 //       one product on random data against a float64 triple loop; prints
@@ -12,10 +17,12 @@
 //         row  sm=K, sk=1      (dinp = dout @ W)
 //         col  sm=1, sk=M      (dW += dout^T @ inp)
 //         rowpad sm=K+5, sk=1  colpad sm=1, sk=M+3   gen sm=2, sk=2*M+1
-//   build/test_sgemm bench [M K N VARIANT]...
+//   build/test_sgemm bench [--blocks KC,MC,NC] [M K N VARIANT]...
 //       GFLOP/s of asm_gemm_nt / asm_gemm_nn, best of several runs; VARIANT is
 //       fwd (nt, with bias), bwdin (nn, row), bwdw (nn, col, accumulate).
-//       With no arguments, the GPT-2 shapes at M = B*T = 256 and 2048^3.
+//       With no shapes, the GPT-2 shapes at M = B*T = 256 and 2048^3. The
+//       first line, "# kernel ...", names the kernel and its blocks;
+//       --blocks replaces the blocks read from the cache sizes (for sweeps).
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdint.h>
@@ -127,15 +134,24 @@ static double bench_one(int M, int K, int N, const char *variant) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: test_sgemm avail | nt M K N BIAS SEED | nn M K N LAYOUT ACC SEED | bench [M K N VARIANT]...\n");
+        fprintf(stderr, "usage: test_sgemm kernels | avail | nt M K N BIAS SEED | nn M K N LAYOUT ACC SEED | bench [--blocks KC,MC,NC] [M K N VARIANT]...\n");
+        return 2;
+    }
+    if (!strcmp(argv[1], "kernels")) {
+        for (int i = 0; i < SG_NKERNELS; i++) printf("%s %d\n", sg_kernels[i].name, sg_cpu_runs(i));
+        return 0;
+    }
+    if (asm_sgemm_error()) {
+        fprintf(stderr, "test_sgemm: %s\n", asm_sgemm_error());
         return 2;
     }
     if (!strcmp(argv[1], "avail")) {
-        printf("avx512 %d\n", asm_sgemm_available());
+        printf("kernel %s\n", asm_sgemm_name());
         return 0;
     }
     if (!asm_sgemm_available()) {
-        fprintf(stderr, "test_sgemm: no AVX-512 here (or GPT_NO_ASM is set)\n");
+        fprintf(stderr, "test_sgemm: no assembly kernel runs here (%s)\n",
+                getenv("GPT_NO_ASM") ? "GPT_NO_ASM is set" : "the CPU has neither AVX-512 nor AVX2 with FMA");
         return 3;
     }
     if (!strcmp(argv[1], "nt") && argc == 7) {
@@ -155,8 +171,20 @@ int main(int argc, char **argv) {
         };
         const char **args = (const char **)argv + 2;
         int n = argc - 2;
+        if (n >= 2 && !strcmp(args[0], "--blocks")) {
+            sg_blocking *bl = &sg_choice.bl;
+            if (sscanf(args[1], "%d,%d,%d", &bl->kc, &bl->mc, &bl->nc) != 3 || bl->kc < 1 ||
+                bl->mc < 1 || bl->mc % sg_choice.kernel->mr || bl->nc < 1 || bl->nc % sg_choice.kernel->nr) {
+                fprintf(stderr, "test_sgemm: --blocks %s: expected KC,MC,NC with MC a multiple of %d, NC of %d\n",
+                        args[1], sg_choice.kernel->mr, sg_choice.kernel->nr);
+                return 2;
+            }
+            args += 2, n -= 2;
+        }
         if (n == 0) args = dflt, n = (int)(sizeof dflt / sizeof *dflt);
         if (n % 4) { fprintf(stderr, "bench takes M K N VARIANT groups\n"); return 2; }
+        printf("# kernel %s, KC %d MC %d NC %d\n", asm_sgemm_name(), sg_choice.bl.kc, sg_choice.bl.mc,
+               sg_choice.bl.nc);
         for (int i = 0; i < n; i += 4) {
             int M = atoi(args[i]), K = atoi(args[i + 1]), N = atoi(args[i + 2]);
             printf("%s %d %d %d %.1f\n", args[i + 3], M, K, N, bench_one(M, K, N, args[i + 3]));
