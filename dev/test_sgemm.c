@@ -138,7 +138,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (!strcmp(argv[1], "kernels")) {
+#ifdef SG_NKERNELS  // x86-64: the kernels this build has, and whether this CPU runs each
         for (int i = 0; i < SG_NKERNELS; i++) printf("%s %d\n", sg_kernels[i].name, sg_cpu_runs(i));
+#endif
         return 0;
     }
     if (asm_sgemm_error()) {
