@@ -30,17 +30,24 @@ import numpy as np
 # ops: the instruction set shared with the C executor (the codes are fixed)
 
 FWD, BWD_INPUT, BWD_WEIGHT, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = range(7)
-NAMES = ("FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD")
-LABELS = ("F", "B", "W", ">a", "<a", ">g", "<g")
+# data-parallel collectives over the replicas of one stage; their second field
+# is a bucket (the stage's layer l, or l = its layer count for its whole
+# tensors), not a micro-batch
+ALLREDUCE, REDUCE_SCATTER, ALLGATHER = range(7, 10)
+NAMES = ("FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD",
+         "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER")
+LABELS = ("F", "B", "W", ">a", "<a", ">g", "<g", "AR", "RS", "AG")
 COMPUTE = (FWD, BWD_INPUT, BWD_WEIGHT)
+MESSAGES = (SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD)
+COLLECTIVES = (ALLREDUCE, REDUCE_SCATTER, ALLGATHER)
 
 
 class Op(NamedTuple):
     kind: int
-    mb: int
+    mb: int  # the micro-batch; for a collective, the bucket
 
     def __str__(self) -> str:
-        return f"{NAMES[self.kind]} mb {self.mb}"
+        return f"{NAMES[self.kind]} {'bucket' if self.kind in COLLECTIVES else 'mb'} {self.mb}"
 
 
 def label(op: Op) -> str:
@@ -247,12 +254,13 @@ def pair_messages(ranks: list[list[Op]]) -> dict[tuple[int, int], tuple[int, int
 
 
 def _segments(ops: list[Op]) -> list[range]:
-    """Split a rank's list into compute ops (one each) and groups (maximal runs of comm ops)."""
+    """Split a rank's list into compute ops and collectives (one each) and
+    groups (maximal runs of sends and receives)."""
     segments, i = [], 0
     while i < len(ops):
         j = i + 1
-        if ops[i].kind not in COMPUTE:
-            while j < len(ops) and ops[j].kind not in COMPUTE:
+        if ops[i].kind in MESSAGES:
+            while j < len(ops) and ops[j].kind in MESSAGES:
                 j += 1
         segments.append(range(i, j))
         i = j
@@ -277,6 +285,8 @@ def _peak_held(ops: list[Op]) -> int:
     first, last = {}, {}
     for k, segment in enumerate(segments):
         for i in segment:
+            if ops[i].kind in COLLECTIVES:
+                continue
             first.setdefault(ops[i].mb, k)
             last[ops[i].mb] = k
     return max((sum(first[mb] <= k <= last[mb] for mb in first) for k in range(len(segments))),
@@ -286,7 +296,7 @@ def _peak_held(ops: list[Op]) -> int:
 def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> ValidationResult:
     """Check a schedule completely; raise ScheduleError naming the first problem."""
     S = len(ranks)
-    allowed = tuple(range(len(NAMES))) if training else (FWD, SEND_ACT, RECV_ACT)
+    allowed = COMPUTE + MESSAGES if training else (FWD, SEND_ACT, RECV_ACT)
     for r, ops in enumerate(ranks):
         for i, op in enumerate(ops):
             if not 0 <= op.kind < len(NAMES):
@@ -331,6 +341,90 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots))
 
 # -----------------------------------------------------------------------------
+# the grid: D data-parallel replicas of an S-stage pipeline
+#
+# Rank r is stage r % S of replica r // S (r = replica * S + stage). A
+# replica's stages are adjacent ranks, so the pipeline's links, which carry
+# traffic at every micro-batch, join neighbouring ranks: on nodes of k GPUs
+# with k a multiple of S, a pipeline stays inside a node and only the
+# data-parallel ring (once per step) crosses between nodes. A 1-replica grid
+# numbers its ranks exactly as a plain pipeline does.
+
+
+def grid_rank(stage: int, replica: int, stages: int) -> int:
+    return replica * stages + stage
+
+
+def data_parallel_ops(buckets: int, zero: int) -> tuple[list[Op], list[Op]]:
+    """A stage's collectives: those that follow its backward (gradients) and
+    those that follow the optimizer step (parameters). Bucket b < buckets - 1
+    is the stage's layer b, the last bucket its whole tensors, which holds wte:
+    its gradient is complete only once the tied swap is done, so it goes last."""
+    if zero == 0:
+        return [Op(ALLREDUCE, b) for b in range(buckets)], []
+    return [Op(REDUCE_SCATTER, b) for b in range(buckets)], [Op(ALLGATHER, b) for b in range(buckets)]
+
+
+def grid_schedule(name: str, stages: int, replicas: int, micro: int, buckets: list[int],
+                  zero: int) -> tuple[list[list[Op]], list[list[Op]]]:
+    """The op lists of every rank of the grid (index: grid_rank) for a
+    training step, and for after the optimizer step."""
+    pipe = schedule(name, stages, micro)
+    dp = [data_parallel_ops(buckets[s], zero) if replicas > 1 else ([], []) for s in range(stages)]
+    train = [pipe[s] + dp[s][0] for d in range(replicas) for s in range(stages)]
+    after = [list(dp[s][1]) for d in range(replicas) for s in range(stages)]
+    return train, after
+
+
+def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool = True,
+                  buckets: list[int] | None = None) -> ValidationResult:
+    """validate() for every replica's pipeline, and the collectives like the
+    sends: every rank of a stage's ring lists the same collectives in the same
+    order (a ring step needs all of them), buckets exist, and the whole grid
+    runs without deadlock. Peaks are per grid rank."""
+    S = stages
+    if S < 1 or len(ranks) % S:
+        raise ScheduleError(f"{len(ranks)} op lists do not make replicas of {S} stages")
+    D = len(ranks) // S
+    allowed = COLLECTIVES if training else (ALLGATHER,)
+    pairs, peaks = {}, [0] * len(ranks)
+    for d in range(D):
+        mine = [ranks[grid_rank(s, d, S)] for s in range(S)]
+        peak = validate([[op for op in ops if op.kind not in COLLECTIVES] for ops in mine], micro,
+                        training).peak_held
+        for (r, i), (q, j) in pair_messages(mine).items():
+            pairs[grid_rank(r, d, S), i] = (grid_rank(q, d, S), j)
+        for s in range(S):
+            peaks[grid_rank(s, d, S)] = peak[s]
+    for s in range(S):
+        group = [grid_rank(s, d, S) for d in range(D)]
+        found = [[(i, op) for i, op in enumerate(ranks[r]) if op.kind in COLLECTIVES] for r in group]
+        for r, ops in zip(group, found):
+            for i, op in ops:
+                if D == 1:
+                    raise _error(ranks, f"rank {r}: {op} but the stage has no other replica", [(r, i)])
+                if op.kind not in allowed:
+                    raise _error(ranks, f"rank {r}: {op} where only {', '.join(NAMES[k] for k in allowed)} "
+                                        f"may run", [(r, i)])
+                if buckets is not None and not 0 <= op.mb < buckets[s]:
+                    raise _error(ranks, f"rank {r}: {op}, but stage {s} has {buckets[s]} buckets", [(r, i)])
+        for k in range(max(map(len, found), default=0)):
+            mine = [ops[k] if k < len(ops) else None for ops in found]
+            if any(m is None or m[1] != mine[0][1] for m in mine):
+                r = next(q for q, m in zip(group, mine) if m is None or m[1] != mine[0][1])
+                theirs = "nothing" if mine[group.index(r)] is None else str(mine[group.index(r)][1])
+                raise _error(ranks, f"rank {r}: collective {k} of stage {s} is {theirs}, but rank {group[0]}'s is "
+                                    f"{mine[0][1] if mine[0] else 'nothing'}; a stage's replicas must run the same "
+                                    f"collectives in the same order",
+                             [(q, m[0]) for q, m in zip(group, mine) if m])
+            for q, (i, _) in zip(group, mine):
+                pairs[q, i] = [(p, j) for p, (j, _) in zip(group, mine) if p != q]
+    slots, stuck = _run(ranks, pairs, Costs())
+    if stuck:
+        raise _deadlock(ranks, pairs, stuck)
+    return ValidationResult(peaks, _timeline(slots))
+
+# -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
 
 
@@ -340,6 +434,7 @@ class Costs:
     b: float | list[float] = 1.0  # BWD_INPUT
     w: float | list[float] = 1.0  # BWD_WEIGHT
     comm: float = 0.0  # one transfer between neighbours
+    collective: float = 0.0  # one data-parallel collective of a bucket
 
     def compute(self, op: Op, r: int) -> float:
         cost = (self.f, self.b, self.w)[op.kind]
@@ -392,13 +487,15 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
                 if first.kind in COMPUTE:
                     slots[r][seg[0]] = Slot(first, clock[r], clock[r] + costs.compute(first, r))
                 else:
+                    # a send or receive has one partner; a collective has the
+                    # rest of its group, and completes when all have posted it
                     t = posted.setdefault((r, at[r]), clock[r])
-                    partners = (pairs[r, i] for i in seg)
-                    peers = [posted.get((q, segment_of[q][j])) for q, j in partners]
-                    if None in peers:
+                    peers = [[posted.get((q, segment_of[q][j])) for q, j in _partners(pairs, r, i)] for i in seg]
+                    if any(None in p for p in peers):
                         break
                     for i, tp in zip(seg, peers):
-                        slots[r][i] = Slot(ranks[r][i], t, max(t, tp) + costs.comm)
+                        cost = costs.collective if ranks[r][i].kind in COLLECTIVES else costs.comm
+                        slots[r][i] = Slot(ranks[r][i], t, max([t, *tp]) + cost)
                 clock[r] = max(slots[r][i].end for i in seg)
                 at[r] += 1
                 moved = True
@@ -406,15 +503,20 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     return slots, stuck
 
 
+def _partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
+    partner = pairs[r, i]
+    return partner if isinstance(partner, list) else [partner]
+
+
 def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> ScheduleError:
     waits, marks = [], []
     for r, seg in stuck.items():
         for i in seg:
-            q, j = pairs[r, i]
-            if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
-                waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
-                             f"to reach slot {j} ({ranks[q][j]})")
-                marks.append((r, i))
+            for q, j in _partners(pairs, r, i):
+                if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
+                    waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
+                                 f"to reach slot {j} ({ranks[q][j]})")
+                    marks.append((r, i))
     return _error(ranks, "deadlock: no rank can move. " + "; ".join(waits) + ". A rank's sends and "
                          "receives of the same moment must be adjacent so they post as one group.",
                   marks)
@@ -573,10 +675,11 @@ def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
 #
 # Rank 0 listens on MASTER_ADDR:MASTER_PORT. Every other rank says HELLO there
 # (job token, rank, world size, and the address of its own link listener);
-# rank 0 answers each with the TABLE of all listeners. Then rank r connects to
-# rank r+1 (activations forward, gradients back) and the last rank to rank 0
-# (the tied embedding's gradient). Each link opens with a LINK message
-# carrying the token. The control sockets to rank 0 stay open for the small
+# rank 0 answers each with the TABLE of all listeners. Then, within each
+# replica, stage s connects to stage s+1 (activations forward, gradients back)
+# and the last stage to the first (the tied embedding's gradient); with D > 1
+# replicas, each rank connects to the same stage of the next replica (the
+# data-parallel ring). Each link opens with a LINK message carrying the token. The control sockets to rank 0 stay open for the small
 # collectives of each step (grad-norm parts, the loss, barriers).
 
 
@@ -613,21 +716,27 @@ class Rank:
     """This rank's sockets and the collectives of a step. A 1-stage run is a
     Rank with world 1 and no sockets at all."""
 
-    def __init__(self, rank: int = 0, world: int = 1, timeout: float = 120.0):
+    def __init__(self, rank: int = 0, world: int = 1, timeout: float = 120.0, stages: int | None = None):
         self.rank, self.world, self.timeout = rank, world, timeout
+        self.stages = stages or world
+        self.stage, self.replica, self.replicas = rank % self.stages, rank // self.stages, world // self.stages
         self.control: list[socket.socket | None] = []  # rank 0: one per rank; others: [to rank 0]
         self.prev = self.next = self.tied = None
+        self.replica_prev = self.replica_next = None  # the data-parallel ring
 
     @property
     def first(self) -> bool:
-        return self.rank == 0
+        return self.stage == 0
 
     @property
     def last(self) -> bool:
-        return self.rank == self.world - 1
+        return self.stage == self.stages - 1
 
     def fds(self) -> tuple[int, int, int]:
         return tuple(s.fileno() if s else -1 for s in (self.prev, self.next, self.tied))
+
+    def replica_fds(self) -> tuple[int, int]:
+        return tuple(s.fileno() if s else -1 for s in (self.replica_prev, self.replica_next))
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
@@ -670,7 +779,7 @@ class Rank:
         return [blob] + [recv_msg(self.control[r], BLOB, 1 << 40) for r in range(1, self.world)]
 
     def close(self) -> None:
-        for s in [*self.control, self.prev, self.next, self.tied]:
+        for s in [*self.control, self.prev, self.next, self.tied, self.replica_prev, self.replica_next]:
             if s:
                 s.close()
 
@@ -720,9 +829,10 @@ def _accept(listener: socket.socket, deadline: float, check, what: str):
         return sock, result
 
 
-def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0) -> Rank:
-    """Rendezvous through rank 0, then the neighbour and tied links."""
-    me = Rank(env.rank, env.world, timeout)
+def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, stages: int | None = None) -> Rank:
+    """Rendezvous through rank 0, then the neighbour, tied and data-parallel
+    links of a grid of world / stages replicas (one replica by default)."""
+    me = Rank(env.rank, env.world, timeout, stages)
     deadline = time.monotonic() + timeout
     links = _listen(bind, 0)
     advertise = socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
@@ -759,26 +869,35 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0) -> 
         def link_hello(sock, role: str, peer: int):
             send_json(sock, LINK, {"token": env.token, "rank": env.rank, "role": role})
 
-        def expect_link(role: str, peer: int):
-            def check(sock):
-                h = recv_json(sock, LINK, {"token": str, "rank": int, "role": str})
-                if not secrets.compare_digest(h["token"], env.token):
-                    raise ProtocolError("wrong job token")
-                if h["rank"] != peer or h["role"] != role:
-                    raise ProtocolError(f"expected the {role} link from rank {peer}, got {h['role']} from {h['rank']}")
-            return check
+        S, D, s, d = me.stages, me.replicas, me.stage, me.replica
+        here = lambda stage, replica: grid_rank(stage, replica, S)
+        # connect forward; the other end accepts: (attribute, role, peer)
+        outgoing = [("next", "pipe", here(s + 1, d))] if s + 1 < S else []
+        incoming = [("prev", "pipe", here(s - 1, d))] if s > 0 else []
+        if S > 1 and s == S - 1:
+            outgoing.append(("tied", "tied", here(0, d)))
+        if S > 1 and s == 0:
+            incoming.append(("tied", "tied", here(S - 1, d)))
+        if D > 1:
+            outgoing.append(("replica_next", "ring", here(s, (d + 1) % D)))
+            incoming.append(("replica_prev", "ring", here(s, (d - 1) % D)))
+        for attr, role, peer in outgoing:
+            sock = _connect(tuple(table[peer]), deadline)
+            setattr(me, attr, sock)
+            link_hello(sock, role, peer)
 
-        S, r = env.world, env.rank
-        if r + 1 < S:  # connect forward; the next rank accepts
-            me.next = _connect(tuple(table[r + 1]), deadline)
-            link_hello(me.next, "pipe", r + 1)
-        if r == S - 1 and S > 1:
-            me.tied = _connect(tuple(table[0]), deadline)
-            link_hello(me.tied, "tied", 0)
-        if r > 0:
-            me.prev, _ = _accept(links, deadline, expect_link("pipe", r - 1), f"rank {r - 1}'s link")
-        if r == 0 and S > 1:
-            me.tied, _ = _accept(links, deadline, expect_link("tied", S - 1), f"rank {S - 1}'s tied link")
+        def expect_link(sock):  # any link still expected, in whatever order they arrive
+            h = recv_json(sock, LINK, {"token": str, "rank": int, "role": str})
+            if not secrets.compare_digest(h["token"], env.token):
+                raise ProtocolError("wrong job token")
+            for k, (attr, role, peer) in enumerate(incoming):
+                if h["rank"] == peer and h["role"] == role:
+                    return incoming.pop(k)[0]
+            raise ProtocolError(f"unexpected {h['role']} link from rank {h['rank']}")
+        while incoming:
+            waiting = ", ".join(f"rank {peer}'s {role} link" for _, role, peer in incoming)
+            sock, attr = _accept(links, deadline, expect_link, waiting)
+            setattr(me, attr, sock)
     except BaseException:
         me.close()
         raise
@@ -811,12 +930,13 @@ def _root_cause(failures: dict[int, str]) -> tuple[int, str]:
     return min(failures.items())
 
 
-def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int:
-    """Runs `python script argv` as ranks 0..stages-1 on this machine and
-    watches them: when one fails, the others are stopped within seconds and
-    the failing rank is named. Returns the exit status for the launcher."""
+def launch(argv: list[str], world: int, script: str, grace: float = 3.0, env: dict | None = None) -> int:
+    """Runs `python script argv` as ranks 0..world-1 on this machine (with env
+    added to their environment) and watches them: when one fails, the others
+    are stopped within seconds and the failing rank is named. Returns the exit
+    status for the launcher."""
     token = secrets.token_hex(16)
-    base = dict(os.environ, WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1",
+    base = dict(os.environ, **(env or {}), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(_free_port()), GPT_JOB_TOKEN=token)
     procs, errors = [], {}
 
@@ -829,7 +949,7 @@ def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int
                 sys.stderr.write(line)
         stream.close()
 
-    for r in range(stages):
+    for r in range(world):
         # its own session, so Ctrl-C reaches the launcher, which stops the ranks
         p = subprocess.Popen([sys.executable, script, *argv], env=dict(base, RANK=str(r)),
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -858,7 +978,7 @@ def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int
             time.sleep(0.02)
     except KeyboardInterrupt:
         stop_all()
-        print(f"error: interrupted; stopped all {stages} ranks", file=sys.stderr)
+        print(f"error: interrupted; stopped all {world} ranks", file=sys.stderr)
         return 130
     time.sleep(0.2)  # let the first failures land before stopping the rest
     failed = {r: p.returncode for r, p in enumerate(procs) if p.poll() not in (None, 0)}

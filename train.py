@@ -7,20 +7,24 @@ C does the math.
     python train.py --model d12 --steps 1000 --checkpoint-dir runs/d12
     python train.py --help
 
-The model is cut into --stages pipeline stages, one process (rank) each. Per
-optimizer step every rank runs its op list from pipeline.py (forwards,
-backwards and the sends/receives between stages) in C, the ranks agree on the
-global grad norm, and each takes its AdamW step. Any stage count computes
-bitwise the same as one stage. Rank 0 prints one line per step, validation
-loss at intervals, and a sample at the end.
+The model is cut into --stages pipeline stages, one process (rank) each, and
+--dp runs that many data-parallel replicas of the pipeline (stages x dp ranks).
+The plan (partition, op lists, activation slots) is made once, by the launcher,
+and handed to the ranks. Per optimizer step every rank runs its op list from
+pipeline.py (forwards, backwards, the sends/receives between stages and the
+collectives between replicas) in C, the ranks agree on the global grad norm,
+and each takes its AdamW step. Any stage count computes bitwise the same as
+one stage; for a fixed --dp, so do any schedule and --zero stage. Rank 0
+prints one line per step, validation loss at intervals, and a sample at the end.
 """
 
 import argparse
 import json
 import os
+import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -80,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=None,
                    help="pipeline stages, one process each (default: 1 on the CPU, one per GPU; "
                         "under an outside launcher: WORLD_SIZE)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas of the pipeline, each reading its slice of every batch")
+    p.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                   help="with --dp: 0 all-reduces gradients; 1 shards AdamW over the replicas "
+                        "(gradients reduce-scattered, parameters all-gathered)")
     p.add_argument("--transport", choices=["auto", "socket", "nccl"], default="auto",
                    help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
@@ -126,12 +135,23 @@ def load_trainer(args: argparse.Namespace):
 
 @dataclass
 class Plan:
-    """What the flags add up to, checked before anything is built or written."""
+    """What the flags add up to, checked before anything is built or written,
+    and made once: by the launcher, which hands it to every rank."""
     config: dict
     micro_batch: int        # sequences per micro-batch
     train_pattern: str
     val_pattern: str | None
     tokenizer: str | None
+    stages: int             # S
+    replicas: int           # D; rank r is stage r % S of replica r // S
+    zero: int
+    bounds: list            # per stage: [lo, hi) of its layers
+    # per rank: the op lists ([kind, mb or bucket] pairs) of a training step, of
+    # what follows the optimizer step, of a validation pass; its activation slots
+    train_ops: list
+    after_ops: list
+    val_ops: list
+    slots: list
 
 
 def make_plan(args: argparse.Namespace, gpt) -> Plan:
@@ -142,26 +162,72 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     if args.seq_len < 1 or args.seq_len > config["max_seq_len"]:
         raise UsageError(f"--seq-len {args.seq_len}: must be between 1 and the model's context "
                          f"({config['max_seq_len']})")
-    if args.batch_size < 1 or args.micro_batches < 1 or args.batch_size % args.micro_batches:
+    S, D, m = args.stages, args.dp, args.micro_batches
+    if D < 1:
+        raise UsageError(f"--dp {D}: needs at least one replica")
+    if args.zero and D == 1:
+        raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
+    if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
-                         f"--micro-batches {args.micro_batches}")
+                         + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
     for flag in ("steps", "warmup", "eval_every", "sample_tokens", "checkpoint_every", "threads"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must not be negative")
     try:
-        pipeline.partition(config, args.stages, args.seq_len)
+        bounds = pipeline.partition(config, S, args.seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
+    train_pattern, val_pattern, tokenizer = prepare_data(args)
+    # the op lists of every rank, checked; the validator's peaks are what the executors allocate
+    buckets = [hi - lo + 1 for lo, hi in bounds]
+    train_ops, after_ops = pipeline.grid_schedule(args.schedule, S, D, m, buckets, args.zero)
+    val_ops = [pipeline.forward_only(S, VAL_BATCHES)[r % S] for r in range(S * D)]
+    train_peak = pipeline.validate_grid(train_ops, S, m, buckets=buckets).peak_held
+    val_peak = pipeline.validate_grid(val_ops, S, VAL_BATCHES, training=False).peak_held
+    pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets)
+    pairs = lambda lists: [[[op.kind, op.mb] for op in ops] for ops in lists]
+    return Plan(config, args.batch_size // (m * D), train_pattern, val_pattern, tokenizer, S, D, args.zero,
+                [list(b) for b in bounds], pairs(train_ops), pairs(after_ops), pairs(val_ops),
+                [max(a, b) for a, b in zip(train_peak, val_peak)])
+
+
+PLAN_FIELDS = {"config": dict, "micro_batch": int, "train_pattern": str, "val_pattern": (str, type(None)),
+               "tokenizer": (str, type(None)), "stages": int, "replicas": int, "zero": int, "bounds": list,
+               "train_ops": list, "after_ops": list, "val_ops": list, "slots": list}
+
+
+def plan_from_json(blob: bytes, world: int) -> Plan:
+    """The launcher's plan, checked field by field: it is parsed, not trusted."""
+    try:
+        d = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the launcher's plan is not JSON ({e})") from None
+    if not isinstance(d, dict) or set(d) != set(PLAN_FIELDS) or \
+            not all(isinstance(d[k], t) for k, t in PLAN_FIELDS.items()):
+        raise ValueError("the launcher's plan is malformed")
+    S, D = d["stages"], d["replicas"]
+    is_pair = lambda x: isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
+    if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
+            any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots")) or \
+            not all(isinstance(n, int) and n >= 1 for n in d["slots"]) or \
+            not all(isinstance(ops, list) and all(is_pair(op) and op[0] < len(pipeline.NAMES) for op in ops)
+                    for k in ("train_ops", "after_ops", "val_ops") for ops in d[k]):
+        raise ValueError(f"the launcher's plan does not describe {world} ranks")
+    return Plan(**d)
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """The train and val shard patterns and the tokenizer file, preparing the
+    offline corpus on first use."""
     if args.data in ("shakespeare", "tinyshakespeare"):
         files = prepare(args.data_dir, args.data, progress=True)
-        return Plan(config, args.batch_size // args.micro_batches, files.train, files.val, files.tokenizer)
+        return files.train, files.val, files.tokenizer
     tokenizer = os.path.join(args.data_dir, "gpt2_tokenizer.bin")
-    return Plan(config, args.batch_size // args.micro_batches, args.data, args.val_data,
-                tokenizer if os.path.exists(tokenizer) else None)
+    return args.data, args.val_data, tokenizer if os.path.exists(tokenizer) else None
 
 
 def check_writable(directory: str) -> None:
@@ -180,7 +246,7 @@ def check_writable(directory: str) -> None:
 
 
 def as_ops(ops: list) -> np.ndarray:
-    return np.array([(op.kind, op.mb) for op in ops], dtype=np.intc).reshape(-1, 2)
+    return np.array(ops, dtype=np.intc).reshape(-1, 2)
 
 
 def next_batch(loader, micro: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +260,7 @@ class Stage:
     model: object
     ctx: pipeline.Rank
     train_ops: np.ndarray
+    after_ops: np.ndarray  # after the optimizer step (--zero 1: the parameters' all-gather)
     val_ops: np.ndarray
 
     def run(self, ops: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool) -> float:
@@ -203,34 +270,33 @@ class Stage:
         loss = self.model.run(ops, x if self.ctx.first else None, y if self.ctx.last else None, training)
         if training:
             return loss
-        return float(self.ctx.allreduce(np.array([loss if self.ctx.last else 0.0]))[0])
+        # every replica evaluates the same batches; replica 0 speaks for them
+        mine = loss if self.ctx.last and self.ctx.replica == 0 else 0.0
+        return float(self.ctx.allreduce(np.array([mine]))[0])
 
 
-def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, config: dict, B: int) -> Stage:
-    S, m = ctx.world, args.micro_batches
-    lo, hi = pipeline.partition(config, S, args.seq_len)[ctx.rank]
-    train_ops = pipeline.schedule(args.schedule, S, m)
-    val_ops = pipeline.forward_only(S, VAL_BATCHES)
-    # the validator's peak is exactly what the executor allocates
-    slots = max(pipeline.validate(train_ops, m).peak_held[ctx.rank],
-                pipeline.validate(val_ops, VAL_BATCHES, training=False).peak_held[ctx.rank])
+def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> Stage:
+    r = ctx.rank
+    lo, hi = plan.bounds[ctx.stage]
     if args.device == "cuda":  # one GPU per rank while there are enough, else they share
-        local = int(os.environ.get("LOCAL_RANK", ctx.rank))
+        local = int(os.environ.get("LOCAL_RANK", r))
         os.environ.setdefault("GPT_DEVICE", str(local % gpt.device_count()))
-    model = gpt.Model(config, lo, hi, B, args.seq_len, slots)
+    model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, plan.slots[r])
     model.set_peers(*ctx.fds(), args.peer_timeout)
-    if use_nccl(args, gpt, S):
-        uid = ctx.broadcast(gpt.nccl_unique_id() if ctx.rank == 0 else b"")
-        model.set_nccl(uid, S, ctx.rank)
-    return Stage(model, ctx, as_ops(train_ops[ctx.rank]), as_ops(val_ops[ctx.rank]))
+    model.set_replicas(*ctx.replica_fds(), ctx.replica, ctx.replicas, plan.zero)
+    if use_nccl(args, gpt, ctx.world):
+        uid = ctx.broadcast(gpt.nccl_unique_id() if r == 0 else b"")
+        model.set_nccl(uid, ctx.world, r)
+    return Stage(model, ctx, as_ops(plan.train_ops[r]), as_ops(plan.after_ops[r]), as_ops(plan.val_ops[r]))
 
 
-def use_nccl(args: argparse.Namespace, gpt, stages: int) -> bool:
+def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
     """NCCL between GPU stages when every rank has a GPU of its own (NCCL
-    refuses two ranks on one GPU); sockets otherwise."""
-    if args.device != "cuda" or stages == 1 or args.transport == "socket":
+    refuses two ranks on one GPU); sockets otherwise. Replicas talk over the
+    sockets either way (NCCL collectives are not written yet)."""
+    if args.device != "cuda" or ranks == 1 or args.dp > 1 or args.transport == "socket":
         return False
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", stages))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
     own_gpu = local_ranks <= gpt.device_count()
     if args.transport == "nccl" and not own_gpu:
         raise UsageError(f"--transport nccl: {local_ranks} ranks on this machine but "
@@ -245,11 +311,12 @@ def gather_params(stage: Stage) -> dict | None:
         return params
     head = json.dumps([[k, list(v.shape)] for k, v in params.items()]).encode()
     blob = len(head).to_bytes(4, "little") + head + b"".join(v.tobytes() for v in params.values())
-    blobs = stage.ctx.gather_blobs(blob)
+    # replica 0's stages hold the whole model (every replica has it after a step)
+    blobs = stage.ctx.gather_blobs(blob if stage.ctx.replica == 0 else b"")
     if blobs is None:
         return None
     parts: dict[str, list[np.ndarray]] = {}
-    for b in blobs:  # in rank order: per-layer tensors concatenate along the layer axis
+    for b in blobs[:stage.ctx.stages]:  # in rank order: per-layer tensors concatenate along the layer axis
         n = int.from_bytes(b[:4], "little")
         at = 4 + n
         for name, shape in json.loads(b[4:at]):
@@ -261,11 +328,11 @@ def gather_params(stage: Stage) -> dict | None:
     return {k: v[0] if k in WHOLE_TENSORS else np.concatenate(v) for k, v in parts.items()}
 
 
-def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
-    plan = make_plan(args, gpt)
+def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None:
     cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
+    S, D = plan.stages, plan.replicas
     gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
-    stage = build_stage(args, gpt, ctx, cfg, B)
+    stage = build_stage(args, gpt, ctx, plan)
     model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
     loader = gpt.Loader(plan.train_pattern, B, T)
     start = 0
@@ -282,22 +349,30 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
         model.load(args.init_from)
     else:
         model.init(args.seed)
+    grid = f" x {D} replicas (zero {plan.zero})" if D > 1 else ""
     say(f"model L={L} NH={cfg['num_heads']} C={cfg['channels']} | batch {args.batch_size} x {T} tokens "
-        f"in {m} micro-batch(es) | {args.steps} steps | {ctx.world} stage(s), {args.schedule} | {args.device}")
-    if ctx.world > 1:
-        say(pipeline.describe_partition(cfg, pipeline.partition(cfg, ctx.world, T), T))
+        f"in {m} micro-batch(es){' per replica' if D > 1 else ''} | {args.steps} steps | "
+        f"{S} stage(s), {args.schedule}{grid} | {args.device}")
+    if S > 1:
+        say(pipeline.describe_partition(cfg, [tuple(b) for b in plan.bounds], T))
     timeline = []  # per step: (op start/end times) for the trace and the bubble
     for step in range(start, args.steps):
         t0 = time.perf_counter()
-        x, y = next_batch(loader, m)
-        loss_sum = stage.run(stage.train_ops, x, y, training=True)
+        # the global batch is the same D*m micro-batches whatever D; replica d takes the d-th m of them
+        x, y = next_batch(loader, m * D)
+        mine = slice(ctx.replica * m, (ctx.replica + 1) * m)
+        loss_sum = stage.run(stage.train_ops, x[mine], y[mine], training=True)
         model.sum_wte_grads()
-        # each (tensor, layer) part lives on one rank: summing them is exact,
-        # and the norm adds them in one canonical order, as one stage would
+        # a (tensor, layer) part is the sum of squares of one stage's gradient,
+        # over replica d's chunk on replica d: the sum over ranks adds
+        # (exactly) zeros and the D chunks in replica order; the norm adds the
+        # parts in one canonical order, as one stage would
         total = ctx.allreduce(np.append(model.grad_norm_parts(), loss_sum if ctx.last else 0.0))
-        norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / m
+        norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / (m * D)
         lr = gpt.lr_at(step, args.lr, args.warmup, args.steps, MIN_LR_FRAC)
         model.adamw(lr, WEIGHT_DECAY, MAX_GRAD_NORM / norm if norm > MAX_GRAD_NORM else 1.0, step + 1)
+        if len(stage.after_ops):
+            stage.run(stage.after_ops, None, None, training=False)
         dt = time.perf_counter() - t0
         timeline.append(model.op_times(len(stage.train_ops)))
         say(f"step {step + 1}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | norm {norm:.4f} | "
@@ -314,8 +389,10 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
             if ctx.rank == 0:
                 gpt.commit_checkpoint(args.checkpoint_dir, step + 1)
             ctx.barrier()
-    if ctx.world > 1 and timeline:
-        report_pipeline(args, stage, timeline, say)
+    if S > 1 and timeline:
+        report_pipeline(args, stage, plan, timeline, say)
+    if ctx.world > 1:
+        report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
         params = gather_params(stage)
         if params is not None:
@@ -333,15 +410,17 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
 # where the time went: the measured timeline against the simulator's
 
 
-def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say) -> None:
-    ops = stage.train_ops
+def report_pipeline(args: argparse.Namespace, stage: Stage, plan: Plan, timeline: list, say) -> None:
     mine = json.dumps([t.tolist() for t in timeline]).encode()
     blobs = stage.ctx.gather_blobs(mine)
     if blobs is None:
         return
-    S = stage.ctx.world
-    ranks_ops = pipeline.schedule(args.schedule, S, args.micro_batches)
-    times = [json.loads(b) for b in blobs]  # [rank][step][op] = [start, end]
+    S = plan.stages
+    # replica 0's pipeline, without the collectives that follow its backward
+    ranks_ops = [[pipeline.Op(*op) for op in plan.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
+                 for r in range(S)]
+    times = [[step[:len(ranks_ops[r])] for step in json.loads(b)]  # [rank][step][op] = [start, end]
+             for r, b in enumerate(blobs[:S])]
     steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
     pairs = pipeline.pair_messages(ranks_ops)
     bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
@@ -385,23 +464,59 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say)
         say(f"trace: {args.trace}")
 
 
+def report_traffic(stage: Stage, steps: int, say) -> None:
+    """Per rank: the payload bytes it moved per step, by kind, and its peak
+    resident memory. Formulas, in values (4 bytes each in fp32): the pipeline
+    moves 2*b*T*C per stage boundary per micro-batch (an activation down, its
+    gradient up), the tied swap Vp*C each way, an all-reduce 2(D-1)/D*P (P the
+    stage's parameters), --zero 1's reduce-scatter plus all-gather as much."""
+    moved = stage.model.bytes_moved()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib}).encode())
+    if blobs is None or steps < 1:
+        return
+    S = stage.ctx.stages
+    for r, blob in enumerate(blobs):
+        got = json.loads(blob)
+        per_step = {k: [v // steps for v in sent_received] for k, sent_received in got["moved"].items()}
+        say(f"traffic per step: rank {r} (stage {r % S}, replica {r // S}): "
+            + " | ".join(f"{k.replace('_', '-')} sent {v[0]} B received {v[1]} B" for k, v in per_step.items())
+            + f" | peak RSS {got['peak_mib']:.0f} MiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    stages_given = args.stages is not None
     ctx, errors = None, (UsageError,)
     try:
         gpt = load_trainer(args)
         errors = (gpt.GPTError, ValueError, OSError)
         env = pipeline.env_from(os.environ)
-        if env is None and args.stages > 1:
-            make_plan(args, gpt)  # bad flags and data fail here, once, before any rank starts
-            return pipeline.launch(argv, args.stages, os.path.abspath(__file__))
-        if env is not None:
-            args.stages = env.world
-            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout)
-        else:
+        if env is None and args.stages * args.dp > 1:
+            # bad flags and data fail here, once, before any rank starts; the ranks get this plan
+            plan = make_plan(args, gpt)
+            return pipeline.launch(argv, args.stages * args.dp, os.path.abspath(__file__),
+                                   env={"GPT_PLAN": json.dumps(asdict(plan))})
+        if env is None:
             ctx = pipeline.Rank(timeout=args.peer_timeout)
-        train(args, gpt, ctx)
+            plan = make_plan(args, gpt)
+        else:
+            if not stages_given:
+                args.stages = max(1, env.world // max(1, args.dp))
+            if args.stages * args.dp != env.world:
+                raise UsageError(f"WORLD_SIZE {env.world} is not --stages {args.stages} x --dp {args.dp} ranks")
+            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout, args.stages)
+            # our launcher's plan, or under an outside launcher rank 0's, sent through the rendezvous
+            blob = os.environ.get("GPT_PLAN", "").encode()
+            if not blob:
+                if ctx.rank == 0:
+                    blob = json.dumps(asdict(make_plan(args, gpt))).encode()
+                else:
+                    prepare_data(args)
+                blob = ctx.broadcast(blob)
+            plan = plan_from_json(blob, env.world)
+        train(args, gpt, ctx, plan)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

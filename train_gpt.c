@@ -429,6 +429,8 @@ struct Stage {
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     Links links;
+    int zero;                          // 0: replicas keep everything whole; 1: replica d owns chunk d
+    int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
 };
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
@@ -480,7 +482,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     Stage *s = calloc(1, sizeof(Stage));
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
-    s->links = (Links){-1, -1, -1, 60.0, lo, hi};
+    s->links = links_make(lo, hi);
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc(P, sizeof(float));
     s->grads = calloc(P, sizeof(float));
@@ -639,6 +641,15 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
     s->links.timeout_s = timeout_s;
 }
 
+void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
+    s->zero = zero;
+}
+
+void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
+    links_bytes_moved(&s->links, sent, received);
+}
+
 // The slot holding micro-batch mb, taking a free one on first use.
 static Slot *slot_for(Stage *s, int mb) {
     int i = oprun_slot(&s->run, mb, s->y.lo, s->y.hi);
@@ -661,24 +672,50 @@ static int run_comm_group(Stage *s, const int *ops, int n) {
     return comm_group(&s->links, ops, n, bufs, BTC * sizeof(float));
 }
 
+// A bucket's (tensor, layer) segments in base (params or grads).
+static int bucket_in(Stage *s, float *base, int bucket, Segment *segs) {
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->y, bucket, tensors, layers);
+    for (int i = 0; i < n; i++) {
+        segs[i].p = layer_tensor(s, base, tensors[i], layers[i]);
+        segs[i].n = segment_elems(&s->y, tensors[i]);
+    }
+    return n;
+}
+
+// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its parameters.
+static int run_collective(Stage *s, int kind, int bucket, int training) {
+    Segment segs[NUM_PARAM_TENSORS];
+    if (kind == OP_ALLGATHER) return ring_collective(&s->links, segs, bucket_in(s, s->params, bucket, segs), bucket, 1);
+    if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
+    // the replicas sum the whole d(wte), so each first completes its own
+    if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
+    int n = bucket_in(s, s->grads, bucket, segs);
+    if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
+    return kind == OP_ALLREDUCE ? ring_collective(&s->links, segs, n, bucket, 1) : 0;
+}
+
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    if (oprun_begin(&s->run, ops, nops)) return -1;
+    if (oprun_begin(&s->run, ops, nops, bucket_count(&s->y))) return -1;
     int m = s->run.m;
-    if (s->y.first && !inputs) return fail("the first stage needs input tokens");
-    if (s->y.last && !targets) return fail("the last stage needs target tokens");
-    if (training) {
+    if (s->y.first && m && !inputs) return fail("the first stage needs input tokens");
+    if (s->y.last && m && !targets) return fail("the last stage needs target tokens");
+    if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
         memset(s->grads, 0, s->y.num_params * sizeof(float));
         if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
+        s->wte_summed = 0;
     }
     size_t BT = (size_t)s->B * s->T;
     for (int i = 0; i < nops;) {
         int kind = ops[2 * i], mb = ops[2 * i + 1];
         double t_start = now_seconds();
         int n = 1;
-        if (kind >= OP_SEND_ACT) {
-            while (i + n < nops && ops[2 * (i + n)] >= OP_SEND_ACT) n++;
+        if (is_message(kind)) {
+            while (i + n < nops && is_message(ops[2 * (i + n)])) n++;
             if (run_comm_group(s, ops + 2 * i, n)) return -1;
+        } else if (is_collective(kind)) {
+            if (run_collective(s, kind, mb, training)) return -1;
         } else {
             Slot *a = slot_for(s, mb);
             if (!a) return -1;
@@ -692,7 +729,8 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
             } else if (!training) {
                 return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
             } else if (kind == OP_BWD_INPUT) {
-                stage_backward_input(s, a, 1.0f / (float)(BT * m));
+                // the mean over the global batch: m micro-batches on each of the D replicas
+                stage_backward_input(s, a, 1.0f / (float)(BT * m * s->links.replicas));
             } else {
                 stage_backward_weight(s, a);
             }
@@ -708,7 +746,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 // optimizer
 
 int stage_sum_wte_grads(Stage *s) {
-    if (!s->y.first && !s->y.last) return 0;
+    if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
     float *head = tensor(s, s->grads, P_WTE), *embed = s->dwte_embed;
     size_t n = s->y.sizes[P_WTE];
     if (!(s->y.first && s->y.last)) {
@@ -721,6 +759,7 @@ int stage_sum_wte_grads(Stage *s) {
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
+    s->wte_summed = 1;
     return 0;
 }
 
@@ -749,36 +788,42 @@ static double sum_squares(const float *p, size_t n) {
     return total;
 }
 
+// Each (tensor, layer) part over this replica's chunk of the segment (all of
+// it when D = 1): the launcher adds the D chunks' parts in replica order, so
+// the norm is the same for every zero stage, sharded gradients or not.
 void stage_grad_norm_parts(Stage *s, double *parts) {
     int L = s->y.cfg.num_layers;
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * L);
     for (int t = 0; t < NUM_PARAM_TENSORS; t++)
         for (int l = 0; l < s->y.nl; l++) {
-            if (!s->y.sizes[t]) continue;
-            if (is_layer_tensor(t)) {
-                parts[t * L + s->y.lo + l] =
-                    sum_squares(layer_tensor(s, s->grads, t, l), gpt_tensor_size(&s->y.cfg, t, 1));
-            } else if (l == 0 && owns_tensor(&s->y, t)) {
-                parts[t * L] = sum_squares(tensor(s, s->grads, t), s->y.sizes[t]);
-            }
+            if (!owns_tensor(&s->y, t) || (!is_layer_tensor(t) && l > 0)) continue;
+            size_t lo, hi;
+            chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+            int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
+            parts[part] = sum_squares(layer_tensor(s, s->grads, t, l) + lo, hi - lo);
         }
 }
 
 void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
     const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
     float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
+    // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER spreads the rest)
+    int shard = s->zero > 0, parts = shard ? s->links.replicas : 1, part = shard ? s->links.replica : 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         float wd = is_matrix(t) ? weight_decay : 0.0f;
-        float *p = tensor(s, s->params, t), *g = tensor(s, s->grads, t);
-        float *m = tensor(s, s->m, t), *v = tensor(s, s->v, t);
-        size_t n = s->y.sizes[t];
-        #pragma omp parallel for
-        for (size_t i = 0; i < n; i++) {
-            float gi = g[i] * grad_scale;
-            m[i] = b1 * m[i] + (1.0f - b1) * gi;
-            v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
-            float mhat = m[i] / bc1, vhat = v[i] / bc2;
-            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        size_t seg = segment_elems(&s->y, t), lo, hi;
+        chunk_range(seg, part, parts, &lo, &hi);
+        for (int l = 0; s->y.sizes[t] && l < (is_layer_tensor(t) ? s->y.nl : 1); l++) {
+            size_t at = s->y.offsets[t] + l * seg;
+            float *p = s->params + at, *g = s->grads + at, *m = s->m + at, *v = s->v + at;
+            #pragma omp parallel for
+            for (size_t i = lo; i < hi; i++) {
+                float gi = g[i] * grad_scale;
+                m[i] = b1 * m[i] + (1.0f - b1) * gi;
+                v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+                float mhat = m[i] / bc1, vhat = v[i] / bc2;
+                p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+            }
         }
     }
 }
@@ -803,8 +848,11 @@ int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nran
 
 int stage_load(Stage *s, const char *path) { return model_file_read(&s->y, path, s->params); }
 
+// zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
-    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v);
+    if (s->zero == 0 && s->links.replica > 0) return 0;
+    int parts = s->zero > 0 ? s->links.replicas : 1;
+    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, s->zero > 0 ? s->links.replica : 0, parts);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {

@@ -974,6 +974,8 @@ struct Stage {
     size_t pinned_cap;
     ncclComm_t nccl;
     int nccl_rank, nccl_ranks;
+    int zero;        // the zero stage of the data-parallel replicas (only 0 on the GPU so far)
+    int wte_summed;  // d(wte) = head + embedding done for this step's gradients
     char broken[1024];  // a failure inside a void API function, reported by the next call
     Prof prof;
 };
@@ -1687,9 +1689,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) { fail("out of host memory"); return NULL; }
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots; s->device = device; s->hs = hs;
-    s->links.prev_fd = s->links.next_fd = s->links.tied_fd = -1;
-    s->links.timeout_s = 60.0;
-    s->links.lo = lo; s->links.hi = hi;
+    s->links = links_make(lo, hi);
     env = getenv("GPT_FUSE_GELU");
     s->fuse_gelu_fwd = s->fuse_gelu_bwd = !(env && strcmp(env, "0") == 0);
     env = getenv("GPT_ATTN");
@@ -1998,6 +1998,15 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
     s->links.timeout_s = timeout_s;
 }
 
+void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
+    s->zero = zero;
+}
+
+void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
+    links_bytes_moved(&s->links, sent, received);
+}
+
 // Waits for the stream (and the NCCL operations on it) without ever hanging:
 // a peer error or no completion within the link timeout aborts the
 // communicator and fails.
@@ -2128,12 +2137,42 @@ static Slot *slot_for(Stage *s, int mb) {
     return i < 0 ? NULL : &s->slots[i];
 }
 
+static int sum_wte_grads(Stage *s);
+
+// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
+// parameters, over the sockets of common.h's ring with the bucket staged
+// through the host mirrors. (NCCL collectives between replicas on GPUs of
+// their own are not written yet.)
+static int run_collective(Stage *s, int kind, int bucket, int training) {
+    if (s->zero > 0) return fail("--zero %d is not on the GPU yet (--zero 0 is)", s->zero);
+    if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
+    if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
+    if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(sum_wte_grads(s));
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    Segment segs[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->y, bucket, tensors, layers);
+    for (int i = 0; i < n; i++) {
+        segs[i].p = hparam(s, s->h_grads, tensors[i], layers[i]);
+        segs[i].n = seg_elems(s, tensors[i]);
+        CUDA_CHECK(cudaMemcpyAsync(segs[i].p, dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].n * sizeof(float),
+                                   cudaMemcpyDeviceToHost, s->stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    CHECK(ring_collective(&s->links, segs, n, bucket, 0));
+    CHECK(ring_collective(&s->links, segs, n, bucket, 1));
+    for (int i = 0; i < n; i++)
+        CUDA_CHECK(cudaMemcpyAsync(dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].p, segs[i].n * sizeof(float),
+                                   cudaMemcpyHostToDevice, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
 static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
                          int training, float *loss_sum) {
-    CHECK(oprun_begin(&s->run, ops, nops));
+    CHECK(oprun_begin(&s->run, ops, nops, bucket_count(&s->y)));
     int m = s->run.m;
-    if (s->y.first && !inputs) return fail("the first stage needs input tokens");
-    if (s->y.last && !targets) return fail("the last stage needs target tokens");
+    if (s->y.first && m && !inputs) return fail("the first stage needs input tokens");
+    if (s->y.last && m && !targets) return fail("the last stage needs target tokens");
     if (m > s->d_mb_cap) {
         CUDA_CHECK(cudaFree(s->d_mb_losses));
         s->d_mb_losses = NULL;
@@ -2142,20 +2181,24 @@ static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, 
         s->d_mb_cap = m;
     }
     if (m) CUDA_CHECK(cudaMemsetAsync(s->d_mb_losses, 0, m * sizeof(float), s->stream));
-    if (training) {
+    if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
+        s->wte_summed = 0;
         CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
         if (s->y.first)
             CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float), s->stream));
     }
     size_t BT = (size_t)s->B * s->T;
-    float dloss = 1.0f / (float)(BT * m);
+    float dloss = 1.0f / (float)(BT * m * s->links.replicas);  // the mean over all D replicas' micro-batches
     for (int i = 0; i < nops;) {
         int kind = ops[2 * i], mb = ops[2 * i + 1];
         double t_start = now_seconds();
         int n = 1;
-        if (kind >= OP_SEND_ACT) {
-            while (i + n < nops && ops[2 * (i + n)] >= OP_SEND_ACT) n++;
+        if (is_message(kind)) {
+            while (i + n < nops && is_message(ops[2 * (i + n)])) n++;
             CHECK(run_comm_group(s, ops + 2 * i, n));
+            if (s->prof.on) s->prof.comm_ms += 1e3 * (now_seconds() - t_start);
+        } else if (is_collective(kind)) {
+            CHECK(run_collective(s, kind, mb, training));
             if (s->prof.on) s->prof.comm_ms += 1e3 * (now_seconds() - t_start);
         } else {
             Slot *a = slot_for(s, mb);
@@ -2211,7 +2254,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 static int sum_wte_grads(Stage *s) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    if (!s->y.first && !s->y.last) return 0;
+    if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
     size_t n = s->y.sizes[P_WTE];
     float *head = dparam(s, s->d_grads, P_WTE, 0);
     if (!(s->y.first && s->y.last)) {
@@ -2241,6 +2284,7 @@ static int sum_wte_grads(Stage *s) {
         LAUNCH_CHECK();
     });
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    s->wte_summed = 1;
     return 0;
 }
 
@@ -2267,8 +2311,10 @@ static int grad_norm_parts(Stage *s, double *parts) {
     return 0;
 }
 
+// With zero 0 every replica holds the same summed gradients: replica 0 speaks for them.
 void stage_grad_norm_parts(Stage *s, double *parts) {
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->y.cfg.num_layers);
+    if (s->links.replica > 0) return;
     if (grad_norm_parts(s, parts)) mark_broken(s);
 }
 
@@ -2799,12 +2845,13 @@ static int ensure_moment_mirrors(Stage *s) {
 
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(check_broken(s));
+    if (s->links.replica > 0) return 0;  // zero 0: replica 0 writes what every replica holds alike
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
     CHECK(download_params(s, s->h_params, s->d_params));
     CHECK(download_params(s, s->h_m, s->d_m));
     CHECK(download_params(s, s->h_v, s->d_v));
-    return checkpoint_files_write(&s->y, dir, ts, s->h_params, s->h_m, s->h_v);
+    return checkpoint_files_write(&s->y, dir, ts, s->h_params, s->h_m, s->h_v, 0, 1);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {

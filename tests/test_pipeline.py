@@ -261,9 +261,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_long_run(data_dir: str, ckpt: str) -> tuple[subprocess.Popen, list[str]]:
-    p = subprocess.Popen([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--steps", "100000",
-                          "--stages", "3", "--checkpoint-dir", ckpt, "--checkpoint-every", "1"],
+def start_long_run(data_dir: str, ckpt: str, *flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """A run checkpointing every step (3 stages, endless, unless flags say
+    otherwise), returned once it has printed step 3."""
+    flags = flags or ("--steps", "100000", "--stages", "3")
+    p = subprocess.Popen([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, *flags,
+                          "--checkpoint-dir", ckpt, "--checkpoint-every", "1"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True).start()
