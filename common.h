@@ -622,6 +622,13 @@ typedef struct {
     uint64_t bytes_sent[NUM_TRAFFIC], bytes_received[NUM_TRAFFIC];
 } Links;
 
+static void links_set_peers(Links *k, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
+    k->prev_fd = prev_fd;
+    k->next_fd = next_fd;
+    k->tied_fd = tied_fd;
+    k->timeout_s = timeout_s;
+}
+
 static void links_set_replicas(Links *k, int prev_fd, int next_fd, int replica, int replicas) {
     k->replica_prev_fd = prev_fd;
     k->replica_next_fd = next_fd;
@@ -739,14 +746,16 @@ static int transfers_run(const Links *k, Transfer *xs, int n) {
     }
 }
 
+// Counts a finished message's payload as one kind of traffic (NCCL's too).
+static void links_count(Links *k, int traffic, int sending, uint64_t payload) {
+    if (sending) k->bytes_sent[traffic] += payload;
+    else k->bytes_received[traffic] += payload;
+}
+
 // Moves a group to completion and counts its payload bytes as one kind of traffic.
 static int transfers_run_counted(Links *k, Transfer *xs, int n, int traffic) {
     if (transfers_run(k, xs, n)) return -1;
-    for (int i = 0; i < n; i++) {
-        uint64_t payload = xs[i].nbytes - sizeof xs[i].header;
-        if (xs[i].sending) k->bytes_sent[traffic] += payload;
-        else k->bytes_received[traffic] += payload;
-    }
+    for (int i = 0; i < n; i++) links_count(k, traffic, xs[i].sending, xs[i].nbytes - sizeof xs[i].header);
     return 0;
 }
 
@@ -974,6 +983,89 @@ static float oprun_loss_sum(const OpRun *r) {
 
 static void oprun_free(OpRun *r) {
     free(r->slot_of); free(r->last_op); free(r->mb_losses); free(r->op_times);
+}
+
+// ----------------------------------------------------------------------------
+// the op-list executor, written once for both trainers. A trainer hands it its
+// compute and its buffers as function pointers (common.h calls nothing a
+// trainer defines); `stage` is the trainer's own Stage, passed back to each.
+
+typedef struct {
+    // readies a step of m micro-batches (training with m > 0: zero the gradients)
+    int (*begin)(void *stage, int m, int training);
+    // FWD of micro-batch mb into activation slot `slot`: its (B,T) tokens on
+    // the first and the last stage (NULL elsewhere); the last stage records the
+    // micro-batch's mean loss, in r->mb_losses[mb] by the time end returns;
+    // dloss is d(loss)/d(each token's loss) for a trainer that fuses it in
+    int (*forward)(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+                   int training);
+    int (*backward_input)(void *stage, int slot, float dloss);
+    int (*backward_weight)(void *stage, int slot);
+    // the slot's four message buffers, indexed by kind - OP_SEND_ACT: the
+    // stage's output (SEND_ACT), its input (RECV_ACT), d(input) (SEND_GRAD),
+    // d(output) (RECV_GRAD); in the trainer's memory (the GPU's for CUDA)
+    void (*message_buffers)(void *stage, int slot, void *bufs[4]);
+    // moves a group of n sends/receives, bufs[i] the buffer of op i
+    int (*exchange)(void *stage, const int *ops, int n, void *const *bufs);
+    // a data-parallel collective of a bucket
+    int (*collective)(void *stage, int kind, int bucket, int training);
+    // after every op that started at t_start (the GPU waits for its stream
+    // there, so the op times are the work's); may be NULL
+    int (*op_done)(void *stage, int kind, double t_start);
+    // after the last op (the GPU fetches the losses); may be NULL
+    int (*end)(void *stage, int m);
+} StageHooks;
+
+// Runs one step's op list for a stage of layout y, micro-batches of B*T
+// tokens, one of `replicas` data-parallel replicas; see stage_run in gpt.h.
+static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout *y, size_t BT, int replicas,
+                       const int *ops, int nops, const int *inputs, const int *targets, int training,
+                       float *loss_sum) {
+    *loss_sum = 0.0f;
+    if (oprun_begin(r, ops, nops, bucket_count(y))) return -1;
+    int m = r->m;
+    if (y->first && m && !inputs) return fail("the first stage needs input tokens");
+    if (y->last && m && !targets) return fail("the last stage needs target tokens");
+    if (h->begin(stage, m, training)) return -1;
+    // the mean over the global batch: m micro-batches on each of the D replicas
+    float dloss = 1.0f / (float)(BT * m * replicas);
+    for (int i = 0; i < nops;) {
+        int kind = ops[2 * i], arg = ops[2 * i + 1], n = 1;
+        double t_start = now_seconds();
+        if (is_message(kind)) {
+            while (i + n < nops && is_message(ops[2 * (i + n)])) n++;
+            if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
+            void *bufs[MAX_GROUP];
+            for (int k = 0; k < n; k++) {
+                void *mine[4];
+                int slot = oprun_slot(r, ops[2 * (i + k) + 1], y->lo, y->hi);
+                if (slot < 0) return -1;
+                h->message_buffers(stage, slot, mine);
+                bufs[k] = mine[ops[2 * (i + k)] - OP_SEND_ACT];
+            }
+            if (h->exchange(stage, ops + 2 * i, n, bufs)) return -1;
+        } else if (is_collective(kind)) {
+            if (h->collective(stage, kind, arg, training)) return -1;
+        } else {
+            int slot = oprun_slot(r, arg, y->lo, y->hi);
+            if (slot < 0) return -1;
+            if (kind == OP_FWD) {
+                if (h->forward(stage, slot, arg, y->first ? inputs + arg * BT : NULL,
+                               y->last ? targets + arg * BT : NULL, dloss, training))
+                    return -1;
+            } else if (!training) {
+                return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
+            } else if (kind == OP_BWD_INPUT ? h->backward_input(stage, slot, dloss) : h->backward_weight(stage, slot)) {
+                return -1;
+            }
+        }
+        if (h->op_done && h->op_done(stage, kind, t_start)) return -1;
+        oprun_done(r, ops, i, n, t_start, now_seconds());
+        i += n;
+    }
+    if (h->end && h->end(stage, m)) return -1;
+    *loss_sum = y->last ? oprun_loss_sum(r) : 0.0f;
+    return 0;
 }
 
 // ----------------------------------------------------------------------------

@@ -178,6 +178,9 @@ void stage_sync_to_device(Stage *s);
 #define GPT_NCCL_ID_BYTES 128
 int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]);
 int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank);
+// A communicator over the stage's data-parallel replicas (one id per stage),
+// for their collectives.
+int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica);
 
 // ----------------------------------------------------------------------------
 

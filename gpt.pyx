@@ -53,6 +53,7 @@ cdef extern from "gpt.h":
     void stage_sync_to_device(Stage *s)
     int gpt_nccl_unique_id(unsigned char *id)
     int stage_set_nccl(Stage *s, const unsigned char *id, int nranks, int rank)
+    int stage_set_replica_nccl(Stage *s, const unsigned char *id, int replicas, int replica)
     int GPT_NCCL_ID_BYTES
     void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step)
     float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac)
@@ -237,6 +238,9 @@ cdef class Model:
 
     def set_nccl(self, bytes unique_id, int nranks, int rank) -> None:
         check(stage_set_nccl(self.s, unique_id, nranks, rank))
+
+    def set_replica_nccl(self, bytes unique_id, int replicas, int replica) -> None:
+        check(stage_set_replica_nccl(self.s, unique_id, replicas, replica))
 
     def run(self, ops, inputs=None, targets=None, training: bool = True) -> float:
         """Runs one step's op list ((n,2) ints: kind, micro-batch); inputs and

@@ -870,7 +870,9 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, sta
             send_json(sock, LINK, {"token": env.token, "rank": env.rank, "role": role})
 
         S, D, s, d = me.stages, me.replicas, me.stage, me.replica
-        here = lambda stage, replica: grid_rank(stage, replica, S)
+
+        def here(stage: int, replica: int) -> int:
+            return grid_rank(stage, replica, S)
         # connect forward; the other end accepts: (attribute, role, peer)
         outgoing = [("next", "pipe", here(s + 1, d))] if s + 1 < S else []
         incoming = [("prev", "pipe", here(s - 1, d))] if s > 0 else []

@@ -189,10 +189,18 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     train_peak = pipeline.validate_grid(train_ops, S, m, buckets=buckets).peak_held
     val_peak = pipeline.validate_grid(val_ops, S, VAL_BATCHES, training=False).peak_held
     pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets)
-    pairs = lambda lists: [[[op.kind, op.mb] for op in ops] for ops in lists]
     return Plan(config, args.batch_size // (m * D), train_pattern, val_pattern, tokenizer, S, D, args.zero,
-                [list(b) for b in bounds], pairs(train_ops), pairs(after_ops), pairs(val_ops),
+                [list(b) for b in bounds], as_pairs(train_ops), as_pairs(after_ops), as_pairs(val_ops),
                 [max(a, b) for a, b in zip(train_peak, val_peak)])
+
+
+def as_pairs(lists: list) -> list:
+    """Op lists as plain [kind, mb or bucket] pairs, for JSON."""
+    return [[[op.kind, op.mb] for op in ops] for ops in lists]
+
+
+def is_pair(x) -> bool:
+    return isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
 
 
 PLAN_FIELDS = {"config": dict, "micro_batch": int, "train_pattern": str, "val_pattern": (str, type(None)),
@@ -210,7 +218,6 @@ def plan_from_json(blob: bytes, world: int) -> Plan:
             not all(isinstance(d[k], t) for k, t in PLAN_FIELDS.items()):
         raise ValueError("the launcher's plan is malformed")
     S, D = d["stages"], d["replicas"]
-    is_pair = lambda x: isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
     if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
             any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots")) or \
             not all(isinstance(n, int) and n >= 1 for n in d["slots"]) or \
@@ -285,16 +292,20 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -
     model.set_peers(*ctx.fds(), args.peer_timeout)
     model.set_replicas(*ctx.replica_fds(), ctx.replica, ctx.replicas, plan.zero)
     if use_nccl(args, gpt, ctx.world):
-        uid = ctx.broadcast(gpt.nccl_unique_id() if r == 0 else b"")
-        model.set_nccl(uid, ctx.world, r)
+        # one id for the pipelines' sends, then one per stage for its replicas' collectives
+        count = 1 + (ctx.stages if ctx.replicas > 1 else 0)
+        ids = ctx.broadcast(b"".join(gpt.nccl_unique_id() for _ in range(count)) if r == 0 else b"")
+        size = len(ids) // count
+        model.set_nccl(ids[:size], ctx.world, r)
+        if ctx.replicas > 1:
+            model.set_replica_nccl(ids[size * (1 + ctx.stage):size * (2 + ctx.stage)], ctx.replicas, ctx.replica)
     return Stage(model, ctx, as_ops(plan.train_ops[r]), as_ops(plan.after_ops[r]), as_ops(plan.val_ops[r]))
 
 
 def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
-    """NCCL between GPU stages when every rank has a GPU of its own (NCCL
-    refuses two ranks on one GPU); sockets otherwise. Replicas talk over the
-    sockets either way (NCCL collectives are not written yet)."""
-    if args.device != "cuda" or ranks == 1 or args.dp > 1 or args.transport == "socket":
+    """NCCL between GPU ranks (stages and replicas) when every rank has a GPU
+    of its own (NCCL refuses two ranks on one GPU); sockets otherwise."""
+    if args.device != "cuda" or ranks == 1 or args.transport == "socket":
         return False
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
     own_gpu = local_ranks <= gpt.device_count()

@@ -632,13 +632,11 @@ static void stage_backward_weight(Stage *s, Slot *a) {
 }
 
 // ----------------------------------------------------------------------------
-// executor: one rank's op list for one step, with no Python in the loop
+// executor: one rank's op list for one step, with no Python in the loop. The
+// loop is common.h's run_op_list; these are its hooks.
 
 void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    s->links.prev_fd = prev_fd;
-    s->links.next_fd = next_fd;
-    s->links.tied_fd = tied_fd;
-    s->links.timeout_s = timeout_s;
+    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
 }
 
 void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
@@ -650,26 +648,55 @@ void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
     links_bytes_moved(&s->links, sent, received);
 }
 
-// The slot holding micro-batch mb, taking a free one on first use.
-static Slot *slot_for(Stage *s, int mb) {
-    int i = oprun_slot(&s->run, mb, s->y.lo, s->y.hi);
-    return i < 0 ? NULL : &s->slots[i];
+static int hook_begin(void *stage, int m, int training) {
+    Stage *s = (Stage *)stage;
+    if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
+        memset(s->grads, 0, s->y.num_params * sizeof(float));
+        if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
+        s->wte_summed = 0;
+    }
+    return 0;
 }
 
-// The buffer each op of a communication group sends from or receives into.
-static int run_comm_group(Stage *s, const int *ops, int n) {
-    void *bufs[MAX_GROUP];
-    size_t BTC = (size_t)s->B * s->T * s->y.cfg.channels;
-    for (int i = 0; i < n && i < MAX_GROUP; i++) {
-        int kind = ops[2 * i];
-        Slot *a = slot_for(s, ops[2 * i + 1]);
-        if (!a) return -1;
-        bufs[i] = kind == OP_SEND_ACT ? stage_output(s, a)
-                : kind == OP_RECV_ACT ? a->x0
-                : kind == OP_SEND_GRAD ? a->dresid
-                : a->dresid + s->y.nl * BTC;
+static int hook_forward(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+                        int training) {
+    (void)dloss; (void)training;
+    Stage *s = (Stage *)stage;
+    Slot *a = &s->slots[slot];
+    size_t BT = (size_t)s->B * s->T;
+    if (inputs) memcpy(a->inputs, inputs, BT * sizeof(int));
+    stage_forward(s, a, s->B, s->T);
+    if (targets) {
+        memcpy(a->targets, targets, BT * sizeof(int));
+        s->run.mb_losses[mb] = stage_loss(s, a);
     }
-    return comm_group(&s->links, ops, n, bufs, BTC * sizeof(float));
+    return 0;
+}
+
+static int hook_backward_input(void *stage, int slot, float dloss) {
+    Stage *s = (Stage *)stage;
+    stage_backward_input(s, &s->slots[slot], dloss);
+    return 0;
+}
+
+static int hook_backward_weight(void *stage, int slot) {
+    Stage *s = (Stage *)stage;
+    stage_backward_weight(s, &s->slots[slot]);
+    return 0;
+}
+
+static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+    Stage *s = (Stage *)stage;
+    Slot *a = &s->slots[slot];
+    bufs[0] = stage_output(s, a);
+    bufs[1] = a->x0;
+    bufs[2] = a->dresid;
+    bufs[3] = a->dresid + (size_t)s->y.nl * s->B * s->T * s->y.cfg.channels;
+}
+
+static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
+    Stage *s = (Stage *)stage;
+    return comm_group(&s->links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
 }
 
 // A bucket's (tensor, layer) segments in base (params or grads).
@@ -684,7 +711,8 @@ static int bucket_in(Stage *s, float *base, int bucket, Segment *segs) {
 }
 
 // ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its parameters.
-static int run_collective(Stage *s, int kind, int bucket, int training) {
+static int hook_collective(void *stage, int kind, int bucket, int training) {
+    Stage *s = (Stage *)stage;
     Segment segs[NUM_PARAM_TENSORS];
     if (kind == OP_ALLGATHER) return ring_collective(&s->links, segs, bucket_in(s, s->params, bucket, segs), bucket, 1);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
@@ -695,51 +723,13 @@ static int run_collective(Stage *s, int kind, int bucket, int training) {
     return kind == OP_ALLREDUCE ? ring_collective(&s->links, segs, n, bucket, 1) : 0;
 }
 
+static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
+                                     hook_message_buffers, hook_exchange, hook_collective, NULL, NULL};
+
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    if (oprun_begin(&s->run, ops, nops, bucket_count(&s->y))) return -1;
-    int m = s->run.m;
-    if (s->y.first && m && !inputs) return fail("the first stage needs input tokens");
-    if (s->y.last && m && !targets) return fail("the last stage needs target tokens");
-    if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
-        memset(s->grads, 0, s->y.num_params * sizeof(float));
-        if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
-        s->wte_summed = 0;
-    }
-    size_t BT = (size_t)s->B * s->T;
-    for (int i = 0; i < nops;) {
-        int kind = ops[2 * i], mb = ops[2 * i + 1];
-        double t_start = now_seconds();
-        int n = 1;
-        if (is_message(kind)) {
-            while (i + n < nops && is_message(ops[2 * (i + n)])) n++;
-            if (run_comm_group(s, ops + 2 * i, n)) return -1;
-        } else if (is_collective(kind)) {
-            if (run_collective(s, kind, mb, training)) return -1;
-        } else {
-            Slot *a = slot_for(s, mb);
-            if (!a) return -1;
-            if (kind == OP_FWD) {
-                if (s->y.first) memcpy(a->inputs, inputs + mb * BT, BT * sizeof(int));
-                stage_forward(s, a, s->B, s->T);
-                if (s->y.last) {
-                    memcpy(a->targets, targets + mb * BT, BT * sizeof(int));
-                    s->run.mb_losses[mb] = stage_loss(s, a);
-                }
-            } else if (!training) {
-                return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
-            } else if (kind == OP_BWD_INPUT) {
-                // the mean over the global batch: m micro-batches on each of the D replicas
-                stage_backward_input(s, a, 1.0f / (float)(BT * m * s->links.replicas));
-            } else {
-                stage_backward_weight(s, a);
-            }
-        }
-        oprun_done(&s->run, ops, i, n, t_start, now_seconds());
-        i += n;
-    }
-    *loss_sum = oprun_loss_sum(&s->run);
-    return 0;
+    return run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops, inputs,
+                       targets, training, loss_sum);
 }
 
 // ----------------------------------------------------------------------------
@@ -841,6 +831,9 @@ int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]) {
 int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank) {
     (void)s; (void)id; (void)nranks; (void)rank;
     return fail("NCCL needs the CUDA trainer (--device cuda)");
+}
+int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica) {
+    return stage_set_nccl(s, id, replicas, replica);
 }
 
 // ----------------------------------------------------------------------------

@@ -465,7 +465,8 @@ def test_pipeline_stages_match_one_stage_bitwise(build, sched):
 
 @needs_gpu
 def test_nccl_send_recv_to_self():
-    """A one-rank communicator: the grouped ncclSend/ncclRecv of the executor, fp32 and bf16."""
+    """A one-rank communicator: the grouped ncclSend/ncclRecv of the executor, fp32 and bf16,
+    then ncclAllReduce, ncclReduceScatter and ncclAllGather, the data-parallel collectives."""
     lib = ctypes.CDLL(gpt_cuda.__file__)
     lib.gpt_last_error.restype = ctypes.c_char_p
     rc = lib.gpt_cuda_nccl_selftest(1 << 20)
