@@ -1,6 +1,8 @@
 // common.h: the host half that train_gpt.c and train_gpt.cu share, included
 // once by each (as llm.c's llmc/ headers are): errors, the model layout, the
-// seeded init, the data loader, checkpoint files, the socket transport and
+// seeded init, the data loader, checkpoint files, the socket transport, the
+// ring collectives between data-parallel replicas, the one op-list executor
+// (run_op_list, driving the trainer through the hooks it hands over) and
 // top-k sampling. Everything here runs on the CPU and works on host memory;
 // valid C11 and C++ so nvcc can compile it too.
 #ifndef COMMON_H

@@ -4,8 +4,10 @@ Pipeline-parallel schedules for training GPT-2 on S ranks.
 The model is cut into S stages, one per rank, and each batch into m micro-batches.
 A schedule fixes, for every rank, the exact order of its forwards, its backwards,
 and the sends/receives that carry activations down the pipeline and gradients back
-up. The C executor runs these op lists verbatim, so this file is about making them
-right (validate), fast (simulate) and visible (render):
+up. With D data-parallel replicas the ranks form a grid (rank = replica * S +
+stage), and the collectives between a stage's replicas are ops in the same lists.
+The C executor runs these op lists verbatim, so this file is about making them
+right (validate, validate_grid), fast (simulate) and visible (render):
 
     python pipeline.py show --schedule zb-h1 --stages 4 --micro 8
 """

@@ -2142,7 +2142,8 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 // segment, in one group, on the stage's stream, waited for as the sends are.
 // NCCL picks its own algorithm and order of the sums (not the sockets'
 // canonical one), and its ring moves 2(D-1)/D * n values per segment each
-// way, which is what the byte counters record (they cannot see NCCL's wire).
+// way (8(D-1)/D * n bytes in fp32), which is what the byte counters record
+// (they cannot see NCCL's wire).
 static int nccl_allreduce_bucket(Stage *s, int bucket) {
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     int n = bucket_segments(&s->y, bucket, tensors, layers), D = s->links.replicas;

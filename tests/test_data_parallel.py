@@ -41,11 +41,11 @@ def ring_of(models: list, zero: int) -> list:
     return links
 
 
-def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: int, zero: int):
-    """steps AdamW steps of D whole-model replicas; step k's global batch is
-    data[k*m*D:(k+1)*m*D], replica d taking the d-th m of it, as train.py does.
-    Returns the models and (loss, norm) per step."""
-    models = [gpt.Model(CFG, 0, CFG["num_layers"], B, T, 1) for _ in range(D)]
+def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: int, zero: int, trainer=gpt):
+    """steps AdamW steps of D whole-model replicas of the trainer module; step
+    k's global batch is data[k*m*D:(k+1)*m*D], replica d taking the d-th m of
+    it, as train.py does. Returns the models and (loss, norm) per step."""
+    models = [trainer.Model(CFG, 0, CFG["num_layers"], B, T, 1) for _ in range(D)]
     for model in models:
         model.set_params(params)
     keep = ring_of(models, zero) if D > 1 else []
@@ -64,7 +64,7 @@ def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: i
             models[d].sum_wte_grads()
         assert run_threads([lambda d=d: replica(d) for d in range(D)]) == [None] * D
         parts = sum(model.grad_norm_parts() for model in models)  # in replica order, as the launcher adds them
-        norm = gpt.norm_from_parts(parts, CFG["num_layers"])
+        norm = trainer.norm_from_parts(parts, CFG["num_layers"])
         for model in models:
             model.adamw(lr, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
         if len(after):
@@ -139,6 +139,39 @@ def test_ring_sums_in_its_canonical_order():
 
 
 # -----------------------------------------------------------------------------
+# the validator over a grid
+
+
+def test_grid_validator_checks_collectives_like_sends():
+    S, D, m = 2, 2, 2
+    train, after = pipeline.grid_schedule("1f1b", S, D, m, [3, 3], 0)
+    result = pipeline.validate_grid(train, S, m, buckets=[3, 3])
+    assert result.peak_held == pipeline.validate(pipeline.schedule("1f1b", S, m), m).peak_held * D
+    assert pipeline.validate_grid(after, S, 0, training=False).peak_held == [0] * 4
+    AR = pipeline.ALLREDUCE
+
+    def fails(ranks, *words, **kw):
+        with pytest.raises(pipeline.ScheduleError) as e:
+            pipeline.validate_grid(ranks, S, m, **kw)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+    swapped = [list(ops) for ops in train]
+    swapped[2][-2:] = swapped[2][-1:-3:-1]  # replica 1's stage 0 reduces its buckets in another order
+    fails(swapped, "rank 2: collective 1 of stage 0 is ALLREDUCE bucket 2, but rank 0's is ALLREDUCE bucket 1")
+    fails([ops[:-1] if r == 3 else ops for r, ops in enumerate(train)], "rank 3: collective 2 of stage 1 is nothing")
+    fails(train, "ALLREDUCE bucket 2, but stage 0 has 2 buckets", buckets=[2, 3])
+    # the cycle: rank 0 waits in its all-reduce for rank 2, which waits in the
+    # pipeline for rank 3, which waits in its all-reduce for rank 1, which
+    # waits for rank 0's activations
+    pipe = pipeline.schedule("1f1b", S, m)
+    cycle = [[pipeline.Op(AR, 0)] + pipe[0], pipe[1] + [pipeline.Op(AR, 0)],
+             pipe[0] + [pipeline.Op(AR, 0)], [pipeline.Op(AR, 0)] + pipe[1]]
+    fails(cycle, "deadlock", "rank 0 waits at slot 0 (ALLREDUCE bucket 0) for rank 2")
+    one = pipeline.grid_schedule("1f1b", S, 1, m, [3, 3], 0)[0]
+    fails([ops + [pipeline.Op(AR, 0)] for ops in one], "ALLREDUCE bucket 0 but the stage has no other replica")
+
+
+# -----------------------------------------------------------------------------
 # whole runs: train.py over a grid of processes
 
 def grid_run(data_dir: str, ckpt: str, stages: int, dp: int, zero: int, schedule: str = "1f1b",
@@ -167,8 +200,8 @@ def test_fixed_dp_is_bitwise_across_stages_schedules_and_zero(data_dir, tmp_path
 def test_three_replicas_bitwise_across_stages_and_zero(data_dir, tmp_path):
     """D = 3, where the order of a sum matters (with two, a + b = b + a)."""
     flags = ("--batch-size", "6")
-    (a, ra) = grid_run(data_dir, str(tmp_path / "a"), 1, 3, 0, "1f1b", 1, 2, *flags)
-    (b, rb) = grid_run(data_dir, str(tmp_path / "b"), 2, 3, 1, "zb-h1", 1, 2, *flags)
+    a, _ = grid_run(data_dir, str(tmp_path / "a"), 1, 3, 0, "1f1b", 1, 2, *flags)
+    b, _ = grid_run(data_dir, str(tmp_path / "b"), 2, 3, 1, "zb-h1", 1, 2, *flags)
     assert a == b
 
 
