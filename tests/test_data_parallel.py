@@ -214,6 +214,20 @@ def test_across_dp_close_to_one_rank(data_dir, tmp_path, two_replicas):
         assert abs(a - b) / b < 5e-7, (mine, theirs)
 
 
+def test_checkpoint_of_two_replicas_resumes_on_one(data_dir, tmp_path):
+    """A 2-replica checkpoint (each replica writing its chunks, --zero 1) is
+    one llm.c file: one rank resumes from it, and its step 3 is within the
+    across-D tolerance of the 2-replica run's."""
+    ckpt = str(tmp_path)
+    _, first = grid_run(data_dir, ckpt, 1, 2, 1, "1f1b", 2, 3, "--checkpoint-every", "1")
+    os.remove(f"{ckpt}/DONE_{3:08d}")
+    gpt.Model(gpt.config_from_name("tiny"), 0, 4, 1, 16).load(f"{ckpt}/model_{2:08d}.bin")
+    (lines, _, _), resumed = grid_run(data_dir, ckpt, 1, 1, 0, "1f1b", 4, 3, "--resume")
+    assert "resumed from" in resumed.stdout
+    a, b = (float(re.search(r"step 3/3 \| loss ([\d.]+)", out).group(1)) for out in (resumed.stdout, first.stdout))
+    assert abs(a - b) / b < 5e-7 and lines[0].startswith("step 3/3")
+
+
 def traffic(out: str) -> dict[int, dict[str, tuple[int, int]]]:
     found = {}
     for m in re.finditer(r"traffic per step: rank (\d+) .*?: pipeline sent (\d+) B received (\d+) B \| tied sent "
