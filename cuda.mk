@@ -4,6 +4,8 @@
 #   train_gpt_cu            standalone trainer (the flags of ./train_gpt)
 #   gpt_cuda$(EXT)          the Python module (gpt.pyx built as gpt_cuda), bf16
 #   gpt_cuda_fp32$(EXT)     the same in fp32 (-DGPT_FP32), for close comparison with the CPU
+#   build/libkernel_bench.so  dev/kernel_bench.cu: the PTX kernels against their CUDA C twins and the
+#                           wgmma GEMM against cuBLASLt (tests/test_ptx.py, dev/bench/bench_ptx.py)
 #   build/train_gpt_cu.ptx  the bf16 build's kernels as PTX, which tests/test_cuda_emu.py runs on the
 #                           CPU (dev/ptx_emu.py)
 #   make gpu-check          the one prepared GPU run: dev/gpu_check.sh
@@ -47,7 +49,7 @@ CUDA_LDLIBS = $(addprefix -L,$(CUDA_LIBDIR_SET)) $(addprefix -Wl$(comma)-rpath$(
 	$(call lib_flag,$(NCCL_DIR),nccl) -lgomp -lstdc++ -lm
 comma := ,
 
-all: train_gpt_cu gpt_cuda$(EXT) gpt_cuda_fp32$(EXT) build/train_gpt_cu.ptx
+all: train_gpt_cu gpt_cuda$(EXT) gpt_cuda_fp32$(EXT) build/libkernel_bench.so build/train_gpt_cu.ptx
 
 cuda-check-deps:
 	@test -n "$(CUBLAS_INC)" -a -n "$(CUBLAS_DIR)" || { echo "cuda.mk: cuBLAS not found (CUDA toolkit or pip install nvidia-cublas)"; exit 1; }
@@ -71,6 +73,13 @@ CUDA_PTX_ARCH ?= -arch=compute_90
 build/train_gpt_cu.ptx: train_gpt.cu common.h gpt.h | cuda-check-deps
 	@mkdir -p build
 	$(NVCC) -O3 -std=c++17 $(CUDA_PTX_ARCH) $(addprefix -I,$(sort $(CUBLAS_INC) $(NCCL_INC))) -ptx train_gpt.cu -o $@
+
+build/kernel_bench.o: dev/kernel_bench.cu train_gpt.cu common.h gpt.h | cuda-check-deps
+	@mkdir -p build
+	$(NVCC) $(NVCCFLAGS) -c dev/kernel_bench.cu -o $@
+
+build/libkernel_bench.so: build/kernel_bench.o
+	$(CC) -shared $^ -o $@ $(CUDA_LDLIBS)
 
 train_gpt_cu: build/train_gpt_cu_main.o
 	$(CC) -fopenmp $^ -o $@ $(CUDA_LDLIBS)

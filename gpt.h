@@ -163,8 +163,6 @@ int checkpoint_commit(const char *dir, int64_t step);
 int64_t checkpoint_latest(const char *dir);
 
 // ----------------------------------------------------------------------------
-
-// ----------------------------------------------------------------------------
 // device memory and NCCL (the CUDA build; on the CPU the syncs do nothing and
 // NCCL fails with a message)
 
@@ -183,6 +181,9 @@ int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nran
 int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica);
 
 // ----------------------------------------------------------------------------
+// errors and threads: a call that fails (returns nonzero, or marks its stage
+// broken) leaves a one-line message for gpt_last_error, per thread, kept until
+// the next failure; gpt_set_threads sets the OpenMP threads of this process
 
 const char *gpt_last_error(void);
 void gpt_set_threads(int n);

@@ -54,7 +54,7 @@ cdef extern from "gpt.h":
     int gpt_nccl_unique_id(unsigned char *id)
     int stage_set_nccl(Stage *s, const unsigned char *id, int nranks, int rank)
     int stage_set_replica_nccl(Stage *s, const unsigned char *id, int replicas, int replica)
-    int GPT_NCCL_ID_BYTES
+    enum: GPT_NCCL_ID_BYTES
     void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step)
     float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac)
     int stage_sample(Stage *s, const int *prompt, int n_prompt, int n, float temperature,
@@ -120,7 +120,7 @@ def device_count() -> int:
 
 
 def nccl_unique_id() -> bytes:
-    cdef unsigned char buf[128]
+    cdef unsigned char buf[GPT_NCCL_ID_BYTES]
     check(gpt_nccl_unique_id(buf))
     return bytes(buf[:GPT_NCCL_ID_BYTES])
 

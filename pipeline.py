@@ -77,8 +77,13 @@ def _gpipe(S: int, m: int, r: int) -> list[Step]:
 def _one_f_one_b(S: int, m: int, r: int) -> list[Step]:
     # Rank r runs just enough forwards to keep the ranks below it busy until the
     # first gradient comes back (S-r-1 of them), then alternates one forward with
-    # one backward, so it never holds more than S-r micro-batches. The backward is
-    # one step: the gradient for rank r-1 leaves only after the weight gradient.
+    # one backward, so its compute holds at most S-r micro-batches at once. The
+    # validator reports S-r+1 on ranks r > 0, and that is what the executor
+    # allocates: the send of one micro-batch's gradient and the receive of the next
+    # one's activation are one group (both in flight together, so neither blocks the
+    # other), and for that moment both buffers are live. Rank 0 receives nothing,
+    # so its peak is S. The backward is one step: the gradient for rank r-1 leaves
+    # only after the weight gradient.
     warmup = min(S - r - 1, m)
     steps = [(Op(FWD, mb),) for mb in range(warmup)]
     for i in range(m - warmup):
@@ -93,7 +98,9 @@ def _zb_h1(S: int, m: int, r: int) -> list[Step]:
     # ranks, so gradients race back up the pipeline, and the deferred Ws fill the
     # idle time that 1F1B has at the end. A micro-batch is held until its W, so
     # deferring W costs memory: capping every rank at S held micro-batches
-    # (1F1B's peak, reached on rank 0) keeps the peak of the schedule at 1F1B's.
+    # (1F1B's peak, on its rank 0) keeps the peak of the schedule at 1F1B's. The
+    # cap is reached on every rank, not only rank 0: each rank defers Ws until it
+    # holds S micro-batches, where 1F1B's rank r > 0 holds S-r+1.
     warmup = min(S - r - 1, m)
     steps = []
     nf = nb = nw = 0  # forwards, input backwards, weight backwards so far

@@ -42,7 +42,7 @@ build/ptx_kernels.h: $(PTX_CUBINS)
 	@mv $@.tmp $@
 	@echo "ptx.mk: $@ holds $(PTX_NAMES)"
 
-build/train_gpt_cu.o build/train_gpt_cu_fp32.o build/train_gpt_cu_main.o: build/ptx_kernels.h
+build/train_gpt_cu.o build/train_gpt_cu_fp32.o build/train_gpt_cu_main.o build/kernel_bench.o: build/ptx_kernels.h
 
 # registers and spills of every kernel, from ptxas -v (one line per kernel)
 ptx-registers: $(PTX_CUBINS)

@@ -34,9 +34,10 @@
 //
 // Measured (asm/README.md has the table and how): in L1/L2 with kc = 384, one
 // core, 205-220 GFLOP/s against 232 for a bare loop of independent FMAs (88-95%
-// of the core's peak). Whole GEMMs on 2 cores, GPT-2 shapes at M = 256:
-// 320-400 GFLOP/s, 1.1-1.5x numpy's OpenBLAS and 2-19x its C twin (the
-// register-tiled loops of train_gpt.c's gemm_nt / gemm_nn).
+// of the core's peak). Whole GEMMs on 2 cores of the Xeon, the nine GPT-2
+// products at B*T = 256: 314-401 GFLOP/s, 1.12-1.37x numpy's OpenBLAS and
+// 2.3-18.5x its C twin (the register-tiled loops of train_gpt.c's gemm_nt /
+// gemm_nn).
 
 #if defined(__x86_64__) && defined(__ELF__)
 

@@ -9,7 +9,7 @@ computes is checked without a GPU too, by tests/test_ptx_emu.py.)
 With a GPU (skipped otherwise), every check in its own subprocess so that a
 faulting kernel (a sticky CUDA error) cannot spoil the others:
 - each PTX kernel against its CUDA C twin on the same inputs, through the
-  trainer's launchers (gpt_cuda_ptx_bench with iters = 0):
+  trainer's launchers (gpt_cuda_ptx_bench in dev/kernel_bench.cu, iters = 0):
   AdamW bitwise (the same operations with the same roundings, see
   asm/adamw.ptx); GELU forward/backward, layernorm forward/backward and
   softmax + cross-entropy (losses and gradient) within 1/32 of the largest
@@ -188,8 +188,8 @@ def run_py(code: str, env: dict | None = None, timeout: int = 120) -> dict:
 
 
 BENCH = """
-import ctypes, json, gpt_cuda
-lib = ctypes.CDLL(gpt_cuda.__file__)
+import ctypes, json
+lib = ctypes.CDLL("build/libkernel_bench.so")
 lib.gpt_last_error.restype = ctypes.c_char_p
 lib.gpt_cuda_ptx_bench.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                    ctypes.POINTER(ctypes.c_double)]
@@ -230,8 +230,8 @@ def test_ptx_kernel_matches_cuda_c_twin(name, kernel, n, C, tol):
 
 
 GEMM = """
-import ctypes, json, gpt_cuda
-lib = ctypes.CDLL(gpt_cuda.__file__)
+import ctypes, json
+lib = ctypes.CDLL("build/libkernel_bench.so")
 lib.gpt_last_error.restype = ctypes.c_char_p
 lib.gpt_cuda_gemm_bench.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_double)]
 res = (ctypes.c_double * 8)()

@@ -5,7 +5,7 @@ twins in train_gpt.cu, and of the training step with and without them.
     python dev/bench/bench_ptx.py [--iters 20] [--steps 3] [--no-e2e]
 
 1. Per kernel, on working sets of 256 MB or more, through the trainer's own
-   launchers (gpt_cuda_ptx_bench in train_gpt.cu): the effective bandwidth
+   launchers (gpt_cuda_ptx_bench in dev/kernel_bench.cu): the effective bandwidth
    (bytes the kernel must read and write / its time) of the CUDA C kernel and
    of the PTX one, next to a device-to-device cudaMemcpy measured in the same
    run, and the ratios. Each kernel also checks its two outputs against each
@@ -55,8 +55,7 @@ GEMMS = [
 
 
 def bench_lib():
-    import gpt_cuda
-    lib = ctypes.CDLL(gpt_cuda.__file__)
+    lib = ctypes.CDLL(str(ROOT / "build" / "libkernel_bench.so"))  # dev/kernel_bench.cu
     lib.gpt_last_error.restype = ctypes.c_char_p
     lib.gpt_cuda_ptx_bench.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                        ctypes.POINTER(ctypes.c_double)]
