@@ -12,12 +12,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <glob.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -46,6 +48,15 @@ static int fail(const char *fmt, ...) {
     vsnprintf(g_error, sizeof g_error, fmt, ap);
     va_end(ap);
     return -1;
+}
+
+// calloc that names what failed and its size, so an out-of-memory message
+// says which allocation did not fit (n * size is checked for overflow)
+static void *calloc_or_fail(size_t n, size_t size, const char *what) {
+    void *p = n && size > SIZE_MAX / n ? NULL : calloc(n ? n : 1, size);
+    if (!p)
+        fail("out of memory allocating %s (%zu x %zu bytes = %.1f MiB)", what, n, size, (double)n * size / (1 << 20));
+    return p;
 }
 
 void gpt_set_threads(int n) {
@@ -112,6 +123,27 @@ int gpt_config_from_name(const char *name, GPTConfig *cfg) {
     return fail("unknown model '%s' (expected tiny, d6, d8, d12, d24, d36 or d48)", name);
 }
 
+// The largest shapes a header or a config may ask for: far past any GPT-2,
+// and small enough that no size computed from them overflows (the whole
+// model stays below 2^46 elements).
+#define MAX_LAYERS 1024
+#define MAX_CHANNELS 65536
+#define MAX_SEQ_LEN (1 << 20)
+#define MAX_VOCAB (1 << 24)
+
+// Every field of a model shape in range; what names where it came from.
+static int check_config(const GPTConfig *c, const char *what) {
+    if (c->max_seq_len < 1 || c->max_seq_len > MAX_SEQ_LEN || c->vocab_size < 1 || c->vocab_size > MAX_VOCAB ||
+        c->padded_vocab_size < c->vocab_size || c->padded_vocab_size > MAX_VOCAB || c->num_layers < 1 ||
+        c->num_layers > MAX_LAYERS || c->channels < 1 || c->channels > MAX_CHANNELS || c->num_heads < 1 ||
+        c->channels % c->num_heads)
+        return fail("%s: implausible model shape (maxT=%d V=%d Vp=%d L=%d NH=%d C=%d; expected 1 <= maxT <= %d, "
+                    "1 <= V <= Vp <= %d, 1 <= L <= %d, 1 <= C <= %d, C a multiple of NH)", what, c->max_seq_len,
+                    c->vocab_size, c->padded_vocab_size, c->num_layers, c->num_heads, c->channels, MAX_SEQ_LEN,
+                    MAX_VOCAB, MAX_LAYERS, MAX_CHANNELS);
+    return 0;
+}
+
 static int same_config(const GPTConfig *a, const GPTConfig *b) {
     return a->max_seq_len == b->max_seq_len && a->vocab_size == b->vocab_size &&
            a->padded_vocab_size == b->padded_vocab_size && a->num_layers == b->num_layers &&
@@ -154,15 +186,20 @@ static Layout layout_make(GPTConfig cfg, int lo, int hi) {
 
 // What stage_create checks before it allocates anything.
 static int check_stage_args(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (cfg.num_layers < 1 || cfg.channels < 1 || cfg.num_heads < 1 || cfg.channels % cfg.num_heads)
-        return fail("bad model shape: L=%d NH=%d C=%d (C must divide into NH heads)",
-                    cfg.num_layers, cfg.num_heads, cfg.channels);
+    if (check_config(&cfg, "model config")) return -1;
     if (lo < 0 || hi > cfg.num_layers || lo >= hi)
         return fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
     if (B < 1 || T < 1 || T > cfg.max_seq_len)
         return fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
                     T, cfg.max_seq_len, B);
     if (slots < 1) return fail("a stage needs at least one activation slot");
+    // the kernels index rows with int, and the activations' sizes must not
+    // overflow (estimated in double, which cannot wrap)
+    double rows = (double)B * T, floats = rows * (hi - lo + 1) * (24.0 * cfg.channels + (double)cfg.num_heads * T) +
+                  rows * cfg.padded_vocab_size;
+    if (rows > INT_MAX / 4 || floats * slots > 0x1p56)
+        return fail("batch %d x sequence %d: the activations (about %.3g bytes) are past what one stage can hold",
+                    B, T, 4.0 * floats * slots);
     return 0;
 }
 
@@ -329,7 +366,8 @@ done:
 }
 
 DataLoader *dataloader_open(const char *pattern, int B, int T) {
-    DataLoader *d = (DataLoader *)calloc(1, sizeof(DataLoader));
+    DataLoader *d = (DataLoader *)calloc_or_fail(1, sizeof(DataLoader), "the data loader");
+    if (!d) return NULL;
     d->B = B; d->T = T;
     if (glob(pattern, 0, NULL, &d->shards) != 0 || d->shards.gl_pathc == 0) {
         fail("no token shards match '%s' (prepare the data first: python -m dev.data.prepare)", pattern);
@@ -361,6 +399,39 @@ int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos) {
     if (pos < 0 || pos > d->ntok) return fail("data position: token %lld of %lld", (long long)pos, (long long)d->ntok);
     d->shard = shard;
     d->pos = pos;
+    return 0;
+}
+
+int dataloader_check_vocab(DataLoader *d, int vocab_size) {
+    uint16_t *tokens = NULL;
+    int64_t n = 0;
+    int rc = 0;
+    for (size_t i = 0; i < d->shards.gl_pathc && rc == 0; i++) {
+        const char *path = d->shards.gl_pathv[i];
+        if (shard_read(path, 0, &tokens, &n)) { rc = -1; break; }
+        uint16_t top = 0;  // a max reduction, which the compiler vectorises
+        for (int64_t k = 0; k < n; k++) top = tokens[k] > top ? tokens[k] : top;
+        if (top < vocab_size) continue;
+        for (int64_t k = 0; k < n; k++)
+            if (tokens[k] >= vocab_size) {
+                rc = fail("%s: token %d at offset %lld is outside the model's vocabulary of %d", path, tokens[k],
+                          (long long)k, vocab_size);
+                break;
+            }
+    }
+    free(tokens);
+    return rc;
+}
+
+// The token ids a stage is handed, checked before they index wte or the
+// softmax (what names them: "input" or "target").
+static int check_tokens(const int *tokens, size_t n, int vocab_size, const char *what) {
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= tokens[i] < 0 || tokens[i] >= vocab_size;
+    if (!bad) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= vocab_size)
+            return fail("%s token %d at index %zu is outside the vocabulary of %d", what, tokens[i], i, vocab_size);
     return 0;
 }
 
@@ -396,50 +467,65 @@ static int check_model_header(const int32_t *h, const char *path, GPTConfig *cfg
     if (h[0] != MODEL_MAGIC) return fail("%s: not an llm.c model file (magic %d, expected %d)", path, h[0], MODEL_MAGIC);
     if (h[1] != 3 && h[1] != 5) return fail("%s: model version %d, expected 3 (fp32) or 5 (bf16)", path, h[1]);
     *cfg = make_config(h[2], h[3], h[7], h[4], h[5], h[6]);
-    if (cfg->max_seq_len < 1 || cfg->vocab_size < 1 || cfg->padded_vocab_size < cfg->vocab_size ||
-        cfg->num_layers < 1 || cfg->num_heads < 1 || cfg->channels < 1 || cfg->channels % cfg->num_heads)
-        return fail("%s: implausible model shape in header (maxT=%d V=%d Vp=%d L=%d NH=%d C=%d)", path,
-                    h[2], h[3], h[7], h[4], h[5], h[6]);
+    return check_config(cfg, path);
+}
+
+// The first non-finite value of n floats (or negative one, for AdamW's v),
+// as "what element i is x", or 0 when there is none.
+static int check_finite(const float *p, size_t n, int nonnegative, const char *path, const char *what) {
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= !isfinite(p[i]) || (nonnegative && p[i] < 0.0f);
+    if (!bad) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(p[i]) || (nonnegative && p[i] < 0.0f))
+            return fail("%s: %s element %zu is %g (expected a finite%s number)", path, what, i, (double)p[i],
+                        nonnegative ? ", non-negative" : "");
     return 0;
 }
+
+static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t *elem);
 
 int gpt_read_config(const char *path, GPTConfig *cfg) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
     int32_t h[HEADER_INTS];
-    int rc = read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, cfg) ? -1 : 0;
+    size_t elem;  // the size too, so a truncated file fails before anything is built
+    int rc = read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, cfg) ||
+             model_file_check(fd, path, cfg, &elem) ? -1 : 0;
     close(fd);
     return rc;
+}
+
+// The header and size of an open model file against the run's shape c;
+// sets *elem to the bytes per parameter.
+static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t *elem) {
+    int32_t h[HEADER_INTS];
+    GPTConfig fc;
+    if (read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, &fc)) return -1;
+    if (!same_config(&fc, c))
+        return fail("%s: model is L=%d NH=%d C=%d maxT=%d V=%d, this run wants L=%d NH=%d C=%d maxT=%d V=%d", path,
+                    fc.num_layers, fc.num_heads, fc.channels, fc.max_seq_len, fc.vocab_size, c->num_layers,
+                    c->num_heads, c->channels, c->max_seq_len, c->vocab_size);
+    *elem = h[1] == 3 ? 4 : 2;
+    int64_t expect = (int64_t)sizeof h + (int64_t)(*elem * model_size(&fc)), size = file_size(fd);
+    if (size != expect)
+        return fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size,
+                    (long long)expect);
+    return 0;
 }
 
 // Reads the stage's slices of an llm.c model file into params (stage layout).
 static int model_file_read(const Layout *y, const char *path, float *params) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
-    int32_t h[HEADER_INTS];
-    GPTConfig fc;
-    const GPTConfig *c = &y->cfg;
     int rc = -1;
     size_t elem;
-    int64_t expect, size;
-    if (read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, &fc)) goto done;
-    if (!same_config(&fc, c)) {
-        fail("%s: model is L=%d NH=%d C=%d maxT=%d V=%d, this run wants L=%d NH=%d C=%d maxT=%d V=%d", path,
-             fc.num_layers, fc.num_heads, fc.channels, fc.max_seq_len, fc.vocab_size, c->num_layers,
-             c->num_heads, c->channels, c->max_seq_len, c->vocab_size);
-        goto done;
-    }
-    elem = h[1] == 3 ? 4 : 2;
-    expect = (int64_t)sizeof h + (int64_t)(elem * model_size(&fc));
-    size = file_size(fd);
-    if (size != expect) {
-        fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size, (long long)expect);
-        goto done;
-    }
+    const size_t hbytes = HEADER_INTS * 4;
+    if (model_file_check(fd, path, &y->cfg, &elem)) goto done;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         if (!y->sizes[t]) continue;
         float *p = params + y->offsets[t];
-        off_t off = sizeof h + elem * model_offset(y, t);
+        off_t off = hbytes + elem * model_offset(y, t);
         if (elem == 4) {
             if (read_exact(fd, p, 4 * y->sizes[t], off, path)) goto done;
         } else {  // bf16 is the top half of an fp32
@@ -451,12 +537,16 @@ static int model_file_read(const Layout *y, const char *path, float *params) {
             }
             free(tmp);
         }
+        if (check_finite(p, y->sizes[t], 0, path, PARAM_NAMES[t])) goto done;
     }
     rc = 0;
 done:
     close(fd);
     return rc;
 }
+
+// checkpoint names carry the step in 8 digits, which keeps them in order
+#define MAX_CHECKPOINT_STEP 99999999
 
 static void checkpoint_path(char *out, size_t n, const char *dir, const char *what, int64_t step, const char *suffix) {
     snprintf(out, n, "%s/%s_%08lld%s", dir, what, (long long)step, suffix);
@@ -473,10 +563,20 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
     checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
     const GPTConfig *c = &y->cfg;
     size_t P = model_size(c);
+    if (ts->step < 1 || ts->step > MAX_CHECKPOINT_STEP || ts->shard < 0 || ts->pos < 0)
+        return fail("%s: checkpoint of step %lld at data shard %lld token %lld: out of range", dir,
+                    (long long)ts->step, (long long)ts->shard, (long long)ts->pos);
+    // a checkpoint with NaN in it is never written, so never resumed from
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t at = y->offsets[t], n = y->sizes[t];
+        if (check_finite(params + at, n, 0, mpath, PARAM_NAMES[t]) || check_finite(m + at, n, 0, spath, "AdamW m") ||
+            check_finite(v + at, n, 1, spath, "AdamW v"))
+            return -1;
+    }
     int mfd = open(mpath, O_WRONLY | O_CREAT, 0644);
     if (mfd < 0) return fail("%s: cannot write checkpoint (%s)", mpath, strerror(errno));
     int sfd = open(spath, O_WRONLY | O_CREAT, 0644);
-    if (sfd < 0) { close(mfd); return fail("%s: cannot write checkpoint (%s)", spath, strerror(errno)); }
+    if (sfd < 0) { close(mfd); unlink(mpath); return fail("%s: cannot write checkpoint (%s)", spath, strerror(errno)); }
     int rc = -1;
     if (ftruncate(mfd, HEADER_INTS * 4 + 4 * P) || ftruncate(sfd, HEADER_INTS * 4 + 8 * P)) {
         fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
@@ -507,7 +607,37 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
 done:
     close(mfd);
     close(sfd);
+    if (rc) {  // a full disk must not keep the half-written files
+        unlink(mpath);
+        unlink(spath);
+    }
     return rc;
+}
+
+// The header and size of an open optimizer-state file against the run's
+// shape c and the step of its DONE marker; fills ts.
+static int state_file_check(int fd, const char *path, const GPTConfig *c, int64_t step, TrainState *ts) {
+    int32_t h[HEADER_INTS];
+    size_t P = model_size(c);
+    if (read_exact(fd, h, sizeof h, 0, path)) return -1;
+    if (h[0] != STATE_MAGIC || h[1] != 1)
+        return fail("%s: not an optimizer state file (magic %d version %d, expected %d version 1)", path, h[0], h[1],
+                    STATE_MAGIC);
+    if (h[2] != c->num_layers || h[3] != c->channels || h[4] != c->padded_vocab_size || h[5] != c->max_seq_len)
+        return fail("%s: optimizer state is for another model shape", path);
+    if (file_size(fd) != (int64_t)(sizeof h + 8 * P))
+        return fail("%s: optimizer state is %lld bytes, expected %lld (truncated?)", path, (long long)file_size(fd),
+                    (long long)(sizeof h + 8 * P));
+    memcpy(&ts->step, &h[8], 8);
+    memcpy(&ts->shard, &h[10], 8);
+    memcpy(&ts->pos, &h[12], 8);
+    if (ts->step != step)
+        return fail("%s: optimizer state is of step %lld, its DONE marker says %lld", path, (long long)ts->step,
+                    (long long)step);
+    if (ts->shard < 0 || ts->pos < 0)
+        return fail("%s: data position shard %lld token %lld is negative", path, (long long)ts->shard,
+                    (long long)ts->pos);
+    return 0;
 }
 
 // Reads them back from the committed dir/{model,state}_STEP.bin.
@@ -519,32 +649,16 @@ static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step,
     if (model_file_read(y, mpath, params)) return -1;
     int fd = open(spath, O_RDONLY);
     if (fd < 0) return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
-    int32_t h[HEADER_INTS];
     int rc = -1;
     size_t P = model_size(&y->cfg);
-    const GPTConfig *c = &y->cfg;
-    if (read_exact(fd, h, sizeof h, 0, spath)) goto done;
-    if (h[0] != STATE_MAGIC || h[1] != 1) {
-        fail("%s: not an optimizer state file (magic %d version %d, expected %d version 1)", spath, h[0], h[1], STATE_MAGIC);
-        goto done;
-    }
-    if (h[2] != c->num_layers || h[3] != c->channels || h[4] != c->padded_vocab_size || h[5] != c->max_seq_len) {
-        fail("%s: optimizer state is for another model shape", spath);
-        goto done;
-    }
-    if (file_size(fd) != (int64_t)(sizeof h + 8 * P)) {
-        fail("%s: optimizer state is %lld bytes, expected %lld (truncated?)", spath,
-             (long long)file_size(fd), (long long)(sizeof h + 8 * P));
-        goto done;
-    }
-    memcpy(&ts->step, &h[8], 8);
-    memcpy(&ts->shard, &h[10], 8);
-    memcpy(&ts->pos, &h[12], 8);
+    const size_t hbytes = HEADER_INTS * 4;
+    if (state_file_check(fd, spath, &y->cfg, step, ts)) goto done;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         if (!y->sizes[t]) continue;
         size_t off = model_offset(y, t), n = y->sizes[t], at = y->offsets[t];
-        if (read_exact(fd, m + at, 4 * n, sizeof h + 4 * off, spath) ||
-            read_exact(fd, v + at, 4 * n, sizeof h + 4 * (P + off), spath))
+        if (read_exact(fd, m + at, 4 * n, hbytes + 4 * off, spath) ||
+            read_exact(fd, v + at, 4 * n, hbytes + 4 * (P + off), spath) ||
+            check_finite(m + at, n, 0, spath, "AdamW m") || check_finite(v + at, n, 1, spath, "AdamW v"))
             goto done;
     }
     rc = 0;
@@ -590,6 +704,136 @@ int64_t checkpoint_latest(const char *dir) {
     }
     closedir(d);
     return best;
+}
+
+// The steps of dir's DONE markers, newest first, into *steps (freed by the
+// caller); returns how many, or -1.
+static int done_steps(const char *dir, int64_t **steps) {
+    DIR *d = opendir(dir);
+    *steps = NULL;
+    if (!d) return fail("%s: cannot list (%s)", dir, strerror(errno));
+    int n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long long step;
+        char rest;
+        if (sscanf(e->d_name, "DONE_%lld%c", &step, &rest) != 1 || step < 1 || step > MAX_CHECKPOINT_STEP) continue;
+        if (n == cap) {
+            int64_t *grown = (int64_t *)realloc(*steps, (cap = 2 * cap + 16) * sizeof(int64_t));
+            if (!grown) { closedir(d); free(*steps); *steps = NULL; return fail("out of memory listing %s", dir); }
+            *steps = grown;
+        }
+        int i = n++;  // insertion keeps them newest first
+        while (i > 0 && (*steps)[i - 1] < step) { (*steps)[i] = (*steps)[i - 1]; i--; }
+        (*steps)[i] = step;
+    }
+    closedir(d);
+    return n;
+}
+
+int64_t checkpoint_latest_usable(const char *dir, const GPTConfig *cfg) {
+    int64_t *steps, found = -1;
+    int n = done_steps(dir, &steps);
+    for (int i = 0; i < n && found < 0; i++) {
+        char mpath[4096], spath[4096];
+        checkpoint_path(mpath, sizeof mpath, dir, "model", steps[i], ".bin");
+        checkpoint_path(spath, sizeof spath, dir, "state", steps[i], ".bin");
+        int mfd = open(mpath, O_RDONLY), sfd = open(spath, O_RDONLY);
+        size_t elem;
+        TrainState ts;
+        if (mfd < 0) fail("%s: cannot open model file (%s)", mpath, strerror(errno));
+        else if (sfd < 0) fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
+        if (mfd >= 0 && sfd >= 0 && model_file_check(mfd, mpath, cfg, &elem) == 0 &&
+            state_file_check(sfd, spath, cfg, steps[i], &ts) == 0)
+            found = steps[i];
+        else
+            fprintf(stderr, "warning: checkpoint of step %lld is unusable (%s); trying an older one\n",
+                    (long long)steps[i], g_error);
+        if (mfd >= 0) close(mfd);
+        if (sfd >= 0) close(sfd);
+    }
+    free(steps);
+    return found;
+}
+
+int checkpoint_prune(const char *dir, int keep) {
+    int64_t *steps;
+    int n = done_steps(dir, &steps), rc = n < 0 ? -1 : 0;
+    // the marker goes first: a checkpoint half deleted is never one resume picks
+    const char *what[3] = {"DONE", "model", "state"}, *suffix[3] = {"", ".bin", ".bin"};
+    for (int i = keep; i < n && rc == 0; i++)
+        for (int k = 0; k < 3; k++) {
+            char path[4096];
+            checkpoint_path(path, sizeof path, dir, what[k], steps[i], suffix[k]);
+            if (unlink(path) && errno != ENOENT) rc = fail("%s: cannot delete (%s)", path, strerror(errno));
+        }
+    free(steps);
+    return rc;
+}
+
+// What a checkpoint directory may hold of ours: 0 not ours, 1 a published
+// file or marker, 2 a temporary.
+static int checkpoint_file_kind(const char *name) {
+    long long step;
+    int end = 0;
+    if (sscanf(name, "DONE_%lld%n", &step, &end) == 1 && name[end] == 0) return 1;
+    for (int k = 0; k < 2; k++) {
+        end = 0;
+        sscanf(name, k ? "state_%lld%n" : "model_%lld%n", &step, &end);
+        if (end && strcmp(name + end, ".bin") == 0) return 1;
+        if (end && strcmp(name + end, ".bin.tmp") == 0) return 2;
+    }
+    return 0;
+}
+
+static int mkdir_parents(const char *dir) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path) return fail("%s: path too long", dir);
+    for (char *p = path + 1; ; p++) {
+        char c = *p;
+        if (c != '/' && c != 0) continue;
+        *p = 0;
+        if (mkdir(path, 0755) && errno != EEXIST)
+            return fail("%s: not writable: cannot create %s (%s)", dir, path, strerror(errno));
+        *p = c;
+        if (!c) return 0;
+    }
+}
+
+int checkpoint_dir_claim(const char *dir, int mode, const char *hint) {
+    if (mkdir_parents(dir)) return -1;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return fail("%s: not writable (%s)", dir, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB)) {
+        int busy = errno == EWOULDBLOCK;
+        close(fd);
+        return busy ? fail("%s: in use by another run (it holds the directory's lock)", dir)
+                    : fail("%s: cannot lock (%s)", dir, strerror(errno));
+    }
+    char probe[4096];
+    snprintf(probe, sizeof probe, "%s/.probe.%d", dir, (int)getpid());
+    int pfd = open(probe, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (pfd < 0) { fail("%s: not writable (%s)", dir, strerror(errno)); close(fd); return -1; }
+    close(pfd);
+    unlink(probe);
+    // with the lock held, temporaries can only be a dead run's: remove them,
+    // and see what is published
+    DIR *d = opendir(dir);
+    if (!d) { fail("%s: cannot list (%s)", dir, strerror(errno)); close(fd); return -1; }
+    int published = 0, rc = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && rc == 0) {
+        int kind = checkpoint_file_kind(e->d_name);
+        if (kind == 0 || (kind == 1 && mode != CKPT_OVERWRITE)) { published += kind; continue; }
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (unlink(path) && errno != ENOENT) rc = fail("%s: cannot delete (%s)", path, strerror(errno));
+    }
+    closedir(d);
+    if (rc == 0 && mode == CKPT_FRESH && published)
+        rc = fail("%s: holds %d checkpoint file(s) of an earlier run; %s", dir, published, hint);
+    if (rc) { close(fd); return -1; }
+    return fd;
 }
 
 // ----------------------------------------------------------------------------
@@ -1028,6 +1272,10 @@ static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout 
     int m = r->m;
     if (y->first && m && !inputs) return fail("the first stage needs input tokens");
     if (y->last && m && !targets) return fail("the last stage needs target tokens");
+    // the tokens index wte and the softmax: all of them checked before any op runs
+    if ((y->first && m && check_tokens(inputs, m * BT, y->cfg.vocab_size, "input")) ||
+        (y->last && m && check_tokens(targets, m * BT, y->cfg.vocab_size, "target")))
+        return -1;
     if (h->begin(stage, m, training)) return -1;
     // the mean over the global batch: m micro-batches on each of the D replicas
     float dloss = 1.0f / (float)(BT * m * replicas);
@@ -1105,7 +1353,8 @@ static int sample_top_k(const float *logits, int V, float temperature, int top_k
 
 typedef struct { int n, eot; char **tokens; } Tokenizer;
 
-static int tokenizer_read(Tokenizer *tk, const char *path) {
+// Reads a tokenizer that can decode every id of a vocab_size vocabulary.
+static int tokenizer_read(Tokenizer *tk, const char *path, int vocab_size) {
     FILE *f = fopen(path, "rb");
     if (!f) return fail("%s: cannot open tokenizer (%s)", path, strerror(errno));
     int32_t h[HEADER_INTS];
@@ -1114,14 +1363,22 @@ static int tokenizer_read(Tokenizer *tk, const char *path) {
         fail("%s: not an llm.c tokenizer file (version 2)", path);
         goto done;
     }
+    if (h[2] < vocab_size || h[2] > MAX_VOCAB || h[3] < 0 || h[3] >= vocab_size) {
+        fail("%s: tokenizer of %d tokens (end of text %d) for a model of %d: expected at least as many, "
+             "at most %d, and its end of text among the model's", path, h[2], h[3], vocab_size, MAX_VOCAB);
+        goto done;
+    }
     tk->n = h[2];
     tk->eot = h[3];
-    tk->tokens = (char **)calloc(tk->n, sizeof(char *));
+    if (!(tk->tokens = (char **)calloc_or_fail(tk->n, sizeof(char *), "the tokenizer"))) goto done;
     for (int i = 0; i < tk->n; i++) {
         unsigned char len;
-        if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d", path, i); goto done; }
-        tk->tokens[i] = (char *)calloc(len + 1, 1);
-        if (fread(tk->tokens[i], 1, len, f) != len) { fail("%s: truncated at token %d", path, i); goto done; }
+        if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d of %d", path, i, tk->n); goto done; }
+        if (!(tk->tokens[i] = (char *)calloc_or_fail(len + 1, 1, "a token"))) goto done;
+        if (fread(tk->tokens[i], 1, len, f) != len) {
+            fail("%s: truncated at token %d of %d", path, i, tk->n);
+            goto done;
+        }
     }
     rc = 0;
 done:
@@ -1162,6 +1419,8 @@ static void usage(void) {
         "  -g TOKENS   tokens to sample at the end (64)\n"
         "  -o DIR -k EVERY   checkpoint directory and interval (none)\n"
         "  -r          resume from the newest checkpoint in -o\n"
+        "  -w          start over in -o, deleting the checkpoints it holds\n"
+        "  -K KEEP     keep only the newest KEEP checkpoints, 0 = all (0)\n"
         "  -x SEED -p THREADS  (1337, all cores)\n"
         "  -z PATH     tokenizer for printing samples (data/gpt2_tokenizer.bin)\n");
 }
@@ -1169,6 +1428,17 @@ static void usage(void) {
 static int die(void) {
     fprintf(stderr, "error: %s\n", gpt_last_error());
     return 1;
+}
+
+// A whole decimal number in [lo, hi] for flag f, or -1 with a message.
+static int parse_integer(const char *f, const char *v, long long lo, long long hi, long long *out) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (errno || end == v || *end || x < lo || x > hi)
+        return fail("%s %s: expected a whole number in [%lld, %lld]", f, v, lo, hi);
+    *out = x;
+    return 0;
 }
 
 static float validation_loss(Stage *s, DataLoader *val, int *x, int *y, int batches) {
@@ -1187,58 +1457,99 @@ int main(int argc, char **argv) {
     const char *val_pat = "data/shakespeare/shakespeare_val_*.bin";
     const char *model = "tiny", *ckpt_dir = NULL, *tok_path = "data/gpt2_tokenizer.bin";
     int B = 8, T = 64, M = 1, steps = 50, warmup = 10, val_every = 25, sample_tokens = 64;
-    int ckpt_every = 0, resume = 0, threads = 0;
+    int ckpt_every = 0, resume = 0, overwrite = 0, keep = 0, threads = 0;
     float lr = 1e-3f;
     uint64_t seed = 1337;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         if (strcmp(f, "-r") == 0) { resume = 1; continue; }
+        if (strcmp(f, "-w") == 0) { overwrite = 1; continue; }
         if (f[0] != '-' || strlen(f) != 2 || i + 1 >= argc) { usage(); return 1; }
         const char *v = argv[++i];
+        // every number within the bounds that keep the run sane (threads: up to 4 per core)
+        struct { char flag; int *to; long long lo, hi; } ints[] = {
+            {'b', &B, 1, INT_MAX}, {'t', &T, 1, MAX_SEQ_LEN}, {'a', &M, 1, 1024}, {'n', &steps, 0, MAX_CHECKPOINT_STEP},
+            {'u', &warmup, 0, MAX_CHECKPOINT_STEP}, {'v', &val_every, 0, MAX_CHECKPOINT_STEP},
+            {'g', &sample_tokens, 0, 100000}, {'k', &ckpt_every, 0, MAX_CHECKPOINT_STEP},
+            {'K', &keep, 0, MAX_CHECKPOINT_STEP}, {'p', &threads, 0, 4 * (cores > 0 ? cores : 1)},
+        };
+        int known = 0;
+        for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
+            long long x = 0;
+            if (ints[k].flag != f[1]) continue;
+            if (parse_integer(f, v, ints[k].lo, ints[k].hi, &x)) return die();
+            *ints[k].to = (int)x;
+            known = 1;
+        }
+        if (known) continue;
         switch (f[1]) {
         case 'i': train_pat = v; break;
         case 'j': val_pat = v; break;
         case 'e': model = v; break;
-        case 'b': B = atoi(v); break;
-        case 't': T = atoi(v); break;
-        case 'a': M = atoi(v); break;
-        case 'n': steps = atoi(v); break;
-        case 'l': lr = (float)atof(v); break;
-        case 'u': warmup = atoi(v); break;
-        case 'v': val_every = atoi(v); break;
-        case 'g': sample_tokens = atoi(v); break;
+        case 'l': {
+            char *end;
+            lr = strtof(v, &end);
+            if (end == v || *end || !isfinite(lr) || lr <= 0.0f || lr > 10.0f) {
+                fprintf(stderr, "error: -l %s: expected a learning rate in (0, 10]\n", v);
+                return 1;
+            }
+            break;
+        }
         case 'o': ckpt_dir = v; break;
-        case 'k': ckpt_every = atoi(v); break;
-        case 'x': seed = strtoull(v, NULL, 10); break;
-        case 'p': threads = atoi(v); break;
+        case 'x': {
+            char *end;
+            errno = 0;
+            seed = strtoull(v, &end, 10);
+            if (errno || end == v || *end || v[0] == '-') {
+                fprintf(stderr, "error: -x %s: expected a seed in [0, 2^64)\n", v);
+                return 1;
+            }
+            break;
+        }
         case 'z': tok_path = v; break;
         default: usage(); return 1;
         }
     }
-    if (M < 1 || steps < 0) { fprintf(stderr, "error: -a and -n must be positive\n"); return 1; }
+    if ((resume || overwrite || keep || ckpt_every) && !ckpt_dir) {
+        fprintf(stderr, "error: -r, -w, -k and -K need a checkpoint directory (-o)\n");
+        return 1;
+    }
+    if (resume && overwrite) { fprintf(stderr, "error: -r continues what -w would delete: pick one\n"); return 1; }
     gpt_set_threads(threads);
     GPTConfig cfg;
     int from_file = gpt_config_from_name(model, &cfg) != 0;
     if (from_file && gpt_read_config(model, &cfg)) return die();
+    // everything the run needs is checked before the first step
     Stage *s = stage_create(cfg, 0, cfg.num_layers, B, T, 1);
     if (!s) return die();
     if (from_file ? stage_load(s, model) : (stage_init(s, seed), trainer_check(s))) return die();
     DataLoader *train = dataloader_open(train_pat, B, T);
-    if (!train) return die();
+    if (!train || dataloader_check_vocab(train, cfg.vocab_size)) return die();
     DataLoader *val = val_every > 0 ? dataloader_open(val_pat, B, T) : NULL;
-    if (val_every > 0 && !val) return die();
+    if (val_every > 0 && (!val || dataloader_check_vocab(val, cfg.vocab_size))) return die();
+    Tokenizer tk;
+    memset(&tk, 0, sizeof tk);
+    // no tokenizer file prints token ids; one that is there must fit the model
+    int have_tk = sample_tokens > 0 && access(tok_path, F_OK) == 0;
+    if (have_tk && tokenizer_read(&tk, tok_path, cfg.vocab_size)) return die();
+    int mode = resume ? CKPT_RESUME : overwrite ? CKPT_OVERWRITE : CKPT_FRESH;
+    int ckpt_lock = ckpt_dir ? checkpoint_dir_claim(ckpt_dir, mode, "resume it (-r) or start over (-w)") : -1;
+    if (ckpt_dir && ckpt_lock < 0) return die();
     int start = 0;
     if (resume) {
-        int64_t last = ckpt_dir ? checkpoint_latest(ckpt_dir) : -1;
+        int64_t last = checkpoint_latest_usable(ckpt_dir, &cfg);
         TrainState ts;
-        if (last < 0) { fprintf(stderr, "error: -r: no finished checkpoint in %s\n", ckpt_dir ? ckpt_dir : "(no -o)"); return 1; }
+        if (last < 0) { fprintf(stderr, "error: -r: no usable checkpoint in %s\n", ckpt_dir); return 1; }
         if (stage_read_checkpoint(s, ckpt_dir, last, &ts) || dataloader_set_position(train, ts.shard, ts.pos)) return die();
         start = (int)ts.step;
         printf("resumed from %s step %d\n", ckpt_dir, start);
     }
     size_t BT = (size_t)B * T;
-    int *x = (int *)malloc(M * BT * sizeof(int)), *y = (int *)malloc(M * BT * sizeof(int));
-    int *ops = (int *)malloc(2 * 3 * M * sizeof(int));
+    int *x = (int *)calloc_or_fail(M * BT, sizeof(int), "the inputs");
+    int *y = (int *)calloc_or_fail(M * BT, sizeof(int), "the targets");
+    int *ops = (int *)calloc_or_fail(2 * 3 * M, sizeof(int), "the op list");
+    if (!x || !y || !ops) return die();
     for (int mb = 0; mb < M; mb++) {  // one stage: F, B, W per micro-batch
         int op[6] = {OP_FWD, mb, OP_BWD_INPUT, mb, OP_BWD_WEIGHT, mb};
         memcpy(ops + 6 * mb, op, sizeof op);
@@ -1257,6 +1568,11 @@ int main(int argc, char **argv) {
         if (stage_sum_wte_grads(s)) return die();
         stage_grad_norm_parts(s, parts);
         double norm = gpt_norm_from_parts(parts, cfg.num_layers);
+        if (!isfinite(loss) || !isfinite(norm)) {
+            fprintf(stderr, "error: step %d: loss %g, grad norm %g: not finite; stopped before its update and "
+                            "checkpoint\n", step + 1, loss, norm);
+            return 1;
+        }
         float scale = norm > 1.0 ? (float)(1.0 / norm) : 1.0f;
         float step_lr = gpt_lr_at(step, lr, warmup, steps, 0.1f);
         stage_adamw(s, step_lr, 0.1f, scale, step + 1);
@@ -1270,15 +1586,15 @@ int main(int argc, char **argv) {
         if (ckpt_dir && ckpt_every > 0 && ((step + 1) % ckpt_every == 0 || step + 1 == steps)) {
             TrainState ts = {step + 1, 0, 0};
             dataloader_get_position(train, &ts.shard, &ts.pos);
-            if (stage_write_checkpoint(s, ckpt_dir, &ts) || checkpoint_commit(ckpt_dir, step + 1)) return die();
+            if (stage_write_checkpoint(s, ckpt_dir, &ts) || checkpoint_commit(ckpt_dir, step + 1) ||
+                (keep && checkpoint_prune(ckpt_dir, keep)))
+                return die();
         }
     }
     if (sample_tokens > 0) {
-        Tokenizer tk;
-        memset(&tk, 0, sizeof tk);
-        int have_tk = tokenizer_read(&tk, tok_path) == 0;
-        int prompt = have_tk ? tk.eot : 50256;
-        int *out = (int *)malloc((1 + sample_tokens) * sizeof(int));
+        int prompt = have_tk ? tk.eot : cfg.vocab_size > 50256 ? 50256 : 0;
+        int *out = (int *)calloc_or_fail(1 + sample_tokens, sizeof(int), "the sample");
+        if (!out) return die();
         if (stage_sample(s, &prompt, 1, sample_tokens, 1.0f, 40, seed, out)) return die();
         printf("sample:\n");
         for (int i = 1; i <= sample_tokens; i++) {
@@ -1287,8 +1603,9 @@ int main(int argc, char **argv) {
         }
         printf("\n");
         free(out);
-        tokenizer_free(&tk);
     }
+    tokenizer_free(&tk);
+    if (ckpt_lock >= 0) close(ckpt_lock);
     dataloader_free(train);
     dataloader_free(val);
     stage_free(s);

@@ -140,6 +140,9 @@ void dataloader_free(DataLoader *d);
 int dataloader_next(DataLoader *d, int *inputs, int *targets);
 void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos);
 int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos);
+// Checks every token of every shard against the model's vocabulary (a token
+// >= V would read outside wte); the error names the file, offset and value.
+int dataloader_check_vocab(DataLoader *d, int vocab_size);
 
 // ----------------------------------------------------------------------------
 // checkpoints: an llm.c model file plus our optimizer state, each stage
@@ -161,6 +164,19 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 int checkpoint_commit(const char *dir, int64_t step);
 // The step of the newest committed checkpoint in dir, or -1 if none.
 int64_t checkpoint_latest(const char *dir);
+// The newest committed checkpoint whose files are present and whose headers
+// and sizes fit cfg, or -1; each newer one passed over is named on stderr.
+int64_t checkpoint_latest_usable(const char *dir, const GPTConfig *cfg);
+// Makes dir this process's for its life: creates it, locks it (flock on the
+// directory, released by the kernel however the process ends), removes the
+// temporaries a dead run left, and then, by mode: CKPT_FRESH refuses a
+// directory holding checkpoints (the message ends with hint, the flags that
+// say otherwise), CKPT_OVERWRITE deletes them, CKPT_RESUME keeps them.
+// Returns the lock's descriptor (keep it open), or -1.
+enum { CKPT_FRESH, CKPT_RESUME, CKPT_OVERWRITE };
+int checkpoint_dir_claim(const char *dir, int mode, const char *hint);
+// Deletes all but the newest keep committed checkpoints (DONE marker first).
+int checkpoint_prune(const char *dir, int keep);
 
 // ----------------------------------------------------------------------------
 // device memory and NCCL (the CUDA build; on the CPU the syncs do nothing and

@@ -64,10 +64,15 @@ cdef extern from "gpt.h":
     int dataloader_next(DataLoader *d, int *inputs, int *targets)
     void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos)
     int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos)
+    int dataloader_check_vocab(DataLoader *d, int vocab_size)
     int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts)
     int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts)
     int checkpoint_commit(const char *dir, int64_t step)
     int64_t checkpoint_latest(const char *dir)
+    int64_t checkpoint_latest_usable(const char *dir, const GPTConfig *cfg)
+    int CKPT_FRESH, CKPT_RESUME, CKPT_OVERWRITE
+    int checkpoint_dir_claim(const char *dir, int mode, const char *hint)
+    int checkpoint_prune(const char *dir, int keep)
     const char *gpt_last_error()
     void gpt_set_threads(int n)
 
@@ -133,6 +138,28 @@ def commit_checkpoint(directory: str, step: int) -> None:
     check(checkpoint_commit(directory.encode(), step))
 
 
+def latest_usable_checkpoint(directory: str, config: dict) -> int:
+    """The newest committed checkpoint whose files fit config (-1: none); the
+    newer ones passed over are named on stderr."""
+    cdef GPTConfig c = config
+    return checkpoint_latest_usable(directory.encode(), &c)
+
+
+CLAIM_MODES = {"fresh": CKPT_FRESH, "resume": CKPT_RESUME, "overwrite": CKPT_OVERWRITE}
+
+
+def claim_checkpoint_dir(directory: str, mode: str, hint: str) -> int:
+    """Creates and locks directory for this process (see gpt.h); returns the
+    lock's file descriptor, which holds the lock while it stays open."""
+    fd = checkpoint_dir_claim(directory.encode(), CLAIM_MODES[mode], hint.encode())
+    check(0 if fd >= 0 else -1)
+    return fd
+
+
+def prune_checkpoints(directory: str, keep: int) -> None:
+    check(checkpoint_prune(directory.encode(), keep))
+
+
 cdef cnp.ndarray _view(float *p, size_t n, shape, owner):
     """A numpy array over C memory that keeps its owner alive."""
     if n == 0:
@@ -148,7 +175,7 @@ cdef class Model:
     """One pipeline stage: layers [lo, hi) of the GPT-2 described by config."""
     cdef Stage *s
     cdef readonly dict config
-    cdef readonly int lo, hi, B, T, slots
+    cdef readonly int lo, hi, B, T, slots, last_nops
     cdef double[:] parts
 
     def __cinit__(self, dict config, int lo, int hi, int B, int T, int slots=1):
@@ -266,10 +293,13 @@ cdef class Model:
         with nogil:
             rc = stage_run(self.s, &o[0, 0] if n else NULL, n, px, py, tr, &loss)
         check(rc)
+        self.last_nops = n
         return loss
 
     def op_times(self, int nops):
         """(nops, 2) start/end seconds of each op of the last run."""
+        if not 0 <= nops <= self.last_nops:
+            raise ValueError(f"op_times: the last run had {self.last_nops} ops, not {nops}")
         cdef const double *t = stage_op_times(self.s)
         return np.array([t[i] for i in range(2 * nops)]).reshape(nops, 2) if nops else np.zeros((0, 2))
 
@@ -284,6 +314,8 @@ cdef class Model:
         return np.asarray(self.parts).copy()
 
     def adamw(self, float lr, float weight_decay, float grad_scale, int step) -> None:
+        if step < 1:  # the bias corrections divide by 1 - beta^step
+            raise ValueError(f"adamw: step {step}, expected >= 1")
         stage_adamw(self.s, lr, weight_decay, grad_scale, step)
 
     def write_checkpoint(self, directory: str, step: int, shard: int, pos: int) -> None:
@@ -314,11 +346,14 @@ cdef class Loader:
     cdef DataLoader *d
     cdef readonly int B, T
 
-    def __cinit__(self, pattern: str, int B, int T):
+    def __cinit__(self, pattern: str, int B, int T, int vocab_size=0):
+        """With vocab_size, every token of every shard is checked against it."""
         self.d = dataloader_open(pattern.encode(), B, T)
         if self.d == NULL:
             raise GPTError(gpt_last_error().decode())
         self.B, self.T = B, T
+        if vocab_size:
+            check(dataloader_check_vocab(self.d, vocab_size))
 
     def __dealloc__(self):
         dataloader_free(self.d)

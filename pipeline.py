@@ -13,8 +13,12 @@ right (validate, validate_grid), fast (simulate) and visible (render):
 """
 
 import argparse
+import ctypes
+import hashlib
+import hmac
 import json
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -628,9 +632,11 @@ def describe_partition(config: dict, bounds: list[tuple[int, int]], seq_len: int
 # JSON for small structured data, raw little-endian arrays for numbers.
 
 WIRE_MAGIC = 0x47505452
-HELLO, TABLE, LINK, ARRAY, BLOB = range(1, 6)
-KIND_NAMES = {HELLO: "HELLO", TABLE: "TABLE", LINK: "LINK", ARRAY: "ARRAY", BLOB: "BLOB"}
+HELLO, TABLE, LINK, ARRAY, BLOB, CHALLENGE, LINKED = range(1, 8)
+KIND_NAMES = {HELLO: "HELLO", TABLE: "TABLE", LINK: "LINK", ARRAY: "ARRAY", BLOB: "BLOB", CHALLENGE: "CHALLENGE",
+              LINKED: "LINKED"}
 MAX_SMALL = 1 << 16  # JSON messages
+MAX_DEPTH = 4        # of their nesting: a TABLE is an object of a list of lists
 
 
 class ProtocolError(ValueError):
@@ -667,10 +673,31 @@ def send_json(sock: socket.socket, kind: int, obj) -> None:
     send_msg(sock, kind, json.dumps(obj).encode())
 
 
+def _nesting(raw: bytes) -> int:
+    """How deep the brackets of a JSON text nest, outside its strings:
+    checked before parsing, which recurses once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in raw:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (c == 0x5C, c != 0x22)  # backslash, quote
+        elif c == 0x22:
+            in_string = True
+        elif c in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in b"]}":
+            depth -= 1
+    return deepest
+
+
 def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
     """A JSON object with exactly the given keys of the given types."""
+    raw = recv_msg(sock, kind)
+    if _nesting(raw) > MAX_DEPTH:
+        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message (nested deeper than {MAX_DEPTH})")
     try:
-        obj = json.loads(recv_msg(sock, kind))
+        obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"malformed {KIND_NAMES[kind]} message ({e})") from None
     if not isinstance(obj, dict) or set(obj) != set(keys) or \
@@ -683,13 +710,24 @@ def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
 # rendezvous and links
 #
 # Rank 0 listens on MASTER_ADDR:MASTER_PORT. Every other rank says HELLO there
-# (job token, rank, world size, and the address of its own link listener);
-# rank 0 answers each with the TABLE of all listeners. Then, within each
-# replica, stage s connects to stage s+1 (activations forward, gradients back)
-# and the last stage to the first (the tied embedding's gradient); with D > 1
+# (rank, world size, and the address of its own link listener); rank 0
+# answers each with the TABLE of all listeners. Then, within each replica,
+# stage s connects to stage s+1 (activations forward, gradients back) and the
+# last stage to the first (the tied embedding's gradient); with D > 1
 # replicas, each rank connects to the same stage of the next replica (the
-# data-parallel ring). Each link opens with a LINK message carrying the token. The control sockets to rank 0 stay open for the small
+# data-parallel ring). Each link opens with a LINK message that its acceptor
+# answers with LINKED. The control sockets to rank 0 stay open for the small
 # collectives of each step (grad-norm parts, the loss, barriers).
+#
+# Every connection proves that both ends hold the job's secret, GPT_JOB_TOKEN,
+# without sending it: the acceptor opens with a CHALLENGE (a fresh nonce), the
+# connector's message carries an HMAC-SHA256 of that nonce and the message,
+# and the acceptor's answer an HMAC of the connector's own nonce. Each
+# connection is vetted in a thread of its own with a short deadline, so a
+# silent, slow or hostile one delays no real rank.
+
+HANDSHAKE_S = 10.0  # a real peer answers a challenge at once
+MAX_PENDING = 64    # connections being vetted at once; more are dropped
 
 
 @dataclass
@@ -700,6 +738,11 @@ class Env:
     master_addr: str
     master_port: int
     token: str
+
+
+MIN_TOKEN = 16
+TOKEN_HINT = ("export GPT_JOB_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(16))') "
+              "and pass the same value to every rank")
 
 
 def env_from(environ: dict) -> Env | None:
@@ -714,11 +757,30 @@ def env_from(environ: dict) -> Env | None:
                   int(environ.get("MASTER_PORT", "29500")), environ.get("GPT_JOB_TOKEN", ""))
     except ValueError:
         raise ValueError("RANK, WORLD_SIZE and MASTER_PORT must be integers") from None
+    if not 1 <= env.world <= 4096:
+        raise ValueError(f"WORLD_SIZE {env.world}: must be between 1 and 4096")
     if not 0 <= env.rank < env.world:
         raise ValueError(f"RANK {env.rank} is outside WORLD_SIZE {env.world}")
-    if not env.token:  # an outside launcher: every rank derives the same token
-        env.token = f"{env.master_addr}:{env.master_port}:{env.world}"
+    if not 1 <= env.master_port <= 65535:
+        raise ValueError(f"MASTER_PORT {env.master_port}: must be between 1 and 65535")
+    if len(env.token) < MIN_TOKEN:  # anything derivable from the job's address would let outsiders in
+        raise ValueError(f"GPT_JOB_TOKEN is {'too short' if env.token else 'not set'}: a job across launchers "
+                         f"needs a shared secret of at least {MIN_TOKEN} characters; {TOKEN_HINT}")
     return env
+
+
+def advertised_address(bind: str, master_addr: str, advertise: str | None) -> str:
+    """The address the other ranks reach this one at: --advertise (or
+    GPT_ADVERTISE_ADDR) when given, else the bind address, and for 0.0.0.0
+    the address of this host's interface on the route to MASTER_ADDR, which
+    every rank reaches, so it is on their network."""
+    if advertise:
+        return advertise
+    if bind != "0.0.0.0":
+        return bind
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master_addr, 9))  # a UDP connect sends nothing: it only picks the route
+        return s.getsockname()[0]
 
 
 class Rank:
@@ -814,105 +876,205 @@ def _connect(addr: tuple[str, int], deadline: float) -> socket.socket:
             time.sleep(0.05)
 
 
-def _accept(listener: socket.socket, deadline: float, check, what: str):
-    """Accepts connections until one passes check(sock) -> result; peers
-    that fail it (wrong token, malformed message) are logged and dropped."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"timed out waiting for {what}")
-        listener.settimeout(left)
+def _mac(key: bytes, kind: int, nonce: str, fields: dict) -> str:
+    body = json.dumps({k: v for k, v in fields.items() if k != "mac"}, sort_keys=True)
+    return hmac.new(key, f"{kind}|{nonce}|{body}".encode(), hashlib.sha256).hexdigest()
+
+
+NONCE = {"nonce": str}
+PROOF = {"nonce": str, "mac": str}
+
+
+def _admit(sock: socket.socket, key: bytes, kind: int, keys: dict) -> dict:
+    """The acceptor's half: challenge, then a kind message with keys whose
+    proof must match. Its answer goes back through _answer."""
+    nonce = secrets.token_hex(16)
+    send_json(sock, CHALLENGE, {"nonce": nonce})
+    msg = recv_json(sock, kind, {**keys, **PROOF})
+    if not hmac.compare_digest(msg["mac"], _mac(key, kind, nonce, msg)):
+        raise ProtocolError("wrong job token (its proof does not match)")
+    return msg
+
+
+def _answer(sock: socket.socket, key: bytes, kind: int, fields: dict, peer_nonce: str) -> None:
+    send_json(sock, kind, {**fields, "mac": _mac(key, kind, peer_nonce, fields)})
+
+
+def _join(sock: socket.socket, key: bytes, kind: int, fields: dict, reply_kind: int, reply_keys: dict) -> dict:
+    """The connector's half: answers the challenge with fields, then checks
+    the acceptor's reply, which only a holder of the token can prove."""
+    challenge = recv_json(sock, CHALLENGE, NONCE)["nonce"]
+    nonce = secrets.token_hex(16)
+    msg = {**fields, "nonce": nonce}
+    send_json(sock, kind, {**msg, "mac": _mac(key, kind, challenge, msg)})
+    reply = recv_json(sock, reply_kind, {**reply_keys, "mac": str})
+    if not hmac.compare_digest(reply["mac"], _mac(key, reply_kind, nonce, reply)):
+        raise ProtocolError(f"the peer's {KIND_NAMES[reply_kind]} does not prove the job token")
+    return reply
+
+
+class _Acceptor:
+    """Accepts on a listener in the background, vetting each connection in a
+    thread of its own (check(sock) -> result, or raises); collect() waits for
+    the first `want` that pass. Peers that fail are logged and dropped."""
+
+    def __init__(self, listener: socket.socket, deadline: float, check, want: int, what: str):
+        self.listener, self.deadline, self.check, self.want, self.what = listener, deadline, check, want, what
+        self.passed: queue.Queue = queue.Queue()
+        self.pending: set[socket.socket] = set()
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self.thread.start()
+
+    def _accept_loop(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stopped.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                if len(self.pending) >= MAX_PENDING:
+                    sock.close()
+                    continue
+                self.pending.add(sock)
+            threading.Thread(target=self._vet, args=(sock, peer), daemon=True).start()
+
+    def _vet(self, sock: socket.socket, peer) -> None:
+        sock.settimeout(max(0.1, min(HANDSHAKE_S, self.deadline - time.monotonic())))
         try:
-            sock, peer = listener.accept()
-        except socket.timeout:
-            raise TimeoutError(f"timed out waiting for {what}") from None
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            result = check(sock)
+            result = self.check(sock)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (ProtocolError, ConnectionError, OSError, struct.error) as e:
-            print(f"warning: rejected a connection from {peer[0]}:{peer[1]} waiting for {what}: {e}",
-                  file=sys.stderr)
+            if not self.stopped.is_set():
+                print(f"warning: rejected a connection from {peer[0]}:{peer[1]} waiting for {self.what}: {e}",
+                      file=sys.stderr)
             sock.close()
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, result
+            result = None
+        with self.lock:
+            self.pending.discard(sock)
+        if result is not None:
+            self.passed.put((sock, result))
+
+    def collect(self) -> list:
+        got = []
+        while len(got) < self.want:
+            try:
+                got.append(self.passed.get(timeout=max(0.0, self.deadline - time.monotonic())))
+            except queue.Empty:
+                raise TimeoutError(f"timed out waiting for {self.what}") from None
+        return got
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        with self.lock:
+            for sock in self.pending:
+                sock.close()
 
 
-def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, stages: int | None = None) -> Rank:
+def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, advertise: str | None = None,
+                  stages: int | None = None) -> Rank:
     """Rendezvous through rank 0, then the neighbour, tied and data-parallel
     links of a grid of world / stages replicas (one replica by default)."""
     me = Rank(env.rank, env.world, timeout, stages)
     deadline = time.monotonic() + timeout
+    key = env.token.encode()
+    S, r = env.world, env.rank
     links = _listen(bind, 0)
-    advertise = socket.gethostbyname(socket.gethostname()) if bind == "0.0.0.0" else bind
-    mine = [advertise, links.getsockname()[1]]
-    hello_keys = {"token": str, "rank": int, "world": int, "host": str, "port": int}
+    mine = [advertised_address(bind, env.master_addr, advertise), links.getsockname()[1]]
+    acceptors = []
+
+    # this rank's links in the grid, (attribute, role, peer): the ones it
+    # opens (forward, the tied one from the last stage, the ring's to the next
+    # replica) and the ones it accepts
+    stages, replicas, stage, replica = me.stages, me.replicas, me.stage, me.replica
+
+    def here(stage: int, replica: int) -> int:
+        return grid_rank(stage, replica, stages)
+    outgoing = [("next", "pipe", here(stage + 1, replica))] if stage + 1 < stages else []
+    incoming = [("prev", "pipe", here(stage - 1, replica))] if stage > 0 else []
+    if stages > 1 and stage == stages - 1:
+        outgoing.append(("tied", "tied", here(0, replica)))
+    if stages > 1 and stage == 0:
+        incoming.append(("tied", "tied", here(stages - 1, replica)))
+    if replicas > 1:
+        outgoing.append(("replica_next", "ring", here(stage, (replica + 1) % replicas)))
+        incoming.append(("replica_prev", "ring", here(stage, (replica - 1) % replicas)))
+    expected, expected_lock = list(incoming), threading.Lock()
+
+    def expect_link(sock):  # any link still expected, in whatever order they arrive
+        h = _admit(sock, key, LINK, {"rank": int, "role": str})
+        with expected_lock:
+            k = next((k for k, (_, role, peer) in enumerate(expected) if (peer, role) == (h["rank"], h["role"])),
+                     None)
+            if k is None:
+                raise ProtocolError(f"unexpected {h['role']} link from rank {h['rank']}")
+            attr = expected.pop(k)[0]
+        _answer(sock, key, LINKED, {"rank": r}, h["nonce"])
+        return attr
+
+    def open_link(addr, role: str, peer: int) -> socket.socket:
+        sock = _connect(tuple(addr), deadline)
+        _join(sock, key, LINK, {"rank": r, "role": role}, LINKED, {"rank": int})
+        return sock
+
     try:
-        if env.rank == 0:
-            table = [mine] + [None] * (env.world - 1)
-            me.control = [None] * env.world
+        # the links are accepted in the background from the start, so no rank
+        # waits on one that is itself still connecting
+        if incoming:
+            waiting = ", ".join(f"rank {peer}'s {role} link" for _, role, peer in incoming)
+            acceptors.append(_Acceptor(links, deadline, expect_link, len(incoming), waiting))
+        if r == 0:
+            table = [mine] + [None] * (S - 1)
+            me.control = [None] * S
+            claimed, lock = set(), threading.Lock()
+            hello_keys = {"rank": int, "world": int, "host": str, "port": int}
+
+            def hello(sock):
+                h = _admit(sock, key, HELLO, hello_keys)
+                if h["world"] != S or not 0 < h["rank"] < S or not 0 < h["port"] < 65536 or len(h["host"]) > 255:
+                    raise ProtocolError(f"unexpected rank {h['rank']} of {h['world']} at {h['host'][:64]}:{h['port']}")
+                with lock:
+                    if h["rank"] in claimed:
+                        raise ProtocolError(f"rank {h['rank']} joined twice")
+                    claimed.add(h["rank"])
+                return h
+
             with _listen(bind if bind != "127.0.0.1" else env.master_addr, env.master_port) as rdv:
-                def hello(sock):
-                    h = recv_json(sock, HELLO, hello_keys)
-                    if not secrets.compare_digest(h["token"], env.token):
-                        raise ProtocolError("wrong job token")
-                    if h["world"] != env.world or not 0 < h["rank"] < env.world or table[h["rank"]]:
-                        raise ProtocolError(f"unexpected rank {h['rank']} of {h['world']}")
-                    return h
-                for _ in range(env.world - 1):
-                    sock, h = _accept(rdv, deadline, hello, "the other ranks to join")
-                    table[h["rank"]] = [h["host"], h["port"]]
-                    me.control[h["rank"]] = sock
-            for r in range(1, env.world):
-                send_json(me.control[r], TABLE, {"token": env.token, "table": table})
+                joining = _Acceptor(rdv, deadline, hello, S - 1, "the other ranks to join")
+                try:
+                    joined = joining.collect()
+                finally:
+                    joining.close()
+            for sock, h in joined:
+                table[h["rank"]] = [h["host"], h["port"]]
+                me.control[h["rank"]] = sock
+            for sock, h in joined:
+                _answer(sock, key, TABLE, {"table": table}, h["nonce"])
         else:
             ctl = _connect((env.master_addr, env.master_port), deadline)
             me.control = [ctl]
-            send_json(ctl, HELLO, {"token": env.token, "rank": env.rank, "world": env.world,
-                                   "host": mine[0], "port": mine[1]})
-            reply = recv_json(ctl, TABLE, {"token": str, "table": list})
-            if not secrets.compare_digest(reply["token"], env.token):
-                raise ProtocolError("rank 0 answered with another job's token")
+            reply = _join(ctl, key, HELLO, {"rank": r, "world": S, "host": mine[0], "port": mine[1]},
+                          TABLE, {"table": list})
             table = reply["table"]
+            if len(table) != S or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and
+                                          isinstance(e[1], int) and 0 < e[1] < 65536 for e in table):
+                raise ProtocolError("rank 0 sent a malformed TABLE")
 
-        def link_hello(sock, role: str, peer: int):
-            send_json(sock, LINK, {"token": env.token, "rank": env.rank, "role": role})
-
-        S, D, s, d = me.stages, me.replicas, me.stage, me.replica
-
-        def here(stage: int, replica: int) -> int:
-            return grid_rank(stage, replica, S)
-        # connect forward; the other end accepts: (attribute, role, peer)
-        outgoing = [("next", "pipe", here(s + 1, d))] if s + 1 < S else []
-        incoming = [("prev", "pipe", here(s - 1, d))] if s > 0 else []
-        if S > 1 and s == S - 1:
-            outgoing.append(("tied", "tied", here(0, d)))
-        if S > 1 and s == 0:
-            incoming.append(("tied", "tied", here(S - 1, d)))
-        if D > 1:
-            outgoing.append(("replica_next", "ring", here(s, (d + 1) % D)))
-            incoming.append(("replica_prev", "ring", here(s, (d - 1) % D)))
         for attr, role, peer in outgoing:
-            sock = _connect(tuple(table[peer]), deadline)
-            setattr(me, attr, sock)
-            link_hello(sock, role, peer)
-
-        def expect_link(sock):  # any link still expected, in whatever order they arrive
-            h = recv_json(sock, LINK, {"token": str, "rank": int, "role": str})
-            if not secrets.compare_digest(h["token"], env.token):
-                raise ProtocolError("wrong job token")
-            for k, (attr, role, peer) in enumerate(incoming):
-                if h["rank"] == peer and h["role"] == role:
-                    return incoming.pop(k)[0]
-            raise ProtocolError(f"unexpected {h['role']} link from rank {h['rank']}")
-        while incoming:
-            waiting = ", ".join(f"rank {peer}'s {role} link" for _, role, peer in incoming)
-            sock, attr = _accept(links, deadline, expect_link, waiting)
-            setattr(me, attr, sock)
+            setattr(me, attr, open_link(table[peer], role, peer))
+        for acceptor in acceptors:
+            for sock, attr in acceptor.collect():
+                setattr(me, attr, sock)
     except BaseException:
         me.close()
         raise
     finally:
+        for acceptor in acceptors:
+            acceptor.close()
         links.close()
     for s in me.control:
         if s:
@@ -941,14 +1103,32 @@ def _root_cause(failures: dict[int, str]) -> tuple[int, str]:
     return min(failures.items())
 
 
+def launched_rank() -> bool:
+    """Whether this process is a rank that launch started."""
+    return "GPT_LAUNCHER_PID" in os.environ
+
+
+def follow_launcher() -> None:
+    """In a rank of launch: have the kernel kill this process when the
+    launcher ends, however it ends (SIGKILL included), and end now if it
+    already has (it died before the request)."""
+    if not launched_rank() or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(os.environ["GPT_LAUNCHER_PID"]):
+        os._exit(1)
+
+
 def launch(argv: list[str], world: int, script: str, grace: float = 3.0, env: dict | None = None) -> int:
     """Runs `python script argv` as ranks 0..world-1 on this machine (with env
     added to their environment) and watches them: when one fails, the others
     are stopped within seconds and the failing rank is named. Returns the exit
-    status for the launcher."""
-    token = secrets.token_hex(16)
+    status for the launcher. The ranks share a secret made here, and die with
+    the launcher."""
+    token = secrets.token_hex(32)
     base = dict(os.environ, **(env or {}), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()), GPT_JOB_TOKEN=token)
+                MASTER_PORT=str(_free_port()), GPT_JOB_TOKEN=token, GPT_LAUNCHER_PID=str(os.getpid()))
     procs, errors = [], {}
 
     def relay(r: int, stream) -> None:

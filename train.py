@@ -20,8 +20,10 @@ prints one line per step, validation loss at intervals, and a sample at the end.
 
 import argparse
 import json
+import math
 import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +43,10 @@ WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")  # the rest are per layer
 
 class UsageError(Exception):
     """Bad flags or input: reported as one line and exit status 2."""
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss): one line and exit status 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -79,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="checkpoint every N steps (0: only at the end, if --checkpoint-dir is set)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a --checkpoint-dir that holds checkpoints, deleting them")
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                   help="keep only the newest K checkpoints (0: all)")
     p.add_argument("--seed", type=int, default=1337, help="init and sampling seed")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: the cores shared out)")
     p.add_argument("--stages", type=int, default=None,
@@ -98,7 +108,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds without progress from a peer before a rank gives up")
     p.add_argument("--bind", default="127.0.0.1",
                    help="address the ranks listen on (0.0.0.0 for a job across machines)")
+    p.add_argument("--advertise", default=os.environ.get("GPT_ADVERTISE_ADDR"), metavar="ADDR",
+                   help="address the other ranks reach this one at (default: GPT_ADVERTISE_ADDR, else --bind, "
+                        "else with --bind 0.0.0.0 this host's address on the route to MASTER_ADDR)")
     return p.parse_args(argv)
+
+
+# what each numeric flag may be: far past any sensible run, small enough that
+# nothing overflows or runs for ever (checkpoint names hold 8 digits of steps)
+MAX_STEPS = 99_999_999
+MAX_SAMPLE_TOKENS = 100_000
+MAX_MICRO_BATCHES = 1024
+MAX_STAGES = 64
+THREADS_PER_CORE = 4
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in range, before anything is read, built or written."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ints = {"steps": (0, MAX_STEPS), "warmup": (0, MAX_STEPS), "eval_every": (0, MAX_STEPS),
+            "checkpoint_every": (0, MAX_STEPS), "keep_checkpoints": (0, MAX_STEPS),
+            "sample_tokens": (0, MAX_SAMPLE_TOKENS), "threads": (0, THREADS_PER_CORE * cores),
+            "micro_batches": (1, MAX_MICRO_BATCHES), "stages": (1, MAX_STAGES), "dp": (1, MAX_STAGES), "seed": (0, 2**64 - 1),
+            "top_k": (1, 2**31 - 1), "batch_size": (1, 2**31 - 1), "seq_len": (1, 2**31 - 1)}
+    for flag, (lo, hi) in ints.items():
+        if not lo <= getattr(args, flag) <= hi:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be between {lo} and {hi}")
+    floats = {"lr": (0.0, 10.0, False), "temperature": (0.0, 100.0, True), "peer_timeout": (0.0, 86400.0, False)}
+    for flag, (lo, hi, lo_ok) in floats.items():
+        x = getattr(args, flag)
+        if not (math.isfinite(x) and (lo <= x if lo_ok else lo < x) and x <= hi):
+            opening = "[" if lo_ok else "("
+            raise UsageError(f"--{flag.replace('_', '-')} {x}: must be a number in {opening}{lo:g}, {hi:g}]")
 
 
 # what a run on each kind of device starts from, flag by flag
@@ -141,20 +182,17 @@ class Plan:
     micro_batch: int        # sequences per micro-batch
     train_pattern: str
     val_pattern: str | None
-    tokenizer: str | None
-    stages: int             # S
-    replicas: int           # D; rank r is stage r % S of replica r // S
-    zero: int
-    bounds: list            # per stage: [lo, hi) of its layers
-    # per rank: the op lists ([kind, mb or bucket] pairs) of a training step, of
-    # what follows the optimizer step, of a validation pass; its activation slots
-    train_ops: list
-    after_ops: list
-    val_ops: list
-    slots: list
+    tokenizer: list[bytes] | None  # what each token id decodes to, for the sample
+    train_loader: object           # gpt.Loader, every shard checked against the vocabulary
+    val_loader: object | None
+    prompt: list[int]              # the sample's start: EOT, then --prompt
+    lock: int | None               # holds --checkpoint-dir while open (see claim_checkpoint_dir)
 
 
-def make_plan(args: argparse.Namespace, gpt) -> Plan:
+def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
+    """Everything the run will need, checked before step 1; with claim, the
+    checkpoint directory locked for this process (rank 0 and the launcher)."""
+    check_flags(args)
     try:
         config = gpt.read_config(args.init_from) if args.init_from else gpt.config_from_name(args.model)
     except gpt.GPTError as e:
@@ -170,28 +208,93 @@ def make_plan(args: argparse.Namespace, gpt) -> Plan:
     if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
                          + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
-    for flag in ("steps", "warmup", "eval_every", "sample_tokens", "checkpoint_every", "threads"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must not be negative")
     try:
         bounds = pipeline.partition(config, S, args.seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.resume and not args.checkpoint_dir:
-        raise UsageError("--resume needs --checkpoint-dir")
-    if args.checkpoint_dir:
-        check_writable(args.checkpoint_dir)
-    train_pattern, val_pattern, tokenizer = prepare_data(args)
-    # the op lists of every rank, checked; the validator's peaks are what the executors allocate
+    for flag in ("resume", "overwrite", "keep_checkpoints"):
+        if getattr(args, flag) and not args.checkpoint_dir:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --checkpoint-dir")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the checkpoints that --overwrite deletes: pick one")
+    if args.trace:
+        check_trace_path(args)
+    lock = claim_checkpoint_dir(args, gpt) if claim and args.checkpoint_dir else None
+    B, T, V = args.batch_size // (m * D), args.seq_len, config["vocab_size"]
+    if args.data in ("shakespeare", "tinyshakespeare"):
+        try:
+            files = prepare(args.data_dir, args.data, progress=True)
+        except RuntimeError as e:
+            hint = " use --data shakespeare, which needs no network" if str(e).endswith("offline?") else ""
+            raise UsageError(f"--data {args.data}: {e}{hint}") from None
+        train_pattern, val_pattern, tokenizer = files.train, files.val, files.tokenizer
+    else:
+        train_pattern, val_pattern = args.data, args.val_data
+        tokenizer = os.path.join(args.data_dir, "gpt2_tokenizer.bin")
+        tokenizer = tokenizer if os.path.exists(tokenizer) else None
+    try:
+        train_loader = gpt.Loader(train_pattern, B, T, V)
+        val_loader = gpt.Loader(val_pattern, B, T, V) if val_pattern and args.eval_every else None
+    except gpt.GPTError as e:
+        raise UsageError(str(e)) from None
+    token_bytes, prompt = None, [EOT]
+    if args.sample_tokens:
+        if tokenizer:
+            token_bytes = read_tokenizer(tokenizer)
+            if len(token_bytes) < V:
+                raise UsageError(f"{tokenizer}: {len(token_bytes)} tokens, fewer than the model's vocabulary of {V}")
+        # <|endoftext|> in the prompt is the separator the model was trained on
+        prompt += gpt2_encoding().encode(args.prompt, allowed_special={"<|endoftext|>"}) if args.prompt else []
+        if max(prompt) >= V:
+            raise UsageError(f"--prompt: token {max(prompt)} is outside the model's vocabulary of {V} "
+                             f"(the sample starts with end-of-text, {EOT}; use --sample-tokens 0)")
+    return Plan(config, B, train_pattern, val_pattern, token_bytes, train_loader, val_loader, prompt, lock)
+
+
+@dataclass
+class GridPlan:
+    """The ranks' shares of the work, made once (by the launcher, or by rank 0
+    under an outside launcher) and handed to every rank: rank r is stage
+    r % S of replica r // S."""
+    stages: int             # S
+    replicas: int           # D
+    zero: int
+    bounds: list            # per stage: [lo, hi) of its layers
+    # per rank: the op lists ([kind, mb or bucket] pairs) of a training step, of
+    # what follows the optimizer step, of a validation pass; its activation slots
+    train_ops: list
+    after_ops: list
+    val_ops: list
+    slots: list
+
+
+def make_grid_plan(args: argparse.Namespace, config: dict) -> GridPlan:
+    """The partition, every rank's op lists, checked; the validator's peaks
+    are what the executors allocate."""
+    S, D, m = args.stages, args.dp, args.micro_batches
+    try:
+        bounds = pipeline.partition(config, S, args.seq_len)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     buckets = [hi - lo + 1 for lo, hi in bounds]
     train_ops, after_ops = pipeline.grid_schedule(args.schedule, S, D, m, buckets, args.zero)
     val_ops = [pipeline.forward_only(S, VAL_BATCHES)[r % S] for r in range(S * D)]
     train_peak = pipeline.validate_grid(train_ops, S, m, buckets=buckets).peak_held
     val_peak = pipeline.validate_grid(val_ops, S, VAL_BATCHES, training=False).peak_held
     pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets)
-    return Plan(config, args.batch_size // (m * D), train_pattern, val_pattern, tokenizer, S, D, args.zero,
-                [list(b) for b in bounds], as_pairs(train_ops), as_pairs(after_ops), as_pairs(val_ops),
-                [max(a, b) for a, b in zip(train_peak, val_peak)])
+    return GridPlan(S, D, args.zero, [list(b) for b in bounds], as_pairs(train_ops), as_pairs(after_ops),
+                    as_pairs(val_ops), [max(a, b) for a, b in zip(train_peak, val_peak)])
+
+
+def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> GridPlan:
+    """This job's grid plan: made here for a single rank, else our launcher's
+    (GPT_PLAN) or, under an outside launcher, rank 0's through the rendezvous."""
+    if ctx.world == 1:
+        return make_grid_plan(args, config)
+    blob = os.environ.get("GPT_PLAN", "").encode()
+    if not blob:
+        blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"")
+    return grid_plan_from_json(blob, ctx.world)
 
 
 def as_pairs(lists: list) -> list:
@@ -203,19 +306,18 @@ def is_pair(x) -> bool:
     return isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
 
 
-PLAN_FIELDS = {"config": dict, "micro_batch": int, "train_pattern": str, "val_pattern": (str, type(None)),
-               "tokenizer": (str, type(None)), "stages": int, "replicas": int, "zero": int, "bounds": list,
-               "train_ops": list, "after_ops": list, "val_ops": list, "slots": list}
+GRID_PLAN_FIELDS = {"stages": int, "replicas": int, "zero": int, "bounds": list, "train_ops": list,
+                    "after_ops": list, "val_ops": list, "slots": list}
 
 
-def plan_from_json(blob: bytes, world: int) -> Plan:
+def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
     """The launcher's plan, checked field by field: it is parsed, not trusted."""
     try:
         d = json.loads(blob)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the launcher's plan is not JSON ({e})") from None
-    if not isinstance(d, dict) or set(d) != set(PLAN_FIELDS) or \
-            not all(isinstance(d[k], t) for k, t in PLAN_FIELDS.items()):
+    if not isinstance(d, dict) or set(d) != set(GRID_PLAN_FIELDS) or \
+            not all(isinstance(d[k], t) for k, t in GRID_PLAN_FIELDS.items()):
         raise ValueError("the launcher's plan is malformed")
     S, D = d["stages"], d["replicas"]
     if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
@@ -224,28 +326,29 @@ def plan_from_json(blob: bytes, world: int) -> Plan:
             not all(isinstance(ops, list) and all(is_pair(op) and op[0] < len(pipeline.NAMES) for op in ops)
                     for k in ("train_ops", "after_ops", "val_ops") for ops in d[k]):
         raise ValueError(f"the launcher's plan does not describe {world} ranks")
-    return Plan(**d)
+    return GridPlan(**d)
 
-
-def prepare_data(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
-    """The train and val shard patterns and the tokenizer file, preparing the
-    offline corpus on first use."""
-    if args.data in ("shakespeare", "tinyshakespeare"):
-        files = prepare(args.data_dir, args.data, progress=True)
-        return files.train, files.val, files.tokenizer
-    tokenizer = os.path.join(args.data_dir, "gpt2_tokenizer.bin")
-    return args.data, args.val_data, tokenizer if os.path.exists(tokenizer) else None
-
-
-def check_writable(directory: str) -> None:
+def check_trace_path(args: argparse.Namespace) -> None:
+    if args.stages < 2:
+        raise UsageError("--trace: the timeline is of a pipeline; it needs --stages 2 or more")
+    probe = f"{args.trace}.{os.getpid()}.tmp"  # the launcher and every rank check it, at once
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".probe.{os.getpid()}")
-        with open(probe, "wb"):
+        with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f"--checkpoint-dir {directory}: not writable ({e.strerror})") from None
+        raise UsageError(f"--trace {args.trace}: cannot write ({e.strerror})") from None
+
+
+def claim_checkpoint_dir(args: argparse.Namespace, gpt) -> int:
+    """Locks --checkpoint-dir for this process's life (the descriptor returned
+    holds the lock), refusing a fresh run into another run's checkpoints."""
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "fresh"
+    try:
+        return gpt.claim_checkpoint_dir(args.checkpoint_dir, mode, "continue it with --resume or start over "
+                                        "with --overwrite (which deletes them)")
+    except gpt.GPTError as e:
+        raise UsageError(f"--checkpoint-dir: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -282,15 +385,15 @@ class Stage:
         return float(self.ctx.allreduce(np.array([mine]))[0])
 
 
-def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> Stage:
+def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, grid: GridPlan) -> Stage:
     r = ctx.rank
-    lo, hi = plan.bounds[ctx.stage]
+    lo, hi = grid.bounds[ctx.stage]
     if args.device == "cuda":  # one GPU per rank while there are enough, else they share
         local = int(os.environ.get("LOCAL_RANK", r))
         os.environ.setdefault("GPT_DEVICE", str(local % gpt.device_count()))
-    model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, plan.slots[r])
+    model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, grid.slots[r])
     model.set_peers(*ctx.fds(), args.peer_timeout)
-    model.set_replicas(*ctx.replica_fds(), ctx.replica, ctx.replicas, plan.zero)
+    model.set_replicas(*ctx.replica_fds(), ctx.replica, ctx.replicas, grid.zero)
     if use_nccl(args, gpt, ctx.world):
         # one id for the pipelines' sends, then one per stage for its replicas' collectives
         count = 1 + (ctx.stages if ctx.replicas > 1 else 0)
@@ -299,7 +402,7 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -
         model.set_nccl(ids[:size], ctx.world, r)
         if ctx.replicas > 1:
             model.set_replica_nccl(ids[size * (1 + ctx.stage):size * (2 + ctx.stage)], ctx.replicas, ctx.replica)
-    return Stage(model, ctx, as_ops(plan.train_ops[r]), as_ops(plan.after_ops[r]), as_ops(plan.val_ops[r]))
+    return Stage(model, ctx, as_ops(grid.train_ops[r]), as_ops(grid.after_ops[r]), as_ops(grid.val_ops[r]))
 
 
 def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
@@ -339,20 +442,22 @@ def gather_params(stage: Stage) -> dict | None:
     return {k: v[0] if k in WHOLE_TENSORS else np.concatenate(v) for k, v in parts.items()}
 
 
-def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None:
+def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
+    plan = make_plan(args, gpt, claim=ctx.rank == 0)
+    grid = grid_plan_of(args, ctx, plan.config)
     cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
-    S, D = plan.stages, plan.replicas
+    S, D = grid.stages, grid.replicas
     gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
-    stage = build_stage(args, gpt, ctx, plan)
+    stage = build_stage(args, gpt, ctx, plan, grid)
     model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
-    loader = gpt.Loader(plan.train_pattern, B, T)
+    loader = plan.train_loader
     start = 0
     if args.resume:
-        # rank 0 decides which checkpoint; the others follow
-        mine = gpt.checkpoint_latest_step(args.checkpoint_dir) if ctx.rank == 0 else 0
+        # rank 0 decides which checkpoint (the newest whose files are whole); the others follow
+        mine = gpt.latest_usable_checkpoint(args.checkpoint_dir, cfg) if ctx.rank == 0 else 0
         last = int(ctx.allreduce(np.array([mine]))[0])
         if last < 0:
-            raise UsageError(f"--resume: no finished checkpoint in {args.checkpoint_dir}")
+            raise UsageError(f"--resume: no finished checkpoint in {args.checkpoint_dir} that this run can use")
         start, shard, pos = model.read_checkpoint(args.checkpoint_dir, last)
         loader.position = (shard, pos)
         say(f"resumed from {args.checkpoint_dir} at step {start}")
@@ -360,12 +465,12 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None
         model.load(args.init_from)
     else:
         model.init(args.seed)
-    grid = f" x {D} replicas (zero {plan.zero})" if D > 1 else ""
+    replicas = f" x {D} replicas (zero {grid.zero})" if D > 1 else ""
     say(f"model L={L} NH={cfg['num_heads']} C={cfg['channels']} | batch {args.batch_size} x {T} tokens "
         f"in {m} micro-batch(es){' per replica' if D > 1 else ''} | {args.steps} steps | "
-        f"{S} stage(s), {args.schedule}{grid} | {args.device}")
+        f"{S} stage(s), {args.schedule}{replicas} | {args.device}")
     if S > 1:
-        say(pipeline.describe_partition(cfg, [tuple(b) for b in plan.bounds], T))
+        say(pipeline.describe_partition(cfg, [tuple(b) for b in grid.bounds], T))
     timeline = []  # per step: (op start/end times) for the trace and the bubble
     for step in range(start, args.steps):
         t0 = time.perf_counter()
@@ -373,6 +478,7 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None
         x, y = next_batch(loader, m * D)
         mine = slice(ctx.replica * m, (ctx.replica + 1) * m)
         loss_sum = stage.run(stage.train_ops, x[mine], y[mine], training=True)
+        timeline.append(model.op_times(len(stage.train_ops)))
         model.sum_wte_grads()
         # a (tensor, layer) part is the sum of squares of one stage's gradient,
         # over replica d's chunk on replica d: the sum over ranks adds
@@ -380,17 +486,20 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None
         # parts in one canonical order, as one stage would
         total = ctx.allreduce(np.append(model.grad_norm_parts(), loss_sum if ctx.last else 0.0))
         norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / (m * D)
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # every rank sees the same sums
+            raise TrainingError(f"step {step + 1}: loss {loss:g}, grad norm {norm:g}: not finite; stopped "
+                                f"before its update and checkpoint")
         lr = gpt.lr_at(step, args.lr, args.warmup, args.steps, MIN_LR_FRAC)
         model.adamw(lr, WEIGHT_DECAY, MAX_GRAD_NORM / norm if norm > MAX_GRAD_NORM else 1.0, step + 1)
         if len(stage.after_ops):
             stage.run(stage.after_ops, None, None, training=False)
         dt = time.perf_counter() - t0
-        timeline.append(model.op_times(len(stage.train_ops)))
         say(f"step {step + 1}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | norm {norm:.4f} | "
             f"{dt * 1e3:.0f} ms | {args.batch_size * T / dt:.0f} tok/s", flush=True)
         done = step + 1 == args.steps
-        if plan.val_pattern and args.eval_every and ((step + 1) % args.eval_every == 0 or done):
-            val = gpt.Loader(plan.val_pattern, B, T)
+        if plan.val_loader and ((step + 1) % args.eval_every == 0 or done):
+            val = plan.val_loader
+            val.position = (0, 0)
             x, y = next_batch(val, VAL_BATCHES)
             say(f"val loss {stage.run(stage.val_ops, x, y, training=False) / VAL_BATCHES:.6f}", flush=True)
         if args.checkpoint_dir and ((args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or done):
@@ -399,9 +508,11 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None
             ctx.barrier()  # every rank's slices are in the files before they are published
             if ctx.rank == 0:
                 gpt.commit_checkpoint(args.checkpoint_dir, step + 1)
+                if args.keep_checkpoints:
+                    gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
     if S > 1 and timeline:
-        report_pipeline(args, stage, plan, timeline, say)
+        report_pipeline(args, stage, grid, timeline, say)
     if ctx.world > 1:
         report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
@@ -410,10 +521,9 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
             if ctx.world > 1:
                 whole.set_params(params)
-            prompt = [EOT] + (gpt2_encoding().encode(args.prompt) if args.prompt else [])
-            out = whole.sample(np.array(prompt), args.sample_tokens, args.temperature, args.top_k, args.seed)
+            out = whole.sample(np.array(plan.prompt), args.sample_tokens, args.temperature, args.top_k, args.seed)
             ids = out[1:]
-            text = decode(read_tokenizer(plan.tokenizer), ids) if plan.tokenizer else " ".join(map(str, ids))
+            text = decode(plan.tokenizer, ids) if plan.tokenizer else " ".join(map(str, ids))
             print("sample:\n" + text)
 
 
@@ -421,14 +531,14 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan) -> None
 # where the time went: the measured timeline against the simulator's
 
 
-def report_pipeline(args: argparse.Namespace, stage: Stage, plan: Plan, timeline: list, say) -> None:
+def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, timeline: list, say) -> None:
     mine = json.dumps([t.tolist() for t in timeline]).encode()
     blobs = stage.ctx.gather_blobs(mine)
     if blobs is None:
         return
-    S = plan.stages
+    S = grid.stages
     # replica 0's pipeline, without the collectives that follow its backward
-    ranks_ops = [[pipeline.Op(*op) for op in plan.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
+    ranks_ops = [[pipeline.Op(*op) for op in grid.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
                  for r in range(S)]
     times = [[step[:len(ranks_ops[r])] for step in json.loads(b)]  # [rank][step][op] = [start, end]
              for r, b in enumerate(blobs[:S])]
@@ -495,42 +605,51 @@ def report_traffic(stage: Stage, steps: int, say) -> None:
             + f" | peak RSS {got['peak_mib']:.0f} MiB")
 
 
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: one line, and a
+    launcher stops its ranks. (Ranks of our launcher die with it instead.)"""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
+    pipeline.follow_launcher()
+    if not pipeline.launched_rank():
+        interrupt_on_signals()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     stages_given = args.stages is not None
     ctx, errors = None, (UsageError,)
     try:
         gpt = load_trainer(args)
-        errors = (gpt.GPTError, ValueError, OSError)
+        errors = (gpt.GPTError, ValueError, OSError, TrainingError)
         env = pipeline.env_from(os.environ)
         if env is None and args.stages * args.dp > 1:
-            # bad flags and data fail here, once, before any rank starts; the ranks get this plan
-            plan = make_plan(args, gpt)
+            # bad flags and data fail here, once, before any rank starts, and the grid's plan is made
+            plan = make_plan(args, gpt, claim=True)
+            grid = make_grid_plan(args, plan.config)
+            if plan.lock is not None:
+                os.close(plan.lock)  # rank 0 claims the directory for the run
+            del plan  # and the ranks read the data
             return pipeline.launch(argv, args.stages * args.dp, os.path.abspath(__file__),
-                                   env={"GPT_PLAN": json.dumps(asdict(plan))})
-        if env is None:
-            ctx = pipeline.Rank(timeout=args.peer_timeout)
-            plan = make_plan(args, gpt)
-        else:
+                                   env={"GPT_PLAN": json.dumps(asdict(grid))})
+        if env is not None:
             if not stages_given:
                 args.stages = max(1, env.world // max(1, args.dp))
             if args.stages * args.dp != env.world:
                 raise UsageError(f"WORLD_SIZE {env.world} is not --stages {args.stages} x --dp {args.dp} ranks")
-            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout, args.stages)
-            # our launcher's plan, or under an outside launcher rank 0's, sent through the rendezvous
-            blob = os.environ.get("GPT_PLAN", "").encode()
-            if not blob:
-                if ctx.rank == 0:
-                    blob = json.dumps(asdict(make_plan(args, gpt))).encode()
-                else:
-                    prepare_data(args)
-                blob = ctx.broadcast(blob)
-            plan = plan_from_json(blob, env.world)
-        train(args, gpt, ctx, plan)
+            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout, args.advertise, args.stages)
+        else:
+            ctx = pipeline.Rank(timeout=args.peer_timeout)
+        train(args, gpt, ctx)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

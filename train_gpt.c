@@ -466,12 +466,10 @@ static int slot_alloc(Stage *s, Slot *a) {
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) total += bufs[i].n;
-    a->memory = calloc(total, sizeof(float));
-    a->inputs = calloc(BT, sizeof(int));
-    a->targets = calloc(BT, sizeof(int));
-    if (!a->memory || !a->inputs || !a->targets)
-        return fail("out of memory: activations for one micro-batch need %.1f MiB",
-                    total * 4.0 / (1 << 20));
+    a->memory = calloc_or_fail(total, sizeof(float), "the activations of one micro-batch");
+    a->inputs = calloc_or_fail(BT, sizeof(int), "a micro-batch's inputs");
+    a->targets = calloc_or_fail(BT, sizeof(int), "a micro-batch's targets");
+    if (!a->memory || !a->inputs || !a->targets) return -1;
     float *p = a->memory;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { *bufs[i].p = p; p += bufs[i].n; }
     return 0;
@@ -479,23 +477,22 @@ static int slot_alloc(Stage *s, Slot *a) {
 
 Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
-    Stage *s = calloc(1, sizeof(Stage));
+    Stage *s = calloc_or_fail(1, sizeof(Stage), "the stage");
+    if (!s) return NULL;
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
     s->links = links_make(lo, hi);
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
-    s->params = calloc(P, sizeof(float));
-    s->grads = calloc(P, sizeof(float));
-    s->m = calloc(P, sizeof(float));
-    s->v = calloc(P, sizeof(float));
-    s->dwte_embed = s->y.first ? calloc(s->y.sizes[P_WTE], sizeof(float)) : NULL;
-    s->scratch_c = calloc(BTC, sizeof(float));
-    s->scratch_4c = calloc(4 * BTC, sizeof(float));
-    s->slots = calloc(slots, sizeof(Slot));
+    s->params = calloc_or_fail(P, sizeof(float), "the parameters");
+    s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
+    s->m = calloc_or_fail(P, sizeof(float), "AdamW's m");
+    s->v = calloc_or_fail(P, sizeof(float), "AdamW's v");
+    s->dwte_embed = s->y.first ? calloc_or_fail(s->y.sizes[P_WTE], sizeof(float), "d(wte) of the embedding") : NULL;
+    s->scratch_c = calloc_or_fail(BTC, sizeof(float), "the (B,T,C) scratch");
+    s->scratch_4c = calloc_or_fail(4 * BTC, sizeof(float), "the (B,T,4C) scratch");
+    s->slots = calloc_or_fail(slots, sizeof(Slot), "the activation slots");
     if (!s->params || !s->grads || !s->m || !s->v || (s->y.first && !s->dwte_embed) ||
         !s->scratch_c || !s->scratch_4c || !s->slots) {
-        fail("out of memory: %zu parameters need %.1f MiB with gradients and AdamW state",
-             P, P * 16.0 / (1 << 20));
         stage_free(s);
         return NULL;
     }

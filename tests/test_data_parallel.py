@@ -282,7 +282,7 @@ def test_killed_rank_of_a_grid_ends_the_job_and_resume_is_bitwise(data_dir, tmp_
     checkpoint resumes as 1 stage x 2 replicas with --zero 1 and ends bitwise
     where an uninterrupted 2 x 2 run does."""
     ckpt, steps = str(tmp_path / "killed"), 30
-    p, _ = start_long_run(data_dir, ckpt, "--micro-batches", "2", "--steps", str(steps), "--stages", "2", "--dp", "2")
+    p, _ = start_long_run(data_dir, ckpt, 2, "--micro-batches", "2", "--steps", str(steps), "--dp", "2")
     pids = rank_pids(p.pid)
     assert sorted(pids) == [0, 1, 2, 3]
     started = time.monotonic()

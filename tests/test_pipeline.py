@@ -5,6 +5,7 @@ the job's ranks; a dying rank ends the job quickly and cleanly."""
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -79,8 +80,8 @@ def free_port() -> int:
 def test_two_launchers_on_localhost_match(data_dir, tmp_path, one_stage):
     """The multi-host path: each process is one rank, as srun or torchrun start them."""
     ckpt = str(tmp_path)
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    env.pop("GPT_JOB_TOKEN", None)
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               GPT_JOB_TOKEN=secrets.token_hex(16))  # the outside launcher's shared secret
     cmd = [sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--steps", "3", "--checkpoint-dir", ckpt]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (1, 0)]  # rank 1 first: it waits
@@ -192,9 +193,17 @@ def test_mismatched_op_lists_are_reported_not_mixed_up():
 # rendezvous
 
 
+def assert_connected(rank0: pipeline.Rank, rank1: pipeline.Rank) -> None:
+    """The two ranks' control link carries an allreduce."""
+    sums = [None, None]
+    run_threads([lambda: sums.__setitem__(0, rank0.allreduce(np.array([1.0]))),
+                 lambda: sums.__setitem__(1, rank1.allreduce(np.array([2.0])))])
+    assert sums[0][0] == sums[1][0] == 3.0
+
+
 def test_rendezvous_rejects_wrong_token_and_malformed_messages(capsys):
     port = free_port()
-    env0 = pipeline.Env(0, 2, "127.0.0.1", port, "secret")
+    env0 = pipeline.Env(0, 2, "127.0.0.1", port, "secret" * 4)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("rank0", pipeline.connect_ranks(env0, timeout=20)))
     t.start()
@@ -202,6 +211,7 @@ def test_rendezvous_rejects_wrong_token_and_malformed_messages(capsys):
 
     def intruder(payload: bytes, kind=pipeline.HELLO) -> bytes:
         s = pipeline._connect(("127.0.0.1", port), deadline)
+        pipeline.recv_json(s, pipeline.CHALLENGE, pipeline.NONCE)
         pipeline.send_msg(s, kind, payload)
         s.settimeout(5)
         try:
@@ -211,20 +221,20 @@ def test_rendezvous_rejects_wrong_token_and_malformed_messages(capsys):
         finally:
             s.close()
 
-    hello = {"token": "wrong", "rank": 1, "world": 2, "host": "127.0.0.1", "port": 1}
-    assert intruder(json.dumps(hello).encode()) == b""
+    s = pipeline._connect(("127.0.0.1", port), deadline)  # the whole handshake, with another secret
+    with pytest.raises((ConnectionError, pipeline.ProtocolError)):
+        pipeline._join(s, b"wrong", pipeline.HELLO, {"rank": 1, "world": 2, "host": "127.0.0.1", "port": 1},
+                       pipeline.TABLE, {"table": list})
+    s.close()
     assert intruder(b"{not json") == b""
-    assert intruder(json.dumps({"token": "secret"}).encode()) == b""
+    assert intruder(json.dumps({"token": "secret" * 4}).encode()) == b""
     assert intruder(b"\x00" * 8, kind=99) == b""
-    rank1 = pipeline.connect_ranks(pipeline.Env(1, 2, "127.0.0.1", port, "secret"), timeout=20)
+    rank1 = pipeline.connect_ranks(pipeline.Env(1, 2, "127.0.0.1", port, "secret" * 4), timeout=20)
     t.join(timeout=30)
     rank0 = result["rank0"]
     try:
         assert rank0.next is not None and rank0.tied is not None and rank1.prev is not None
-        sums = [None, None]
-        run_threads([lambda: sums.__setitem__(0, rank0.allreduce(np.array([1.0]))),
-                     lambda: sums.__setitem__(1, rank1.allreduce(np.array([2.0])))])
-        assert sums[0][0] == sums[1][0] == 3.0
+        assert_connected(rank0, rank1)
     finally:
         rank0.close()
         rank1.close()
@@ -261,12 +271,11 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_long_run(data_dir: str, ckpt: str, *flags: str) -> tuple[subprocess.Popen, list[str]]:
-    """A run checkpointing every step (3 stages, endless, unless flags say
-    otherwise), returned once it has printed step 3."""
-    flags = flags or ("--steps", "100000", "--stages", "3")
-    p = subprocess.Popen([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, *flags,
-                          "--checkpoint-dir", ckpt, "--checkpoint-every", "1"],
+def start_long_run(data_dir: str, ckpt: str, stages: int = 3, *flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """A run of endless steps (unless flags, which come last, say otherwise),
+    returned at step 3 (so checkpoints 1 and 2 are published)."""
+    p = subprocess.Popen([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--steps", "100000",
+                          "--stages", str(stages), "--checkpoint-dir", ckpt, "--checkpoint-every", "1", *flags],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True).start()

@@ -361,10 +361,8 @@ def prepare_tinyshakespeare(data_dir: str, progress: bool) -> DataFiles:
                 _write_atomic(input_path, [r.read()])
         except OSError as e:  # URLError is an OSError
             reason = getattr(e, "reason", e)
-            raise RuntimeError(
-                f"cannot download {TINYSHAKESPEARE_URL} ({reason}); "
-                "offline? use --source shakespeare"
-            ) from e
+            # the caller names its own flag for the offline source
+            raise RuntimeError(f"cannot download {TINYSHAKESPEARE_URL} ({reason}); offline?") from e
     tokenize_tinyshakespeare(input_path, files, progress)
     return files
 
@@ -387,7 +385,10 @@ def main() -> None:
     try:
         files = prepare(args.data_dir, args.source)
     except (RuntimeError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        hint = " use --source shakespeare, which needs no network" if str(e).endswith("offline?") else ""
+        sys.exit(f"error: {e}{hint}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted")
     for split in ("train", "val"):
         path = getattr(files, split)
         print(f"{split}: {path} ({_check_shard(path):,} tokens)")

@@ -1,0 +1,147 @@
+"""The rendezvous under hostile peers: garbage, oversized and deeply nested
+messages, a wrong token, silent connections held open, an impostor who knows
+the address and port, a fake rank 0. The real ranks still connect, within
+the peer timeout, or a rank fails with a line naming the cause."""
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import pipeline
+from tests.test_pipeline import assert_connected, free_port
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+TIMEOUT = 8.0
+
+
+def start_rank(rank: int, port: int, world: int = 2, token: str = TOKEN) -> tuple[threading.Thread, dict]:
+    """connect_ranks in a thread; its Rank or its exception land in the dict."""
+    out = {}
+
+    def go():
+        started = time.monotonic()
+        try:
+            out["rank"] = pipeline.connect_ranks(pipeline.Env(rank, world, "127.0.0.1", port, token), timeout=TIMEOUT)
+        except Exception as e:
+            out["error"] = e
+        out["seconds"] = time.monotonic() - started
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, out
+
+
+def connect(port: int) -> socket.socket:
+    return pipeline._connect(("127.0.0.1", port), time.monotonic() + 5)
+
+
+def garbage(port: int) -> None:
+    with connect(port) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 4)
+
+
+def oversized(port: int) -> None:
+    with connect(port) as s:
+        s.sendall(struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.HELLO, 1 << 40))
+
+
+def deeply_nested(port: int) -> None:
+    with connect(port) as s:
+        pipeline.recv_json(s, pipeline.CHALLENGE, pipeline.NONCE)
+        pipeline.send_msg(s, pipeline.HELLO, b"[" * 30000 + b"]" * 30000)
+
+
+def wrong_token(port: int) -> None:
+    with connect(port) as s, pytest.raises((ConnectionError, pipeline.ProtocolError, OSError)):
+        pipeline._join(s, b"not the job's token, but long", pipeline.HELLO,
+                       {"rank": 1, "world": 2, "host": "127.0.0.1", "port": 1}, pipeline.TABLE, {"table": list})
+
+
+def impostor(port: int) -> None:
+    """Knows the address, port and world size: the token the launcher used
+    to derive from them opens nothing now."""
+    with connect(port) as s, pytest.raises((ConnectionError, pipeline.ProtocolError, OSError)):
+        pipeline._join(s, f"127.0.0.1:{port}:2".encode(), pipeline.HELLO,
+                       {"rank": 1, "world": 2, "host": "127.0.0.1", "port": 1}, pipeline.TABLE, {"table": list})
+
+
+def test_real_ranks_connect_past_hostile_peers(capfd):
+    port = free_port()
+    rank0, out0 = start_rank(0, port)
+    silent = [connect(port) for _ in range(3)]  # held open, saying nothing, for the whole rendezvous
+    for attack in (garbage, oversized, deeply_nested, wrong_token, impostor):
+        attack(port)
+    rank1, out1 = start_rank(1, port)
+    rank0.join(30)
+    rank1.join(30)
+    for s in silent:
+        s.close()
+    assert "error" not in out0 and "error" not in out1, (out0.get("error"), out1.get("error"))
+    a, b = out0["rank"], out1["rank"]
+    try:
+        assert max(out0["seconds"], out1["seconds"]) < TIMEOUT / 2, "a silent peer delayed the real ones"
+        assert_connected(a, b)
+    finally:
+        a.close()
+        b.close()
+    err = capfd.readouterr().err
+    for cause in ("bad magic", "more than 65536", "nested deeper than 4", "wrong job token"):
+        assert cause in err, (cause, err)
+
+
+def test_alone_with_hostile_peers_rank_0_times_out_naming_the_wait():
+    port = free_port()
+    rank0, out0 = start_rank(0, port)
+    silent = connect(port)
+    wrong_token(port)
+    rank0.join(30)
+    silent.close()
+    assert isinstance(out0["error"], TimeoutError)
+    assert "timed out waiting for the other ranks to join" in str(out0["error"])
+    assert TIMEOUT - 0.5 < out0["seconds"] < TIMEOUT + 3
+
+
+def test_a_fake_rank_0_cannot_prove_the_token():
+    """Someone listening on MASTER_PORT first gets a HELLO it cannot use and
+    cannot answer with a TABLE the real rank accepts."""
+    port = free_port()
+    listener = pipeline._listen("127.0.0.1", port)
+    rank1, out1 = start_rank(1, port)
+    sock, _ = listener.accept()
+    sock.settimeout(5)
+    pipeline.send_json(sock, pipeline.CHALLENGE, {"nonce": "00" * 16})
+    hello = json.loads(pipeline.recv_msg(sock, pipeline.HELLO))
+    assert TOKEN not in json.dumps(hello)
+    pipeline.send_json(sock, pipeline.TABLE, {"table": [["127.0.0.1", 1], ["127.0.0.1", 2]], "mac": "0" * 64})
+    rank1.join(30)
+    sock.close()
+    listener.close()
+    assert isinstance(out1["error"], pipeline.ProtocolError)
+    assert "does not prove the job token" in str(out1["error"])
+
+
+@pytest.mark.parametrize("depth,ok", [(4, True), (5, False)])
+def test_nesting_is_bounded_before_parsing(depth, ok):
+    a, b = socket.socketpair()
+    text = "[" * depth + "]" * depth
+    pipeline.send_msg(a, pipeline.HELLO, json.dumps({"x": json.loads(text[1:-1]) if depth > 1 else 0}).encode())
+    if ok:
+        assert pipeline.recv_json(b, pipeline.HELLO, {"x": list})
+    else:
+        with pytest.raises(pipeline.ProtocolError, match="nested deeper than 4"):
+            pipeline.recv_json(b, pipeline.HELLO, {"x": list})
+    # brackets inside strings are text, not nesting
+    pipeline.send_msg(a, pipeline.HELLO, json.dumps({"x": "[[[[[[[[\\\"{{{{"}).encode())
+    assert pipeline.recv_json(b, pipeline.HELLO, {"x": str})["x"] == "[[[[[[[[\\\"{{{{"
+    a.close()
+    b.close()
+
+
+def test_advertised_address():
+    assert pipeline.advertised_address("127.0.0.1", "127.0.0.1", None) == "127.0.0.1"
+    assert pipeline.advertised_address("0.0.0.0", "127.0.0.1", None) == "127.0.0.1"  # the route to MASTER_ADDR
+    assert pipeline.advertised_address("0.0.0.0", "127.0.0.1", "10.1.2.3") == "10.1.2.3"
