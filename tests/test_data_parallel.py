@@ -270,7 +270,8 @@ def test_bad_grid_flags(data_dir, flags, words):
 
 
 def test_world_size_must_be_stages_times_dp(data_dir):
-    env = dict(os.environ, RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+               GPT_JOB_TOKEN="a-shared-secret-of-32-characters")
     r = subprocess.run([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--stages", "2", "--dp", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0
