@@ -35,10 +35,11 @@
 // errors: one line, kept until the next failure
 
 #ifdef __cplusplus
-static thread_local char g_error[1024];
+#define THREAD_LOCAL thread_local
 #else
-static _Thread_local char g_error[1024];
+#define THREAD_LOCAL _Thread_local
 #endif
+static THREAD_LOCAL char g_error[1024];
 
 const char *gpt_last_error(void) { return g_error; }
 
@@ -904,14 +905,66 @@ typedef struct {
     int32_t header[4];      // WIRE_* kind, mb, bytes, magic
     char *payload;
     size_t nbytes, done;    // header + payload bytes
+    double *wire;           // a paced send: its link's clock (see link pacing); NULL until it starts
 } Transfer;
 
-// Moves what the socket takes now; returns bytes moved, or (size_t)-1 when
-// the peer is gone.
-static size_t transfer_step(Transfer *x) {
+// ----------------------------------------------------------------------------
+// link pacing (train.py --link-gbps G --link-latency-us U): one machine
+// behaves like ranks on slower links
+//
+// The model is the alpha-beta one that plan.py uses for every message: a
+// message of n bytes takes U + 8n/G to arrive. Each link (a socket, in the
+// direction this end sends) has a clock: when its wire has finished
+// serialising what it was handed. A message starts at max(clock, now) + U;
+// then a chunk of c bytes goes to the socket only once the wire would have
+// serialised it, at clock + 8c/G, and the clock moves on by what the socket
+// took. So the receiver sees the last byte U + 8n/G after the start, and
+// messages queued back to back on a link share its bandwidth. Only sends are
+// paced: each end paces what it sends, so both directions of a link are
+// paced, independently (full duplex). Time spent waiting for the pacer is not
+// a silent peer, so it never counts towards the peer timeout; a peer that
+// stops reading still stalls the socket, and that does. The pace is one per
+// process (every rank's links alike, as the flag is per job); the clocks are
+// per thread, as one thread drives a rank's transport (and a test may run
+// two stages on two threads of one process). The rendezvous and the step's
+// small collectives over the control sockets (pipeline.py) are not paced.
+
+#define PACE_CHUNK 65536    // bytes per paced send: 5 ms at 0.1 Gb/s, 52 us at 10 Gb/s
+#define PACED_LINKS 32
+
+static double g_link_bps, g_link_latency_s;  // bits per second (0: unpaced), seconds per message
+static THREAD_LOCAL struct { int fd; double clock; } g_wires[PACED_LINKS];
+
+int gpt_set_link_pace(double gbps, double latency_us) {
+    if (!(gbps >= 0 && gbps <= 1e6) || !(latency_us >= 0 && latency_us <= 1e7))
+        return fail("link pace %g Gb/s, %g us: expected 0 (unpaced) to 1e6 Gb/s and 0 to 1e7 us", gbps, latency_us);
+    g_link_bps = gbps * 1e9;
+    g_link_latency_s = latency_us * 1e-6;
+    return 0;
+}
+
+static int link_paced(void) { return g_link_bps > 0 || g_link_latency_s > 0; }
+
+// The clock of fd's wire: its own, or one at rest (a clock in the past is
+// as good as new; fds are reused after a close). NULL when all are busy.
+static double *wire_clock(int fd, double now) {
+    int rest = -1;
+    for (int i = 0; i < PACED_LINKS; i++) {
+        if (g_wires[i].fd == fd + 1) return &g_wires[i].clock;  // fd + 1, so a zeroed entry is nobody's
+        if (rest < 0 && g_wires[i].clock <= now) rest = i;
+    }
+    if (rest < 0) return NULL;
+    g_wires[rest].fd = fd + 1;
+    return &g_wires[rest].clock;
+}
+
+// Moves what the socket takes now, at most `most` bytes; returns bytes
+// moved, or (size_t)-1 when the peer is gone.
+static size_t transfer_step(Transfer *x, size_t most) {
     size_t hb = sizeof x->header, off = x->done;
     char *p = off < hb ? (char *)x->header + off : x->payload + (off - hb);
     size_t n = off < hb ? hb - off : x->nbytes - off;
+    if (n > most) n = most;
     ssize_t r = x->sending ? send(x->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
                            : recv(x->fd, p, n, MSG_DONTWAIT);
     if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
@@ -936,6 +989,7 @@ static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_
     x->payload = (char *)buf;
     x->nbytes = sizeof x->header + nbytes;
     x->done = 0;
+    x->wire = NULL;
 }
 
 static const char *wire_name(int32_t kind) {
@@ -949,12 +1003,14 @@ static const char *link_name(const Links *k, int fd) {
 }
 
 // Moves n transfers to completion together, checking each received header
-// against the one expected.
+// against the one expected. A paced send waits for its wire (link pacing)
+// while the others move.
 static int transfers_run(const Links *k, Transfer *xs, int n) {
     double last_progress = now_seconds();
     for (;;) {
         struct pollfd pf[MAX_GROUP];
         int idx[MAX_GROUP], np = 0, pending = 0;
+        double now = now_seconds(), pace_wait = INFINITY;  // until the first paced send may go on
         for (int i = 0; i < n; i++) {
             if (xs[i].done == xs[i].nbytes) continue;
             pending++;
@@ -963,24 +1019,44 @@ static int transfers_run(const Links *k, Transfer *xs, int n) {
             for (int j = 0; j < i; j++)
                 older |= xs[j].fd == xs[i].fd && xs[j].sending == xs[i].sending && xs[j].done < xs[j].nbytes;
             if (older) continue;
+            if (xs[i].sending && link_paced()) {
+                if (!xs[i].wire) {  // the message starts: its latency, after what the wire still carries
+                    if (!(xs[i].wire = wire_clock(xs[i].fd, now)))
+                        return fail("stage [%d,%d): more than %d paced links", k->lo, k->hi, PACED_LINKS);
+                    *xs[i].wire = fmax(*xs[i].wire, now) + g_link_latency_s;
+                }
+                size_t chunk = xs[i].nbytes - xs[i].done < PACE_CHUNK ? xs[i].nbytes - xs[i].done : PACE_CHUNK;
+                double ready = *xs[i].wire + (g_link_bps > 0 ? 8.0 * chunk / g_link_bps : 0.0);
+                if (ready > now) {
+                    pace_wait = fmin(pace_wait, ready - now);
+                    continue;
+                }
+            }
             pf[np].fd = xs[i].fd;
             pf[np].events = xs[i].sending ? POLLOUT : POLLIN;
             pf[np].revents = 0;
             idx[np++] = i;
         }
         if (!pending) return 0;
-        int r = poll(pf, np, 1000);
+        if (pace_wait < INFINITY) last_progress = now;  // waiting for our own wire, not for a peer
+        // poll counts in ms: a shorter wait for the pacer polls without blocking, then sleeps it
+        int r = np ? poll(pf, np, pace_wait < 1.0 ? (int)(pace_wait * 1e3) : 1000) : 0;
         if (r < 0 && errno != EINTR) return fail("poll failed: %s", strerror(errno));
+        if (r <= 0 && (np == 0 || pace_wait < 1e-3)) {
+            struct timespec ts = {0, (long)(fmin(pace_wait, 0.5) * 1e9)};
+            nanosleep(&ts, NULL);
+        }
         for (int q = 0; q < np && r > 0; q++) {
             Transfer *x = &xs[idx[q]];
             if (!pf[q].revents) continue;
             int32_t want[3] = {x->header[0], x->header[1], x->header[2]};
             const char *side = link_name(k, x->fd);
-            size_t moved = transfer_step(x);
+            size_t moved = transfer_step(x, x->wire ? PACE_CHUNK : SIZE_MAX);
             if (moved == (size_t)-1)
                 return fail("stage [%d,%d): the %s closed the link during %s of %s mb %d", k->lo, k->hi,
                             side, x->sending ? "a send" : "a receive", wire_name(want[0]), want[1]);
             if (moved) last_progress = now_seconds();
+            if (x->wire && g_link_bps > 0) *x->wire += 8.0 * moved / g_link_bps;
             if (!x->sending && moved && x->done == sizeof x->header &&
                 (x->header[3] != LINK_MAGIC || x->header[0] != want[0] || x->header[1] != want[1] ||
                  x->header[2] != want[2]))

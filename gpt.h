@@ -203,6 +203,10 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 
 const char *gpt_last_error(void);
 void gpt_set_threads(int n);
+// Paces every socket link of this process to gbps Gb/s plus latency_us per
+// message (0, 0: unpaced), so one machine behaves like ranks on slower links.
+// The model is written next to the code, in common.h's transport.
+int gpt_set_link_pace(double gbps, double latency_us);
 
 #ifdef __cplusplus
 }

@@ -75,6 +75,7 @@ cdef extern from "gpt.h":
     int checkpoint_prune(const char *dir, int keep)
     const char *gpt_last_error()
     void gpt_set_threads(int n)
+    int gpt_set_link_pace(double gbps, double latency_us)
 
 FWD, BWD_INPUT, BWD_WEIGHT = OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
@@ -106,6 +107,11 @@ def read_config(path: str) -> dict:
 
 def set_threads(n: int) -> None:
     gpt_set_threads(n)
+
+
+def set_link_pace(gbps: float, latency_us: float = 0.0) -> None:
+    """Every socket link of this process at gbps Gb/s plus latency_us per message (0, 0: unpaced)."""
+    check(gpt_set_link_pace(gbps, latency_us))
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total_steps: int, min_frac: float = 0.1) -> float:

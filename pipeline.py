@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import queue
@@ -302,8 +303,11 @@ def _peak_held(ops: list[Op]) -> int:
                 continue
             first.setdefault(ops[i].mb, k)
             last[ops[i].mb] = k
-    return max((sum(first[mb] <= k <= last[mb] for mb in first) for k in range(len(segments))),
-               default=0)
+    held = [0] * (len(segments) + 1)  # +1 where a lifetime starts, -1 after it ends
+    for mb in first:
+        held[first[mb]] += 1
+        held[last[mb] + 1] -= 1
+    return max(itertools.accumulate(held[:-1]), default=0)
 
 
 def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> ValidationResult:
@@ -1215,6 +1219,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--comm", type=float, default=0.0, help="time of one transfer")
     p.add_argument("--width", type=int, default=120, help="target width of the drawing")
     p.set_defaults(run=show)
+    import plan  # the model of a step at scale, built on this file's schedules and simulator
+    p = commands.add_parser("plan", help="model one training step on a cluster, for every layout")
+    plan.add_arguments(p)
+    p.set_defaults(run=plan.run)
     args = parser.parse_args(argv)
     args.run(args)
 

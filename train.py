@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write every rank's measured timeline as a Chrome trace (Perfetto, chrome://tracing)")
+    p.add_argument("--link-gbps", type=float, default=None, metavar="G",
+                   help="pace every socket link to G Gb/s, so one machine behaves like ranks on slower links")
+    p.add_argument("--link-latency-us", type=float, default=None, metavar="U",
+                   help="and add U microseconds per message (the pacing model is in common.h)")
     p.add_argument("--peer-timeout", type=float, default=120.0,
                    help="seconds without progress from a peer before a rank gives up")
     p.add_argument("--bind", default="127.0.0.1",
@@ -134,9 +138,12 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, (lo, hi) in ints.items():
         if not lo <= getattr(args, flag) <= hi:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be between {lo} and {hi}")
-    floats = {"lr": (0.0, 10.0, False), "temperature": (0.0, 100.0, True), "peer_timeout": (0.0, 86400.0, False)}
+    floats = {"lr": (0.0, 10.0, False), "temperature": (0.0, 100.0, True), "peer_timeout": (0.0, 86400.0, False),
+              "link_gbps": (0.0, 1e6, False), "link_latency_us": (0.0, 1e6, False)}
     for flag, (lo, hi, lo_ok) in floats.items():
         x = getattr(args, flag)
+        if x is None:  # a flag whose default is off
+            continue
         if not (math.isfinite(x) and (lo <= x if lo_ok else lo < x) and x <= hi):
             opening = "[" if lo_ok else "("
             raise UsageError(f"--{flag.replace('_', '-')} {x}: must be a number in {opening}{lo:g}, {hi:g}]")
@@ -208,6 +215,7 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
                          + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
+    check_link_pace(args, gpt)
     try:
         bounds = pipeline.partition(config, S, args.seq_len)
     except ValueError as e:
@@ -327,6 +335,13 @@ def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
                     for k in ("train_ops", "after_ops", "val_ops") for ops in d[k]):
         raise ValueError(f"the launcher's plan does not describe {world} ranks")
     return GridPlan(**d)
+
+
+def check_link_pace(args: argparse.Namespace, gpt) -> None:
+    if (args.link_gbps or args.link_latency_us) and use_nccl(args, gpt, args.stages * args.dp):
+        raise UsageError("--link-gbps/--link-latency-us pace the socket transport, and these GPU ranks talk "
+                         "over NCCL: add --transport socket to pace them")
+
 
 def check_trace_path(args: argparse.Namespace) -> None:
     if args.stages < 2:
@@ -448,6 +463,7 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
     cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
     S, D = grid.stages, grid.replicas
     gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
+    gpt.set_link_pace(args.link_gbps or 0.0, args.link_latency_us or 0.0)
     stage = build_stage(args, gpt, ctx, plan, grid)
     model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
     loader = plan.train_loader

@@ -1,0 +1,157 @@
+"""plan.py against hand-computed cases: the pipeline simulator, the alpha-beta
+formulas, the trainer's own parameter counts, and bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gpt
+import pipeline
+import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = dict(plan.model_config("d12"))
+FREE = plan.Link(float("inf"), 0.0)
+
+
+def cluster(gpus: int, via: plan.Link = FREE, overlap: bool = True, per_node: int = 8) -> plan.Cluster:
+    return plan.Cluster(gpus, per_node, via, via, flops=1e15, achieved=0.5, memory=80 * 2**30, hbm=3e12,
+                        overlap=overlap)
+
+
+def layer_costs(f: float, b: float, w: float, optimizer: float = 0.0) -> plan.OpCosts:
+    """Every layer the same and no embedding or head: a balanced pipeline."""
+    return plan.OpCosts((0.0, f, 0.0), (0.0, b, 0.0), (0.0, w, 0.0), optimizer)
+
+
+@pytest.mark.parametrize("schedule", list(pipeline.SCHEDULES))
+def test_pipeline_with_free_communication_is_the_simulators_bubble(schedule):
+    # a vocabulary small enough that the partition cuts 12 layers into 4 x 3
+    cfg, S, m = dict(CFG, vocab_size=100, padded_vocab_size=128), 4, 8
+    assert pipeline.partition(cfg, S, 64) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    costs = layer_costs(1.0, 1.2, 0.7)
+    got = plan.evaluate(cfg, cluster(S), plan.Batch(m, 1, 64), plan.Layout(S, 1, 0, schedule), costs)
+    per_stage = 3
+    timeline = pipeline.simulate(pipeline.schedule(schedule, S, m),
+                                 pipeline.Costs(per_stage * 1.0, per_stage * 1.2, per_stage * 0.7))
+    assert got.comm == 0.0
+    assert got.step == pytest.approx(timeline.step_time, rel=1e-12)
+    assert got.bubble / got.step == pytest.approx(timeline.bubble_fraction, rel=1e-12)
+
+
+def test_unbalanced_pipeline_step_is_the_simulators_plus_the_optimizer():
+    # the real per-layer formula (the head outweighs layers), the optimizer after the pipeline
+    S, m, batch = 2, 4, plan.Batch(4, 1, 64)
+    costs = plan.flop_costs(CFG, batch, cluster(S))
+    got = plan.evaluate(CFG, cluster(S), batch, plan.Layout(S, 1, 0, "1f1b"), costs)
+    bounds = pipeline.partition(CFG, S, 64)
+    f, b, w = zip(*(costs.stage(CFG, lo, hi, 1) for lo, hi in bounds))
+    timeline = pipeline.simulate(pipeline.schedule("1f1b", S, m), pipeline.Costs(list(f), list(b), list(w)))
+    optimizer = max(plan.stage_params(CFG, lo, hi) for lo, hi in bounds) * costs.optimizer
+    assert got.step == pytest.approx(timeline.step_time + optimizer, rel=1e-12)
+    assert got.compute == pytest.approx(max(m * (f[r] + b[r] + w[r]) + plan.stage_params(CFG, *bounds[r])
+                                            * costs.optimizer for r in range(S)), rel=1e-12)
+
+
+def ring_gather(nbytes: float, g: int, bandwidth: float, latency: float) -> float:
+    return (g - 1) / g * nbytes / bandwidth + (g - 1) * latency  # written out here, not taken from plan
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fsdp_communication_is_the_alpha_beta_formula(overlap):
+    # Without overlap everything is exposed; with overlap and no compute to hide
+    # behind, too: per micro-batch every layer is gathered twice (bf16) and its
+    # fp32 gradients reduce-scattered once.
+    D, m, via = 4, 3, plan.Link(25e9, 5e-6)
+    costs = layer_costs(0.0, 0.0, 0.0)
+    got = plan.evaluate(CFG, cluster(D, via, overlap), plan.Batch(D * m, 1, 64), plan.Layout(1, D, 3), costs)
+    units = plan.fsdp_units(CFG, 0, CFG["num_layers"])
+    want = m * sum(2 * ring_gather(2 * p, D, 25e9, 5e-6) + ring_gather(4 * p, D, 25e9, 5e-6) for p in units)
+    assert got.comm == pytest.approx(want, rel=1e-12)
+    assert sum(units) == plan.model_params(CFG)
+
+
+def test_fsdp_overlap_hides_all_but_the_first_gather_and_the_last_reduce_scatter():
+    D, via = 4, plan.Link(25e9, 5e-6)
+    costs = layer_costs(10.0, 10.0, 10.0)  # every layer's compute far longer than any transfer
+    got = plan.evaluate(CFG, cluster(D, via), plan.Batch(D, 1, 64), plan.Layout(1, D, 3), costs)
+    units = plan.fsdp_units(CFG, 0, CFG["num_layers"])
+    first, last = units[0], units[-1]
+    # the forward's first gather is layer 0's, the backward's is the last layer's, its last reduce-scatter layer 0's
+    want = ring_gather(2 * first, D, 25e9, 5e-6) + ring_gather(2 * last, D, 25e9, 5e-6) \
+        + ring_gather(4 * first, D, 25e9, 5e-6)
+    assert got.comm == pytest.approx(want, rel=1e-12)
+
+
+def test_data_parallel_all_reduce_after_the_last_backward():
+    D, via = 8, plan.Link(50e9, 2e-6)
+    got = plan.evaluate(CFG, cluster(D, via, overlap=False), plan.Batch(D, 1, 64), plan.Layout(1, D, 0),
+                        layer_costs(1.0, 1.0, 1.0))
+    P = plan.model_params(CFG)
+    assert got.comm == pytest.approx(2 * (D - 1) / D * 4 * P / 50e9 + 2 * (D - 1) * 2e-6, rel=1e-12)
+
+
+def trainer_params(cfg: dict, lo: int, hi: int) -> int:
+    model = gpt.Model({k: v for k, v in cfg.items() if k != "tied"}, lo, hi, 1, 8, 1)
+    return sum(v.size for v in model.params().values())
+
+
+def test_parameter_counts_are_the_trainers():
+    cfg = plan.model_config("tiny")
+    assert plan.model_params(cfg) == trainer_params(cfg, 0, 4)
+    assert plan.stage_params(cfg, 0, 2) + plan.stage_params(cfg, 2, 4) == \
+        trainer_params(cfg, 0, 2) + trainer_params(cfg, 2, 4)  # the last stage holds a copy of wte
+
+
+@pytest.mark.parametrize("layout", [plan.Layout(1, 4, 0), plan.Layout(1, 4, 3), plan.Layout(4, 1, 0, "gpipe"),
+                                    plan.Layout(2, 2, 3, "zb-h1")])
+def test_memory_per_gpu_is_the_sum_of_its_parts(layout):
+    m = 4
+    batch = plan.Batch(m * layout.dp, 1, 128)
+    got = plan.evaluate(CFG, cluster(4), batch, layout, layer_costs(1.0, 1.0, 1.0))
+    mem = got.memory
+    assert mem.total == mem.weights + mem.gradients + mem.optimizer + mem.activations + mem.gathered
+    # its fullest rank, part by part: 6 + 4 + 8 bytes per parameter it owns (a 1/D share under FSDP),
+    # the validator's peak of micro-batches held times one micro-batch's activations
+    ops = pipeline.schedule(layout.schedule, layout.stages, m)
+    peak = pipeline.validate(ops, m).peak_held
+    share = 1 / layout.dp if layout.zero == 3 else 1
+    totals = []
+    for r, (lo, hi) in enumerate(pipeline.partition(CFG, layout.stages, 128)):
+        P = plan.stage_params(CFG, lo, hi)
+        gathered = 0.0
+        if layout.zero == 3:
+            gathered = max(plan.fsdp_units(CFG, lo, hi)) * (2 + 2 + 4)
+        totals.append(18 * P * share + peak[r] * plan.slot_bytes(CFG, lo, hi, batch, plan.GPU_BYTES) + gathered)
+    assert mem.total == pytest.approx(max(totals), rel=1e-12)
+    assert got.fits == (mem.total <= 80 * 2**30)
+
+
+def plan_cli(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipeline.py", "plan", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--gpus", "6", "--gpus-per-node", "6", "--stages", "4"), "--stages 4: does not divide the 6 GPUs"),
+    (("--model", "tiny", "--gpus", "8", "--stages", "8"), "--stages 8: must be between 1 and the model's 4 layers"),
+    (("--gpus", "8", "--tp", "3"), "--tp 3: does not divide the 8 GPUs"),
+    (("--model", "gpt3-175b", "--gpus", "8", "--batch", "8"), "fits nowhere: the smallest layout"),
+    (("--achieved", "0",), "--achieved 0.0: expected a finite number above 0"),
+    (("--inter-gbps", "nan",), "--inter-gbps nan: expected a finite number above 0"),
+    (("--model", "d99",), "--model d99: expected a preset"),
+])
+def test_bad_input_is_one_line_naming_the_constraint(flags, message):
+    r = plan_cli(*flags)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_a_layout_the_batch_does_not_divide_says_so_in_its_row():
+    r = plan_cli("--model", "d12", "--gpus", "8", "--batch", "12", "--seq-len", "256")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines()[3:]}
+    assert "--batch 12: does not divide into 8 replicas" in rows["DP"], r.stdout
+    assert "<- best" in r.stdout
