@@ -1,6 +1,8 @@
 // common.h: the host half that train_gpt.c and train_gpt.cu share, included
 // once by each (as llm.c's llmc/ headers are): errors, the model layout, the
-// seeded init, the data loader, checkpoint files, the socket transport and
+// seeded init, the data loader, checkpoint files, the socket transport, the
+// ring collectives between data-parallel replicas, the one op-list executor
+// (run_op_list, driving the trainer through the hooks it hands over) and
 // top-k sampling. Everything here runs on the CPU and works on host memory;
 // valid C11 and C++ so nvcc can compile it too.
 #ifndef COMMON_H
@@ -213,6 +215,15 @@ static size_t model_offset(const Layout *y, int t) {
 // wte lives on the first and the last stage; the first one speaks for it
 // (in checkpoints and in the grad norm)
 static int owns_tensor(const Layout *y, int t) { return y->sizes[t] && (t != P_WTE || y->first); }
+
+// Chunk j of D of an n-element (tensor, layer) segment: [lo, hi), ceil(n/D)
+// elements each (the last ones shorter, maybe empty). Replica j of D
+// data-parallel replicas owns chunk j: see the collectives below.
+static void chunk_range(size_t n, int j, int D, size_t *lo, size_t *hi) {
+    size_t size = (n + D - 1) / D;
+    *lo = (size_t)j * size < n ? (size_t)j * size : n;
+    *hi = *lo + size < n ? *lo + size : n;
+}
 
 // ----------------------------------------------------------------------------
 // init: every (tensor, layer) draws from a stream of its own, so any partition
@@ -543,9 +554,11 @@ static void checkpoint_path(char *out, size_t n, const char *dir, const char *wh
 }
 
 // Writes the stage's parameters and AdamW moments (host memory, stage layout)
-// into dir/{model,state}_STEP.bin.tmp.
+// into dir/{model,state}_STEP.bin.tmp: chunk `part` of `parts` of every
+// (tensor, layer) segment, so data-parallel replicas that own one chunk each
+// write one whole file between them (parts = 1: everything).
 static int checkpoint_files_write(const Layout *y, const char *dir, const TrainState *ts,
-                                  const float *params, const float *m, const float *v) {
+                                  const float *params, const float *m, const float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", ts->step, ".bin.tmp");
     checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
@@ -570,7 +583,7 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
         fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
         goto done;
     }
-    if (y->first) {
+    if (y->first && part == 0) {
         int32_t mh[HEADER_INTS] = {MODEL_MAGIC, 3, c->max_seq_len, c->vocab_size, c->num_layers,
                                    c->num_heads, c->channels, c->padded_vocab_size};
         int32_t sh[HEADER_INTS] = {STATE_MAGIC, 1, c->num_layers, c->channels, c->padded_vocab_size, c->max_seq_len};
@@ -581,11 +594,15 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
     }
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         if (!owns_tensor(y, t)) continue;
-        size_t off = model_offset(y, t), n = y->sizes[t], at = y->offsets[t];
-        if (write_exact(mfd, params + at, 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
-            write_exact(sfd, m + at, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
-            write_exact(sfd, v + at, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
-            goto done;
+        size_t seg = is_layer_tensor(t) ? gpt_tensor_size(c, t, 1) : y->sizes[t], lo, hi;
+        chunk_range(seg, part, parts, &lo, &hi);
+        for (size_t l = 0; l < y->sizes[t] / seg; l++) {
+            size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo, at = y->offsets[t] + l * seg + lo;
+            if (write_exact(mfd, params + at, 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
+                write_exact(sfd, m + at, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
+                write_exact(sfd, v + at, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
+                goto done;
+        }
     }
     rc = 0;
 done:
@@ -830,17 +847,58 @@ int checkpoint_dir_claim(const char *dir, int mode, const char *hint) {
 // wait on each other. Messages on one link keep their order.
 
 static const char *const OP_NAMES[NUM_OPS] = {
-    "FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"};
+    "FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD",
+    "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER"};
 
 #define LINK_MAGIC 0x47505432
 #define MAX_GROUP 16
 
+// What the transport has moved since the stage was made, payload bytes only
+// (each message's 16-byte header is not counted), by traffic kind.
+enum { TRAFFIC_PIPELINE, TRAFFIC_TIED, TRAFFIC_DATA_PARALLEL, NUM_TRAFFIC };
+
 typedef struct {
     int prev_fd, next_fd;   // -1 where there is no neighbour
     int tied_fd;            // first <-> last stage, for d(wte); -1 if S = 1
+    // the data-parallel ring: this stage's replicas, replica d sending to d+1
+    // and receiving from d-1 (mod D); -1 when D = 1
+    int replica_prev_fd, replica_next_fd;
+    int replica, replicas;  // d of D
     double timeout_s;       // no progress for this long fails the group
     int lo, hi;             // the stage's layers, for messages
+    uint64_t bytes_sent[NUM_TRAFFIC], bytes_received[NUM_TRAFFIC];
 } Links;
+
+static void links_set_peers(Links *k, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
+    k->prev_fd = prev_fd;
+    k->next_fd = next_fd;
+    k->tied_fd = tied_fd;
+    k->timeout_s = timeout_s;
+}
+
+static void links_set_replicas(Links *k, int prev_fd, int next_fd, int replica, int replicas) {
+    k->replica_prev_fd = prev_fd;
+    k->replica_next_fd = next_fd;
+    k->replica = replica;
+    k->replicas = replicas;
+}
+
+static void links_bytes_moved(const Links *k, uint64_t sent[NUM_TRAFFIC], uint64_t received[NUM_TRAFFIC]) {
+    memcpy(sent, k->bytes_sent, sizeof k->bytes_sent);
+    memcpy(received, k->bytes_received, sizeof k->bytes_received);
+}
+
+static Links links_make(int lo, int hi) {
+    Links k;
+    memset(&k, 0, sizeof k);
+    k.prev_fd = k.next_fd = k.tied_fd = k.replica_prev_fd = k.replica_next_fd = -1;
+    k.replica = 0;
+    k.replicas = 1;
+    k.timeout_s = 60.0;
+    k.lo = lo;
+    k.hi = hi;
+    return k;
+}
 
 typedef struct {
     int fd, sending;
@@ -922,6 +980,8 @@ static size_t transfer_step(Transfer *x, size_t most) {
 #define WIRE_ACT 1
 #define WIRE_GRAD 2
 #define WIRE_WTE 3
+#define WIRE_REDUCE 4   // a ring step of a reduce-scatter: partial sums of one chunk
+#define WIRE_GATHER 5   // a ring step of an all-gather: finished values of one chunk
 
 static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_t mb, void *buf, size_t nbytes) {
     x->fd = fd;
@@ -937,7 +997,13 @@ static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_
 }
 
 static const char *wire_name(int32_t kind) {
-    return kind == WIRE_ACT ? "activation" : kind == WIRE_GRAD ? "gradient" : "d(wte)";
+    return kind == WIRE_ACT ? "activation" : kind == WIRE_GRAD ? "gradient" : kind == WIRE_WTE ? "d(wte)"
+         : kind == WIRE_REDUCE ? "reduce-scatter chunk of bucket" : "all-gather chunk of bucket";
+}
+
+static const char *link_name(const Links *k, int fd) {
+    return fd == k->next_fd ? "next stage" : fd == k->prev_fd ? "previous stage" : fd == k->tied_fd ? "tied stage"
+         : fd == k->replica_next_fd ? "next replica" : "previous replica";
 }
 
 // Moves n transfers to completion together, checking each received header
@@ -988,17 +1054,17 @@ static int transfers_run(const Links *k, Transfer *xs, int n) {
             Transfer *x = &xs[idx[q]];
             if (!pf[q].revents) continue;
             int32_t want[3] = {x->header[0], x->header[1], x->header[2]};
-            const char *side = x->fd == k->next_fd ? "next" : x->fd == k->prev_fd ? "previous" : "tied";
+            const char *side = link_name(k, x->fd);
             size_t moved = transfer_step(x, x->wire ? PACE_CHUNK : SIZE_MAX);
             if (moved == (size_t)-1)
-                return fail("stage [%d,%d): the %s stage closed the link during %s of %s mb %d", k->lo, k->hi,
+                return fail("stage [%d,%d): the %s closed the link during %s of %s mb %d", k->lo, k->hi,
                             side, x->sending ? "a send" : "a receive", wire_name(want[0]), want[1]);
             if (moved) last_progress = now_seconds();
             if (x->wire && g_link_bps > 0) *x->wire += 8.0 * moved / g_link_bps;
             if (!x->sending && moved && x->done == sizeof x->header &&
                 (x->header[3] != LINK_MAGIC || x->header[0] != want[0] || x->header[1] != want[1] ||
                  x->header[2] != want[2]))
-                return fail("stage [%d,%d): expected %s mb %d from the %s stage, got %s mb %d", k->lo, k->hi,
+                return fail("stage [%d,%d): expected %s mb %d from the %s, got %s mb %d", k->lo, k->hi,
                             wire_name(want[0]), want[1], side, wire_name(x->header[0]), x->header[1]);
         }
         if (now_seconds() - last_progress > k->timeout_s)
@@ -1006,9 +1072,24 @@ static int transfers_run(const Links *k, Transfer *xs, int n) {
     }
 }
 
+// Counts a finished message's payload as one kind of traffic (NCCL's too).
+static void links_count(Links *k, int traffic, int sending, uint64_t payload) {
+    if (sending) k->bytes_sent[traffic] += payload;
+    else k->bytes_received[traffic] += payload;
+}
+
+// Moves a group to completion and counts its payload bytes as one kind of traffic.
+static int transfers_run_counted(Links *k, Transfer *xs, int n, int traffic) {
+    if (transfers_run(k, xs, n)) return -1;
+    for (int i = 0; i < n; i++) links_count(k, traffic, xs[i].sending, xs[i].nbytes - sizeof xs[i].header);
+    return 0;
+}
+
 // Runs n communication ops (kind, mb) of a schedule, bufs[i] the host buffer
-// of op i, nbytes each.
-static int comm_group(const Links *k, const int *ops, int n, void *const *bufs, size_t nbytes) {
+// of op i, nbytes each. Per stage boundary and micro-batch the pipeline moves
+// one activation down (SEND_ACT) and its gradient back up (SEND_GRAD): b*T*C
+// values each way, 2*b*T*C in all, 8*b*T*C bytes in fp32 (4*b*T*C in bf16).
+static int comm_group(Links *k, const int *ops, int n, void *const *bufs, size_t nbytes) {
     Transfer xs[MAX_GROUP];
     if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
     for (int i = 0; i < n; i++) {
@@ -1021,16 +1102,123 @@ static int comm_group(const Links *k, const int *ops, int n, void *const *bufs, 
         int wire = (kind == OP_SEND_ACT || kind == OP_RECV_ACT) ? WIRE_ACT : WIRE_GRAD;
         transfer_make(&xs[i], fd, kind == OP_SEND_ACT || kind == OP_SEND_GRAD, wire, mb, bufs[i], nbytes);
     }
-    return transfers_run(k, xs, n);
+    return transfers_run_counted(k, xs, n, TRAFFIC_PIPELINE);
 }
 
-// The first and the last stage swap their shares of d(wte) over the tied link.
-static int tied_swap(const Links *k, const void *send_buf, void *recv_buf, size_t nbytes) {
+// The first and the last stage swap their shares of d(wte) over the tied
+// link: Vp*C values each way per step, 4*Vp*C bytes.
+static int tied_swap(Links *k, const void *send_buf, void *recv_buf, size_t nbytes) {
     if (k->tied_fd < 0) return fail("stage [%d,%d): no link to the other end of the tied embedding", k->lo, k->hi);
     Transfer xs[2];
     transfer_make(&xs[0], k->tied_fd, 1, WIRE_WTE, 0, (void *)send_buf, nbytes);
     transfer_make(&xs[1], k->tied_fd, 0, WIRE_WTE, 0, recv_buf, nbytes);
-    return transfers_run(k, xs, 2);
+    return transfers_run_counted(k, xs, 2, TRAFFIC_TIED);
+}
+
+// ----------------------------------------------------------------------------
+// data-parallel collectives: a ring over the D replicas of one stage
+//
+// A stage's parameters (and gradients) come in buckets: bucket l < nl holds
+// the 12 tensors of the stage's layer l, bucket nl the whole tensors the stage
+// has (wte, wpe, lnfw, lnfb). Every (tensor, layer) segment of n elements is
+// cut into D chunks of ceil(n/D) (the last ones shorter, maybe empty), and
+// replica d owns chunk d of every segment: its shard under --zero 1 and 3,
+// and its part of the grad norm for any zero stage. The chunks depend on the
+// segment alone, never on how layers are split into stages or buckets, which
+// is what makes the sums below the same for any S.
+
+static int bucket_count(const Layout *y) { return y->nl + 1; }
+
+// The (tensor, stage-local layer) segments of a bucket; returns how many (at most 12).
+static int bucket_segments(const Layout *y, int bucket, int *tensors, int *layers) {
+    int n = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (!y->sizes[t] || is_layer_tensor(t) != (bucket < y->nl)) continue;
+        tensors[n] = t;
+        layers[n++] = bucket < y->nl ? bucket : 0;
+    }
+    return n;
+}
+
+static size_t segment_elems(const Layout *y, int t) {
+    return is_layer_tensor(t) ? gpt_tensor_size(&y->cfg, t, 1) : y->sizes[t];
+}
+
+typedef struct { float *p; size_t n; } Segment;  // host memory of one (tensor, layer) segment
+
+// Chunk j of every segment, back to back in buf (or from buf: add = 1 sums
+// buf + segment into the segment, add = 0 copies buf into it). Returns the
+// number of values.
+static size_t chunks_pack(float *buf, const Segment *segs, int nseg, int j, int D) {
+    size_t at = 0, lo, hi;
+    for (int i = 0; i < nseg; i++) {
+        chunk_range(segs[i].n, j, D, &lo, &hi);
+        if (buf) memcpy(buf + at, segs[i].p + lo, (hi - lo) * sizeof(float));
+        at += hi - lo;
+    }
+    return at;
+}
+static void chunks_unpack(const float *buf, const Segment *segs, int nseg, int j, int D, int add) {
+    size_t at = 0, lo, hi;
+    for (int i = 0; i < nseg; i++) {
+        chunk_range(segs[i].n, j, D, &lo, &hi);
+        float *p = segs[i].p;
+        if (add)  // the partial sum that came round the ring, then this replica's value
+            for (size_t e = lo; e < hi; e++) p[e] = buf[at + e - lo] + p[e];
+        else
+            memcpy(p + lo, buf + at, (hi - lo) * sizeof(float));
+        at += hi - lo;
+    }
+}
+
+// D-1 ring steps; at step k replica d sends chunk (d - k - 1 + gather) mod D
+// to replica d+1 and receives chunk (d - k - 2 + gather) mod D from replica
+// d-1. Reduce-scatter (gather = 0) adds what it receives into its own values,
+// so after the last step replica d holds the sum of chunk d. All-gather
+// (gather = 1) copies: replica d starts from its finished chunk d and ends
+// with every chunk.
+//
+// The order of each sum: chunk c's partial sum starts on replica c+1 and
+// travels c+2, c+3, ... round to replica c, each adding its own value last:
+// ((g[c+1] + g[c+2]) + ...) + g[c], replicas mod D. It depends only on c and
+// D, so for a fixed D it is the same for any stage count, schedule and zero
+// stage (and with D = 2 it is simply g[0] + g[1], addition being commutative).
+//
+// Bytes: each step moves one chunk of every segment each way, so over D-1
+// steps a replica sends (and receives) (D-1)/D * n values per segment (exactly
+// when D divides n): (D-1)/D * P values, 4(D-1)/D * P bytes, for P the
+// bucket's parameters. An all-reduce is a reduce-scatter then an all-gather:
+// 2(D-1)/D * P values, 8(D-1)/D * P bytes.
+static int ring_collective(Links *k, const Segment *segs, int nseg, int bucket, int gather) {
+    int D = k->replicas, d = k->replica;
+    if (D == 1) return 0;
+    if (k->replica_prev_fd < 0 || k->replica_next_fd < 0)
+        return fail("stage [%d,%d): a data-parallel collective but no links to the other replicas", k->lo, k->hi);
+    size_t most = 0;
+    for (int j = 0; j < D; j++) {
+        size_t n = chunks_pack(NULL, segs, nseg, j, D);
+        most = n > most ? n : most;
+    }
+    if (most > (size_t)INT32_MAX / sizeof(float))
+        return fail("stage [%d,%d): bucket %d's chunks are too large for one message", k->lo, k->hi, bucket);
+    float *out = (float *)malloc((most ? most : 1) * sizeof(float));
+    float *in = (float *)malloc((most ? most : 1) * sizeof(float));
+    int rc = 0;
+    if (!out || !in) rc = fail("out of memory for the collective of bucket %d", bucket);
+    for (int step = 0; step < D - 1 && rc == 0; step++) {
+        int send_chunk = ((d - step - 1 + gather) % D + D) % D, recv_chunk = ((d - step - 2 + gather) % D + D) % D;
+        size_t nsend = chunks_pack(out, segs, nseg, send_chunk, D);
+        size_t nrecv = chunks_pack(NULL, segs, nseg, recv_chunk, D);
+        int32_t wire = gather ? WIRE_GATHER : WIRE_REDUCE;
+        Transfer xs[2];
+        transfer_make(&xs[0], k->replica_next_fd, 1, wire, bucket, out, nsend * sizeof(float));
+        transfer_make(&xs[1], k->replica_prev_fd, 0, wire, bucket, in, nrecv * sizeof(float));
+        rc = transfers_run_counted(k, xs, 2, TRAFFIC_DATA_PARALLEL);
+        if (rc == 0) chunks_unpack(in, segs, nseg, recv_chunk, D, !gather);
+    }
+    free(out);
+    free(in);
+    return rc;
 }
 
 // ----------------------------------------------------------------------------
@@ -1048,16 +1236,26 @@ typedef struct {
     int op_times_cap;
 } OpRun;
 
-// Checks an op list of (kind, mb) pairs and readies the bookkeeping for it.
-static int oprun_begin(OpRun *r, const int *ops, int nops) {
+// pipeline sends and receives: consecutive ones run as one group
+static int is_message(int kind) { return kind >= OP_SEND_ACT && kind <= OP_RECV_GRAD; }
+// data-parallel collectives: their argument is a bucket, not a micro-batch
+static int is_collective(int kind) { return kind >= OP_ALLREDUCE && kind < NUM_OPS; }
+
+// Checks an op list of (kind, mb or bucket) pairs and readies the bookkeeping for it.
+static int oprun_begin(OpRun *r, const int *ops, int nops, int buckets) {
     r->m = 0;
     for (int i = 0; i < nops; i++) {
         if (ops[2 * i] < 0 || ops[2 * i] >= NUM_OPS || ops[2 * i + 1] < 0)
             return fail("op %d: bad op (%d, %d)", i, ops[2 * i], ops[2 * i + 1]);
         r->m += ops[2 * i] == OP_FWD;
     }
-    for (int i = 0; i < nops; i++)
-        if (ops[2 * i + 1] >= r->m) return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], r->m);
+    for (int i = 0; i < nops; i++) {
+        if (is_collective(ops[2 * i])) {
+            if (ops[2 * i + 1] >= buckets) return fail("op %d: bucket %d of only %d", i, ops[2 * i + 1], buckets);
+        } else if (ops[2 * i + 1] >= r->m) {
+            return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], r->m);
+        }
+    }
     if (r->m > r->cap) {
         free(r->slot_of); free(r->last_op); free(r->mb_losses);
         r->slot_of = (int *)malloc(r->m * sizeof(int));
@@ -1075,7 +1273,8 @@ static int oprun_begin(OpRun *r, const int *ops, int nops) {
     for (int i = 0; i < r->m; i++) { r->slot_of[i] = -1; r->mb_losses[i] = 0.0f; }
     // a micro-batch holds its slot from its first op to its last, as the
     // validator counts it
-    for (int i = 0; i < nops; i++) r->last_op[ops[2 * i + 1]] = i;
+    for (int i = 0; i < nops; i++)
+        if (!is_collective(ops[2 * i])) r->last_op[ops[2 * i + 1]] = i;
     return 0;
 }
 
@@ -1097,7 +1296,7 @@ static void oprun_done(OpRun *r, const int *ops, int i, int n, double t0, double
     for (int k = i; k < i + n; k++) {
         r->op_times[2 * k] = t0;
         r->op_times[2 * k + 1] = t1;
-        if (r->last_op[ops[2 * k + 1]] == k) r->slot_of[ops[2 * k + 1]] = -1;
+        if (!is_collective(ops[2 * k]) && r->last_op[ops[2 * k + 1]] == k) r->slot_of[ops[2 * k + 1]] = -1;
     }
 }
 
@@ -1110,6 +1309,93 @@ static float oprun_loss_sum(const OpRun *r) {
 
 static void oprun_free(OpRun *r) {
     free(r->slot_of); free(r->last_op); free(r->mb_losses); free(r->op_times);
+}
+
+// ----------------------------------------------------------------------------
+// the op-list executor, written once for both trainers. A trainer hands it its
+// compute and its buffers as function pointers (common.h calls nothing a
+// trainer defines); `stage` is the trainer's own Stage, passed back to each.
+
+typedef struct {
+    // readies a step of m micro-batches (training with m > 0: zero the gradients)
+    int (*begin)(void *stage, int m, int training);
+    // FWD of micro-batch mb into activation slot `slot`: its (B,T) tokens on
+    // the first and the last stage (NULL elsewhere); the last stage records the
+    // micro-batch's mean loss, in r->mb_losses[mb] by the time end returns;
+    // dloss is d(loss)/d(each token's loss) for a trainer that fuses it in
+    int (*forward)(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+                   int training);
+    int (*backward_input)(void *stage, int slot, float dloss);
+    int (*backward_weight)(void *stage, int slot);
+    // the slot's four message buffers, indexed by kind - OP_SEND_ACT: the
+    // stage's output (SEND_ACT), its input (RECV_ACT), d(input) (SEND_GRAD),
+    // d(output) (RECV_GRAD); in the trainer's memory (the GPU's for CUDA)
+    void (*message_buffers)(void *stage, int slot, void *bufs[4]);
+    // moves a group of n sends/receives, bufs[i] the buffer of op i
+    int (*exchange)(void *stage, const int *ops, int n, void *const *bufs);
+    // a data-parallel collective of a bucket
+    int (*collective)(void *stage, int kind, int bucket, int training);
+    // after every op that started at t_start (the GPU waits for its stream
+    // there, so the op times are the work's); may be NULL
+    int (*op_done)(void *stage, int kind, double t_start);
+    // after the last op (the GPU fetches the losses); may be NULL
+    int (*end)(void *stage, int m);
+} StageHooks;
+
+// Runs one step's op list for a stage of layout y, micro-batches of B*T
+// tokens, one of `replicas` data-parallel replicas; see stage_run in gpt.h.
+static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout *y, size_t BT, int replicas,
+                       const int *ops, int nops, const int *inputs, const int *targets, int training,
+                       float *loss_sum) {
+    *loss_sum = 0.0f;
+    if (oprun_begin(r, ops, nops, bucket_count(y))) return -1;
+    int m = r->m;
+    if (y->first && m && !inputs) return fail("the first stage needs input tokens");
+    if (y->last && m && !targets) return fail("the last stage needs target tokens");
+    // the tokens index wte and the softmax: all of them checked before any op runs
+    if ((y->first && m && check_tokens(inputs, m * BT, y->cfg.vocab_size, "input")) ||
+        (y->last && m && check_tokens(targets, m * BT, y->cfg.vocab_size, "target")))
+        return -1;
+    if (h->begin(stage, m, training)) return -1;
+    // the mean over the global batch: m micro-batches on each of the D replicas
+    float dloss = 1.0f / (float)(BT * m * replicas);
+    for (int i = 0; i < nops;) {
+        int kind = ops[2 * i], arg = ops[2 * i + 1], n = 1;
+        double t_start = now_seconds();
+        if (is_message(kind)) {
+            while (i + n < nops && is_message(ops[2 * (i + n)])) n++;
+            if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
+            void *bufs[MAX_GROUP];
+            for (int k = 0; k < n; k++) {
+                void *mine[4];
+                int slot = oprun_slot(r, ops[2 * (i + k) + 1], y->lo, y->hi);
+                if (slot < 0) return -1;
+                h->message_buffers(stage, slot, mine);
+                bufs[k] = mine[ops[2 * (i + k)] - OP_SEND_ACT];
+            }
+            if (h->exchange(stage, ops + 2 * i, n, bufs)) return -1;
+        } else if (is_collective(kind)) {
+            if (h->collective(stage, kind, arg, training)) return -1;
+        } else {
+            int slot = oprun_slot(r, arg, y->lo, y->hi);
+            if (slot < 0) return -1;
+            if (kind == OP_FWD) {
+                if (h->forward(stage, slot, arg, y->first ? inputs + arg * BT : NULL,
+                               y->last ? targets + arg * BT : NULL, dloss, training))
+                    return -1;
+            } else if (!training) {
+                return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
+            } else if (kind == OP_BWD_INPUT ? h->backward_input(stage, slot, dloss) : h->backward_weight(stage, slot)) {
+                return -1;
+            }
+        }
+        if (h->op_done && h->op_done(stage, kind, t_start)) return -1;
+        oprun_done(r, ops, i, n, t_start, now_seconds());
+        i += n;
+    }
+    if (h->end && h->end(stage, m)) return -1;
+    *loss_sum = y->last ? oprun_loss_sum(r) : 0.0f;
+    return 0;
 }
 
 // ----------------------------------------------------------------------------

@@ -53,8 +53,13 @@ size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers);
 // ----------------------------------------------------------------------------
 // the op list a rank runs for one step (the same codes as pipeline.py)
 
+// The data-parallel collectives take a bucket instead of a micro-batch
+// (bucket l < nl: the stage's layer l; bucket nl: its whole tensors) and run
+// over the ring of the stage's replicas: ALLREDUCE and REDUCE_SCATTER on the
+// gradients (the one holding wte first completes d(wte), as
+// stage_sum_wte_grads does), ALLGATHER on the parameters.
 enum { OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT,
-       OP_SEND_GRAD, OP_RECV_GRAD, NUM_OPS };
+       OP_SEND_GRAD, OP_RECV_GRAD, OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, NUM_OPS };
 
 // ----------------------------------------------------------------------------
 // stage
@@ -82,11 +87,19 @@ float *stage_wte_embed_grad(Stage *s, size_t *n);
 // stage for the tied embedding (-1 where there is none). A peer that makes no
 // progress for timeout_s fails the op.
 void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s);
+// The ring of this stage's D data-parallel replicas (sockets to replicas d-1
+// and d+1 mod D; -1 when D = 1) and the zero stage: 0 keeps everything whole,
+// 1 and above make replica d own chunk d of every (tensor, layer) segment for
+// AdamW and checkpoints. Every D > 1 sums its grad-norm part over chunk d.
+void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero);
+// Payload bytes sent and received since the stage was made: [0] pipeline
+// activations and gradients, [1] the tied d(wte) swap, [2] data-parallel.
+void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]);
 
 // Runs one step's op list (nops ops of (kind, mb) pairs). inputs/targets are
 // (m, B, T) token ids for the first/last stage (NULL elsewhere). training = 0
-// runs forward ops only and keeps nothing. Gradients are zeroed first when
-// training. Returns the sum of the micro-batch mean losses in *loss_sum
+// runs forward ops (and ALLGATHER) only and keeps nothing. Gradients are
+// zeroed first when training on micro-batches (m > 0). Returns the sum of the micro-batch mean losses in *loss_sum
 // (last stage), accumulated in micro-batch order.
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs,
               const int *targets, int training, float *loss_sum);
@@ -179,6 +192,9 @@ void stage_sync_to_device(Stage *s);
 #define GPT_NCCL_ID_BYTES 128
 int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]);
 int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank);
+// A communicator over the stage's data-parallel replicas (one id per stage),
+// for their collectives.
+int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica);
 
 // ----------------------------------------------------------------------------
 // errors and threads: a call that fails (returns nonzero, or marks its stage

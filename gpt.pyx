@@ -28,6 +28,7 @@ cdef extern from "gpt.h":
     int NUM_PARAM_TENSORS
     const char *const PARAM_NAMES[]
     int OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
+    int OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER
     int gpt_config_from_name(const char *name, GPTConfig *cfg)
     int gpt_read_config(const char *path, GPTConfig *cfg)
     size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers)
@@ -39,6 +40,8 @@ cdef extern from "gpt.h":
     float *stage_grad(Stage *s, int t, size_t *n)
     float *stage_wte_embed_grad(Stage *s, size_t *n)
     void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s)
+    void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero)
+    void stage_bytes_moved(const Stage *s, uint64_t *sent, uint64_t *received)
     int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
                   int training, float *loss_sum) nogil
     const double *stage_op_times(const Stage *s)
@@ -50,6 +53,7 @@ cdef extern from "gpt.h":
     void stage_sync_to_device(Stage *s)
     int gpt_nccl_unique_id(unsigned char *id)
     int stage_set_nccl(Stage *s, const unsigned char *id, int nranks, int rank)
+    int stage_set_replica_nccl(Stage *s, const unsigned char *id, int replicas, int replica)
     enum: GPT_NCCL_ID_BYTES
     void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step)
     float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac)
@@ -75,6 +79,7 @@ cdef extern from "gpt.h":
 
 FWD, BWD_INPUT, BWD_WEIGHT = OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
+ALLREDUCE, REDUCE_SCATTER, ALLGATHER = OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER
 PARAM_NAMES_LIST = [PARAM_NAMES[i].decode() for i in range(NUM_PARAM_TENSORS)]
 
 
@@ -252,8 +257,23 @@ cdef class Model:
         """Sockets to the neighbours and, on the first and the last stage, to each other."""
         stage_set_peers(self.s, prev_fd, next_fd, tied_fd, timeout_s)
 
+    def set_replicas(self, int prev_fd, int next_fd, int replica, int replicas, int zero) -> None:
+        """The ring of this stage's data-parallel replicas and the zero stage."""
+        stage_set_replicas(self.s, prev_fd, next_fd, replica, replicas, zero)
+
+    def bytes_moved(self) -> dict:
+        """Payload bytes sent and received so far, by traffic kind."""
+        cdef uint64_t sent[3]
+        cdef uint64_t received[3]
+        stage_bytes_moved(self.s, sent, received)
+        kinds = ("pipeline", "tied", "data_parallel")
+        return {k: (int(sent[i]), int(received[i])) for i, k in enumerate(kinds)}
+
     def set_nccl(self, bytes unique_id, int nranks, int rank) -> None:
         check(stage_set_nccl(self.s, unique_id, nranks, rank))
+
+    def set_replica_nccl(self, bytes unique_id, int replicas, int replica) -> None:
+        check(stage_set_replica_nccl(self.s, unique_id, replicas, replica))
 
     def run(self, ops, inputs=None, targets=None, training: bool = True) -> float:
         """Runs one step's op list ((n,2) ints: kind, micro-batch); inputs and

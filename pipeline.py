@@ -4,8 +4,10 @@ Pipeline-parallel schedules for training GPT-2 on S ranks.
 The model is cut into S stages, one per rank, and each batch into m micro-batches.
 A schedule fixes, for every rank, the exact order of its forwards, its backwards,
 and the sends/receives that carry activations down the pipeline and gradients back
-up. The C executor runs these op lists verbatim, so this file is about making them
-right (validate), fast (simulate) and visible (render):
+up. With D data-parallel replicas the ranks form a grid (rank = replica * S +
+stage), and the collectives between a stage's replicas are ops in the same lists.
+The C executor runs these op lists verbatim, so this file is about making them
+right (validate, validate_grid), fast (simulate) and visible (render):
 
     python3 pipeline.py show --schedule zb-h1 --stages 4 --micro 8
 """
@@ -39,17 +41,24 @@ import numpy as np
 # ops: the instruction set shared with the C executor (the codes are fixed)
 
 FWD, BWD_INPUT, BWD_WEIGHT, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = range(7)
-NAMES = ("FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD")
-LABELS = ("F", "B", "W", ">a", "<a", ">g", "<g")
+# data-parallel collectives over the replicas of one stage; their second field
+# is a bucket (the stage's layer l, or l = its layer count for its whole
+# tensors), not a micro-batch
+ALLREDUCE, REDUCE_SCATTER, ALLGATHER = range(7, 10)
+NAMES = ("FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD",
+         "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER")
+LABELS = ("F", "B", "W", ">a", "<a", ">g", "<g", "AR", "RS", "AG")
 COMPUTE = (FWD, BWD_INPUT, BWD_WEIGHT)
+MESSAGES = (SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD)
+COLLECTIVES = (ALLREDUCE, REDUCE_SCATTER, ALLGATHER)
 
 
 class Op(NamedTuple):
     kind: int
-    mb: int
+    mb: int  # the micro-batch; for a collective, the bucket
 
     def __str__(self) -> str:
-        return f"{NAMES[self.kind]} mb {self.mb}"
+        return f"{NAMES[self.kind]} {'bucket' if self.kind in COLLECTIVES else 'mb'} {self.mb}"
 
 
 def label(op: Op) -> str:
@@ -263,12 +272,13 @@ def pair_messages(ranks: list[list[Op]]) -> dict[tuple[int, int], tuple[int, int
 
 
 def _segments(ops: list[Op]) -> list[range]:
-    """Split a rank's list into compute ops (one each) and groups (maximal runs of comm ops)."""
+    """Split a rank's list into compute ops and collectives (one each) and
+    groups (maximal runs of sends and receives)."""
     segments, i = [], 0
     while i < len(ops):
         j = i + 1
-        if ops[i].kind not in COMPUTE:
-            while j < len(ops) and ops[j].kind not in COMPUTE:
+        if ops[i].kind in MESSAGES:
+            while j < len(ops) and ops[j].kind in MESSAGES:
                 j += 1
         segments.append(range(i, j))
         i = j
@@ -293,6 +303,8 @@ def _peak_held(ops: list[Op]) -> int:
     first, last = {}, {}
     for k, segment in enumerate(segments):
         for i in segment:
+            if ops[i].kind in COLLECTIVES:
+                continue
             first.setdefault(ops[i].mb, k)
             last[ops[i].mb] = k
     held = [0] * (len(segments) + 1)  # +1 where a lifetime starts, -1 after it ends
@@ -305,7 +317,7 @@ def _peak_held(ops: list[Op]) -> int:
 def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> ValidationResult:
     """Check a schedule completely; raise ScheduleError naming the first problem."""
     S = len(ranks)
-    allowed = tuple(range(len(NAMES))) if training else (FWD, SEND_ACT, RECV_ACT)
+    allowed = COMPUTE + MESSAGES if training else (FWD, SEND_ACT, RECV_ACT)
     for r, ops in enumerate(ranks):
         for i, op in enumerate(ops):
             if not 0 <= op.kind < len(NAMES):
@@ -350,6 +362,90 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots))
 
 # -----------------------------------------------------------------------------
+# the grid: D data-parallel replicas of an S-stage pipeline
+#
+# Rank r is stage r % S of replica r // S (r = replica * S + stage). A
+# replica's stages are adjacent ranks, so the pipeline's links, which carry
+# traffic at every micro-batch, join neighbouring ranks: on nodes of k GPUs
+# with k a multiple of S, a pipeline stays inside a node and only the
+# data-parallel ring (once per step) crosses between nodes. A 1-replica grid
+# numbers its ranks exactly as a plain pipeline does.
+
+
+def grid_rank(stage: int, replica: int, stages: int) -> int:
+    return replica * stages + stage
+
+
+def data_parallel_ops(buckets: int, zero: int) -> tuple[list[Op], list[Op]]:
+    """A stage's collectives: those that follow its backward (gradients) and
+    those that follow the optimizer step (parameters). Bucket b < buckets - 1
+    is the stage's layer b, the last bucket its whole tensors, which holds wte:
+    its gradient is complete only once the tied swap is done, so it goes last."""
+    if zero == 0:
+        return [Op(ALLREDUCE, b) for b in range(buckets)], []
+    return [Op(REDUCE_SCATTER, b) for b in range(buckets)], [Op(ALLGATHER, b) for b in range(buckets)]
+
+
+def grid_schedule(name: str, stages: int, replicas: int, micro: int, buckets: list[int],
+                  zero: int) -> tuple[list[list[Op]], list[list[Op]]]:
+    """The op lists of every rank of the grid (index: grid_rank) for a
+    training step, and for after the optimizer step."""
+    pipe = schedule(name, stages, micro)
+    dp = [data_parallel_ops(buckets[s], zero) if replicas > 1 else ([], []) for s in range(stages)]
+    train = [pipe[s] + dp[s][0] for d in range(replicas) for s in range(stages)]
+    after = [list(dp[s][1]) for d in range(replicas) for s in range(stages)]
+    return train, after
+
+
+def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool = True,
+                  buckets: list[int] | None = None) -> ValidationResult:
+    """validate() for every replica's pipeline, and the collectives like the
+    sends: every rank of a stage's ring lists the same collectives in the same
+    order (a ring step needs all of them), buckets exist, and the whole grid
+    runs without deadlock. Peaks are per grid rank."""
+    S = stages
+    if S < 1 or len(ranks) % S:
+        raise ScheduleError(f"{len(ranks)} op lists do not make replicas of {S} stages")
+    D = len(ranks) // S
+    allowed = COLLECTIVES if training else (ALLGATHER,)
+    pairs, peaks = {}, [0] * len(ranks)
+    for d in range(D):
+        mine = [ranks[grid_rank(s, d, S)] for s in range(S)]
+        peak = validate([[op for op in ops if op.kind not in COLLECTIVES] for ops in mine], micro,
+                        training).peak_held
+        for (r, i), (q, j) in pair_messages(mine).items():
+            pairs[grid_rank(r, d, S), i] = (grid_rank(q, d, S), j)
+        for s in range(S):
+            peaks[grid_rank(s, d, S)] = peak[s]
+    for s in range(S):
+        group = [grid_rank(s, d, S) for d in range(D)]
+        found = [[(i, op) for i, op in enumerate(ranks[r]) if op.kind in COLLECTIVES] for r in group]
+        for r, ops in zip(group, found):
+            for i, op in ops:
+                if D == 1:
+                    raise _error(ranks, f"rank {r}: {op} but the stage has no other replica", [(r, i)])
+                if op.kind not in allowed:
+                    raise _error(ranks, f"rank {r}: {op} where only {', '.join(NAMES[k] for k in allowed)} "
+                                        f"may run", [(r, i)])
+                if buckets is not None and not 0 <= op.mb < buckets[s]:
+                    raise _error(ranks, f"rank {r}: {op}, but stage {s} has {buckets[s]} buckets", [(r, i)])
+        for k in range(max(map(len, found), default=0)):
+            mine = [ops[k] if k < len(ops) else None for ops in found]
+            if any(m is None or m[1] != mine[0][1] for m in mine):
+                r = next(q for q, m in zip(group, mine) if m is None or m[1] != mine[0][1])
+                theirs = "nothing" if mine[group.index(r)] is None else str(mine[group.index(r)][1])
+                raise _error(ranks, f"rank {r}: collective {k} of stage {s} is {theirs}, but rank {group[0]}'s is "
+                                    f"{mine[0][1] if mine[0] else 'nothing'}; a stage's replicas must run the same "
+                                    f"collectives in the same order",
+                             [(q, m[0]) for q, m in zip(group, mine) if m])
+            for q, (i, _) in zip(group, mine):
+                pairs[q, i] = [(p, j) for p, (j, _) in zip(group, mine) if p != q]
+    slots, stuck = _run(ranks, pairs, Costs())
+    if stuck:
+        raise _deadlock(ranks, pairs, stuck)
+    return ValidationResult(peaks, _timeline(slots))
+
+# -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
 
 
@@ -359,6 +455,7 @@ class Costs:
     b: float | list[float] = 1.0  # BWD_INPUT
     w: float | list[float] = 1.0  # BWD_WEIGHT
     comm: float = 0.0  # one transfer between neighbours
+    collective: float = 0.0  # one data-parallel collective of a bucket
 
     def compute(self, op: Op, r: int) -> float:
         cost = (self.f, self.b, self.w)[op.kind]
@@ -411,13 +508,15 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
                 if first.kind in COMPUTE:
                     slots[r][seg[0]] = Slot(first, clock[r], clock[r] + costs.compute(first, r))
                 else:
+                    # a send or receive has one partner; a collective has the
+                    # rest of its group, and completes when all have posted it
                     t = posted.setdefault((r, at[r]), clock[r])
-                    partners = (pairs[r, i] for i in seg)
-                    peers = [posted.get((q, segment_of[q][j])) for q, j in partners]
-                    if None in peers:
+                    peers = [[posted.get((q, segment_of[q][j])) for q, j in _partners(pairs, r, i)] for i in seg]
+                    if any(None in p for p in peers):
                         break
                     for i, tp in zip(seg, peers):
-                        slots[r][i] = Slot(ranks[r][i], t, max(t, tp) + costs.comm)
+                        cost = costs.collective if ranks[r][i].kind in COLLECTIVES else costs.comm
+                        slots[r][i] = Slot(ranks[r][i], t, max([t, *tp]) + cost)
                 clock[r] = max(slots[r][i].end for i in seg)
                 at[r] += 1
                 moved = True
@@ -425,15 +524,20 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     return slots, stuck
 
 
+def _partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
+    partner = pairs[r, i]
+    return partner if isinstance(partner, list) else [partner]
+
+
 def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> ScheduleError:
     waits, marks = [], []
     for r, seg in stuck.items():
         for i in seg:
-            q, j = pairs[r, i]
-            if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
-                waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
-                             f"to reach slot {j} ({ranks[q][j]})")
-                marks.append((r, i))
+            for q, j in _partners(pairs, r, i):
+                if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
+                    waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
+                                 f"to reach slot {j} ({ranks[q][j]})")
+                    marks.append((r, i))
     return _error(ranks, "deadlock: no rank can move. " + "; ".join(waits) + ". A rank's sends and "
                          "receives of the same moment must be adjacent so they post as one group.",
                   marks)
@@ -615,11 +719,13 @@ def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
 #
 # Rank 0 listens on MASTER_ADDR:MASTER_PORT. Every other rank says HELLO there
 # (rank, world size, and the address of its own link listener); rank 0
-# answers each with the TABLE of all listeners. Then rank r connects to rank
-# r+1 (activations forward, gradients back) and the last rank to rank 0 (the
-# tied embedding's gradient), each link opening with a LINK message that its
-# acceptor answers with LINKED. The control sockets to rank 0 stay open for
-# the small collectives of each step (grad-norm parts, the loss, barriers).
+# answers each with the TABLE of all listeners. Then, within each replica,
+# stage s connects to stage s+1 (activations forward, gradients back) and the
+# last stage to the first (the tied embedding's gradient); with D > 1
+# replicas, each rank connects to the same stage of the next replica (the
+# data-parallel ring). Each link opens with a LINK message that its acceptor
+# answers with LINKED. The control sockets to rank 0 stay open for the small
+# collectives of each step (grad-norm parts, the loss, barriers).
 #
 # Every connection proves that both ends hold the job's secret, GPT_JOB_TOKEN,
 # without sending it: the acceptor opens with a CHALLENGE (a fresh nonce), the
@@ -689,21 +795,27 @@ class Rank:
     """This rank's sockets and the collectives of a step. A 1-stage run is a
     Rank with world 1 and no sockets at all."""
 
-    def __init__(self, rank: int = 0, world: int = 1, timeout: float = 120.0):
+    def __init__(self, rank: int = 0, world: int = 1, timeout: float = 120.0, stages: int | None = None):
         self.rank, self.world, self.timeout = rank, world, timeout
+        self.stages = stages or world
+        self.stage, self.replica, self.replicas = rank % self.stages, rank // self.stages, world // self.stages
         self.control: list[socket.socket | None] = []  # rank 0: one per rank; others: [to rank 0]
         self.prev = self.next = self.tied = None
+        self.replica_prev = self.replica_next = None  # the data-parallel ring
 
     @property
     def first(self) -> bool:
-        return self.rank == 0
+        return self.stage == 0
 
     @property
     def last(self) -> bool:
-        return self.rank == self.world - 1
+        return self.stage == self.stages - 1
 
     def fds(self) -> tuple[int, int, int]:
         return tuple(s.fileno() if s else -1 for s in (self.prev, self.next, self.tied))
+
+    def replica_fds(self) -> tuple[int, int]:
+        return tuple(s.fileno() if s else -1 for s in (self.replica_prev, self.replica_next))
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
@@ -746,7 +858,7 @@ class Rank:
         return [blob] + [recv_msg(self.control[r], BLOB, 1 << 40) for r in range(1, self.world)]
 
     def close(self) -> None:
-        for s in [*self.control, self.prev, self.next, self.tied]:
+        for s in [*self.control, self.prev, self.next, self.tied, self.replica_prev, self.replica_next]:
             if s:
                 s.close()
 
@@ -871,9 +983,11 @@ class _Acceptor:
                 sock.close()
 
 
-def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, advertise: str | None = None) -> Rank:
-    """Rendezvous through rank 0, then the neighbour and tied links."""
-    me = Rank(env.rank, env.world, timeout)
+def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, advertise: str | None = None,
+                  stages: int | None = None) -> Rank:
+    """Rendezvous through rank 0, then the neighbour, tied and data-parallel
+    links of a grid of world / stages replicas (one replica by default)."""
+    me = Rank(env.rank, env.world, timeout, stages)
     deadline = time.monotonic() + timeout
     key = env.token.encode()
     S, r = env.world, env.rank
@@ -881,14 +995,34 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, adv
     mine = [advertised_address(bind, env.master_addr, advertise), links.getsockname()[1]]
     acceptors = []
 
-    def expect_link(role: str, peer: int):
-        def check(sock):
-            h = _admit(sock, key, LINK, {"rank": int, "role": str})
-            if h["rank"] != peer or h["role"] != role:
-                raise ProtocolError(f"expected the {role} link from rank {peer}, got {h['role']} from {h['rank']}")
-            _answer(sock, key, LINKED, {"rank": r}, h["nonce"])
-            return h
-        return check
+    # this rank's links in the grid, (attribute, role, peer): the ones it
+    # opens (forward, the tied one from the last stage, the ring's to the next
+    # replica) and the ones it accepts
+    stages, replicas, stage, replica = me.stages, me.replicas, me.stage, me.replica
+
+    def here(stage: int, replica: int) -> int:
+        return grid_rank(stage, replica, stages)
+    outgoing = [("next", "pipe", here(stage + 1, replica))] if stage + 1 < stages else []
+    incoming = [("prev", "pipe", here(stage - 1, replica))] if stage > 0 else []
+    if stages > 1 and stage == stages - 1:
+        outgoing.append(("tied", "tied", here(0, replica)))
+    if stages > 1 and stage == 0:
+        incoming.append(("tied", "tied", here(stages - 1, replica)))
+    if replicas > 1:
+        outgoing.append(("replica_next", "ring", here(stage, (replica + 1) % replicas)))
+        incoming.append(("replica_prev", "ring", here(stage, (replica - 1) % replicas)))
+    expected, expected_lock = list(incoming), threading.Lock()
+
+    def expect_link(sock):  # any link still expected, in whatever order they arrive
+        h = _admit(sock, key, LINK, {"rank": int, "role": str})
+        with expected_lock:
+            k = next((k for k, (_, role, peer) in enumerate(expected) if (peer, role) == (h["rank"], h["role"])),
+                     None)
+            if k is None:
+                raise ProtocolError(f"unexpected {h['role']} link from rank {h['rank']}")
+            attr = expected.pop(k)[0]
+        _answer(sock, key, LINKED, {"rank": r}, h["nonce"])
+        return attr
 
     def open_link(addr, role: str, peer: int) -> socket.socket:
         sock = _connect(tuple(addr), deadline)
@@ -898,12 +1032,9 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, adv
     try:
         # the links are accepted in the background from the start, so no rank
         # waits on one that is itself still connecting
-        if r > 0:
-            acceptors.append(("prev", _Acceptor(links, deadline, expect_link("pipe", r - 1), 1,
-                                                f"rank {r - 1}'s link")))
-        elif S > 1:
-            acceptors.append(("tied", _Acceptor(links, deadline, expect_link("tied", S - 1), 1,
-                                                f"rank {S - 1}'s tied link")))
+        if incoming:
+            waiting = ", ".join(f"rank {peer}'s {role} link" for _, role, peer in incoming)
+            acceptors.append(_Acceptor(links, deadline, expect_link, len(incoming), waiting))
         if r == 0:
             table = [mine] + [None] * (S - 1)
             me.control = [None] * S
@@ -941,18 +1072,16 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, adv
                                           isinstance(e[1], int) and 0 < e[1] < 65536 for e in table):
                 raise ProtocolError("rank 0 sent a malformed TABLE")
 
-        if r + 1 < S:  # connect forward; the next rank accepts
-            me.next = open_link(table[r + 1], "pipe", r + 1)
-        if r == S - 1 and S > 1:
-            me.tied = open_link(table[0], "tied", 0)
-        for name, acceptor in acceptors:
-            (sock, _), = acceptor.collect()
-            setattr(me, name, sock)
+        for attr, role, peer in outgoing:
+            setattr(me, attr, open_link(table[peer], role, peer))
+        for acceptor in acceptors:
+            for sock, attr in acceptor.collect():
+                setattr(me, attr, sock)
     except BaseException:
         me.close()
         raise
     finally:
-        for _, acceptor in acceptors:
+        for acceptor in acceptors:
             acceptor.close()
         links.close()
     for s in me.control:
@@ -999,13 +1128,14 @@ def follow_launcher() -> None:
         os._exit(1)
 
 
-def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int:
-    """Runs `python script argv` as ranks 0..stages-1 on this machine and
-    watches them: when one fails, the others are stopped within seconds and
-    the failing rank is named. Returns the exit status for the launcher.
-    The ranks share a secret made here, and die with the launcher."""
+def launch(argv: list[str], world: int, script: str, grace: float = 3.0, env: dict | None = None) -> int:
+    """Runs `python script argv` as ranks 0..world-1 on this machine (with env
+    added to their environment) and watches them: when one fails, the others
+    are stopped within seconds and the failing rank is named. Returns the exit
+    status for the launcher. The ranks share a secret made here, and die with
+    the launcher."""
     token = secrets.token_hex(32)
-    base = dict(os.environ, WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1",
+    base = dict(os.environ, **(env or {}), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(_free_port()), GPT_JOB_TOKEN=token, GPT_LAUNCHER_PID=str(os.getpid()))
     procs, errors = [], {}
 
@@ -1018,7 +1148,7 @@ def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int
                 sys.stderr.write(line)
         stream.close()
 
-    for r in range(stages):
+    for r in range(world):
         # its own session, so Ctrl-C reaches the launcher, which stops the ranks
         p = subprocess.Popen([sys.executable, script, *argv], env=dict(base, RANK=str(r)),
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -1047,7 +1177,7 @@ def launch(argv: list[str], stages: int, script: str, grace: float = 3.0) -> int
             time.sleep(0.02)
     except KeyboardInterrupt:
         stop_all()
-        print(f"error: interrupted; stopped all {stages} ranks", file=sys.stderr)
+        print(f"error: interrupted; stopped all {world} ranks", file=sys.stderr)
         return 130
     time.sleep(0.2)  # let the first failures land before stopping the rest
     failed = {r: p.returncode for r, p in enumerate(procs) if p.poll() not in (None, 0)}

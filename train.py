@@ -7,22 +7,26 @@ C does the math.
     python3 train.py --model d12 --steps 1000 --checkpoint-dir runs/d12
     python3 train.py --help
 
-The model is cut into --stages pipeline stages, one process (rank) each. Per
-optimizer step every rank runs its op list from pipeline.py (forwards,
-backwards and the sends/receives between stages) in C, the ranks agree on the
-global grad norm, and each takes its AdamW step. Any stage count computes
-bitwise the same as one stage. Rank 0 prints one line per step, validation
-loss at intervals, and a sample at the end.
+The model is cut into --stages pipeline stages, one process (rank) each, and
+--dp runs that many data-parallel replicas of the pipeline (stages x dp ranks).
+The plan (partition, op lists, activation slots) is made once, by the launcher,
+and handed to the ranks. Per optimizer step every rank runs its op list from
+pipeline.py (forwards, backwards, the sends/receives between stages and the
+collectives between replicas) in C, the ranks agree on the global grad norm,
+and each takes its AdamW step. Any stage count computes bitwise the same as
+one stage; for a fixed --dp, so do any schedule and --zero stage. Rank 0
+prints one line per step, validation loss at intervals, and a sample at the end.
 """
 
 import argparse
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 if __name__ == "__main__":  # before the requirements, which make may have put in .venv
     from dev.project_venv import reexec_in_project_venv
@@ -94,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=None,
                    help="pipeline stages, one process each (default: 1 on the CPU, one per GPU; "
                         "under an outside launcher: WORLD_SIZE)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas of the pipeline, each reading its slice of every batch")
+    p.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                   help="with --dp: 0 all-reduces gradients; 1 shards AdamW over the replicas "
+                        "(gradients reduce-scattered, parameters all-gathered)")
     p.add_argument("--transport", choices=["auto", "socket", "nccl"], default="auto",
                    help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
@@ -128,7 +137,7 @@ def check_flags(args: argparse.Namespace) -> None:
     ints = {"steps": (0, MAX_STEPS), "warmup": (0, MAX_STEPS), "eval_every": (0, MAX_STEPS),
             "checkpoint_every": (0, MAX_STEPS), "keep_checkpoints": (0, MAX_STEPS),
             "sample_tokens": (0, MAX_SAMPLE_TOKENS), "threads": (0, THREADS_PER_CORE * cores),
-            "micro_batches": (1, MAX_MICRO_BATCHES), "stages": (1, MAX_STAGES), "seed": (0, 2**64 - 1),
+            "micro_batches": (1, MAX_MICRO_BATCHES), "stages": (1, MAX_STAGES), "dp": (1, MAX_STAGES), "seed": (0, 2**64 - 1),
             "top_k": (1, 2**31 - 1), "batch_size": (1, 2**31 - 1), "seq_len": (1, 2**31 - 1)}
     for flag, (lo, hi) in ints.items():
         if not lo <= getattr(args, flag) <= hi:
@@ -178,7 +187,8 @@ def load_trainer(args: argparse.Namespace):
 
 @dataclass
 class Plan:
-    """What the flags add up to, checked before anything is built or written."""
+    """What the flags add up to, checked before anything is built or written,
+    and made once: by the launcher, which hands it to every rank."""
     config: dict
     micro_batch: int        # sequences per micro-batch
     train_pattern: str
@@ -201,12 +211,17 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     if args.seq_len < 1 or args.seq_len > config["max_seq_len"]:
         raise UsageError(f"--seq-len {args.seq_len}: must be between 1 and the model's context "
                          f"({config['max_seq_len']})")
-    if args.batch_size < 1 or args.micro_batches < 1 or args.batch_size % args.micro_batches:
+    S, D, m = args.stages, args.dp, args.micro_batches
+    if D < 1:
+        raise UsageError(f"--dp {D}: needs at least one replica")
+    if args.zero and D == 1:
+        raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
+    if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
-                         f"--micro-batches {args.micro_batches}")
+                         + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
     check_link_pace(args, gpt)
     try:
-        pipeline.partition(config, args.stages, args.seq_len)
+        bounds = pipeline.partition(config, S, args.seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
     for flag in ("resume", "overwrite", "keep_checkpoints"):
@@ -217,7 +232,7 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     if args.trace:
         check_trace_path(args)
     lock = claim_checkpoint_dir(args, gpt) if claim and args.checkpoint_dir else None
-    B, T, V = args.batch_size // args.micro_batches, args.seq_len, config["vocab_size"]
+    B, T, V = args.batch_size // (m * D), args.seq_len, config["vocab_size"]
     if args.data in ("shakespeare", "tinyshakespeare"):
         try:
             files = prepare(args.data_dir, args.data, progress=True)
@@ -248,8 +263,86 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     return Plan(config, B, train_pattern, val_pattern, token_bytes, train_loader, val_loader, prompt, lock)
 
 
+@dataclass
+class GridPlan:
+    """The ranks' shares of the work, made once (by the launcher, or by rank 0
+    under an outside launcher) and handed to every rank: rank r is stage
+    r % S of replica r // S."""
+    stages: int             # S
+    replicas: int           # D
+    zero: int
+    bounds: list            # per stage: [lo, hi) of its layers
+    # per rank: the op lists ([kind, mb or bucket] pairs) of a training step, of
+    # what follows the optimizer step, of a validation pass; its activation slots
+    train_ops: list
+    after_ops: list
+    val_ops: list
+    slots: list
+
+
+def make_grid_plan(args: argparse.Namespace, config: dict) -> GridPlan:
+    """The partition, every rank's op lists, checked; the validator's peaks
+    are what the executors allocate."""
+    S, D, m = args.stages, args.dp, args.micro_batches
+    try:
+        bounds = pipeline.partition(config, S, args.seq_len)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    buckets = [hi - lo + 1 for lo, hi in bounds]
+    train_ops, after_ops = pipeline.grid_schedule(args.schedule, S, D, m, buckets, args.zero)
+    val_ops = [pipeline.forward_only(S, VAL_BATCHES)[r % S] for r in range(S * D)]
+    train_peak = pipeline.validate_grid(train_ops, S, m, buckets=buckets).peak_held
+    val_peak = pipeline.validate_grid(val_ops, S, VAL_BATCHES, training=False).peak_held
+    pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets)
+    return GridPlan(S, D, args.zero, [list(b) for b in bounds], as_pairs(train_ops), as_pairs(after_ops),
+                    as_pairs(val_ops), [max(a, b) for a, b in zip(train_peak, val_peak)])
+
+
+def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> GridPlan:
+    """This job's grid plan: made here for a single rank, else our launcher's
+    (GPT_PLAN) or, under an outside launcher, rank 0's through the rendezvous."""
+    if ctx.world == 1:
+        return make_grid_plan(args, config)
+    blob = os.environ.get("GPT_PLAN", "").encode()
+    if not blob:
+        blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"")
+    return grid_plan_from_json(blob, ctx.world)
+
+
+def as_pairs(lists: list) -> list:
+    """Op lists as plain [kind, mb or bucket] pairs, for JSON."""
+    return [[[op.kind, op.mb] for op in ops] for ops in lists]
+
+
+def is_pair(x) -> bool:
+    return isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
+
+
+GRID_PLAN_FIELDS = {"stages": int, "replicas": int, "zero": int, "bounds": list, "train_ops": list,
+                    "after_ops": list, "val_ops": list, "slots": list}
+
+
+def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
+    """The launcher's plan, checked field by field: it is parsed, not trusted."""
+    try:
+        d = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the launcher's plan is not JSON ({e})") from None
+    if not isinstance(d, dict) or set(d) != set(GRID_PLAN_FIELDS) or \
+            not all(isinstance(d[k], t) for k, t in GRID_PLAN_FIELDS.items()):
+        raise ValueError("the launcher's plan is malformed")
+    S, D = d["stages"], d["replicas"]
+    if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
+            any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots")) or \
+            not all(isinstance(n, int) and n >= 1 for n in d["slots"]) or \
+            not all(isinstance(ops, list) and all(is_pair(op) and op[0] < len(pipeline.NAMES) for op in ops)
+                    for k in ("train_ops", "after_ops", "val_ops") for ops in d[k]):
+        raise ValueError(f"the launcher's plan does not describe {world} ranks")
+    return GridPlan(**d)
+
+
 def check_link_pace(args: argparse.Namespace, gpt) -> None:
-    if (args.link_gbps or args.link_latency_us) and use_nccl(args, gpt, args.stages):
+    if (args.link_gbps or args.link_latency_us) and use_nccl(args, gpt, args.stages * args.dp):
         raise UsageError("--link-gbps/--link-latency-us pace the socket transport, and these GPU ranks talk "
                          "over NCCL: add --transport socket to pace them")
 
@@ -282,7 +375,7 @@ def claim_checkpoint_dir(args: argparse.Namespace, gpt) -> int:
 
 
 def as_ops(ops: list) -> np.ndarray:
-    return np.array([(op.kind, op.mb) for op in ops], dtype=np.intc).reshape(-1, 2)
+    return np.array(ops, dtype=np.intc).reshape(-1, 2)
 
 
 def next_batch(loader, micro: int) -> tuple[np.ndarray, np.ndarray]:
@@ -296,6 +389,7 @@ class Stage:
     model: object
     ctx: pipeline.Rank
     train_ops: np.ndarray
+    after_ops: np.ndarray  # after the optimizer step (--zero 1: the parameters' all-gather)
     val_ops: np.ndarray
 
     def run(self, ops: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool) -> float:
@@ -305,34 +399,37 @@ class Stage:
         loss = self.model.run(ops, x if self.ctx.first else None, y if self.ctx.last else None, training)
         if training:
             return loss
-        return float(self.ctx.allreduce(np.array([loss if self.ctx.last else 0.0]))[0])
+        # every replica evaluates the same batches; replica 0 speaks for them
+        mine = loss if self.ctx.last and self.ctx.replica == 0 else 0.0
+        return float(self.ctx.allreduce(np.array([mine]))[0])
 
 
-def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, config: dict, B: int) -> Stage:
-    S, m = ctx.world, args.micro_batches
-    lo, hi = pipeline.partition(config, S, args.seq_len)[ctx.rank]
-    train_ops = pipeline.schedule(args.schedule, S, m)
-    val_ops = pipeline.forward_only(S, VAL_BATCHES)
-    # the validator's peak is exactly what the executor allocates
-    slots = max(pipeline.validate(train_ops, m).peak_held[ctx.rank],
-                pipeline.validate(val_ops, VAL_BATCHES, training=False).peak_held[ctx.rank])
+def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, grid: GridPlan) -> Stage:
+    r = ctx.rank
+    lo, hi = grid.bounds[ctx.stage]
     if args.device == "cuda":  # one GPU per rank while there are enough, else they share
-        local = int(os.environ.get("LOCAL_RANK", ctx.rank))
+        local = int(os.environ.get("LOCAL_RANK", r))
         os.environ.setdefault("GPT_DEVICE", str(local % gpt.device_count()))
-    model = gpt.Model(config, lo, hi, B, args.seq_len, slots)
+    model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, grid.slots[r])
     model.set_peers(*ctx.fds(), args.peer_timeout)
-    if use_nccl(args, gpt, S):
-        uid = ctx.broadcast(gpt.nccl_unique_id() if ctx.rank == 0 else b"")
-        model.set_nccl(uid, S, ctx.rank)
-    return Stage(model, ctx, as_ops(train_ops[ctx.rank]), as_ops(val_ops[ctx.rank]))
+    model.set_replicas(*ctx.replica_fds(), ctx.replica, ctx.replicas, grid.zero)
+    if use_nccl(args, gpt, ctx.world):
+        # one id for the pipelines' sends, then one per stage for its replicas' collectives
+        count = 1 + (ctx.stages if ctx.replicas > 1 else 0)
+        ids = ctx.broadcast(b"".join(gpt.nccl_unique_id() for _ in range(count)) if r == 0 else b"")
+        size = len(ids) // count
+        model.set_nccl(ids[:size], ctx.world, r)
+        if ctx.replicas > 1:
+            model.set_replica_nccl(ids[size * (1 + ctx.stage):size * (2 + ctx.stage)], ctx.replicas, ctx.replica)
+    return Stage(model, ctx, as_ops(grid.train_ops[r]), as_ops(grid.after_ops[r]), as_ops(grid.val_ops[r]))
 
 
-def use_nccl(args: argparse.Namespace, gpt, stages: int) -> bool:
-    """NCCL between GPU stages when every rank has a GPU of its own (NCCL
-    refuses two ranks on one GPU); sockets otherwise."""
-    if args.device != "cuda" or stages == 1 or args.transport == "socket":
+def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
+    """NCCL between GPU ranks (stages and replicas) when every rank has a GPU
+    of its own (NCCL refuses two ranks on one GPU); sockets otherwise."""
+    if args.device != "cuda" or ranks == 1 or args.transport == "socket":
         return False
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", stages))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
     own_gpu = local_ranks <= gpt.device_count()
     if args.transport == "nccl" and not own_gpu:
         raise UsageError(f"--transport nccl: {local_ranks} ranks on this machine but "
@@ -347,11 +444,12 @@ def gather_params(stage: Stage) -> dict | None:
         return params
     head = json.dumps([[k, list(v.shape)] for k, v in params.items()]).encode()
     blob = len(head).to_bytes(4, "little") + head + b"".join(v.tobytes() for v in params.values())
-    blobs = stage.ctx.gather_blobs(blob)
+    # replica 0's stages hold the whole model (every replica has it after a step)
+    blobs = stage.ctx.gather_blobs(blob if stage.ctx.replica == 0 else b"")
     if blobs is None:
         return None
     parts: dict[str, list[np.ndarray]] = {}
-    for b in blobs:  # in rank order: per-layer tensors concatenate along the layer axis
+    for b in blobs[:stage.ctx.stages]:  # in rank order: per-layer tensors concatenate along the layer axis
         n = int.from_bytes(b[:4], "little")
         at = 4 + n
         for name, shape in json.loads(b[4:at]):
@@ -365,10 +463,12 @@ def gather_params(stage: Stage) -> dict | None:
 
 def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
     plan = make_plan(args, gpt, claim=ctx.rank == 0)
+    grid = grid_plan_of(args, ctx, plan.config)
     cfg, B, T, m, L = plan.config, plan.micro_batch, args.seq_len, args.micro_batches, plan.config["num_layers"]
+    S, D = grid.stages, grid.replicas
     gpt.set_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world))
     gpt.set_link_pace(args.link_gbps or 0.0, args.link_latency_us or 0.0)
-    stage = build_stage(args, gpt, ctx, cfg, B)
+    stage = build_stage(args, gpt, ctx, plan, grid)
     model, say = stage.model, (print if ctx.rank == 0 else (lambda *a, **k: None))
     loader = plan.train_loader
     start = 0
@@ -385,27 +485,35 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
         model.load(args.init_from)
     else:
         model.init(args.seed)
+    replicas = f" x {D} replicas (zero {grid.zero})" if D > 1 else ""
     say(f"model L={L} NH={cfg['num_heads']} C={cfg['channels']} | batch {args.batch_size} x {T} tokens "
-        f"in {m} micro-batch(es) | {args.steps} steps | {ctx.world} stage(s), {args.schedule} | {args.device}")
-    if ctx.world > 1:
-        say(pipeline.describe_partition(cfg, pipeline.partition(cfg, ctx.world, T), T))
+        f"in {m} micro-batch(es){' per replica' if D > 1 else ''} | {args.steps} steps | "
+        f"{S} stage(s), {args.schedule}{replicas} | {args.device}")
+    if S > 1:
+        say(pipeline.describe_partition(cfg, [tuple(b) for b in grid.bounds], T))
     timeline = []  # per step: (op start/end times) for the trace and the bubble
     for step in range(start, args.steps):
         t0 = time.perf_counter()
-        x, y = next_batch(loader, m)
-        loss_sum = stage.run(stage.train_ops, x, y, training=True)
+        # the global batch is the same D*m micro-batches whatever D; replica d takes the d-th m of them
+        x, y = next_batch(loader, m * D)
+        mine = slice(ctx.replica * m, (ctx.replica + 1) * m)
+        loss_sum = stage.run(stage.train_ops, x[mine], y[mine], training=True)
+        timeline.append(model.op_times(len(stage.train_ops)))
         model.sum_wte_grads()
-        # each (tensor, layer) part lives on one rank: summing them is exact,
-        # and the norm adds them in one canonical order, as one stage would
+        # a (tensor, layer) part is the sum of squares of one stage's gradient,
+        # over replica d's chunk on replica d: the sum over ranks adds
+        # (exactly) zeros and the D chunks in replica order; the norm adds the
+        # parts in one canonical order, as one stage would
         total = ctx.allreduce(np.append(model.grad_norm_parts(), loss_sum if ctx.last else 0.0))
-        norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / m
+        norm, loss = gpt.norm_from_parts(total[:-1], L), total[-1] / (m * D)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # every rank sees the same sums
             raise TrainingError(f"step {step + 1}: loss {loss:g}, grad norm {norm:g}: not finite; stopped "
                                 f"before its update and checkpoint")
         lr = gpt.lr_at(step, args.lr, args.warmup, args.steps, MIN_LR_FRAC)
         model.adamw(lr, WEIGHT_DECAY, MAX_GRAD_NORM / norm if norm > MAX_GRAD_NORM else 1.0, step + 1)
+        if len(stage.after_ops):
+            stage.run(stage.after_ops, None, None, training=False)
         dt = time.perf_counter() - t0
-        timeline.append(model.op_times(len(stage.train_ops)))
         say(f"step {step + 1}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | norm {norm:.4f} | "
             f"{dt * 1e3:.0f} ms | {args.batch_size * T / dt:.0f} tok/s", flush=True)
         done = step + 1 == args.steps
@@ -423,8 +531,10 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
                 if args.keep_checkpoints:
                     gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
-    if ctx.world > 1 and timeline:
-        report_pipeline(args, stage, timeline, say)
+    if S > 1 and timeline:
+        report_pipeline(args, stage, grid, timeline, say)
+    if ctx.world > 1:
+        report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
         params = gather_params(stage)
         if params is not None:
@@ -441,15 +551,17 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
 # where the time went: the measured timeline against the simulator's
 
 
-def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say) -> None:
-    ops = stage.train_ops
+def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, timeline: list, say) -> None:
     mine = json.dumps([t.tolist() for t in timeline]).encode()
     blobs = stage.ctx.gather_blobs(mine)
     if blobs is None:
         return
-    S = stage.ctx.world
-    ranks_ops = pipeline.schedule(args.schedule, S, args.micro_batches)
-    times = [json.loads(b) for b in blobs]  # [rank][step][op] = [start, end]
+    S = grid.stages
+    # replica 0's pipeline, without the collectives that follow its backward
+    ranks_ops = [[pipeline.Op(*op) for op in grid.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
+                 for r in range(S)]
+    times = [[step[:len(ranks_ops[r])] for step in json.loads(b)]  # [rank][step][op] = [start, end]
+             for r, b in enumerate(blobs[:S])]
     steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
     pairs = pipeline.pair_messages(ranks_ops)
     bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
@@ -493,6 +605,26 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, timeline: list, say)
         say(f"trace: {args.trace}")
 
 
+def report_traffic(stage: Stage, steps: int, say) -> None:
+    """Per rank: the payload bytes it moved per step, by kind, and its peak
+    resident memory. Formulas, in values (4 bytes each in fp32): the pipeline
+    moves 2*b*T*C per stage boundary per micro-batch (an activation down, its
+    gradient up), the tied swap Vp*C each way, an all-reduce 2(D-1)/D*P (P the
+    stage's parameters), --zero 1's reduce-scatter plus all-gather as much."""
+    moved = stage.model.bytes_moved()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib}).encode())
+    if blobs is None or steps < 1:
+        return
+    S = stage.ctx.stages
+    for r, blob in enumerate(blobs):
+        got = json.loads(blob)
+        per_step = {k: [v // steps for v in sent_received] for k, sent_received in got["moved"].items()}
+        say(f"traffic per step: rank {r} (stage {r % S}, replica {r // S}): "
+            + " | ".join(f"{k.replace('_', '-')} sent {v[0]} B received {v[1]} B" for k, v in per_step.items())
+            + f" | peak RSS {got['peak_mib']:.0f} MiB")
+
+
 def interrupt_on_signals() -> None:
     """SIGTERM and SIGHUP end the run as Ctrl-C does: one line, and a
     launcher stops its ranks. (Ranks of our launcher die with it instead.)"""
@@ -508,20 +640,27 @@ def main(argv: list[str] | None = None) -> int:
         interrupt_on_signals()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    stages_given = args.stages is not None
     ctx, errors = None, (UsageError,)
     try:
         gpt = load_trainer(args)
         errors = (gpt.GPTError, ValueError, OSError, TrainingError)
         env = pipeline.env_from(os.environ)
-        if env is None and args.stages > 1:
-            plan = make_plan(args, gpt, claim=True)  # bad flags and data fail here, once, before any rank starts
+        if env is None and args.stages * args.dp > 1:
+            # bad flags and data fail here, once, before any rank starts, and the grid's plan is made
+            plan = make_plan(args, gpt, claim=True)
+            grid = make_grid_plan(args, plan.config)
             if plan.lock is not None:
                 os.close(plan.lock)  # rank 0 claims the directory for the run
             del plan  # and the ranks read the data
-            return pipeline.launch(argv, args.stages, os.path.abspath(__file__))
+            return pipeline.launch(argv, args.stages * args.dp, os.path.abspath(__file__),
+                                   env={"GPT_PLAN": json.dumps(asdict(grid))})
         if env is not None:
-            args.stages = env.world
-            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout, args.advertise)
+            if not stages_given:
+                args.stages = max(1, env.world // max(1, args.dp))
+            if args.stages * args.dp != env.world:
+                raise UsageError(f"WORLD_SIZE {env.world} is not --stages {args.stages} x --dp {args.dp} ranks")
+            ctx = pipeline.connect_ranks(env, args.bind, args.peer_timeout, args.advertise, args.stages)
         else:
             ctx = pipeline.Rank(timeout=args.peer_timeout)
         train(args, gpt, ctx)

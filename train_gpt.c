@@ -472,6 +472,8 @@ struct Stage {
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     Links links;
+    int zero;                          // 0: replicas keep everything whole; 1: replica d owns chunk d
+    int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
 };
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
@@ -523,7 +525,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) return NULL;
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
-    s->links = (Links){-1, -1, -1, 60.0, lo, hi};
+    s->links = links_make(lo, hi);
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
     s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
@@ -671,89 +673,111 @@ static void stage_backward_weight(Stage *s, Slot *a) {
 }
 
 // ----------------------------------------------------------------------------
-// executor: one rank's op list for one step, with no Python in the loop
+// executor: one rank's op list for one step, with no Python in the loop. The
+// loop is common.h's run_op_list; these are its hooks.
 
 void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    s->links.prev_fd = prev_fd;
-    s->links.next_fd = next_fd;
-    s->links.tied_fd = tied_fd;
-    s->links.timeout_s = timeout_s;
+    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
 }
 
-// The slot holding micro-batch mb, taking a free one on first use.
-static Slot *slot_for(Stage *s, int mb) {
-    int i = oprun_slot(&s->run, mb, s->y.lo, s->y.hi);
-    return i < 0 ? NULL : &s->slots[i];
+void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
+    s->zero = zero;
 }
 
-// The buffer each op of a communication group sends from or receives into.
-static int run_comm_group(Stage *s, const int *ops, int n) {
-    void *bufs[MAX_GROUP];
-    size_t BTC = (size_t)s->B * s->T * s->y.cfg.channels;
-    for (int i = 0; i < n && i < MAX_GROUP; i++) {
-        int kind = ops[2 * i];
-        Slot *a = slot_for(s, ops[2 * i + 1]);
-        if (!a) return -1;
-        bufs[i] = kind == OP_SEND_ACT ? stage_output(s, a)
-                : kind == OP_RECV_ACT ? a->x0
-                : kind == OP_SEND_GRAD ? a->dresid
-                : a->dresid + s->y.nl * BTC;
+void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
+    links_bytes_moved(&s->links, sent, received);
+}
+
+static int hook_begin(void *stage, int m, int training) {
+    Stage *s = (Stage *)stage;
+    if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
+        memset(s->grads, 0, s->y.num_params * sizeof(float));
+        if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
+        s->wte_summed = 0;
     }
-    return comm_group(&s->links, ops, n, bufs, BTC * sizeof(float));
+    return 0;
 }
+
+static int hook_forward(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+                        int training) {
+    (void)dloss; (void)training;
+    Stage *s = (Stage *)stage;
+    Slot *a = &s->slots[slot];
+    size_t BT = (size_t)s->B * s->T;
+    if (inputs) memcpy(a->inputs, inputs, BT * sizeof(int));
+    stage_forward(s, a, s->B, s->T);
+    if (targets) {
+        memcpy(a->targets, targets, BT * sizeof(int));
+        s->run.mb_losses[mb] = stage_loss(s, a);
+    }
+    return 0;
+}
+
+static int hook_backward_input(void *stage, int slot, float dloss) {
+    Stage *s = (Stage *)stage;
+    stage_backward_input(s, &s->slots[slot], dloss);
+    return 0;
+}
+
+static int hook_backward_weight(void *stage, int slot) {
+    Stage *s = (Stage *)stage;
+    stage_backward_weight(s, &s->slots[slot]);
+    return 0;
+}
+
+static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+    Stage *s = (Stage *)stage;
+    Slot *a = &s->slots[slot];
+    bufs[0] = stage_output(s, a);
+    bufs[1] = a->x0;
+    bufs[2] = a->dresid;
+    bufs[3] = a->dresid + (size_t)s->y.nl * s->B * s->T * s->y.cfg.channels;
+}
+
+static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
+    Stage *s = (Stage *)stage;
+    return comm_group(&s->links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
+}
+
+// A bucket's (tensor, layer) segments in base (params or grads).
+static int bucket_in(Stage *s, float *base, int bucket, Segment *segs) {
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->y, bucket, tensors, layers);
+    for (int i = 0; i < n; i++) {
+        segs[i].p = layer_tensor(s, base, tensors[i], layers[i]);
+        segs[i].n = segment_elems(&s->y, tensors[i]);
+    }
+    return n;
+}
+
+// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its parameters.
+static int hook_collective(void *stage, int kind, int bucket, int training) {
+    Stage *s = (Stage *)stage;
+    Segment segs[NUM_PARAM_TENSORS];
+    if (kind == OP_ALLGATHER) return ring_collective(&s->links, segs, bucket_in(s, s->params, bucket, segs), bucket, 1);
+    if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
+    // the replicas sum the whole d(wte), so each first completes its own
+    if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
+    int n = bucket_in(s, s->grads, bucket, segs);
+    if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
+    return kind == OP_ALLREDUCE ? ring_collective(&s->links, segs, n, bucket, 1) : 0;
+}
+
+static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
+                                     hook_message_buffers, hook_exchange, hook_collective, NULL, NULL};
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    if (oprun_begin(&s->run, ops, nops)) return -1;
-    int m = s->run.m;
-    if (s->y.first && !inputs) return fail("the first stage needs input tokens");
-    if (s->y.last && !targets) return fail("the last stage needs target tokens");
-    size_t mBT = (size_t)m * s->B * s->T;
-    if ((s->y.first && check_tokens(inputs, mBT, s->y.cfg.vocab_size, "input")) ||
-        (s->y.last && check_tokens(targets, mBT, s->y.cfg.vocab_size, "target")))
-        return -1;
-    if (training) {
-        memset(s->grads, 0, s->y.num_params * sizeof(float));
-        if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
-    }
-    size_t BT = (size_t)s->B * s->T;
-    for (int i = 0; i < nops;) {
-        int kind = ops[2 * i], mb = ops[2 * i + 1];
-        double t_start = now_seconds();
-        int n = 1;
-        if (kind >= OP_SEND_ACT) {
-            while (i + n < nops && ops[2 * (i + n)] >= OP_SEND_ACT) n++;
-            if (run_comm_group(s, ops + 2 * i, n)) return -1;
-        } else {
-            Slot *a = slot_for(s, mb);
-            if (!a) return -1;
-            if (kind == OP_FWD) {
-                if (s->y.first) memcpy(a->inputs, inputs + mb * BT, BT * sizeof(int));
-                stage_forward(s, a, s->B, s->T);
-                if (s->y.last) {
-                    memcpy(a->targets, targets + mb * BT, BT * sizeof(int));
-                    s->run.mb_losses[mb] = stage_loss(s, a);
-                }
-            } else if (!training) {
-                return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
-            } else if (kind == OP_BWD_INPUT) {
-                stage_backward_input(s, a, 1.0f / (float)(BT * m));
-            } else {
-                stage_backward_weight(s, a);
-            }
-        }
-        oprun_done(&s->run, ops, i, n, t_start, now_seconds());
-        i += n;
-    }
-    *loss_sum = oprun_loss_sum(&s->run);
-    return 0;
+    return run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops, inputs,
+                       targets, training, loss_sum);
 }
 
 // ----------------------------------------------------------------------------
 // optimizer
 
 int stage_sum_wte_grads(Stage *s) {
-    if (!s->y.first && !s->y.last) return 0;
+    if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
     float *head = tensor(s, s->grads, P_WTE), *embed = s->dwte_embed;
     size_t n = s->y.sizes[P_WTE];
     if (!(s->y.first && s->y.last)) {
@@ -766,6 +790,7 @@ int stage_sum_wte_grads(Stage *s) {
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
+    s->wte_summed = 1;
     return 0;
 }
 
@@ -794,36 +819,42 @@ static double sum_squares(const float *p, size_t n) {
     return total;
 }
 
+// Each (tensor, layer) part over this replica's chunk of the segment (all of
+// it when D = 1): the launcher adds the D chunks' parts in replica order, so
+// the norm is the same for every zero stage, sharded gradients or not.
 void stage_grad_norm_parts(Stage *s, double *parts) {
     int L = s->y.cfg.num_layers;
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * L);
     for (int t = 0; t < NUM_PARAM_TENSORS; t++)
         for (int l = 0; l < s->y.nl; l++) {
-            if (!s->y.sizes[t]) continue;
-            if (is_layer_tensor(t)) {
-                parts[t * L + s->y.lo + l] =
-                    sum_squares(layer_tensor(s, s->grads, t, l), gpt_tensor_size(&s->y.cfg, t, 1));
-            } else if (l == 0 && owns_tensor(&s->y, t)) {
-                parts[t * L] = sum_squares(tensor(s, s->grads, t), s->y.sizes[t]);
-            }
+            if (!owns_tensor(&s->y, t) || (!is_layer_tensor(t) && l > 0)) continue;
+            size_t lo, hi;
+            chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+            int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
+            parts[part] = sum_squares(layer_tensor(s, s->grads, t, l) + lo, hi - lo);
         }
 }
 
 void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
     const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
     float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
+    // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER spreads the rest)
+    int shard = s->zero > 0, parts = shard ? s->links.replicas : 1, part = shard ? s->links.replica : 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         float wd = is_matrix(t) ? weight_decay : 0.0f;
-        float *p = tensor(s, s->params, t), *g = tensor(s, s->grads, t);
-        float *m = tensor(s, s->m, t), *v = tensor(s, s->v, t);
-        size_t n = s->y.sizes[t];
-        #pragma omp parallel for
-        for (size_t i = 0; i < n; i++) {
-            float gi = g[i] * grad_scale;
-            m[i] = b1 * m[i] + (1.0f - b1) * gi;
-            v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
-            float mhat = m[i] / bc1, vhat = v[i] / bc2;
-            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        size_t seg = segment_elems(&s->y, t), lo, hi;
+        chunk_range(seg, part, parts, &lo, &hi);
+        for (int l = 0; s->y.sizes[t] && l < (is_layer_tensor(t) ? s->y.nl : 1); l++) {
+            size_t at = s->y.offsets[t] + l * seg;
+            float *p = s->params + at, *g = s->grads + at, *m = s->m + at, *v = s->v + at;
+            #pragma omp parallel for
+            for (size_t i = lo; i < hi; i++) {
+                float gi = g[i] * grad_scale;
+                m[i] = b1 * m[i] + (1.0f - b1) * gi;
+                v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+                float mhat = m[i] / bc1, vhat = v[i] / bc2;
+                p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+            }
         }
     }
 }
@@ -842,14 +873,20 @@ int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nran
     (void)s; (void)id; (void)nranks; (void)rank;
     return fail("NCCL needs the CUDA trainer (--device cuda)");
 }
+int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica) {
+    return stage_set_nccl(s, id, replicas, replica);
+}
 
 // ----------------------------------------------------------------------------
 // checkpoint I/O (the file formats are in common.h)
 
 int stage_load(Stage *s, const char *path) { return model_file_read(&s->y, path, s->params); }
 
+// zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
-    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v);
+    if (s->zero == 0 && s->links.replica > 0) return 0;
+    int parts = s->zero > 0 ? s->links.replicas : 1;
+    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, s->zero > 0 ? s->links.replica : 0, parts);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {

@@ -973,6 +973,9 @@ struct Stage {
     size_t pinned_cap;
     ncclComm_t nccl;
     int nccl_rank, nccl_ranks;
+    ncclComm_t replica_nccl;  // the stage's data-parallel replicas, when each has a GPU of its own
+    int zero;        // the zero stage of the data-parallel replicas (only 0 on the GPU so far)
+    int wte_summed;  // d(wte) = head + embedding done for this step's gradients
     char broken[1024];  // a failure inside a void API function, reported by the next call
     Prof prof;
 };
@@ -1686,9 +1689,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) { fail("out of host memory"); return NULL; }
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots; s->device = device; s->hs = hs;
-    s->links.prev_fd = s->links.next_fd = s->links.tied_fd = -1;
-    s->links.timeout_s = 60.0;
-    s->links.lo = lo; s->links.hi = hi;
+    s->links = links_make(lo, hi);
     env = getenv("GPT_FUSE_GELU");
     s->fuse_gelu_fwd = s->fuse_gelu_bwd = !(env && strcmp(env, "0") == 0);
     env = getenv("GPT_ATTN");
@@ -1751,6 +1752,7 @@ void stage_free(Stage *s) {
         prof_report(s);
     }
     if (s->nccl) ncclCommDestroy(s->nccl);
+    if (s->replica_nccl) ncclCommDestroy(s->replica_nccl);
     for (int i = 0; i < s->nplans; i++) gemm_plan_free(&s->plans[i]);
     for (int i = 0; s->slots && i < s->run.nslots; i++) cudaFree(s->slots[i].mem);
     cudaFree(s->d_params); cudaFree(s->d_grads); cudaFree(s->d_m); cudaFree(s->d_v);
@@ -1991,32 +1993,38 @@ static int stage_backward_weight(Stage *s, Slot *a) {
 // common.h with the device buffers staged through pinned host memory
 
 void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    s->links.prev_fd = prev_fd;
-    s->links.next_fd = next_fd;
-    s->links.tied_fd = tied_fd;
-    s->links.timeout_s = timeout_s;
+    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
+}
+
+void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
+    s->zero = zero;
+}
+
+void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
+    links_bytes_moved(&s->links, sent, received);
 }
 
 // Waits for the stream (and the NCCL operations on it) without ever hanging:
 // a peer error or no completion within the link timeout aborts the
 // communicator and fails.
-static int nccl_wait(Stage *s, const char *what) {
+static int nccl_wait(Stage *s, ncclComm_t *comm, const char *what) {
     double start = now_seconds();
     for (;;) {
         cudaError_t q = cudaStreamQuery(s->stream);
         if (q == cudaSuccess) return 0;
         if (q != cudaErrorNotReady) CUDA_CHECK(q);
         ncclResult_t ar = ncclSuccess;
-        NCCL_CHECK(ncclCommGetAsyncError(s->nccl, &ar));
+        NCCL_CHECK(ncclCommGetAsyncError(*comm, &ar));
         if (ar != ncclSuccess && ar != ncclInProgress) {
-            ncclCommAbort(s->nccl);
-            s->nccl = NULL;
+            ncclCommAbort(*comm);
+            *comm = NULL;
             return fail("stage [%d,%d): NCCL failed during %s: %s", s->y.lo, s->y.hi, what, ncclGetErrorString(ar));
         }
         if (now_seconds() - start > s->links.timeout_s) {
-            ncclCommAbort(s->nccl);
-            s->nccl = NULL;
-            return fail("stage [%d,%d): no progress from a neighbour for %.0f s during %s over NCCL", s->y.lo,
+            ncclCommAbort(*comm);
+            *comm = NULL;
+            return fail("stage [%d,%d): no progress from a peer for %.0f s during %s over NCCL", s->y.lo,
                         s->y.hi, s->links.timeout_s, what);
         }
         usleep(50);
@@ -2035,7 +2043,7 @@ static int nccl_exchange(Stage *s, int n, const int *sending, const int *peers, 
     ncclResult_t r2 = ncclGroupEnd();
     if (r != ncclSuccess) return fail("NCCL error in %s: %s", what, ncclGetErrorString(r));
     if (r2 != ncclSuccess) return fail("NCCL error in %s: %s", what, ncclGetErrorString(r2));
-    return nccl_wait(s, what);
+    return nccl_wait(s, &s->nccl, what);
 }
 
 // the peer rank of a comm op: next = rank + 1, previous = rank - 1; a
@@ -2046,23 +2054,24 @@ static int nccl_peer(Stage *s, int to_next) {
     return p >= 0 && p < s->nccl_ranks ? p : -1;
 }
 
-// The slot buffer each op of a communication group sends from or receives into.
-static Slot *slot_for(Stage *s, int mb);
-static int run_comm_group(Stage *s, const int *ops, int n) {
-    void *dev[MAX_GROUP];
+// The executor's hook for the slot's message buffers (device memory), in
+// common.h's order: output, input, d(input), d(output).
+static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+    Stage *s = (Stage *)stage;
+    Slot *a = &s->slots[slot];
+    bufs[0] = stage_output(s, a);
+    bufs[1] = a->x0;
+    bufs[2] = a->dresid;
+    bufs[3] = LAYER_C(a->dresid, s->y.nl);
+}
+
+// The executor's hook for a group of sends/receives of device buffers dev[i]:
+// NCCL, or the sockets staged through pinned host memory.
+static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
+    Stage *s = (Stage *)stage;
     size_t BTC = (size_t)s->B * s->T * s->y.cfg.channels, nbytes = BTC * sizeof(floatX);
-    if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
-    for (int i = 0; i < n; i++) {
-        int kind = ops[2 * i];
-        Slot *a = slot_for(s, ops[2 * i + 1]);
-        if (!a) return -1;
-        dev[i] = kind == OP_SEND_ACT ? (void *)stage_output(s, a)
-               : kind == OP_RECV_ACT ? (void *)a->x0
-               : kind == OP_SEND_GRAD ? (void *)a->dresid
-               : (void *)LAYER_C(a->dresid, s->y.nl);
-    }
     if (s->nccl) {
-        int sending[MAX_GROUP], peers[MAX_GROUP];
+        int sending[MAX_GROUP] = {0}, peers[MAX_GROUP] = {0};
         for (int i = 0; i < n; i++) {
             int kind = ops[2 * i], to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
             sending[i] = kind == OP_SEND_ACT || kind == OP_SEND_GRAD;
@@ -2071,7 +2080,9 @@ static int run_comm_group(Stage *s, const int *ops, int n) {
                 return fail("stage [%d,%d): %s mb %d but there is no %s stage", s->y.lo, s->y.hi, OP_NAMES[kind],
                             ops[2 * i + 1], to_next ? "next" : "previous");
         }
-        return nccl_exchange(s, n, sending, peers, dev, BTC, NCCL_X, "activation/gradient exchange");
+        CHECK(nccl_exchange(s, n, sending, peers, dev, BTC, NCCL_X, "activation/gradient exchange"));
+        for (int i = 0; i < n; i++) links_count(&s->links, TRAFFIC_PIPELINE, sending[i], nbytes);
+        return 0;
     }
     if ((size_t)n * nbytes > s->pinned_cap) {
         if (s->pinned) CUDA_CHECK(cudaFreeHost(s->pinned));
@@ -2103,36 +2114,94 @@ int gpt_nccl_unique_id(unsigned char id[GPT_NCCL_ID_BYTES]) {
     return 0;
 }
 
-int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank) {
+// (Re)makes *comm as rank `rank` of nranks from the id the rendezvous carried.
+static int nccl_comm_init(Stage *s, ncclComm_t *comm, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank) {
     if (nranks < 1 || rank < 0 || rank >= nranks)
         return fail("NCCL: rank %d of %d ranks is out of range", rank, nranks);
     CUDA_CHECK(cudaSetDevice(s->device));
-    if (s->nccl) { ncclCommDestroy(s->nccl); s->nccl = NULL; }
+    if (*comm) { ncclCommDestroy(*comm); *comm = NULL; }
     ncclUniqueId u;
     memcpy(&u, id, sizeof u);
-    ncclComm_t comm;
-    NCCL_CHECK(ncclCommInitRank(&comm, nranks, u, rank));
-    s->nccl = comm;
+    NCCL_CHECK(ncclCommInitRank(comm, nranks, u, rank));
+    return 0;
+}
+
+int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nranks, int rank) {
+    CHECK(nccl_comm_init(s, &s->nccl, id, nranks, rank));
     s->nccl_rank = rank;
     s->nccl_ranks = nranks;
     return 0;
 }
 
-// ----------------------------------------------------------------------------
-// executor: one rank's op list for one step, with no Python in the loop
-
-// The slot holding micro-batch mb, taking a free one on first use.
-static Slot *slot_for(Stage *s, int mb) {
-    int i = oprun_slot(&s->run, mb, s->y.lo, s->y.hi);
-    return i < 0 ? NULL : &s->slots[i];
+int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica) {
+    return nccl_comm_init(s, &s->replica_nccl, id, replicas, replica);
 }
 
-static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
-                         int training, float *loss_sum) {
-    CHECK(oprun_begin(&s->run, ops, nops));
-    int m = s->run.m;
-    if (s->y.first && !inputs) return fail("the first stage needs input tokens");
-    if (s->y.last && !targets) return fail("the last stage needs target tokens");
+// ALLREDUCE of a bucket over NCCL: one ncclAllReduce per (tensor, layer)
+// segment, in one group, on the stage's stream, waited for as the sends are.
+// NCCL picks its own algorithm and order of the sums (not the sockets'
+// canonical one), and its ring moves 2(D-1)/D * n values per segment each
+// way (8(D-1)/D * n bytes in fp32), which is what the byte counters record
+// (they cannot see NCCL's wire).
+static int nccl_allreduce_bucket(Stage *s, int bucket) {
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->y, bucket, tensors, layers), D = s->links.replicas;
+    NCCL_CHECK(ncclGroupStart());
+    ncclResult_t r = ncclSuccess;
+    for (int i = 0; i < n && r == ncclSuccess; i++) {
+        float *g = dparam(s, s->d_grads, tensors[i], layers[i]);
+        r = ncclAllReduce(g, g, seg_elems(s, tensors[i]), ncclFloat, ncclSum, s->replica_nccl, s->stream);
+    }
+    ncclResult_t r2 = ncclGroupEnd();
+    if (r != ncclSuccess || r2 != ncclSuccess)
+        return fail("NCCL error in the all-reduce of bucket %d: %s", bucket, ncclGetErrorString(r != ncclSuccess ? r : r2));
+    CHECK(nccl_wait(s, &s->replica_nccl, "a data-parallel all-reduce"));
+    for (int i = 0; i < n; i++) {
+        uint64_t bytes = 2 * (uint64_t)(D - 1) * seg_elems(s, tensors[i]) / D * sizeof(float);
+        links_count(&s->links, TRAFFIC_DATA_PARALLEL, 1, bytes);
+        links_count(&s->links, TRAFFIC_DATA_PARALLEL, 0, bytes);
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// executor: one rank's op list for one step, with no Python in the loop. The
+// loop is common.h's run_op_list; these are its hooks (the message ones are
+// with the transport above).
+
+static int sum_wte_grads(Stage *s);
+
+// ALLREDUCE of a bucket's gradients (the GPU trainer has no --zero 1 yet):
+// NCCL when the replicas have GPUs of their own, else common.h's socket ring
+// with the bucket staged through the host mirrors.
+static int hook_collective(void *stage, int kind, int bucket, int training) {
+    Stage *s = (Stage *)stage;
+    if (s->zero > 0) return fail("--zero %d is not on the GPU yet (--zero 0 is)", s->zero);
+    if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
+    if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
+    if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(sum_wte_grads(s));
+    if (s->replica_nccl) return nccl_allreduce_bucket(s, bucket);
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    Segment segs[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->y, bucket, tensors, layers);
+    for (int i = 0; i < n; i++) {
+        segs[i].p = hparam(s, s->h_grads, tensors[i], layers[i]);
+        segs[i].n = seg_elems(s, tensors[i]);
+        CUDA_CHECK(cudaMemcpyAsync(segs[i].p, dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].n * sizeof(float),
+                                   cudaMemcpyDeviceToHost, s->stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    CHECK(ring_collective(&s->links, segs, n, bucket, 0));
+    CHECK(ring_collective(&s->links, segs, n, bucket, 1));
+    for (int i = 0; i < n; i++)
+        CUDA_CHECK(cudaMemcpyAsync(dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].p, segs[i].n * sizeof(float),
+                                   cudaMemcpyHostToDevice, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+static int hook_begin(void *stage, int m, int training) {
+    Stage *s = (Stage *)stage;
     if (m > s->d_mb_cap) {
         CUDA_CHECK(cudaFree(s->d_mb_losses));
         s->d_mb_losses = NULL;
@@ -2141,60 +2210,63 @@ static int stage_run_ops(Stage *s, const int *ops, int nops, const int *inputs, 
         s->d_mb_cap = m;
     }
     if (m) CUDA_CHECK(cudaMemsetAsync(s->d_mb_losses, 0, m * sizeof(float), s->stream));
-    if (training) {
+    if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
+        s->wte_summed = 0;
         CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
         if (s->y.first)
             CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float), s->stream));
     }
-    size_t BT = (size_t)s->B * s->T;
-    float dloss = 1.0f / (float)(BT * m);
-    for (int i = 0; i < nops;) {
-        int kind = ops[2 * i], mb = ops[2 * i + 1];
-        double t_start = now_seconds();
-        int n = 1;
-        if (kind >= OP_SEND_ACT) {
-            while (i + n < nops && ops[2 * (i + n)] >= OP_SEND_ACT) n++;
-            CHECK(run_comm_group(s, ops + 2 * i, n));
-            if (s->prof.on) s->prof.comm_ms += 1e3 * (now_seconds() - t_start);
-        } else {
-            Slot *a = slot_for(s, mb);
-            if (!a) return -1;
-            if (kind == OP_FWD) {
-                if (s->y.first || s->y.last)
-                    PROF(PC_COPY, CHECK(upload_tokens(s, a, s->y.first ? inputs + mb * BT : NULL,
-                                                      s->y.last ? targets + mb * BT : NULL, mb)));
-                CHECK(stage_forward(s, a, s->B, s->T));
-                if (s->y.last) CHECK(stage_loss(s, a, mb, dloss, training));
-            } else if (!training) {
-                return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
-            } else if (kind == OP_BWD_INPUT) {
-                CHECK(stage_backward_input(s, a));
-            } else {
-                CHECK(stage_backward_weight(s, a));
-            }
-            // finished work, so op times are the GPU's and faults surface here
-            CUDA_CHECK(cudaStreamSynchronize(s->stream));
-        }
-        oprun_done(&s->run, ops, i, n, t_start, now_seconds());
-        i += n;
+    return 0;
+}
+
+static int hook_forward(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+                        int training) {
+    Stage *s = (Stage *)stage;
+    Slot *a = &s->slots[slot];
+    if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, a, inputs, targets, mb)));
+    CHECK(stage_forward(s, a, s->B, s->T));
+    if (s->y.last) CHECK(stage_loss(s, a, mb, dloss, training));
+    return 0;
+}
+
+static int hook_backward_input(void *stage, int slot, float dloss) {
+    (void)dloss;  // stage_loss fused it into d(logits)
+    Stage *s = (Stage *)stage;
+    return stage_backward_input(s, &s->slots[slot]);
+}
+
+static int hook_backward_weight(void *stage, int slot) {
+    Stage *s = (Stage *)stage;
+    return stage_backward_weight(s, &s->slots[slot]);
+}
+
+// compute ops: wait for the work, so op times are the GPU's and faults surface here
+static int hook_op_done(void *stage, int kind, double t_start) {
+    Stage *s = (Stage *)stage;
+    if (is_message(kind) || is_collective(kind)) {
+        if (s->prof.on) s->prof.comm_ms += 1e3 * (now_seconds() - t_start);
+        return 0;
     }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+static int hook_end(void *stage, int m) {
+    Stage *s = (Stage *)stage;
     if (m) {
         CUDA_CHECK(cudaMemcpyAsync(s->run.mb_losses, s->d_mb_losses, m * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
         CUDA_CHECK(cudaStreamSynchronize(s->stream));
     }
-    *loss_sum = s->y.last ? oprun_loss_sum(&s->run) : 0.0f;
     return 0;
 }
+
+static const StageHooks CUDA_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
+                                      hook_message_buffers, hook_exchange, hook_collective, hook_op_done, hook_end};
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets, int training,
               float *loss_sum) {
     *loss_sum = 0.0f;
     CHECK(check_broken(s));
-    size_t mBT = 0;  // the tokens index wte and the softmax on the device: check them here
-    for (int i = 0; i < nops; i++) mBT += ops[2 * i] == OP_FWD ? (size_t)s->B * s->T : 0;
-    if ((s->y.first && inputs && check_tokens(inputs, mBT, s->y.cfg.vocab_size, "input")) ||
-        (s->y.last && targets && check_tokens(targets, mBT, s->y.cfg.vocab_size, "target")))
-        return -1;
     CUDA_CHECK(cudaSetDevice(s->device));
     if (s->prof.on) {
         CHECK(prof_flush(s));
@@ -2204,7 +2276,8 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
             s->prof.comm_ms = 0.0;
         }
     }
-    int rc = stage_run_ops(s, ops, nops, inputs, targets, training, loss_sum);
+    int rc = run_op_list(&CUDA_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops,
+                         inputs, targets, training, loss_sum);
     if (rc) cudaStreamSynchronize(s->stream);  // leave nothing in flight on failure
     return rc;
 }
@@ -2215,7 +2288,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 static int sum_wte_grads(Stage *s) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    if (!s->y.first && !s->y.last) return 0;
+    if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
     size_t n = s->y.sizes[P_WTE];
     float *head = dparam(s, s->d_grads, P_WTE, 0);
     if (!(s->y.first && s->y.last)) {
@@ -2224,11 +2297,14 @@ static int sum_wte_grads(Stage *s) {
         if (!s->d_dwte_embed) CUDA_CHECK(cudaMalloc(&s->d_dwte_embed, n * sizeof(float)));
         float *send = s->y.first ? s->d_dwte_embed : head, *recv = s->y.first ? head : s->d_dwte_embed;
         if (s->nccl) {
-            int peer = s->nccl_ranks == 1 ? 0 : s->y.first ? s->nccl_ranks - 1 : 0;
+            // the other end of this replica's pipeline: ranks are replica * S + stage
+            int S = s->nccl_ranks / s->links.replicas;
+            int peer = S == 1 ? s->nccl_rank : s->y.first ? s->nccl_rank + S - 1 : s->nccl_rank - (S - 1);
             int sending[2] = {1, 0}, peers[2] = {peer, peer};
             void *bufs[2] = {send, recv};
             // fp32 on the wire: both ends must add the very same numbers
             PROF(PC_SUM_WTE, CHECK(nccl_exchange(s, 2, sending, peers, bufs, n, ncclFloat, "the d(wte) swap")));
+            for (int i = 0; i < 2; i++) links_count(&s->links, TRAFFIC_TIED, sending[i], n * sizeof(float));
         } else {
             if (!s->h_swap_send) s->h_swap_send = (float *)malloc(n * sizeof(float));
             if (!s->h_swap_recv) s->h_swap_recv = (float *)malloc(n * sizeof(float));
@@ -2245,6 +2321,7 @@ static int sum_wte_grads(Stage *s) {
         LAUNCH_CHECK();
     });
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    s->wte_summed = 1;
     return 0;
 }
 
@@ -2271,8 +2348,10 @@ static int grad_norm_parts(Stage *s, double *parts) {
     return 0;
 }
 
+// With zero 0 every replica holds the same summed gradients: replica 0 speaks for them.
 void stage_grad_norm_parts(Stage *s, double *parts) {
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->y.cfg.num_layers);
+    if (s->links.replica > 0) return;
     if (grad_norm_parts(s, parts)) mark_broken(s);
 }
 
@@ -2369,7 +2448,9 @@ void stage_init(Stage *s, uint64_t seed) {
 // A test-only entry point (not in gpt.h; tests reach it through ctypes): a
 // one-rank NCCL communicator sends n floats to itself in one group, as the
 // executor's groups do, first as fp32 and then the same bytes as 2n bf16;
-// the received bytes must equal the sent ones.
+// the received bytes must equal the sent ones. Then it runs each
+// data-parallel collective (all-reduce, reduce-scatter, all-gather), which
+// over one rank must return its input exactly.
 extern "C" int gpt_cuda_nccl_selftest(int n) {
     if (n < 1) return fail("selftest: n must be positive");
     if (gpt_device_count() < 1) return fail("no CUDA device");
@@ -2413,6 +2494,28 @@ extern "C" int gpt_cuda_nccl_selftest(int n) {
             goto done;
         }
     }
+    // the data-parallel collectives: over one rank, each must hand back its input
+    for (int op = 0; op < 3; op++) {
+        const char *name[3] = {"ncclAllReduce", "ncclReduceScatter", "ncclAllGather"};
+        ncclResult_t r = cudaMemset(d + n, 0, n * sizeof(float)) == cudaSuccess ? ncclSuccess : ncclUnhandledCudaError;
+        if (r == ncclSuccess)
+            r = op == 0 ? ncclAllReduce(d, d + n, n, ncclFloat, ncclSum, comm, st)
+              : op == 1 ? ncclReduceScatter(d, d + n, n, ncclFloat, ncclSum, comm, st)
+                        : ncclAllGather(d, d + n, n, ncclFloat, comm, st);
+        if (r != ncclSuccess) {
+            fail("%s on one rank failed: %s", name[op], ncclGetErrorString(r));
+            goto done;
+        }
+        if (cudaStreamSynchronize(st) != cudaSuccess ||
+            cudaMemcpy(h + n, d + n, n * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
+            fail("CUDA error after %s: %s", name[op], cudaGetErrorString(cudaGetLastError()));
+            goto done;
+        }
+        if (memcmp(h, h + n, n * sizeof(float)) != 0) {
+            fail("%s on one rank did not hand back its input", name[op]);
+            goto done;
+        }
+    }
     rc = 0;
 done:
     if (d) cudaFree(d);
@@ -2438,12 +2541,13 @@ static int ensure_moment_mirrors(Stage *s) {
 
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(check_broken(s));
+    if (s->links.replica > 0) return 0;  // zero 0: replica 0 writes what every replica holds alike
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
     CHECK(download_params(s, s->h_params, s->d_params));
     CHECK(download_params(s, s->h_m, s->d_m));
     CHECK(download_params(s, s->h_v, s->d_v));
-    return checkpoint_files_write(&s->y, dir, ts, s->h_params, s->h_m, s->h_v);
+    return checkpoint_files_write(&s->y, dir, ts, s->h_params, s->h_m, s->h_v, 0, 1);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {

@@ -464,8 +464,32 @@ def test_pipeline_stages_match_one_stage_bitwise(build, sched):
 
 
 @needs_gpu
+def test_fp32_replicas_over_sockets_match_cpu_replicas():
+    """Two data-parallel replicas of the fp32 CUDA trainer, their gradients
+    all-reduced over the socket ring through host memory, against two CPU
+    replicas: test_fp32_three_adamw_steps_match_cpu's tolerances."""
+    from tests.test_data_parallel import train_replicas
+    params = rough_params(7)
+    steps, m, D = 3, 1, 2
+    data = batches(8, steps * m * D)
+    cpu, hist_c = train_replicas(params, data, steps, m, 1e-2, D, 0)
+    gpu, hist_g = train_replicas(params, data, steps, m, 1e-2, D, 0, trainer=gpt_cuda_fp32)
+    for (lc, nc), (lg, ng) in zip(hist_c, hist_g):
+        assert abs(lg - lc) / lc < 1e-5
+        assert abs(ng - nc) / nc < 1e-4
+    for name, c in cpu[0].params().items():
+        g = gpu[1].params()[name]
+        assert np.array_equal(g, gpu[0].params()[name]), f"the GPU replicas drifted apart in {name}"
+        assert np.quantile(np.abs(g - c), 0.999) < 1e-5, name
+    sent = gpu[0].bytes_moved()["data_parallel"][0]
+    P = sum(v.size for v in gpu[0].params().values())
+    assert sent == steps * 4 * 2 * (D - 1) * P // D, "an all-reduce sends 2(D-1)/D * P values a step"
+
+
+@needs_gpu
 def test_nccl_send_recv_to_self():
-    """A one-rank communicator: the grouped ncclSend/ncclRecv of the executor, fp32 and bf16."""
+    """A one-rank communicator: the grouped ncclSend/ncclRecv of the executor, fp32 and bf16,
+    then ncclAllReduce, ncclReduceScatter and ncclAllGather, the data-parallel collectives."""
     lib = ctypes.CDLL(gpt_cuda.__file__)
     lib.gpt_last_error.restype = ctypes.c_char_p
     rc = lib.gpt_cuda_nccl_selftest(1 << 20)

@@ -77,7 +77,7 @@ def test_train_refuses_bad_pace_and_pacing_nccl():
         @staticmethod
         def device_count() -> int:
             return 2
-    args = argparse.Namespace(link_gbps=1.0, link_latency_us=None, device="cuda", stages=2, transport="nccl")
+    args = argparse.Namespace(link_gbps=1.0, link_latency_us=None, device="cuda", stages=2, dp=1, transport="nccl")
     with pytest.raises(train.UsageError, match="--transport socket"):
         train.check_link_pace(args, TwoGPUs)
     args.transport = "socket"

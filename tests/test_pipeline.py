@@ -271,10 +271,11 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_long_run(data_dir: str, ckpt: str, stages: int = 3) -> tuple[subprocess.Popen, list[str]]:
-    """A run of endless steps, returned at step 3 (so checkpoints 1 and 2 are published)."""
+def start_long_run(data_dir: str, ckpt: str, stages: int = 3, *flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """A run of endless steps (unless flags, which come last, say otherwise),
+    returned at step 3 (so checkpoints 1 and 2 are published)."""
     p = subprocess.Popen([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--steps", "100000",
-                          "--stages", str(stages), "--checkpoint-dir", ckpt, "--checkpoint-every", "1"],
+                          "--stages", str(stages), "--checkpoint-dir", ckpt, "--checkpoint-every", "1", *flags],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True).start()

@@ -1,0 +1,301 @@
+"""Data parallelism: D replicas of the pipeline, each on its slice of every
+global batch, their gradients summed over a ring of sockets.
+
+Invariants: for a fixed D, every stage count, schedule and zero stage gives
+bitwise the same losses, parameters and optimizer state, because each
+element's sum over the replicas runs in one order that depends only on its
+chunk and D (common.h, ring_collective). Across D the sums are reordered, so
+results agree with the 1-rank run within fp32 rounding and with the float64
+reference within test_model's tolerances. The transport's byte counts equal
+the formulas. Bad grids are one-line errors; a killed rank of a 2 x 2 grid
+ends the job, and resuming is bitwise."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gpt
+import pipeline
+from dev import reference as ref
+from tests.conftest import ROOT, run_train
+from tests.test_model import CFG, RCFG, B, T, batches, rough_params, step_ops
+from tests.test_pipeline import FLAGS, assert_clean_end, rank_pids, results, run_threads, start_long_run
+
+# -----------------------------------------------------------------------------
+# replicas in one process, one thread each (stage_run releases the GIL)
+
+
+def ring_of(models: list, zero: int) -> list:
+    """Joins the models into a data-parallel ring; returns the sockets to keep."""
+    D = len(models)
+    links = [socket.socketpair() for _ in range(D)]  # links[d]: replica d -> d+1
+    for d, model in enumerate(models):
+        model.set_replicas(links[d - 1][1].fileno(), links[d][0].fileno(), d, D, zero)
+    return links
+
+
+def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: int, zero: int, trainer=gpt):
+    """steps AdamW steps of D whole-model replicas of the trainer module; step
+    k's global batch is data[k*m*D:(k+1)*m*D], replica d taking the d-th m of
+    it, as train.py does. Returns the models and (loss, norm) per step."""
+    models = [trainer.Model(CFG, 0, CFG["num_layers"], B, T, 1) for _ in range(D)]
+    for model in models:
+        model.set_params(params)
+    keep = ring_of(models, zero) if D > 1 else []
+    buckets = CFG["num_layers"] + 1
+    train_ops, after_ops = pipeline.data_parallel_ops(buckets, zero) if D > 1 else ([], [])
+    ops = np.vstack([step_ops(m)] + [np.array([(op.kind, op.mb)]) for op in train_ops])
+    after = np.array([(op.kind, op.mb) for op in after_ops]).reshape(-1, 2)
+    history, losses = [], [0.0] * D
+    for step in range(steps):
+        batch = data[step * m * D:(step + 1) * m * D]
+
+        def replica(d):
+            x = np.stack([xy[0] for xy in batch[d * m:(d + 1) * m]])
+            y = np.stack([xy[1] for xy in batch[d * m:(d + 1) * m]])
+            losses[d] = models[d].run(ops, x, y)
+            models[d].sum_wte_grads()
+        assert run_threads([lambda d=d: replica(d) for d in range(D)]) == [None] * D
+        parts = sum(model.grad_norm_parts() for model in models)  # in replica order, as the launcher adds them
+        norm = trainer.norm_from_parts(parts, CFG["num_layers"])
+        for model in models:
+            model.adamw(lr, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
+        if len(after):
+            assert run_threads([lambda d=d: models[d].run(after, None, None, False) for d in range(D)]) == [None] * D
+        history.append((sum(losses) / (m * D), norm))
+    del keep
+    return models, history
+
+
+@pytest.mark.parametrize("D,zero", [(2, 0), (2, 1), (3, 0), (3, 1)])
+def test_replicas_match_one_rank_and_the_reference(D, zero):
+    """Tolerances: against the 1-rank run over the same micro-batches, losses
+    within 5e-7 relative and norms within 1e-6: the two runs differ only in
+    the order the D partial gradients are added, which costs a few fp32 eps
+    (1.2e-7) per step, carried into the next step's parameters (measured: at
+    most 7e-8 and 2e-8 over 3 steps); parameters within 5e-6 absolute, since
+    Adam turns a near-zero gradient's rounding into a step of up to lr
+    (measured: 8e-7). Against float64, test_model's tolerances (1e-5, 1e-4,
+    1e-4)."""
+    params = rough_params(7)
+    steps, m, lr = 3, 1, 1e-2
+    data = batches(8, steps * m * D)
+    models, history = train_replicas(params, data, steps, m, lr, D, zero)
+    one, one_history = train_replicas(params, data, steps, m * D, lr, 1, 0)
+    p = {k: v.copy() for k, v in params.items()}
+    mom = {k: np.zeros_like(v) for k, v in p.items()}
+    vel = {k: np.zeros_like(v) for k, v in p.items()}
+    clipped = False
+    for step in range(steps):
+        loss, norm = ref.train_step(p, mom, vel, step + 1, RCFG, data[step * m * D:(step + 1) * m * D], lr)
+        clipped |= norm > 1.0
+        assert abs(history[step][0] - loss) / loss < 1e-5
+        assert abs(history[step][1] - norm) / norm < 1e-4
+        assert abs(history[step][0] - one_history[step][0]) / loss < 5e-7
+        assert abs(history[step][1] - one_history[step][1]) / norm < 1e-6
+    assert clipped, "the test should exercise clipping"
+    C = CFG["channels"]
+    for d in range(D):  # every replica ends with the same parameters, bitwise
+        for name, value in models[d].params().items():
+            assert np.array_equal(value, models[0].params()[name]), f"replica {d}: {name}"
+    for name, c in models[0].params().items():
+        diff, diff_one = np.abs(c - p[name].reshape(c.shape)), np.abs(c - one[0].params()[name])
+        if name == "qkvb":  # the key bias: a zero gradient in exact arithmetic (see test_model)
+            diff, diff_one = (x[:, np.r_[0:C, 2 * C:3 * C]] for x in (diff, diff_one))
+        assert np.max(diff) < 1e-4, f"{name}: {np.max(diff):.2e} from float64 after {steps} steps"
+        assert np.max(diff_one) < 5e-6, f"{name}: {np.max(diff_one):.2e} from the 1-rank run"
+
+
+def test_ring_sums_in_its_canonical_order():
+    """Each chunk's sum starts on the replica after its owner and ends on the
+    owner: with three replicas holding 1e8, 1 and -1e8 in fp32 (where 1e8 + 1
+    rounds to 1e8), chunk 0 is (1 + -1e8) + 1e8 = 0, chunk 1 is (-1e8 + 1e8)
+    + 1 = 1 and chunk 2 is (1e8 + 1) + -1e8 = 0, on every replica."""
+    D = 3
+    cfg = dict(max_seq_len=4, vocab_size=6, padded_vocab_size=6, num_layers=1, num_heads=1, channels=3)
+    models = [gpt.Model(cfg, 0, 1, 1, 2, 1) for _ in range(D)]
+    keep = ring_of(models, 0)
+    values = (1e8, 1.0, -1e8)
+    for d, model in enumerate(models):
+        for g in model.grads().values():
+            g[...] = values[d]
+    # an op list without micro-batches leaves the gradients as they are
+    ops = np.array([(gpt.ALLREDUCE, 0)])
+    assert run_threads([lambda d=d: models[d].run(ops) for d in range(D)]) == [None] * D
+    del keep
+    for model in models:
+        for name in ("ln1w", "qkvw", "fcprojw"):
+            g = model.grads()[name].ravel()
+            size = -(-g.size // D)
+            want = np.concatenate([np.full(min(size, g.size - j * size), v) for j, v in enumerate((0.0, 1.0, 0.0))])
+            assert np.array_equal(g, want), name
+
+
+# -----------------------------------------------------------------------------
+# the validator over a grid
+
+
+def test_grid_validator_checks_collectives_like_sends():
+    S, D, m = 2, 2, 2
+    train, after = pipeline.grid_schedule("1f1b", S, D, m, [3, 3], 0)
+    result = pipeline.validate_grid(train, S, m, buckets=[3, 3])
+    assert result.peak_held == pipeline.validate(pipeline.schedule("1f1b", S, m), m).peak_held * D
+    assert pipeline.validate_grid(after, S, 0, training=False).peak_held == [0] * 4
+    AR = pipeline.ALLREDUCE
+
+    def fails(ranks, *words, **kw):
+        with pytest.raises(pipeline.ScheduleError) as e:
+            pipeline.validate_grid(ranks, S, m, **kw)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+    swapped = [list(ops) for ops in train]
+    swapped[2][-2:] = swapped[2][-1:-3:-1]  # replica 1's stage 0 reduces its buckets in another order
+    fails(swapped, "rank 2: collective 1 of stage 0 is ALLREDUCE bucket 2, but rank 0's is ALLREDUCE bucket 1")
+    fails([ops[:-1] if r == 3 else ops for r, ops in enumerate(train)], "rank 3: collective 2 of stage 1 is nothing")
+    fails(train, "ALLREDUCE bucket 2, but stage 0 has 2 buckets", buckets=[2, 3])
+    # the cycle: rank 0 waits in its all-reduce for rank 2, which waits in the
+    # pipeline for rank 3, which waits in its all-reduce for rank 1, which
+    # waits for rank 0's activations
+    pipe = pipeline.schedule("1f1b", S, m)
+    cycle = [[pipeline.Op(AR, 0)] + pipe[0], pipe[1] + [pipeline.Op(AR, 0)],
+             pipe[0] + [pipeline.Op(AR, 0)], [pipeline.Op(AR, 0)] + pipe[1]]
+    fails(cycle, "deadlock", "rank 0 waits at slot 0 (ALLREDUCE bucket 0) for rank 2")
+    one = pipeline.grid_schedule("1f1b", S, 1, m, [3, 3], 0)[0]
+    fails([ops + [pipeline.Op(AR, 0)] for ops in one], "ALLREDUCE bucket 0 but the stage has no other replica")
+
+
+# -----------------------------------------------------------------------------
+# whole runs: train.py over a grid of processes
+
+def grid_run(data_dir: str, ckpt: str, stages: int, dp: int, zero: int, schedule: str = "1f1b",
+             micro: int = 2, steps: int = 3, *extra: str):
+    r = run_train("--data-dir", data_dir, *FLAGS, "--steps", str(steps), "--checkpoint-dir", ckpt,
+                  "--stages", str(stages), "--dp", str(dp), "--zero", str(zero), "--schedule", schedule,
+                  "--micro-batches", str(micro), *extra)
+    return results(r, ckpt, steps), r
+
+
+@pytest.fixture(scope="module")
+def two_replicas(data_dir, tmp_path_factory):
+    return grid_run(data_dir, str(tmp_path_factory.mktemp("dp2")), 1, 2, 0)[0]
+
+
+@pytest.mark.parametrize("stages,zero,schedule", [(1, 1, "1f1b"), (2, 0, "zb-h1"), (2, 1, "gpipe")])
+def test_fixed_dp_is_bitwise_across_stages_schedules_and_zero(data_dir, tmp_path, two_replicas, stages, zero,
+                                                              schedule):
+    (lines, model, state), r = grid_run(data_dir, str(tmp_path), stages, 2, zero, schedule)
+    assert float(re.search(r"norm ([\d.]+)", lines[0]).group(1)) > 1.0, "clipping should be active"
+    assert lines == two_replicas[0]
+    assert model == two_replicas[1], "parameters differ from the 1-stage, zero-0 run"
+    assert state == two_replicas[2], "optimizer state differs from the 1-stage, zero-0 run"
+
+
+def test_three_replicas_bitwise_across_stages_and_zero(data_dir, tmp_path):
+    """D = 3, where the order of a sum matters (with two, a + b = b + a)."""
+    flags = ("--batch-size", "6")
+    a, _ = grid_run(data_dir, str(tmp_path / "a"), 1, 3, 0, "1f1b", 1, 2, *flags)
+    b, _ = grid_run(data_dir, str(tmp_path / "b"), 2, 3, 1, "zb-h1", 1, 2, *flags)
+    assert a == b
+
+
+def test_across_dp_close_to_one_rank(data_dir, tmp_path, two_replicas):
+    """The same 4 micro-batches per step on one rank: losses within 5e-7
+    relative (see test_replicas_match_one_rank_and_the_reference)."""
+    (lines, _, _), _ = grid_run(data_dir, str(tmp_path), 1, 1, 0, "1f1b", 4)
+    for mine, theirs in zip(two_replicas[0], lines):
+        a, b = (float(re.search(r"loss ([\d.]+)", l).group(1)) for l in (mine, theirs))
+        assert abs(a - b) / b < 5e-7, (mine, theirs)
+
+
+def test_checkpoint_of_two_replicas_resumes_on_one(data_dir, tmp_path):
+    """A 2-replica checkpoint (each replica writing its chunks, --zero 1) is
+    one llm.c file: one rank resumes from it, and its step 3 is within the
+    across-D tolerance of the 2-replica run's."""
+    ckpt = str(tmp_path)
+    _, first = grid_run(data_dir, ckpt, 1, 2, 1, "1f1b", 2, 3, "--checkpoint-every", "1")
+    os.remove(f"{ckpt}/DONE_{3:08d}")
+    gpt.Model(gpt.config_from_name("tiny"), 0, 4, 1, 16).load(f"{ckpt}/model_{2:08d}.bin")
+    (lines, _, _), resumed = grid_run(data_dir, ckpt, 1, 1, 0, "1f1b", 4, 3, "--resume")
+    assert "resumed from" in resumed.stdout
+    a, b = (float(re.search(r"step 3/3 \| loss ([\d.]+)", out).group(1)) for out in (resumed.stdout, first.stdout))
+    assert abs(a - b) / b < 5e-7 and lines[0].startswith("step 3/3")
+
+
+def traffic(out: str) -> dict[int, dict[str, tuple[int, int]]]:
+    found = {}
+    for m in re.finditer(r"traffic per step: rank (\d+) .*?: pipeline sent (\d+) B received (\d+) B \| tied sent "
+                         r"(\d+) B received (\d+) B \| data-parallel sent (\d+) B received (\d+) B", out):
+        v = list(map(int, m.groups()))
+        found[v[0]] = {"pipeline": (v[1], v[2]), "tied": (v[3], v[4]), "dp": (v[5], v[6])}
+    return found
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_bytes_moved_match_the_formulas(data_dir, tmp_path, zero):
+    """Per step and rank of a 2 x 2 grid, in fp32 bytes: the pipeline sends
+    b*T*C values per micro-batch across its boundary and receives as many
+    (2*b*T*C in all); the tied swap Vp*C each way; the data-parallel ring
+    2(D-1)/D * P_stage each way (an all-reduce, or a reduce-scatter plus an
+    all-gather), exactly, since D = 2 divides every segment of the tiny model."""
+    S, D, m, b, T = 2, 2, 2, 1, 16
+    _, r = grid_run(data_dir, str(tmp_path), S, D, zero, "1f1b", m, 2, "--eval-every", "0")
+    got = traffic(r.stdout)
+    assert sorted(got) == [0, 1, 2, 3], r.stdout
+    cfg = gpt.config_from_name("tiny")
+    C, Vp = cfg["channels"], cfg["padded_vocab_size"]
+    for rank, moved in got.items():
+        lo, hi = pipeline.partition(cfg, S, T)[rank % S]
+        P = sum(v.size for v in gpt.Model(cfg, lo, hi, 1, T, 1).params().values())
+        assert moved["pipeline"] == (4 * m * b * T * C,) * 2
+        assert moved["tied"] == (4 * Vp * C,) * 2
+        assert moved["dp"] == (4 * 2 * (D - 1) * P // D,) * 2
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--dp", "3"], ["--batch-size 4", "--dp 3"]),
+    (["--zero", "1"], ["--zero 1", "--dp 2"]),
+])
+def test_bad_grid_flags(data_dir, flags, words):
+    r = run_train("--data-dir", data_dir, *FLAGS, "--steps", "1", *flags)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(w in last for w in words), r.stderr
+
+
+def test_world_size_must_be_stages_times_dp(data_dir):
+    env = dict(os.environ, RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+               GPT_JOB_TOKEN="a-shared-secret-of-32-characters")
+    r = subprocess.run([sys.executable, "train.py", "--data-dir", data_dir, *FLAGS, "--stages", "2", "--dp", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == "error: WORLD_SIZE 3 is not --stages 2 x --dp 2 ranks", r.stderr
+
+
+def test_killed_rank_of_a_grid_ends_the_job_and_resume_is_bitwise(data_dir, tmp_path):
+    """kill -9 of rank 3 (stage 1 of replica 1) of a 2 x 2 grid; then the
+    checkpoint resumes as 1 stage x 2 replicas with --zero 1 and ends bitwise
+    where an uninterrupted 2 x 2 run does."""
+    ckpt, steps = str(tmp_path / "killed"), 30
+    p, _ = start_long_run(data_dir, ckpt, 2, "--micro-batches", "2", "--steps", str(steps), "--dp", "2")
+    pids = rank_pids(p.pid)
+    assert sorted(pids) == [0, 1, 2, 3]
+    started = time.monotonic()
+    os.kill(pids[3], signal.SIGKILL)
+    err = assert_clean_end(p, pids, started)
+    assert err.strip().splitlines()[-1] == "error: rank 3: killed by signal SIGKILL", err
+    last = gpt.checkpoint_latest_step(ckpt)
+    assert 2 <= last < steps
+    resumed = run_train("--data-dir", data_dir, *FLAGS, "--micro-batches", "2", "--steps", str(steps), "--stages",
+                        "1", "--dp", "2", "--zero", "1", "--checkpoint-dir", ckpt, "--resume")
+    assert f"resumed from {ckpt} at step {last}" in resumed.stdout, resumed.stderr
+    (lines_r, model_r, state_r) = results(resumed, ckpt, steps)
+    (lines_u, model_u, state_u), _ = grid_run(data_dir, str(tmp_path / "whole"), 2, 2, 0, "1f1b", 2, steps)
+    assert lines_r == lines_u[-len(lines_r):]
+    assert model_r == model_u and state_r == state_u
