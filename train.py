@@ -24,6 +24,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -551,17 +552,34 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
 # where the time went: the measured timeline against the simulator's
 
 
+def monotonic_clock_id() -> str:
+    """Names this machine's CLOCK_MONOTONIC: processes with the same id read the same clock. Linux's
+    boot id changes with every boot, as the clock does; elsewhere the host name stands in for it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
 def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, timeline: list, say) -> None:
-    mine = json.dumps([t.tolist() for t in timeline]).encode()
+    mine = json.dumps({"clock": monotonic_clock_id(), "times": [t.tolist() for t in timeline]}).encode()
     blobs = stage.ctx.gather_blobs(mine)
     if blobs is None:
         return
     S = grid.stages
+    reports = [json.loads(b) for b in blobs[:S]]
+    if len({rep["clock"] for rep in reports}) > 1:
+        # op times are CLOCK_MONOTONIC seconds (gpt.h), which count from each machine's boot: comparing
+        # them across machines would make up a bubble, so across machines nothing is reported
+        say("bubble and trace: not reported: the stages run on different machines, whose monotonic clocks "
+            "cannot be compared")
+        return
     # replica 0's pipeline, without the collectives that follow its backward
     ranks_ops = [[pipeline.Op(*op) for op in grid.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
                  for r in range(S)]
-    times = [[step[:len(ranks_ops[r])] for step in json.loads(b)]  # [rank][step][op] = [start, end]
-             for r, b in enumerate(blobs[:S])]
+    times = [[step[:len(ranks_ops[r])] for step in rep["times"]]  # [rank][step][op] = [start, end]
+             for r, rep in enumerate(reports)]
     steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
     pairs = pipeline.pair_messages(ranks_ops)
     bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
