@@ -699,19 +699,24 @@ def _nesting(raw: bytes) -> int:
     return deepest
 
 
-def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
-    """A JSON object with exactly the given keys of the given types."""
-    raw = recv_msg(sock, kind)
-    if _nesting(raw) > MAX_DEPTH:
-        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message (nested deeper than {MAX_DEPTH})")
+def parse_json_object(raw: bytes, keys: dict, what: str) -> dict:
+    """A JSON object with exactly the given keys of the given types, or a ProtocolError naming what."""
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message ({e})") from None
+        raise ProtocolError(f"malformed {what} ({e})") from None
     if not isinstance(obj, dict) or set(obj) != set(keys) or \
             not all(isinstance(obj[k], t) for k, t in keys.items()):
-        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message")
+        raise ProtocolError(f"malformed {what}")
     return obj
+
+
+def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
+    """A JSON message with exactly the given keys of the given types."""
+    raw = recv_msg(sock, kind)
+    if _nesting(raw) > MAX_DEPTH:
+        raise ProtocolError(f"malformed {KIND_NAMES[kind]} message (nested deeper than {MAX_DEPTH})")
+    return parse_json_object(raw, keys, f"{KIND_NAMES[kind]} message")
 
 
 # -----------------------------------------------------------------------------

@@ -325,13 +325,7 @@ GRID_PLAN_FIELDS = {"stages": int, "replicas": int, "zero": int, "bounds": list,
 
 def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
     """The launcher's plan, checked field by field: it is parsed, not trusted."""
-    try:
-        d = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"the launcher's plan is not JSON ({e})") from None
-    if not isinstance(d, dict) or set(d) != set(GRID_PLAN_FIELDS) or \
-            not all(isinstance(d[k], t) for k, t in GRID_PLAN_FIELDS.items()):
-        raise ValueError("the launcher's plan is malformed")
+    d = pipeline.parse_json_object(blob, GRID_PLAN_FIELDS, "plan from the launcher")
     S, D = d["stages"], d["replicas"]
     if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
             any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots")) or \
