@@ -225,6 +225,28 @@ static void chunk_range(size_t n, int j, int D, size_t *lo, size_t *hi) {
     *hi = *lo + size < n ? *lo + size : n;
 }
 
+// Elements of one (tensor, layer) segment of tensor t, and how many segments
+// the stage has of it (its layers, or 1 for a whole tensor).
+static size_t segment_elems(const Layout *y, int t) {
+    return is_layer_tensor(t) ? gpt_tensor_size(&y->cfg, t, 1) : y->sizes[t];
+}
+static int segment_count(const Layout *y, int t) {
+    return !y->sizes[t] ? 0 : is_layer_tensor(t) ? y->nl : 1;
+}
+
+// A shard: chunk `part` of `parts` of every (tensor, layer) segment the stage
+// has, packed segment by segment in layout order (tensor, then layer). It is
+// what one of `parts` replicas keeps of AdamW's m and v under --zero 1 and 3;
+// with parts = 1 it is the stage layout itself. Returns its elements.
+static size_t shard_elems(const Layout *y, int part, int parts) {
+    size_t n = 0, lo, hi;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        chunk_range(segment_elems(y, t), part, parts, &lo, &hi);
+        n += (hi - lo) * segment_count(y, t);
+    }
+    return n;
+}
+
 // ----------------------------------------------------------------------------
 // init: every (tensor, layer) draws from a stream of its own, so any partition
 // into stages, and the CPU and the GPU, start from the same weights
@@ -553,32 +575,30 @@ static void checkpoint_path(char *out, size_t n, const char *dir, const char *wh
     snprintf(out, n, "%s/%s_%08lld%s", dir, what, (long long)step, suffix);
 }
 
-// Writes the stage's parameters and AdamW moments (host memory, stage layout)
-// into dir/{model,state}_STEP.bin.tmp: chunk `part` of `parts` of every
-// (tensor, layer) segment, so data-parallel replicas that own one chunk each
-// write one whole file between them (parts = 1: everything).
+// Writes the stage's parameters (host memory, stage layout) and AdamW moments
+// (a shard: see shard_elems) into dir/{model,state}_STEP.bin.tmp: chunk `part`
+// of `parts` of every (tensor, layer) segment, so data-parallel replicas that
+// own one chunk each write one whole file between them (parts = 1: everything).
 static int checkpoint_files_write(const Layout *y, const char *dir, const TrainState *ts,
                                   const float *params, const float *m, const float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", ts->step, ".bin.tmp");
     checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
     const GPTConfig *c = &y->cfg;
-    size_t P = model_size(c);
+    size_t P = model_size(c), shard = shard_elems(y, part, parts);
     if (ts->step < 1 || ts->step > MAX_CHECKPOINT_STEP || ts->shard < 0 || ts->pos < 0)
         return fail("%s: checkpoint of step %lld at data shard %lld token %lld: out of range", dir,
                     (long long)ts->step, (long long)ts->shard, (long long)ts->pos);
     // a checkpoint with NaN in it is never written, so never resumed from
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t at = y->offsets[t], n = y->sizes[t];
-        if (check_finite(params + at, n, 0, mpath, PARAM_NAMES[t]) || check_finite(m + at, n, 0, spath, "AdamW m") ||
-            check_finite(v + at, n, 1, spath, "AdamW v"))
-            return -1;
-    }
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++)
+        if (check_finite(params + y->offsets[t], y->sizes[t], 0, mpath, PARAM_NAMES[t])) return -1;
+    if (check_finite(m, shard, 0, spath, "AdamW m") || check_finite(v, shard, 1, spath, "AdamW v")) return -1;
     int mfd = open(mpath, O_WRONLY | O_CREAT, 0644);
     if (mfd < 0) return fail("%s: cannot write checkpoint (%s)", mpath, strerror(errno));
     int sfd = open(spath, O_WRONLY | O_CREAT, 0644);
     if (sfd < 0) { close(mfd); unlink(mpath); return fail("%s: cannot write checkpoint (%s)", spath, strerror(errno)); }
     int rc = -1;
+    size_t at_shard = 0;  // where (t, l)'s chunk sits in m and v
     if (ftruncate(mfd, HEADER_INTS * 4 + 4 * P) || ftruncate(sfd, HEADER_INTS * 4 + 8 * P)) {
         fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
         goto done;
@@ -593,14 +613,14 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
         if (write_exact(mfd, mh, sizeof mh, 0, mpath) || write_exact(sfd, sh, sizeof sh, 0, spath)) goto done;
     }
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!owns_tensor(y, t)) continue;
-        size_t seg = is_layer_tensor(t) ? gpt_tensor_size(c, t, 1) : y->sizes[t], lo, hi;
+        size_t seg = segment_elems(y, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (size_t l = 0; l < y->sizes[t] / seg; l++) {
+        for (int l = 0; l < segment_count(y, t); l++, at_shard += hi - lo) {
+            if (!owns_tensor(y, t)) continue;  // the last stage's copy of wte: the first one writes it
             size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo, at = y->offsets[t] + l * seg + lo;
             if (write_exact(mfd, params + at, 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
-                write_exact(sfd, m + at, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
-                write_exact(sfd, v + at, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
+                write_exact(sfd, m + at_shard, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
+                write_exact(sfd, v + at_shard, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
                 goto done;
         }
     }
@@ -641,9 +661,11 @@ static int state_file_check(int fd, const char *path, const GPTConfig *c, int64_
     return 0;
 }
 
-// Reads them back from the committed dir/{model,state}_STEP.bin.
+// Reads them back from the committed dir/{model,state}_STEP.bin: all of the
+// stage's parameters, and chunk `part` of `parts` of its AdamW moments (the
+// shard this rank keeps, whatever split wrote the files).
 static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step, TrainState *ts,
-                                 float *params, float *m, float *v) {
+                                 float *params, float *m, float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", step, ".bin");
     checkpoint_path(spath, sizeof spath, dir, "state", step, ".bin");
@@ -651,17 +673,19 @@ static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step,
     int fd = open(spath, O_RDONLY);
     if (fd < 0) return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
     int rc = -1;
-    size_t P = model_size(&y->cfg);
+    size_t P = model_size(&y->cfg), at_shard = 0;
     const size_t hbytes = HEADER_INTS * 4;
     if (state_file_check(fd, spath, &y->cfg, step, ts)) goto done;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!y->sizes[t]) continue;
-        size_t off = model_offset(y, t), n = y->sizes[t], at = y->offsets[t];
-        if (read_exact(fd, m + at, 4 * n, hbytes + 4 * off, spath) ||
-            read_exact(fd, v + at, 4 * n, hbytes + 4 * (P + off), spath) ||
-            check_finite(m + at, n, 0, spath, "AdamW m") || check_finite(v + at, n, 1, spath, "AdamW v"))
-            goto done;
+        size_t seg = segment_elems(y, t), lo, hi;
+        chunk_range(seg, part, parts, &lo, &hi);
+        for (int l = 0; l < segment_count(y, t); l++, at_shard += hi - lo)
+            if (read_exact(fd, m + at_shard, 4 * (hi - lo), hbytes + 4 * (model_offset(y, t) + l * seg + lo), spath) ||
+                read_exact(fd, v + at_shard, 4 * (hi - lo), hbytes + 4 * (P + model_offset(y, t) + l * seg + lo),
+                           spath))
+                goto done;
     }
+    if (check_finite(m, at_shard, 0, spath, "AdamW m") || check_finite(v, at_shard, 1, spath, "AdamW v")) goto done;
     rc = 0;
 done:
     close(fd);
@@ -1138,10 +1162,6 @@ static int bucket_segments(const Layout *y, int bucket, int *tensors, int *layer
         layers[n++] = bucket < y->nl ? bucket : 0;
     }
     return n;
-}
-
-static size_t segment_elems(const Layout *y, int t) {
-    return is_layer_tensor(t) ? gpt_tensor_size(&y->cfg, t, 1) : y->sizes[t];
 }
 
 typedef struct { float *p; size_t n; } Segment;  // host memory of one (tensor, layer) segment

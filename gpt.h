@@ -90,8 +90,11 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
 // The ring of this stage's D data-parallel replicas (sockets to replicas d-1
 // and d+1 mod D; -1 when D = 1) and the zero stage: 0 keeps everything whole,
 // 1 and above make replica d own chunk d of every (tensor, layer) segment for
-// AdamW and checkpoints. Every D > 1 sums its grad-norm part over chunk d.
-void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero);
+// AdamW and checkpoints, and keep AdamW's m and v for those chunks only (so
+// call it before the optimizer state is read or trained: it starts afresh).
+// Every D > 1 sums its grad-norm part over chunk d. The GPU trainer refuses
+// zero > 0.
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero);
 // Payload bytes sent and received since the stage was made: [0] pipeline
 // activations and gradients, [1] the tied d(wte) swap, [2] data-parallel.
 void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]);

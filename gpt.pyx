@@ -40,7 +40,7 @@ cdef extern from "gpt.h":
     float *stage_grad(Stage *s, int t, size_t *n)
     float *stage_wte_embed_grad(Stage *s, size_t *n)
     void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s)
-    void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero)
+    int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero)
     void stage_bytes_moved(const Stage *s, uint64_t *sent, uint64_t *received)
     int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
                   int training, float *loss_sum) nogil
@@ -259,7 +259,7 @@ cdef class Model:
 
     def set_replicas(self, int prev_fd, int next_fd, int replica, int replicas, int zero) -> None:
         """The ring of this stage's data-parallel replicas and the zero stage."""
-        stage_set_replicas(self.s, prev_fd, next_fd, replica, replicas, zero)
+        check(stage_set_replicas(self.s, prev_fd, next_fd, replica, replicas, zero))
 
     def bytes_moved(self) -> dict:
         """Payload bytes sent and received so far, by traffic kind."""

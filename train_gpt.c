@@ -466,7 +466,8 @@ typedef struct {
 struct Stage {
     Layout y;                          // which layers and tensors this stage holds
     int B, T;
-    float *params, *grads, *m, *v;     // stage layout (common.h)
+    float *params, *grads;             // stage layout (common.h)
+    float *m, *v;                      // AdamW's moments: this rank's shard (optimizer_shard)
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
     Slot *slots;
     OpRun run;                         // the executor's bookkeeping (common.h)
@@ -680,9 +681,23 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
     links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
 }
 
-void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+// The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
+// under --zero 1 and 3, the whole stage under zero 0.
+static void optimizer_shard(const Stage *s, int *part, int *parts) {
+    *part = s->zero > 0 ? s->links.replica : 0;
+    *parts = s->zero > 0 ? s->links.replicas : 1;
+}
+
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
     s->zero = zero;
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    size_t n = shard_elems(&s->y, part, parts);
+    free(s->m); free(s->v);
+    s->m = calloc_or_fail(n, sizeof(float), "AdamW's m");
+    s->v = calloc_or_fail(n, sizeof(float), "AdamW's v");
+    return s->m && s->v ? 0 : -1;
 }
 
 void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
@@ -838,17 +853,20 @@ void stage_grad_norm_parts(Stage *s, double *parts) {
 void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
     const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
     float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
-    // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER spreads the rest)
-    int shard = s->zero > 0, parts = shard ? s->links.replicas : 1, part = shard ? s->links.replica : 0;
+    // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER
+    // spreads the rest), whose m and v are this rank's shard
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    size_t at_shard = 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         float wd = is_matrix(t) ? weight_decay : 0.0f;
         size_t seg = segment_elems(&s->y, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (int l = 0; s->y.sizes[t] && l < (is_layer_tensor(t) ? s->y.nl : 1); l++) {
-            size_t at = s->y.offsets[t] + l * seg;
-            float *p = s->params + at, *g = s->grads + at, *m = s->m + at, *v = s->v + at;
+        for (int l = 0; l < segment_count(&s->y, t); l++, at_shard += hi - lo) {
+            size_t at = s->y.offsets[t] + l * seg + lo;
+            float *p = s->params + at, *g = s->grads + at, *m = s->m + at_shard, *v = s->v + at_shard;
             #pragma omp parallel for
-            for (size_t i = lo; i < hi; i++) {
+            for (size_t i = 0; i < hi - lo; i++) {
                 float gi = g[i] * grad_scale;
                 m[i] = b1 * m[i] + (1.0f - b1) * gi;
                 v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
@@ -885,12 +903,15 @@ int stage_load(Stage *s, const char *path) { return model_file_read(&s->y, path,
 // zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     if (s->zero == 0 && s->links.replica > 0) return 0;
-    int parts = s->zero > 0 ? s->links.replicas : 1;
-    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, s->zero > 0 ? s->links.replica : 0, parts);
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, part, parts);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
-    return checkpoint_files_read(&s->y, dir, step, ts, s->params, s->m, s->v);
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    return checkpoint_files_read(&s->y, dir, step, ts, s->params, s->m, s->v, part, parts);
 }
 
 // ----------------------------------------------------------------------------

@@ -1996,9 +1996,12 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
     links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
 }
 
-void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+// Refused before step 1: the GPU trainer keeps every replica's optimizer state whole.
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    if (zero > 0) return fail("--zero %d runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0", zero);
     links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
     s->zero = zero;
+    return 0;
 }
 
 void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
@@ -2171,12 +2174,11 @@ static int nccl_allreduce_bucket(Stage *s, int bucket) {
 
 static int sum_wte_grads(Stage *s);
 
-// ALLREDUCE of a bucket's gradients (the GPU trainer has no --zero 1 yet):
+// ALLREDUCE of a bucket's gradients (the GPU trainer has --zero 0 only):
 // NCCL when the replicas have GPUs of their own, else common.h's socket ring
 // with the bucket staged through the host mirrors.
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
-    if (s->zero > 0) return fail("--zero %d is not on the GPU yet (--zero 0 is)", s->zero);
     if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(sum_wte_grads(s));
@@ -2554,7 +2556,7 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
-    CHECK(checkpoint_files_read(&s->y, dir, step, ts, s->h_params, s->h_m, s->h_v));
+    CHECK(checkpoint_files_read(&s->y, dir, step, ts, s->h_params, s->h_m, s->h_v, 0, 1));
     CHECK(upload_params(s, s->d_m, s->h_m));
     CHECK(upload_params(s, s->d_v, s->h_v));
     return sync_to_device(s);
