@@ -92,14 +92,11 @@ def stage_params(cfg: dict, lo: int, hi: int) -> int:
     return (hi - lo) * layer_params(cfg) + sum(end_params(cfg, lo, hi))
 
 
-def fsdp_units(cfg: dict, lo: int, hi: int) -> list[int]:
-    """What FSDP gathers at once on a stage: a layer, the embedding with the
-    first one, the head with the last."""
-    units = [layer_params(cfg)] * (hi - lo)
-    embed, head = end_params(cfg, lo, hi)
-    units[0] += embed
-    units[-1] += head
-    return units
+def fsdp_buckets(cfg: dict, lo: int, hi: int) -> tuple[list[int], int]:
+    """What --zero 3 gathers on a stage (pipeline.fsdp_ops): each layer alone,
+    and the stage's whole tensors (the embedding on the first stage, the final
+    layernorm and the head on the last) as one bucket held for the step."""
+    return [layer_params(cfg)] * (hi - lo), sum(end_params(cfg, lo, hi))
 
 
 def model_params(cfg: dict) -> int:
@@ -140,7 +137,7 @@ class Cluster:
     achieved: float         # the fraction of it the matmuls reach
     memory: float           # bytes per GPU
     hbm: float              # bytes/s per GPU, for the optimizer step
-    overlap: bool = True    # collectives overlap compute (own stream); False: they block the rank
+    overlap: bool = True    # collectives overlap compute (own stream); False: they block the rank (fsdp_comm)
     precision: Precision = GPU_BYTES
 
 
@@ -286,7 +283,7 @@ class Memory:
     gradients: float
     optimizer: float
     activations: float
-    gathered: float = 0.0  # FSDP: the layers gathered at once, and one layer's full gradient
+    gathered: float = 0.0  # FSDP: the whole bucket and the layers gathered at once, with their full gradients
 
     @property
     def total(self) -> float:
@@ -329,26 +326,58 @@ def _rank_ends(name: str, S: int, m: int, f: tuple, b: tuple, w: tuple, comm: fl
     return tuple(row[-1].end if row else 0.0 for row in timeline.rows)
 
 
-def _fsdp_exposed(units: list[tuple[float, float, float, float]], link: Link, D: int,
-                  precision: Precision, overlap: bool) -> tuple[float, float, float]:
-    """FSDP's exposed communication in one micro-batch's (forward, input
-    backward, weight backward) on a rank, units = (params, f, b, w) in forward
-    order. The gather of unit i+1 overlaps the forward of unit i; in the
-    backward the gather of unit i-1 and the reduce-scatter of unit i+1 overlap
-    unit i; the first gather and the last reduce-scatter have nothing to hide
-    behind. Without overlap (a blocking executor) all of it is exposed."""
-    gather = [all_gather(p * precision.gathered, D, link) for p, *_ in units]
-    scatter = [reduce_scatter(p * precision.gradient, D, link) for p, *_ in units]
+class FsdpComm(NamedTuple):
+    """FSDP's exposed communication on a rank, in seconds: added to each
+    micro-batch's forward, input backward and weight backward, and once per step."""
+    f: float
+    b: float
+    w: float
+    step: float
+
+
+def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, link: Link, D: int,
+              precision: Precision, overlap: bool) -> FsdpComm:
+    """The executor's --zero 3 step (pipeline.fsdp_ops), layers = (params, f,
+    b, w) of each of the stage's layers in forward order, whole = the whole
+    tensors' bucket: per micro-batch every layer is gathered before its
+    forward and again before its input backward (BWD_WEIGHT needs only
+    activations and gradients); once per step the whole bucket is gathered
+    (at the start, held to the end) and every bucket reduce-scattered (a
+    layer's after its last weight backward, the whole one last), since the
+    full gradients accumulate over the step's micro-batches.
+
+    overlap (Cluster.overlap) says how the executor runs them. False: every
+    collective blocks its rank, so all of it is exposed; the CPU executor
+    runs one op at a time (EXECUTOR_OVERLAP). True, a prefetch: the gather of
+    the next layer runs during the compute of this one (up in the forward,
+    down in the input backward), and a layer's reduce-scatter during the weight
+    backward of the layer below it; the first gather of each pass, the last
+    reduce-scatter and the whole bucket have nothing to hide behind."""
+    gather = [all_gather(p * precision.gathered, D, link) for p, *_ in layers]
+    scatter = [reduce_scatter(p * precision.gradient, D, link) for p, *_ in layers]
+    once = all_gather(whole * precision.gathered, D, link) + reduce_scatter(whole * precision.gradient, D, link)
     if not overlap:
-        return sum(gather), sum(gather), sum(scatter)
-    n = len(units)
-    fwd = gather[0] + sum(max(0.0, gather[i + 1] - units[i][1]) for i in range(n - 1))
-    bwd = gather[-1]
-    for i in reversed(range(n)):
-        hidden_by = units[i][2] + units[i][3]
-        busy = (gather[i - 1] if i > 0 else 0.0) + (scatter[i + 1] if i + 1 < n else 0.0)
-        bwd += max(0.0, busy - hidden_by)
-    return fwd, bwd, scatter[0]
+        return FsdpComm(sum(gather), sum(gather), 0.0, once + sum(scatter))
+    n = len(layers)
+    fwd = gather[0] + sum(max(0.0, gather[i + 1] - layers[i][1]) for i in range(n - 1))
+    bwd = gather[-1] + sum(max(0.0, gather[i - 1] - layers[i][2]) for i in range(1, n))
+    scattered = scatter[0] + sum(max(0.0, scatter[i] - layers[i - 1][3]) for i in range(1, n))
+    return FsdpComm(fwd, bwd, 0.0, once + scattered)
+
+
+# How the CPU executor (train_gpt.c) runs --zero 3's collectives: one op at a
+# time, so a gather or a reduce-scatter blocks the rank (no prefetch yet).
+# The bench (dev/bench/bench_crossover.py) models this machine with it.
+EXECUTOR_OVERLAP = False
+
+
+def fsdp_buffers(layers: int, micro_batches: int, overlap: bool) -> tuple[int, int]:
+    """Layers whose whole parameters and whole gradients a --zero 3 rank holds
+    at once beside the whole bucket (the validator's peak_gathered and
+    peak_grads): one gathered layer, two with a prefetch; a layer's full
+    gradient lives from its first weight backward to its reduce-scatter after
+    the last, so with more than one micro-batch every layer's at once."""
+    return min(layers, 2 if overlap else 1), layers if micro_batches > 1 else 1
 
 
 def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: OpCosts) -> StepPlan:
@@ -366,28 +395,30 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
     shard = [p / D if layout.zero == 3 else p for p in owned]       # what its optimizer updates
 
     def finish(free: bool) -> tuple[float, list[float]]:
-        f, b, w = [], [], []
+        f, b, w, once = [], [], [], []  # per rank: each micro-batch's op times, and what it adds once per step
         for lo, hi in bounds:
             fr, br, wr = costs.stage(cfg, lo, hi, batch.micro)
+            extra = 0.0
             if not free and tp > 1:
                 t = (hi - lo) * tp_comm(cfg, batch, cluster, tp)
                 fr, br = fr + t, br + t
             if not free and layout.zero == 3 and D > 1:
-                units = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro))
-                         for l, p in zip(range(lo, hi), fsdp_units(cfg, lo, hi))]
-                ef, eb, ew = _fsdp_exposed(units, dp_link, D, bytes_, cluster.overlap)
-                fr, br, wr = fr + ef, br + eb, wr + ew
-            f.append(fr), b.append(br), w.append(wr)
+                layer_sizes, whole = fsdp_buckets(cfg, lo, hi)
+                layers = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro)) for l, p in zip(range(lo, hi), layer_sizes)]
+                exposed = fsdp_comm(layers, whole / tp, dp_link, D, bytes_, cluster.overlap)
+                fr, br, wr, extra = fr + exposed.f, br + exposed.b, wr + exposed.w, exposed.step
+            if not free and layout.zero == 0 and D > 1:  # an all-reduce per bucket (layer, whole), after the backward
+                layer_sizes, whole = fsdp_buckets(cfg, lo, hi)
+                t = sum(all_reduce(p / tp * bytes_.gradient, D, dp_link) for p in [*layer_sizes, whole])
+                extra = max(0.0, t - wr) if cluster.overlap else t  # hidden by the last weight backward
+            f.append(fr), b.append(br), w.append(wr), once.append(extra)
         act = batch.micro * batch.seq_len * cfg["channels"] * bytes_.activation / tp
         ends = []
         comm = 0.0 if free else p2p(act, pp_link)
         for r, end in enumerate(_rank_ends(layout.schedule, S, m, tuple(f), tuple(b), tuple(w), comm)):
             if not free and S > 1 and cfg["tied"] and r in (0, S - 1):  # the tied d(wte) swap
                 end += p2p(cfg["padded_vocab_size"] * cfg["channels"] * bytes_.gradient / tp, pp_link)
-            if not free and layout.zero == 0 and D > 1:  # the gradient all-reduce, after the last backward
-                t = all_reduce(owned[r] * bytes_.gradient, D, dp_link)
-                end += max(0.0, t - w[r]) if cluster.overlap else t
-            ends.append(end)
+            ends.append(end + once[r])
         busy = [m * sum(costs.stage(cfg, lo, hi, batch.micro)) for lo, hi in bounds]
         return max(ends) + max(s * costs.optimizer for s in shard), busy
 
@@ -399,9 +430,11 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
         lo, hi = bounds[r]
         part = 1 / D if layout.zero == 3 else 1
         gathered = 0.0
-        if layout.zero == 3 and D > 1:  # the prefetch window: two layers gathered, one full gradient
-            unit = max(fsdp_units(cfg, lo, hi)) / tp
-            gathered = unit * (2 * bytes_.gathered + bytes_.gradient)
+        if layout.zero == 3 and D > 1:  # the whole bucket and the layers gathered, their whole gradients
+            layer_sizes, whole = fsdp_buckets(cfg, lo, hi)
+            params, grads = fsdp_buffers(hi - lo, m, cluster.overlap)
+            gathered = ((whole + params * layer_sizes[0]) * bytes_.gathered
+                        + (whole + grads * layer_sizes[0]) * bytes_.gradient) / tp
         return Memory(owned[r] * bytes_.weights * part, owned[r] * bytes_.gradient * part,
                       owned[r] * bytes_.optimizer * part,
                       peak[r] * slot_bytes(cfg, lo, hi, batch, bytes_, tp), gathered)
@@ -496,7 +529,7 @@ def micro_batches(batch: Batch, layout: Layout) -> list[int]:
     """The micro-batch sizes to try: --micro when given; else 1 for a
     pipeline (the more micro-batches, the smaller its bubble), and for DP and
     FSDP every size that divides a replica's batch (FSDP gathers every layer
-    once per micro-batch, so fewer are faster, if their activations fit)."""
+    twice per micro-batch, so fewer are faster, if their activations fit)."""
     if batch.micro:
         return [batch.micro]
     if layout.stages > 1 or batch.sequences % layout.dp:

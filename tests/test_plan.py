@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 
 import gpt
@@ -59,29 +61,53 @@ def ring_gather(nbytes: float, g: int, bandwidth: float, latency: float) -> floa
     return (g - 1) / g * nbytes / bandwidth + (g - 1) * latency  # written out here, not taken from plan
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_fsdp_communication_is_the_alpha_beta_formula(overlap):
-    # Without overlap everything is exposed; with overlap and no compute to hide
-    # behind, too: per micro-batch every layer is gathered twice (bf16) and its
-    # fp32 gradients reduce-scattered once.
-    D, m, via = 4, 3, plan.Link(25e9, 5e-6)
-    costs = layer_costs(0.0, 0.0, 0.0)
-    got = plan.evaluate(CFG, cluster(D, via, overlap), plan.Batch(D * m, 1, 64), plan.Layout(1, D, 3), costs)
-    units = plan.fsdp_units(CFG, 0, CFG["num_layers"])
-    want = m * sum(2 * ring_gather(2 * p, D, 25e9, 5e-6) + ring_gather(4 * p, D, 25e9, 5e-6) for p in units)
-    assert got.comm == pytest.approx(want, rel=1e-12)
-    assert sum(units) == plan.model_params(CFG)
+def executor_fsdp_seconds(m: int, precision: plan.Precision, bandwidth: float, latency: float) -> float:
+    """The collectives of the executor's own --zero 3 op list (pipeline.fsdp_ops) for one stage of
+    CFG and m micro-batches, each priced by ring_gather at its bucket's size: layer l is bucket l,
+    the whole tensors (wte, wpe, lnf) the last."""
+    L, C = CFG["num_layers"], CFG["channels"]
+    layer = 12 * C * C + 13 * C
+    whole = CFG["padded_vocab_size"] * C + CFG["max_seq_len"] * C + 2 * C
+    ops = pipeline.fsdp_ops(pipeline.schedule("1f1b", 1, m)[0], L)
+    total = 0.0
+    for op in ops:
+        n = whole if op.part == L else layer
+        if op.kind == pipeline.ALLGATHER:
+            total += ring_gather(n * precision.gathered, D_FSDP, bandwidth, latency)
+        elif op.kind == pipeline.REDUCE_SCATTER:
+            total += ring_gather(n * precision.gradient, D_FSDP, bandwidth, latency)
+    return total
 
 
-def test_fsdp_overlap_hides_all_but_the_first_gather_and_the_last_reduce_scatter():
-    D, via = 4, plan.Link(25e9, 5e-6)
-    costs = layer_costs(10.0, 10.0, 10.0)  # every layer's compute far longer than any transfer
-    got = plan.evaluate(CFG, cluster(D, via), plan.Batch(D, 1, 64), plan.Layout(1, D, 3), costs)
-    units = plan.fsdp_units(CFG, 0, CFG["num_layers"])
-    first, last = units[0], units[-1]
-    # the forward's first gather is layer 0's, the backward's is the last layer's, its last reduce-scatter layer 0's
-    want = ring_gather(2 * first, D, 25e9, 5e-6) + ring_gather(2 * last, D, 25e9, 5e-6) \
-        + ring_gather(4 * first, D, 25e9, 5e-6)
+D_FSDP = 4
+
+
+@pytest.mark.parametrize("precision", [plan.GPU_BYTES, plan.CPU_BYTES])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fsdp_communication_without_overlap_is_the_executors_collectives(m, precision):
+    # every ALLGATHER and REDUCE_SCATTER of the op list the executor runs, exposed: per
+    # micro-batch two gathers of each layer, once per step the whole bucket's gather and
+    # every bucket's reduce-scatter. By hand, for 12 layers: 24 m + 1 gathers, 13 reduce-scatters.
+    via = plan.Link(25e9, 5e-6)
+    blocking = replace(cluster(D_FSDP, via, overlap=False), precision=precision)
+    got = plan.evaluate(CFG, blocking, plan.Batch(D_FSDP * m, 1, 64), plan.Layout(1, D_FSDP, 3),
+                        layer_costs(1.0, 1.0, 1.0))
+    assert got.comm == pytest.approx(executor_fsdp_seconds(m, precision, 25e9, 5e-6), rel=1e-12)
+    ops = pipeline.fsdp_ops(pipeline.schedule("1f1b", 1, m)[0], CFG["num_layers"])
+    assert [op.kind for op in ops].count(pipeline.ALLGATHER) == 24 * m + 1
+    assert [op.kind for op in ops].count(pipeline.REDUCE_SCATTER) == 13
+
+
+def test_fsdp_overlap_hides_all_but_the_first_gathers_and_the_last_reduce_scatter():
+    # a prefetch with every layer's compute far longer than any transfer: per micro-batch the
+    # forward's first gather (layer 0) and the input backward's (the last layer); per step the
+    # whole bucket's gather and reduce-scatter and layer 0's reduce-scatter, the last
+    D, m, via = 4, 2, plan.Link(25e9, 5e-6)
+    got = plan.evaluate(CFG, cluster(D, via), plan.Batch(D * m, 1, 64), plan.Layout(1, D, 3),
+                        layer_costs(10.0, 10.0, 10.0))
+    (layer, *_), whole = plan.fsdp_buckets(CFG, 0, CFG["num_layers"])
+    want = m * 2 * ring_gather(2 * layer, D, 25e9, 5e-6) + ring_gather(2 * whole, D, 25e9, 5e-6) \
+        + ring_gather(4 * whole, D, 25e9, 5e-6) + ring_gather(4 * layer, D, 25e9, 5e-6)
     assert got.comm == pytest.approx(want, rel=1e-12)
 
 
@@ -90,7 +116,9 @@ def test_data_parallel_all_reduce_after_the_last_backward():
     got = plan.evaluate(CFG, cluster(D, via, overlap=False), plan.Batch(D, 1, 64), plan.Layout(1, D, 0),
                         layer_costs(1.0, 1.0, 1.0))
     P = plan.model_params(CFG)
-    assert got.comm == pytest.approx(2 * (D - 1) / D * 4 * P / 50e9 + 2 * (D - 1) * 2e-6, rel=1e-12)
+    buckets = len(pipeline.data_parallel_ops(CFG["num_layers"] + 1, 0)[0])  # an all-reduce per layer, and the rest
+    assert buckets == 13
+    assert got.comm == pytest.approx(2 * (D - 1) / D * 4 * P / 50e9 + buckets * 2 * (D - 1) * 2e-6, rel=1e-12)
 
 
 def trainer_params(cfg: dict, lo: int, hi: int) -> int:
@@ -122,11 +150,26 @@ def test_memory_per_gpu_is_the_sum_of_its_parts(layout):
     for r, (lo, hi) in enumerate(pipeline.partition(CFG, layout.stages, 128)):
         P = plan.stage_params(CFG, lo, hi)
         gathered = 0.0
-        if layout.zero == 3:
-            gathered = max(plan.fsdp_units(CFG, lo, hi)) * (2 + 2 + 4)
+        if layout.zero == 3:  # the whole bucket, a layer (two with the prefetch), their full gradients
+            C = CFG["channels"]
+            layer = 12 * C * C + 13 * C
+            whole = P - (hi - lo) * layer
+            grads = hi - lo if m > 1 else 1
+            gathered = (whole + 2 * layer) * 2 + (whole + grads * layer) * 4
         totals.append(18 * P * share + peak[r] * plan.slot_bytes(CFG, lo, hi, batch, plan.GPU_BYTES) + gathered)
     assert mem.total == pytest.approx(max(totals), rel=1e-12)
     assert got.fits == (mem.total <= 80 * 2**30)
+
+
+@pytest.mark.parametrize("S,m,schedule", [(1, 1, "1f1b"), (1, 4, "1f1b"), (2, 4, "zb-h1")])
+def test_fsdp_buffers_are_the_validators_peaks(S, m, schedule):
+    # the executor allocates the validator's peaks of gathered layers and layers' full gradients
+    bounds = pipeline.partition(CFG, S, 64)
+    buckets = [hi - lo + 1 for lo, hi in bounds]
+    train, _ = pipeline.grid_schedule(schedule, S, 2, m, buckets, 3)
+    got = pipeline.validate_grid(train, S, m, buckets=buckets, zero=3)
+    for r, (lo, hi) in enumerate(bounds):
+        assert plan.fsdp_buffers(hi - lo, m, overlap=False) == (got.peak_gathered[r], got.peak_grads[r])
 
 
 def plan_cli(*flags: str) -> subprocess.CompletedProcess:
