@@ -1,28 +1,33 @@
 """
-The pipeline against FSDP on this machine, with the links paced to a few
-speeds (train.py --link-gbps): plan.py's step time, computed from op costs
-measured here, next to the step time train.py measures, and the link speed
-below which the pipeline beats FSDP, predicted and measured, for two model
-sizes. Writes dev/bench/crossover.png (with matplotlib: pip install matplotlib).
+The pipeline against data parallelism and FSDP on this machine, with the
+links paced to a few speeds (train.py --link-gbps): plan.py's step time,
+computed from op costs measured here, next to the step time train.py
+measures, and the link speed below which the pipeline beats FSDP, predicted
+and measured, for two model sizes. Writes dev/bench/crossover.png (with
+matplotlib: pip install matplotlib).
 
-    python dev/bench/bench_crossover.py [--models d12 d24] [--steps 3]
+    python3 dev/bench/bench_crossover.py [--models d12 d24] [--steps 3] [--slow-steps 2]
 
-(about 4 minutes for d12 and 10 for d24 on the 2 cores while other work
-shared them, most of it the 0.1 Gb/s runs: the tied embedding's swap.)
+(WALL_TIME_NOTE)
 
 Every run is 2 ranks with 1 thread each on the 2 cores, a global batch of 8
 sequences of 64 tokens: the pipeline (2 stages, 1F1B) in 8 micro-batches of
-1; data parallel and FSDP (when train.py has --dp and --zero) 2 replicas of
-one micro-batch of 4. plan is given the op costs of the measured pipeline
-run itself, from its trace: the executor's time for each forward, input
-backward and weight backward (per sequence: a layer's from the first stage,
-the head's from what the last stage has beyond its layers), so that the
-check is of the model of the step (bubble, transfers, the tied embedding's
-swap, optimizer) rather than of how busy the cores were during another run.
-AdamW's time per parameter is measured in-process, and the socket's speed
-unpaced (a paced link is never faster than it). Other work sharing the cores
-moves every figure: each is the least of the steps after the first, and its
-prediction uses the op costs of that same step.
+1; data parallel (--zero 0) and FSDP (--zero 3) 2 replicas of one
+micro-batch of 4. plan is given the op costs of the measured pipeline run
+at the same speed, from its trace: the executor's time for each forward,
+input backward and weight backward (per sequence: a layer's from the first
+stage, the head's from what the last stage has beyond its layers), so that
+the check is of the model of the step (bubble, transfers, the tied
+embedding's swap, the gathers, the optimizer) rather than of how busy the
+cores were during another run; data parallel and FSDP, whose runs have no
+trace, take the same per-sequence costs (their micro-batch of 4 runs the
+same matmuls on 4x the rows). AdamW's time per parameter is measured
+in-process. The links are given plan at the speed the trainer's transport
+delivered at that pace just before the runs (transport_gbps), and the
+column "at the pace" is plan with the nominal speed. plan models the
+collectives as the executor runs them (plan.EXECUTOR_OVERLAP). Other work
+sharing the cores moves every figure: each is the least of the steps after
+the first.
 """
 
 import argparse
@@ -85,43 +90,50 @@ def traced_costs(cfg: dict, trace: str, step: int, optimizer: float) -> plan.OpC
     return plan.OpCosts(*costs, optimizer)
 
 
-def loopback_gbps(nbytes: int = 64 << 20) -> float:
-    """Unpaced socket speed between two threads: what 'unthrottled' means here."""
-    a, b = socket.socketpair()
-    data = bytes(nbytes)
+def transport_gbps(gbps: float | None) -> float:
+    """What the trainer's own transport delivers here with its links paced to gbps (None:
+    unpaced): Gb/s each way of the tied embedding's swap, both directions at once as in a ring
+    step, between two stages on two threads over a socket pair; the least of two tries. On
+    these shared cores it is below the pace at 1 Gb/s and up (the copies, and a rank that
+    sleeps for its pacer gets its core back late), so plan is given this, not the pace."""
+    C = 256 if gbps is None or gbps >= 1 else 32  # about 0.3 s a try: 51 MB, 6.4 MB at 0.1 Gb/s
+    cfg = dict(max_seq_len=16, vocab_size=50257, padded_vocab_size=50304, num_layers=2, num_heads=2, channels=C)
+    nbytes = cfg["padded_vocab_size"] * C * 4
+    gpt.set_link_pace(gbps or 0.0, 0.0)
+    best = float("inf")
+    try:
+        for _ in range(2):
+            a, b = socket.socketpair()
+            stages = [gpt.Model(cfg, 0, 1, 1, 8, 1), gpt.Model(cfg, 1, 2, 1, 8, 1)]
+            stages[0].set_peers(-1, -1, a.fileno(), 60.0)
+            stages[1].set_peers(-1, -1, b.fileno(), 60.0)
+            threads = [threading.Thread(target=stage.sum_wte_grads) for stage in stages]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            best = min(best, time.perf_counter() - t0)
+            a.close(), b.close()
+    finally:
+        gpt.set_link_pace(0.0, 0.0)
+    return nbytes * 8 / best / 1e9
 
-    def drain():
-        got = 0
-        while got < nbytes:
-            got += len(b.recv(1 << 20))
-    t = threading.Thread(target=drain)
-    t0 = time.perf_counter()
-    t.start()
-    a.sendall(data)
-    t.join()
-    dt = time.perf_counter() - t0
-    a.close(), b.close()
-    return nbytes * 8 / dt / 1e9
 
 # -----------------------------------------------------------------------------
 # the runs
 
 
-def has_dp() -> bool:
-    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    return "--dp" in r.stdout and "--zero" in r.stdout
-
-
-def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> tuple[float, int]:
+def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str | None = None) -> tuple[float, int]:
     """Least seconds per step of train.py after the first step (which warms up), and which step:
-    other work shares these cores, and the least is the step it disturbed least. The run's
-    timeline goes to trace."""
+    other work shares these cores, and the least is the step it disturbed least. A pipeline
+    run's timeline goes to trace (train.py writes one only for a pipeline)."""
     flags = {"pp": ["--stages", "2", "--schedule", "1f1b", "--micro-batches", str(SEQUENCES)],
              "dp": ["--stages", "1", "--dp", "2", "--zero", "0", "--micro-batches", "1"],
              "fsdp": ["--stages", "1", "--dp", "2", "--zero", "3", "--micro-batches", "1"]}[layout]
     cmd = [sys.executable, "train.py", "--model", model, "--batch-size", str(SEQUENCES), "--seq-len", str(T),
            "--steps", str(steps), "--eval-every", "0", "--sample-tokens", "0", "--threads", "1",
-           "--trace", trace, *flags]
+           *flags, *(["--trace", trace] if trace else [])]
     if gbps is not None:
         cmd += ["--link-gbps", str(gbps)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -132,13 +144,14 @@ def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str)
     return ms[best] / 1e3, best + 1
 
 
-def predict(cfg: dict, layout: str, gbps: float, costs: dict, loopback: float) -> float:
-    """plan's step: 2 ranks on one node, links at the paced speed (at most the socket's own),
-    collectives blocking the rank (the CPU executor runs one op at a time). Costs are per
-    sequence, so the pipeline's micro-batch of 1 and a replica's of 4 share them."""
-    wire = plan.link(min(gbps, loopback), 0.0)
+def predict(cfg: dict, layout: str, gbps: float, costs: plan.OpCosts) -> float:
+    """plan's step: 2 ranks on one node, links of gbps,
+    collectives overlapping compute as the CPU executor runs them (plan.EXECUTOR_OVERLAP: today
+    they block the rank). Costs are per sequence, so the pipeline's micro-batch of 1 and a
+    replica's of 4 share them."""
+    wire = plan.link(gbps, 0.0)
     cluster = plan.Cluster(2, 2, wire, wire, flops=1.0, achieved=1.0, memory=float("inf"), hbm=1.0,
-                           overlap=False, precision=plan.CPU_BYTES)
+                           overlap=plan.EXECUTOR_OVERLAP, precision=plan.CPU_BYTES)
     layout_, micro = {"pp": (plan.Layout(2, 1, 0, "1f1b"), 1), "dp": (plan.Layout(1, 2, 0), SEQUENCES // 2),
                       "fsdp": (plan.Layout(1, 2, 3), SEQUENCES // 2)}[layout]
     return plan.evaluate(cfg, cluster, plan.Batch(SEQUENCES, micro, T), layout_, costs).step
@@ -154,66 +167,90 @@ def crossover(gbps: np.ndarray, pp: np.ndarray, fsdp: np.ndarray) -> float | Non
     return None
 
 
+def uptime() -> str:
+    with open("/proc/loadavg") as f:
+        return "load average " + ", ".join(f.read().split()[:3])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["d12", "d24"])
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="steps per run (the first warms up)")
+    p.add_argument("--slow-steps", type=int, default=2,
+                   help="steps per run at 1 Gb/s and below, where the link, not the cores, sets the step")
     p.add_argument("--chart", default=os.path.join(ROOT, "dev", "bench", "crossover.png"))
     args = p.parse_args()
+    started = time.perf_counter()
     gpt.set_threads(1)
-    dp = has_dp()
-    layouts = ["pp", "dp", "fsdp"] if dp else ["pp"]
-    loop = loopback_gbps()
-    print(f"CPU: {os.cpu_count()} cores, 2 ranks x 1 thread; batch {SEQUENCES} x {T} tokens; "
-          f"unpaced socket {loop:.1f} Gb/s (measured)")
-    if not dp:
-        print("train.py has no --dp/--zero yet (issue 11): DP and FSDP are predicted, not measured")
+    print(f"CPU: {os.cpu_count()} cores, 2 ranks x 1 thread; batch {SEQUENCES} x {T} tokens; {uptime()} at the start")
     grid = np.logspace(-2, 2, 41)  # plan's curves, 0.01 to 100 Gb/s
-    curves, points = {}, {}
+    curves, points, series = {}, {}, {}  # series: (delivered Gb/s, measured s) per model and layout
     trace = os.path.join(tempfile.mkdtemp(), "trace.json")
+    summary = []
     for model in args.models:
         cfg = dict(gpt.config_from_name(model), tied=True)
         optimizer = optimizer_seconds_per_param(cfg)
-        print(f"{model}: AdamW and the grad norm {optimizer * 1e9:.1f} ns/parameter; each prediction takes "
-              f"its op costs from the pipeline run at the same speed (the curves and the crossover from "
-              f"the run with the least op costs, the one other work disturbed least)")
-        least = float("inf")
-        print(f"  {'link':>11} {'layout':>6} {'predicted s':>12} {'measured s':>11} {'ratio':>6}   op costs per sequence")
+        delivered = {gbps: transport_gbps(gbps) for gbps in SPEEDS}
+        loop = delivered[None]
+        print(f"{model}: AdamW and the grad norm {optimizer * 1e9:.1f} ns/parameter; the transport delivers "
+              + ", ".join(f"{delivered[g]:.2f} Gb/s {'unpaced' if g is None else f'at {g:g}'}" for g in SPEEDS))
+        costs, least = {}, None
         for gbps in SPEEDS:
             speed = loop if gbps is None else gbps
-            name = "unpaced" if gbps is None else f"{gbps:g} Gb/s"
-            points[model, "pp", speed], step = measure(model, "pp", gbps, args.steps, trace)
-            costs = traced_costs(cfg, trace, step, optimizer)
-            load = sum(costs.f) + sum(costs.b) + sum(costs.w)
-            if gbps is None or load < least:  # the curves: from the run other work disturbed least
-                least = load
-                for layout in ("pp", "dp", "fsdp"):
-                    curves[model, layout] = np.array([predict(cfg, layout, g, costs, loop) for g in grid])
+            steps = args.steps if speed > 1.0 else args.slow_steps
+            points[model, "pp", speed], step = measure(model, "pp", gbps, steps, trace)
+            costs[speed] = traced_costs(cfg, trace, step, optimizer)
+            for layout in ("dp", "fsdp"):
+                points[model, layout, speed] = measure(model, layout, gbps, steps)[0]
+            load = sum(costs[speed].f) + sum(costs[speed].b) + sum(costs[speed].w)
+            if least is None or load < least[0]:  # the pipeline's curve: from the run other work disturbed least
+                least = (load, costs[speed])
+            print(f"  measured at {'unpaced' if gbps is None else f'{gbps:g} Gb/s'}: " + ", ".join(
+                f"{layout} {points[model, layout, speed]:.2f} s" for layout in ("pp", "dp", "fsdp")), flush=True)
+        # DP and FSDP have no trace: plan from the pipeline's op costs, and from their own unpaced step
+        # plus plan's communication (its growth from the unpaced speed to this one)
+        idle = plan.OpCosts((0.0,) * 3, (0.0,) * 3, (0.0,) * 3, 0.0)
+
+        def own(layout: str, gbps: float) -> float:
+            return points[model, layout, loop] - predict(cfg, layout, loop, idle) + predict(cfg, layout, gbps, idle)
+        print(f"  {'link':>11} {'layout':>6} {'measured s':>11} {'plan s':>8} {'ratio':>6} {'own unpaced':>12} "
+              f"{'ratio':>6}   plan from the pipeline run's op costs per sequence; own: from its unpaced step")
+        for gbps in SPEEDS:
+            speed = loop if gbps is None else gbps
+            c = costs[speed]
             for layout in ("pp", "dp", "fsdp"):
-                predicted = predict(cfg, layout, speed, costs, loop)
-                if layout in layouts and layout != "pp":
-                    points[model, layout, speed] = measure(model, layout, gbps, args.steps, trace + ".dp")[0]
-                if layout in layouts:
-                    measured = points[model, layout, speed]
-                    print(f"  {name:>11} {layout:>6} {predicted:12.2f} {measured:11.2f} {predicted / measured:6.2f}"
-                          + (f"   layer F/B/W {costs.f[1] * 1e3:.0f}/{costs.b[1] * 1e3:.0f}/{costs.w[1] * 1e3:.0f} "
-                             f"ms, head {costs.f[2] * 1e3:.0f}/{costs.b[2] * 1e3:.0f}/{costs.w[2] * 1e3:.0f} ms"
-                             if layout == "pp" else ""), flush=True)
+                measured = points[model, layout, speed]
+                got = predict(cfg, layout, delivered[gbps], c)
+                line = f"  {'unpaced' if gbps is None else f'{gbps:g} Gb/s':>11} {layout:>6} {measured:11.2f} " \
+                       f"{got:8.2f} {got / measured:6.2f}"
+                if layout == "pp":
+                    line += f" {'-':>12} {'-':>6}   layer F/B/W {c.f[1] * 1e3:.0f}/{c.b[1] * 1e3:.0f}/" \
+                            f"{c.w[1] * 1e3:.0f} ms, head {c.f[2] * 1e3:.0f}/{c.b[2] * 1e3:.0f}/{c.w[2] * 1e3:.0f} ms"
                 else:
-                    print(f"  {name:>11} {layout:>6} {predicted:12.2f} {'-':>11} {'-':>6}", flush=True)
-        cross = crossover(grid, curves[model, "pp"], curves[model, "fsdp"])
-        said = f"{cross:.2f} Gb/s" if cross else "none between 0.01 and 100 Gb/s"
-        if dp:
-            xs = np.array(sorted(s for (m, l, s) in points if m == model and l == "pp"))
-            got = crossover(xs, *[np.array([points[model, l, s] for s in xs]) for l in ("pp", "fsdp")])
-            said += f", measured {got:.2f} Gb/s" if got else ", measured: none within the speeds run"
-        else:
-            said += ", measured: needs FSDP (issue 11)"
-        print(f"  crossover (the pipeline is faster below it): predicted {said}")
-    draw(args.chart, args.models, grid, curves, points, loop, dp)
+                    mine = own(layout, delivered[gbps])
+                    line += f" {mine:12.2f} {mine / measured:6.2f}"
+                print(line)
+        # the curves and the chart against the speed the link delivered (the 10 Gb/s pace delivers
+        # about what the unpaced transport does here)
+        curves[model, "pp"] = np.array([predict(cfg, "pp", g, least[1]) for g in grid])
+        for layout in ("dp", "fsdp"):
+            curves[model, layout] = np.array([own(layout, g) for g in grid])
+        order = sorted(SPEEDS, key=lambda g: delivered[g])
+        xs = np.array([delivered[g] for g in order])
+        for layout in ("pp", "dp", "fsdp"):
+            series[model, layout] = (xs, np.array([points[model, layout, loop if g is None else g] for g in order]))
+        cross = [crossover(grid, curves[model, "pp"], curves[model, "fsdp"]),
+                 crossover(xs, series[model, "pp"][1], series[model, "fsdp"][1])]
+        said = [f"{c:.2f} Gb/s" if c else "none within the speeds" for c in cross]
+        summary.append(f"  {model}: plan {said[0]}, measured {said[1]}")
+        print(summary[-1], flush=True)
+    print("\n".join(["crossover, the delivered link speed below which the pipeline is faster than FSDP "
+                     f"(batch {SEQUENCES} x {T} tokens, 2 ranks):", *summary]))
+    print(f"bench: {(time.perf_counter() - started) / 60:.1f} minutes; {uptime()} at the end")
+    draw(args.chart, args.models, grid, curves, series, loop)
 
 
-def draw(path: str, models: list[str], grid, curves: dict, points: dict, loop: float, dp: bool) -> None:
+def draw(path: str, models: list[str], grid, curves: dict, series: dict, loop: float) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -222,23 +259,18 @@ def draw(path: str, models: list[str], grid, curves: dict, points: dict, loop: f
         print("no chart: matplotlib is not installed (pip install matplotlib; it is optional)")
         return
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    colours = {"pp": "tab:blue", "fsdp": "tab:red", "dp": "tab:grey"}
-    names = {"pp": "pipeline, 2 stages", "fsdp": "FSDP, 2 ranks", "dp": "data parallel, 2 ranks"}
+    colours = {"pp": "tab:blue", "fsdp": "tab:red"}
+    names = {"pp": "pipeline, 2 stages", "fsdp": "FSDP, 2 ranks"}
     for model, style, marker in zip(models, ("-", "--"), ("o", "s")):
         for layout in ("pp", "fsdp"):
-            ax.plot(grid, curves[model, layout], style, color=colours[layout],
-                    label=f"{model} {names[layout]}: plan")
-            xs = sorted(s for (m, l, s) in points if m == model and l == layout)
-            if xs:
-                ax.plot(xs, [points[model, layout, s] for s in xs], marker, color=colours[layout],
-                        label=f"{model} {names[layout]}: measured")
+            ax.plot(grid, curves[model, layout], style, color=colours[layout], label=f"{model} {names[layout]}: plan")
+            ax.plot(*series[model, layout], marker, color=colours[layout], label=f"{model} {names[layout]}: measured")
     ax.axvline(loop, color="k", lw=0.6, ls=":")
-    ax.text(loop, ax.get_ylim()[1] * 0.9, " unpaced", fontsize=8)
+    ax.text(loop, ax.get_ylim()[1] * 0.9, " the unpaced transport", fontsize=8)
     ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xlabel("link speed (Gb/s, each direction)"), ax.set_ylabel("seconds per step")
-    title = "2 ranks x 1 thread on 2 CPU cores, batch 8 x 64 tokens"
-    if not dp:
-        title += "\nFSDP: plan only (train.py has no --dp/--zero yet)"
+    ax.set_xlabel("link speed delivered (Gb/s, each direction; paced to 0.1, 1, 10 and unpaced)")
+    ax.set_ylabel("seconds per step")
+    title = f"2 ranks x 1 thread on 2 CPU cores, batch {SEQUENCES} x {T} tokens"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7), ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
