@@ -92,10 +92,11 @@ def stage_params(cfg: dict, lo: int, hi: int) -> int:
     return (hi - lo) * layer_params(cfg) + sum(end_params(cfg, lo, hi))
 
 
-def fsdp_buckets(cfg: dict, lo: int, hi: int) -> tuple[list[int], int]:
-    """What --zero 3 gathers on a stage (pipeline.fsdp_ops): each layer alone,
-    and the stage's whole tensors (the embedding on the first stage, the final
-    layernorm and the head on the last) as one bucket held for the step."""
+def stage_buckets(cfg: dict, lo: int, hi: int) -> tuple[list[int], int]:
+    """Parameters of each bucket of a stage's data-parallel collectives
+    (pipeline.data_parallel_ops, fsdp_ops): each layer alone, and the stage's
+    whole tensors (the embedding on the first stage, the final layernorm and
+    the head on the last), which --zero 3 gathers once and holds for the step."""
     return [layer_params(cfg)] * (hi - lo), sum(end_params(cfg, lo, hi))
 
 
@@ -328,10 +329,10 @@ def _rank_ends(name: str, S: int, m: int, f: tuple, b: tuple, w: tuple, comm: fl
 
 class FsdpComm(NamedTuple):
     """FSDP's exposed communication on a rank, in seconds: added to each
-    micro-batch's forward, input backward and weight backward, and once per step."""
+    micro-batch's forward and input backward, and once per step (the weight
+    backward needs no parameters)."""
     f: float
     b: float
-    w: float
     step: float
 
 
@@ -357,12 +358,12 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
     scatter = [reduce_scatter(p * precision.gradient, D, link) for p, *_ in layers]
     once = all_gather(whole * precision.gathered, D, link) + reduce_scatter(whole * precision.gradient, D, link)
     if not overlap:
-        return FsdpComm(sum(gather), sum(gather), 0.0, once + sum(scatter))
+        return FsdpComm(sum(gather), sum(gather), once + sum(scatter))
     n = len(layers)
     fwd = gather[0] + sum(max(0.0, gather[i + 1] - layers[i][1]) for i in range(n - 1))
     bwd = gather[-1] + sum(max(0.0, gather[i - 1] - layers[i][2]) for i in range(1, n))
     scattered = scatter[0] + sum(max(0.0, scatter[i] - layers[i - 1][3]) for i in range(1, n))
-    return FsdpComm(fwd, bwd, 0.0, once + scattered)
+    return FsdpComm(fwd, bwd, once + scattered)
 
 
 # How the CPU executor (train_gpt.c) runs --zero 3's collectives: one op at a
@@ -403,12 +404,13 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                 t = (hi - lo) * tp_comm(cfg, batch, cluster, tp)
                 fr, br = fr + t, br + t
             if not free and layout.zero == 3 and D > 1:
-                layer_sizes, whole = fsdp_buckets(cfg, lo, hi)
-                layers = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro)) for l, p in zip(range(lo, hi), layer_sizes)]
+                layer_sizes, whole = stage_buckets(cfg, lo, hi)
+                layers = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro))
+                          for l, p in zip(range(lo, hi), layer_sizes)]
                 exposed = fsdp_comm(layers, whole / tp, dp_link, D, bytes_, cluster.overlap)
-                fr, br, wr, extra = fr + exposed.f, br + exposed.b, wr + exposed.w, exposed.step
+                fr, br, extra = fr + exposed.f, br + exposed.b, exposed.step
             if not free and layout.zero == 0 and D > 1:  # an all-reduce per bucket (layer, whole), after the backward
-                layer_sizes, whole = fsdp_buckets(cfg, lo, hi)
+                layer_sizes, whole = stage_buckets(cfg, lo, hi)
                 t = sum(all_reduce(p / tp * bytes_.gradient, D, dp_link) for p in [*layer_sizes, whole])
                 extra = max(0.0, t - wr) if cluster.overlap else t  # hidden by the last weight backward
             f.append(fr), b.append(br), w.append(wr), once.append(extra)
@@ -431,7 +433,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
         part = 1 / D if layout.zero == 3 else 1
         gathered = 0.0
         if layout.zero == 3 and D > 1:  # the whole bucket and the layers gathered, their whole gradients
-            layer_sizes, whole = fsdp_buckets(cfg, lo, hi)
+            layer_sizes, whole = stage_buckets(cfg, lo, hi)
             params, grads = fsdp_buffers(hi - lo, m, cluster.overlap)
             gathered = ((whole + params * layer_sizes[0]) * bytes_.gathered
                         + (whole + grads * layer_sizes[0]) * bytes_.gradient) / tp

@@ -105,7 +105,7 @@ def test_fsdp_overlap_hides_all_but_the_first_gathers_and_the_last_reduce_scatte
     D, m, via = 4, 2, plan.Link(25e9, 5e-6)
     got = plan.evaluate(CFG, cluster(D, via), plan.Batch(D * m, 1, 64), plan.Layout(1, D, 3),
                         layer_costs(10.0, 10.0, 10.0))
-    (layer, *_), whole = plan.fsdp_buckets(CFG, 0, CFG["num_layers"])
+    (layer, *_), whole = plan.stage_buckets(CFG, 0, CFG["num_layers"])
     want = m * 2 * ring_gather(2 * layer, D, 25e9, 5e-6) + ring_gather(2 * whole, D, 25e9, 5e-6) \
         + ring_gather(4 * whole, D, 25e9, 5e-6) + ring_gather(4 * layer, D, 25e9, 5e-6)
     assert got.comm == pytest.approx(want, rel=1e-12)
