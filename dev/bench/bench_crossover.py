@@ -125,8 +125,9 @@ def transport_gbps(gbps: float | None) -> float:
 
 
 def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str | None = None) -> tuple[float, int]:
-    """Least seconds per step of train.py after the first step (which warms up), and which step:
-    other work shares these cores, and the least is the step it disturbed least. A pipeline
+    """Least seconds per step of train.py after the first step (which warms up; a 1-step run's
+    only step), and which step: other work shares these cores, and the least is the step it
+    disturbed least. A pipeline
     run's timeline goes to trace (train.py writes one only for a pipeline)."""
     flags = {"pp": ["--stages", "2", "--schedule", "1f1b", "--micro-batches", str(SEQUENCES)],
              "dp": ["--stages", "1", "--dp", "2", "--zero", "0", "--micro-batches", "1"],
@@ -140,7 +141,7 @@ def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str 
     if r.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
     ms = [float(v) for v in re.findall(r"\| (\d+) ms \|", r.stdout)]
-    best = min(range(1, len(ms)), key=ms.__getitem__)
+    best = min(range(1 if len(ms) > 1 else 0, len(ms)), key=ms.__getitem__)
     return ms[best] / 1e3, best + 1
 
 
@@ -175,9 +176,10 @@ def uptime() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["d12", "d24"])
-    p.add_argument("--steps", type=int, default=4, help="steps per run (the first warms up)")
-    p.add_argument("--slow-steps", type=int, default=2,
-                   help="steps per run at 1 Gb/s and below, where the link, not the cores, sets the step")
+    p.add_argument("--steps", type=int, default=3, help="steps per run (the first warms up)")
+    p.add_argument("--slow-steps", type=int, default=1,
+                   help="steps per run at 1 Gb/s and below, where the link, not the cores, sets the step "
+                        "(1: the first step, whose warm-up is small beside its transfers)")
     p.add_argument("--chart", default=os.path.join(ROOT, "dev", "bench", "crossover.png"))
     args = p.parse_args()
     started = time.perf_counter()
@@ -232,17 +234,19 @@ def main() -> None:
                 print(line)
         # the curves and the chart against the speed the link delivered (the 10 Gb/s pace delivers
         # about what the unpaced transport does here)
-        curves[model, "pp"] = np.array([predict(cfg, "pp", g, least[1]) for g in grid])
-        for layout in ("dp", "fsdp"):
-            curves[model, layout] = np.array([own(layout, g) for g in grid])
+        for layout in ("pp", "dp", "fsdp"):  # one calibration for all: the least disturbed run's op costs
+            curves[model, layout] = np.array([predict(cfg, layout, g, least[1]) for g in grid])
         order = sorted(SPEEDS, key=lambda g: delivered[g])
         xs = np.array([delivered[g] for g in order])
         for layout in ("pp", "dp", "fsdp"):
             series[model, layout] = (xs, np.array([points[model, layout, loop if g is None else g] for g in order]))
         cross = [crossover(grid, curves[model, "pp"], curves[model, "fsdp"]),
                  crossover(xs, series[model, "pp"][1], series[model, "fsdp"][1])]
-        said = [f"{c:.2f} Gb/s" if c else "none within the speeds" for c in cross]
-        summary.append(f"  {model}: plan {said[0]}, measured {said[1]}")
+        faster = [("the pipeline" if pp[0] < fsdp[0] else "FSDP") + " faster throughout" for pp, fsdp in
+                  ((curves[model, "pp"], curves[model, "fsdp"]), (series[model, "pp"][1], series[model, "fsdp"][1]))]
+        said = [f"{c:.2f} Gb/s" if c else f"none ({why})" for c, why in zip(cross, faster)]
+        summary.append(f"  {model}: plan {said[0]} (0.01 to 100 Gb/s), measured {said[1]} "
+                       f"({xs[0]:.2f} to {xs[-1]:.2f} Gb/s)")
         print(summary[-1], flush=True)
     print("\n".join(["crossover, the delivered link speed below which the pipeline is faster than FSDP "
                      f"(batch {SEQUENCES} x {T} tokens, 2 ranks):", *summary]))
