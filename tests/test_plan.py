@@ -163,13 +163,14 @@ def test_memory_per_gpu_is_the_sum_of_its_parts(layout):
 
 @pytest.mark.parametrize("S,m,schedule", [(1, 1, "1f1b"), (1, 4, "1f1b"), (2, 4, "zb-h1")])
 def test_fsdp_buffers_are_the_validators_peaks(S, m, schedule):
-    # the executor allocates the validator's peaks of gathered layers and layers' full gradients
+    # the executor allocates the validator's peaks of gathered layers and layers' full gradients;
+    # a prefetch (plan.EXECUTOR_OVERLAP) holds two layers gathered
     bounds = pipeline.partition(CFG, S, 64)
     buckets = [hi - lo + 1 for lo, hi in bounds]
     train, _ = pipeline.grid_schedule(schedule, S, 2, m, buckets, 3)
     got = pipeline.validate_grid(train, S, m, buckets=buckets, zero=3)
     for r, (lo, hi) in enumerate(bounds):
-        assert plan.fsdp_buffers(hi - lo, m, overlap=False) == (got.peak_gathered[r], got.peak_grads[r])
+        assert plan.fsdp_buffers(hi - lo, m, plan.EXECUTOR_OVERLAP) == (got.peak_gathered[r], got.peak_grads[r])
 
 
 def plan_cli(*flags: str) -> subprocess.CompletedProcess:
