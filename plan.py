@@ -15,7 +15,11 @@ The step is the executor's, played on a model of the machine:
 - the pipeline: pipeline.schedule's op lists, played by pipeline.simulate
   (sends block both ends, as in the executor), with pipeline.validate's peak
   of held micro-batches as the activation memory;
-- collectives: the alpha-beta ring model below;
+- collectives: the alpha-beta ring model below; data parallelism's
+  all-reduce per bucket after the backward, FSDP's gathers and
+  reduce-scatters where pipeline.fsdp_ops puts them (fsdp_comm), hidden
+  behind compute or not (Cluster.overlap: a GPU's collectives have their own
+  stream; the CPU executor's, EXECUTOR_OVERLAP, block the rank today);
 - then, as in train.py, the tied embedding's gradients swap between the
   first and the last stage, every rank agrees on the grad norm (a barrier),
   and AdamW runs on what each rank owns.
