@@ -12,10 +12,10 @@
 // S stages computes bitwise the same as one stage.
 //
 // Sections, in the order data flows: layers, model, executor, optimizer,
-// data, checkpoint I/O, sampling, main.
+// the device API (a CPU has none), checkpoint I/O, sampling, and main(),
+// last, which hands this stage API to common.h's train_main.
 #define _POSIX_C_SOURCE 200809L
 #define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
-#define TRAINER_NAME "./train_gpt"
 #include "common.h"
 #include "asm/sgemm.h"
 
@@ -464,6 +464,7 @@ typedef struct {
 } Slot;
 
 struct Stage {
+    StageBase base;                    // first: its links and zero stage (common.h)
     Layout y;                          // which layers and tensors this stage holds
     int B, T;
     float *params, *grads, *m, *v;     // stage layout (common.h)
@@ -471,10 +472,9 @@ struct Stage {
     Slot *slots;
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
-    Links links;
-    int zero;                          // 0: replicas keep everything whole; 1: replica d owns chunk d
     int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
 };
+static_assert(offsetof(Stage, base) == 0, "a Stage begins with its StageBase (common.h)");
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
 // layer l (stage-local) of per-layer tensor t
@@ -525,7 +525,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) return NULL;
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
-    s->links = links_make(lo, hi);
+    s->base.links = links_make(lo, hi);
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
     s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
@@ -676,19 +676,6 @@ static void stage_backward_weight(Stage *s, Slot *a) {
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks.
 
-void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
-}
-
-void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
-    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
-    s->zero = zero;
-}
-
-void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
-    links_bytes_moved(&s->links, sent, received);
-}
-
 static int hook_begin(void *stage, int m, int training) {
     Stage *s = (Stage *)stage;
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
@@ -737,7 +724,7 @@ static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
 
 static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
     Stage *s = (Stage *)stage;
-    return comm_group(&s->links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
+    return comm_group(&s->base.links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
 }
 
 // A bucket's (tensor, layer) segments in base (params or grads).
@@ -755,13 +742,14 @@ static int bucket_in(Stage *s, float *base, int bucket, Segment *segs) {
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
     Segment segs[NUM_PARAM_TENSORS];
-    if (kind == OP_ALLGATHER) return ring_collective(&s->links, segs, bucket_in(s, s->params, bucket, segs), bucket, 1);
+    if (kind == OP_ALLGATHER)
+        return ring_collective(&s->base.links, segs, bucket_in(s, s->params, bucket, segs), bucket, 1);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
     if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
     int n = bucket_in(s, s->grads, bucket, segs);
-    if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
-    return kind == OP_ALLREDUCE ? ring_collective(&s->links, segs, n, bucket, 1) : 0;
+    if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
+    return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
 }
 
 static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
@@ -769,8 +757,8 @@ static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_inp
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    return run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops, inputs,
-                       targets, training, loss_sum);
+    return run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
+                       inputs, targets, training, loss_sum);
 }
 
 // ----------------------------------------------------------------------------
@@ -785,8 +773,8 @@ int stage_sum_wte_grads(Stage *s) {
         // them through the scratch of the other (the last stage's dwte_embed is unused)
         if (!s->dwte_embed) s->dwte_embed = malloc(n * sizeof(float));
         if (!(embed = s->dwte_embed)) return fail("out of memory for d(wte)");
-        if (s->y.first ? tied_swap(&s->links, embed, head, n * sizeof(float))
-                       : tied_swap(&s->links, head, embed, n * sizeof(float)))
+        if (s->y.first ? tied_swap(&s->base.links, embed, head, n * sizeof(float))
+                       : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
@@ -829,7 +817,7 @@ void stage_grad_norm_parts(Stage *s, double *parts) {
         for (int l = 0; l < s->y.nl; l++) {
             if (!owns_tensor(&s->y, t) || (!is_layer_tensor(t) && l > 0)) continue;
             size_t lo, hi;
-            chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+            chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
             int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
             parts[part] = sum_squares(layer_tensor(s, s->grads, t, l) + lo, hi - lo);
         }
@@ -839,7 +827,7 @@ void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int s
     const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
     float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
     // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER spreads the rest)
-    int shard = s->zero > 0, parts = shard ? s->links.replicas : 1, part = shard ? s->links.replica : 0;
+    int shard = s->base.zero > 0, parts = shard ? s->base.links.replicas : 1, part = shard ? s->base.links.replica : 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         float wd = is_matrix(t) ? weight_decay : 0.0f;
         size_t seg = segment_elems(&s->y, t), lo, hi;
@@ -884,9 +872,10 @@ int stage_load(Stage *s, const char *path) { return model_file_read(&s->y, path,
 
 // zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
-    if (s->zero == 0 && s->links.replica > 0) return 0;
-    int parts = s->zero > 0 ? s->links.replicas : 1;
-    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, s->zero > 0 ? s->links.replica : 0, parts);
+    if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
+    int parts = s->base.zero > 0 ? s->base.links.replicas : 1;
+    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, s->base.zero > 0 ? s->base.links.replica : 0,
+                                  parts);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
@@ -922,14 +911,23 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
 }
 
 // ----------------------------------------------------------------------------
-// main (common.h): the hooks
+// main: ./train_gpt, single-process training from the shell (-h lists the
+// flags; python3 train.py runs pipelines). The loop is common.h's
+// train_main, written once for both trainers: it drives this file's stage
+// API through the table below.
 
 #ifdef TRAIN_GPT_MAIN
-static void trainer_describe(Stage *s) {
+static void describe_cpu(Stage *s) {
     (void)s;
 #ifdef _OPENMP
     printf("device: CPU, %d thread(s), GEMM kernel: %s\n", omp_get_max_threads(), asm_sgemm_name());
 #endif
 }
-static int trainer_check(Stage *s) { (void)s; return 0; }
+
+// this file's stage API, in the order of common.h's Trainer
+static const Trainer CPU_TRAINER = {"./train_gpt", stage_create, stage_load, stage_init, stage_read_checkpoint,
+                                    stage_run, stage_sum_wte_grads, stage_grad_norm_parts, stage_adamw,
+                                    stage_write_checkpoint, stage_sample, stage_free, NULL, describe_cpu};
+
+int main(int argc, char **argv) { return train_main(argc, argv, &CPU_TRAINER); }
 #endif
