@@ -865,25 +865,6 @@ typedef struct {
     uint64_t bytes_sent[NUM_TRAFFIC], bytes_received[NUM_TRAFFIC];
 } Links;
 
-static void links_set_peers(Links *k, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    k->prev_fd = prev_fd;
-    k->next_fd = next_fd;
-    k->tied_fd = tied_fd;
-    k->timeout_s = timeout_s;
-}
-
-static void links_set_replicas(Links *k, int prev_fd, int next_fd, int replica, int replicas) {
-    k->replica_prev_fd = prev_fd;
-    k->replica_next_fd = next_fd;
-    k->replica = replica;
-    k->replicas = replicas;
-}
-
-static void links_bytes_moved(const Links *k, uint64_t sent[NUM_TRAFFIC], uint64_t received[NUM_TRAFFIC]) {
-    memcpy(sent, k->bytes_sent, sizeof k->bytes_sent);
-    memcpy(received, k->bytes_received, sizeof k->bytes_received);
-}
-
 static Links links_make(int lo, int hi) {
     Links k;
     memset(&k, 0, sizeof k);
@@ -1236,17 +1217,26 @@ typedef struct {
 } StageBase;
 
 void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    links_set_peers(&((StageBase *)s)->links, prev_fd, next_fd, tied_fd, timeout_s);
+    Links *links = &((StageBase *)s)->links;
+    links->prev_fd = prev_fd;
+    links->next_fd = next_fd;
+    links->tied_fd = tied_fd;
+    links->timeout_s = timeout_s;
 }
 
 void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     StageBase *base = (StageBase *)s;
-    links_set_replicas(&base->links, prev_fd, next_fd, replica, replicas);
+    base->links.replica_prev_fd = prev_fd;
+    base->links.replica_next_fd = next_fd;
+    base->links.replica = replica;
+    base->links.replicas = replicas;
     base->zero = zero;
 }
 
 void stage_bytes_moved(const Stage *s, uint64_t sent[NUM_TRAFFIC], uint64_t received[NUM_TRAFFIC]) {
-    links_bytes_moved(&((const StageBase *)s)->links, sent, received);
+    const Links *links = &((const StageBase *)s)->links;
+    memcpy(sent, links->bytes_sent, sizeof links->bytes_sent);
+    memcpy(received, links->bytes_received, sizeof links->bytes_received);
 }
 
 // ----------------------------------------------------------------------------
@@ -1448,6 +1438,18 @@ double gpt_norm_from_parts(const double *parts, int L) {
 
 typedef struct { float logit; int id; } Candidate;
 
+// What stage_sample checks before it runs, on either trainer: a whole-model
+// stage and a prompt of tokens in the vocabulary. Returns the top_k to use
+// (one outside [1, V] is all of V), or -1 with a message.
+static int sample_check(const Layout *y, const int *prompt, int np, int top_k) {
+    int V = y->cfg.vocab_size;
+    if (!(y->first && y->last)) return fail("sampling needs the whole model in one stage");
+    if (np < 1) return fail("sampling needs a prompt of at least one token");
+    for (int i = 0; i < np; i++)
+        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
+    return top_k <= 0 || top_k > V ? V : top_k;
+}
+
 // cand has room for top_k entries (1 <= top_k <= V); temperature 0 is greedy.
 static int sample_top_k(const float *logits, int V, float temperature, int top_k, uint64_t *rng,
                         Candidate *cand) {
@@ -1482,47 +1484,6 @@ static int sample_top_k(const float *logits, int V, float temperature, int top_k
 // Python bindings link the stage API alone.
 
 #ifdef TRAIN_GPT_MAIN
-
-// llm.c's tokenizer file, to print samples as text
-typedef struct { int n, eot; char **tokens; } Tokenizer;
-
-// Reads a tokenizer that can decode every id of a vocab_size vocabulary.
-static int tokenizer_read(Tokenizer *tk, const char *path, int vocab_size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail("%s: cannot open tokenizer (%s)", path, strerror(errno));
-    int32_t h[HEADER_INTS];
-    int rc = -1;
-    if (fread(h, sizeof h, 1, f) != 1 || h[0] != TOKENIZER_MAGIC || h[1] != 2) {
-        fail("%s: not an llm.c tokenizer file (version 2)", path);
-        goto done;
-    }
-    if (h[2] < vocab_size || h[2] > MAX_VOCAB || h[3] < 0 || h[3] >= vocab_size) {
-        fail("%s: tokenizer of %d tokens (end of text %d) for a model of %d: expected at least as many, "
-             "at most %d, and its end of text among the model's", path, h[2], h[3], vocab_size, MAX_VOCAB);
-        goto done;
-    }
-    tk->n = h[2];
-    tk->eot = h[3];
-    if (!(tk->tokens = (char **)calloc_or_fail(tk->n, sizeof(char *), "the tokenizer"))) goto done;
-    for (int i = 0; i < tk->n; i++) {
-        unsigned char len;
-        if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d of %d", path, i, tk->n); goto done; }
-        if (!(tk->tokens[i] = (char *)calloc_or_fail(len + 1, 1, "a token"))) goto done;
-        if (fread(tk->tokens[i], 1, len, f) != len) {
-            fail("%s: truncated at token %d of %d", path, i, tk->n);
-            goto done;
-        }
-    }
-    rc = 0;
-done:
-    fclose(f);
-    return rc;
-}
-
-static void tokenizer_free(Tokenizer *tk) {
-    for (int i = 0; tk->tokens && i < tk->n; i++) free(tk->tokens[i]);
-    free(tk->tokens);
-}
 
 // A run's flags (the defaults are parse_flags').
 typedef struct {
@@ -1661,6 +1622,47 @@ static int die(void) {
 }
 
 static int trainer_check(const Trainer *trainer, Stage *s) { return trainer->check ? trainer->check(s) : 0; }
+
+// llm.c's tokenizer file, to print samples as text
+typedef struct { int n, eot; char **tokens; } Tokenizer;
+
+// Reads a tokenizer that can decode every id of a vocab_size vocabulary.
+static int tokenizer_read(Tokenizer *tk, const char *path, int vocab_size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail("%s: cannot open tokenizer (%s)", path, strerror(errno));
+    int32_t h[HEADER_INTS];
+    int rc = -1;
+    if (fread(h, sizeof h, 1, f) != 1 || h[0] != TOKENIZER_MAGIC || h[1] != 2) {
+        fail("%s: not an llm.c tokenizer file (version 2)", path);
+        goto done;
+    }
+    if (h[2] < vocab_size || h[2] > MAX_VOCAB || h[3] < 0 || h[3] >= vocab_size) {
+        fail("%s: tokenizer of %d tokens (end of text %d) for a model of %d: expected at least as many, "
+             "at most %d, and its end of text among the model's", path, h[2], h[3], vocab_size, MAX_VOCAB);
+        goto done;
+    }
+    tk->n = h[2];
+    tk->eot = h[3];
+    if (!(tk->tokens = (char **)calloc_or_fail(tk->n, sizeof(char *), "the tokenizer"))) goto done;
+    for (int i = 0; i < tk->n; i++) {
+        unsigned char len;
+        if (fread(&len, 1, 1, f) != 1) { fail("%s: truncated at token %d of %d", path, i, tk->n); goto done; }
+        if (!(tk->tokens[i] = (char *)calloc_or_fail(len + 1, 1, "a token"))) goto done;
+        if (fread(tk->tokens[i], 1, len, f) != len) {
+            fail("%s: truncated at token %d of %d", path, i, tk->n);
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    fclose(f);
+    return rc;
+}
+
+static void tokenizer_free(Tokenizer *tk) {
+    for (int i = 0; tk->tokens && i < tk->n; i++) free(tk->tokens[i]);
+    free(tk->tokens);
+}
 
 // The mean loss of the first `batches` batches of val, forward only.
 static float validation_loss(const Trainer *trainer, Stage *s, DataLoader *val, int *inputs, int *targets,

@@ -887,12 +887,8 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k,
                  uint64_t seed, int *out) {
-    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
-    if (np < 1) return fail("sampling needs a prompt of at least one token");
+    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
     int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
-    for (int i = 0; i < np; i++)
-        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
-    if (top_k <= 0 || top_k > V) top_k = V;
     Candidate *cand = malloc(sizeof(Candidate) * top_k);
     if (!cand) return fail("out of memory for top-k");
     memcpy(out, prompt, np * sizeof(int));

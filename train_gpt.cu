@@ -2550,14 +2550,10 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 // last real position in fp32, top-k on the host
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed, int *out) {
-    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
-    if (np < 1) return fail("sampling needs a prompt of at least one token");
+    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, T = s->T;
-    for (int i = 0; i < np; i++)
-        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
-    if (top_k <= 0 || top_k > V) top_k = V;
     Candidate *cand = (Candidate *)malloc(sizeof(Candidate) * top_k);
     int *window = (int *)calloc(T, sizeof(int));
     if (!cand || !window) { free(cand); free(window); return fail("out of host memory for sampling"); }
