@@ -65,26 +65,19 @@ __device__ __forceinline__ float tof(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ floatX tox(float x) { return __float2bfloat16(x); }
 #endif
 
-#define CUDA_CHECK(call)                                                                        \
+// A CUDA, cuBLASLt or NCCL call that does not return its library's success:
+// -1 with a message naming the library, its error, the call and the line
+#define STATUS_CHECK(type, ok, lib, to_string, call, text)                                      \
     do {                                                                                        \
-        cudaError_t e_ = (call);                                                                \
-        if (e_ != cudaSuccess)                                                                  \
-            return fail("CUDA error: %s (%s, train_gpt.cu:%d)", cudaGetErrorString(e_), #call, __LINE__); \
+        type e_ = (call);                                                                       \
+        if (e_ != ok) return fail(lib " error: %s (%s, %s:%d)", to_string(e_), text, __FILE__, __LINE__); \
     } while (0)
+#define CUDA_CHECK(call) STATUS_CHECK(cudaError_t, cudaSuccess, "CUDA", cudaGetErrorString, call, #call)
+#define LT_CHECK(call) \
+    STATUS_CHECK(cublasStatus_t, CUBLAS_STATUS_SUCCESS, "cuBLASLt", cublasGetStatusString, call, #call)
+#define NCCL_CHECK(call) STATUS_CHECK(ncclResult_t, ncclSuccess, "NCCL", ncclGetErrorString, call, #call)
 // after a kernel launch: launch errors now, faults at the next synchronisation
 #define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
-#define LT_CHECK(call)                                                                          \
-    do {                                                                                        \
-        cublasStatus_t e_ = (call);                                                             \
-        if (e_ != CUBLAS_STATUS_SUCCESS)                                                        \
-            return fail("cuBLASLt error: %s (%s, train_gpt.cu:%d)", cublasGetStatusString(e_), #call, __LINE__); \
-    } while (0)
-#define NCCL_CHECK(call)                                                                        \
-    do {                                                                                        \
-        ncclResult_t e_ = (call);                                                               \
-        if (e_ != ncclSuccess)                                                                  \
-            return fail("NCCL error: %s (%s, train_gpt.cu:%d)", ncclGetErrorString(e_), #call, __LINE__); \
-    } while (0)
 #define CHECK(x) do { if (x) return -1; } while (0)
 
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
