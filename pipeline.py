@@ -593,17 +593,22 @@ def stage_costs(config: dict, seq_len: int) -> tuple[float, float, float]:
     return float(C), float(layer), float(2 * C * Vp)
 
 
+def range_cost(parts: tuple[float, float, float], num_layers: int, lo: int, hi: int) -> float:
+    """The cost of a stage that owns layers [lo, hi), from the costs of the
+    (embedding, one layer, LM head): the first stage adds the embedding, the
+    last the head. The one place a stage's cost is summed: the partition,
+    its description and plan.py's op costs all call it."""
+    embed, layer, head = parts
+    return embed * (lo == 0) + layer * (hi - lo) + head * (hi == num_layers)
+
+
 def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
     """Layer ranges [lo, hi) per stage, each at least one layer, minimising the
     most expensive stage (dynamic programming over the cut points)."""
     L = config["num_layers"]
     if not 1 <= stages <= L:
         raise ValueError(f"--stages {stages}: must be between 1 and the model's {L} layers")
-    embed, layer, head = stage_costs(config, seq_len)
-
-    def cost(lo: int, hi: int) -> float:
-        return (hi - lo) * layer + (embed if lo == 0 else 0.0) + (head if hi == L else 0.0)
-
+    parts = stage_costs(config, seq_len)
     # best[s][i]: the least possible max cost of layers [0, i) cut into s stages
     inf = float("inf")
     best = [[inf] * (L + 1) for _ in range(stages + 1)]
@@ -612,7 +617,7 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
     for s in range(1, stages + 1):
         for i in range(s, L + 1):
             for j in range(s - 1, i):
-                c = max(best[s - 1][j], cost(j, i))
+                c = max(best[s - 1][j], range_cost(parts, L, j, i))
                 if c < best[s][i]:
                     best[s][i], cut[s][i] = c, j
     bounds, i = [], L
@@ -623,14 +628,12 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def describe_partition(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> str:
-    embed, layer, head = stage_costs(config, seq_len)
-    L, parts = config["num_layers"], []
-    total = embed + L * layer + head
+    costs, L, stages = stage_costs(config, seq_len), config["num_layers"], []
+    total = range_cost(costs, L, 0, L)
     for r, (lo, hi) in enumerate(bounds):
         extra = (" + embedding" if lo == 0 else "") + (" + lm head" if hi == L else "")
-        c = (hi - lo) * layer + (embed if lo == 0 else 0) + (head if hi == L else 0)
-        parts.append(f"rank {r}: layers [{lo},{hi}){extra} ({c / total:.0%})")
-    return "partition: " + " | ".join(parts)
+        stages.append(f"rank {r}: layers [{lo},{hi}){extra} ({range_cost(costs, L, lo, hi) / total:.0%})")
+    return "partition: " + " | ".join(stages)
 
 
 # -----------------------------------------------------------------------------

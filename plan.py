@@ -236,9 +236,7 @@ class OpCosts:
     def stage(self, cfg: dict, lo: int, hi: int, micro: int) -> tuple[float, float, float]:
         """Seconds of a micro-batch of `micro` sequences on layers [lo, hi)."""
         L = cfg["num_layers"]
-        def part(c):
-            return micro * (c[0] * (lo == 0) + c[1] * (hi - lo) + c[2] * (hi == L))
-        return part(self.f), part(self.b), part(self.w)
+        return tuple(micro * pipeline.range_cost(parts, L, lo, hi) for parts in (self.f, self.b, self.w))
 
 
 # AdamW reads master, m, v, gradient and writes master, m, v and the bf16 copy
@@ -407,7 +405,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                       peak[r] * slot_bytes(cfg, lo, hi, batch, bytes_, tp), gathered)
     worst = max((memory(r) for r in range(S)), key=lambda mem: mem.total)
     tokens = batch.sequences * batch.seq_len
-    model_flops = 3 * tokens * sum(c * n for c, n in zip(pipeline.stage_costs(cfg, batch.seq_len), (1, L, 1)))
+    model_flops = 3 * tokens * pipeline.range_cost(pipeline.stage_costs(cfg, batch.seq_len), L, 0, L)
     return StepPlan(layout, m, batch.micro, compute, step - step_free, step_free - compute, worst,
                     worst.total <= cluster.memory, tokens / step / cluster.gpus, model_flops / step / cluster.gpus)
 
