@@ -9,7 +9,8 @@ tokens/s per GPU, and the best layout:
 
 The step is the executor's, played on a model of the machine:
 - compute: one cost formula per layer (pipeline.stage_costs, forward FLOPs
-  per token of the embedding, a layer and the LM head), at the GPU's bf16
+  per token of the embedding, a layer and the LM head, summed over a stage
+  by pipeline.range_cost), at the GPU's bf16
   peak times the fraction a matmul-bound kernel achieves; each backward half
   (input, weight) costs as much as the forward (the 6 x params x tokens rule);
 - the pipeline: pipeline.schedule's op lists, played by pipeline.simulate

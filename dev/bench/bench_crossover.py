@@ -12,8 +12,8 @@ shared them, most of it the 0.1 Gb/s runs: the tied embedding's swap.)
 
 Every run is 2 ranks with 1 thread each on the 2 cores, a global batch of 8
 sequences of 64 tokens: the pipeline (2 stages, 1F1B) in 8 micro-batches of
-1; data parallel and FSDP (when train.py has --dp and --zero) 2 replicas of
-one micro-batch of 4. plan is given the op costs of the measured pipeline
+1; data parallel and FSDP (once train.py has FSDP, --zero 3) 2 replicas
+of one micro-batch of 4. plan is given the op costs of the measured pipeline
 run itself, from its trace: the executor's time for each forward, input
 backward and weight backward (per sequence: a layer's from the first stage,
 the head's from what the last stage has beyond its layers), so that the
@@ -108,8 +108,10 @@ def loopback_gbps(nbytes: int = 64 << 20) -> float:
 
 
 def has_dp() -> bool:
+    """Whether train.py runs both layouts the pipeline is compared with: DP
+    (--dp with --zero 0) and FSDP (--zero 3); until then both are only predicted."""
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    return "--dp" in r.stdout and "--zero" in r.stdout
+    return "--dp" in r.stdout and re.search(r"--zero \{[0-9,]*3", r.stdout) is not None
 
 
 def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> tuple[float, int]:
@@ -167,7 +169,7 @@ def main() -> None:
     print(f"CPU: {os.cpu_count()} cores, 2 ranks x 1 thread; batch {SEQUENCES} x {T} tokens; "
           f"unpaced socket {loop:.1f} Gb/s (measured)")
     if not dp:
-        print("train.py has no --dp/--zero yet (issue 11): DP and FSDP are predicted, not measured")
+        print("train.py has no FSDP (--zero 3) yet: DP and FSDP are predicted, not measured")
     grid = np.logspace(-2, 2, 41)  # plan's curves, 0.01 to 100 Gb/s
     curves, points = {}, {}
     trace = os.path.join(tempfile.mkdtemp(), "trace.json")
@@ -208,7 +210,7 @@ def main() -> None:
             got = crossover(xs, *[np.array([points[model, l, s] for s in xs]) for l in ("pp", "fsdp")])
             said += f", measured {got:.2f} Gb/s" if got else ", measured: none within the speeds run"
         else:
-            said += ", measured: needs FSDP (issue 11)"
+            said += ", measured: needs FSDP (--zero 3)"
         print(f"  crossover (the pipeline is faster below it): predicted {said}")
     draw(args.chart, args.models, grid, curves, points, loop, dp)
 
