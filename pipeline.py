@@ -827,8 +827,10 @@ class Rank:
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
-        rank gets bitwise the same result. (The step's parts are each nonzero
-        on one rank only, which makes the sum exact.)"""
+        rank gets bitwise the same result. A step's values (grad-norm parts,
+        the loss) are zero on all but one rank per replica, and adding zeros
+        is exact: the sum is of one value per replica, in replica order,
+        whatever the stage count."""
         values = np.ascontiguousarray(values, dtype=np.float64)
         if self.world == 1:
             return values.copy()

@@ -11,8 +11,9 @@
 // order, so results do not depend on the thread count, and a model split into
 // S stages computes bitwise the same as one stage.
 //
-// Sections, in the order data flows: layers, model, executor, optimizer,
-// data, checkpoint I/O, sampling, main.
+// Sections, in the order data flows: layers, model, executor, optimizer, the
+// device half of the API, checkpoint I/O, sampling, main's hooks (the data
+// loader and the file formats are common.h's).
 #define _POSIX_C_SOURCE 200809L
 #define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
 #define TRAINER_NAME "./train_gpt"
