@@ -5,7 +5,7 @@ measured here, next to the step time train.py measures, and the link speed
 below which the pipeline beats FSDP, predicted and measured, for two model
 sizes. Writes dev/bench/crossover.png (with matplotlib: pip install matplotlib).
 
-    python dev/bench/bench_crossover.py [--models d12 d24] [--steps 3]
+    python3 dev/bench/bench_crossover.py [--models d12 d24] [--steps 3]
 
 (about 4 minutes for d12 and 10 for d24 on the 2 cores while other work
 shared them, most of it the 0.1 Gb/s runs: the tied embedding's swap.)

@@ -5,7 +5,7 @@ each on the same global batch. Prints tokens/s, the bytes each rank moved per
 step (pipeline and data-parallel apart) next to the formulas, and each rank's
 peak resident memory.
 
-    python dev/bench/bench_parallel.py [--model d12] [--batch 8] [--micro 4] [--steps 3]
+    python3 dev/bench/bench_parallel.py [--model d12] [--batch 8] [--micro 4] [--steps 3]
 
 Every rank runs 1 thread, except the 1-rank run, which is also timed with 2:
 on 2 cores, PP 2 and DP 2 use each core once and 2 x 2 runs 4 ranks on 2
