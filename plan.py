@@ -264,14 +264,17 @@ def slot_bytes(cfg: dict, lo: int, hi: int, batch: Batch, precision: Precision, 
     """One micro-batch's activations on a stage, as train_gpt.cu's slot_pieces
     lays them out: per layer 16C values kept for the backward (ln1, qkv, atty,
     res2, ln2, fch, fch_gelu, res3) and 11C of their gradients, plus fp32
-    layernorm statistics and the attention's logsumexp; the last stage adds
-    the logits. Tensor parallelism divides it by tp (modelled)."""
+    layernorm statistics and the attention's logsumexp; the stage's input and
+    d(output); on the first stage the input tokens and the embedding
+    backward's three index arrays (at most one int a token each); on the
+    last the final layernorm, its gradient and statistics, the logits, the
+    losses and the targets. Tensor parallelism divides it by tp (modelled)."""
     C, NH, Vp, L = cfg["channels"], cfg["num_heads"], cfg["padded_vocab_size"], cfg["num_layers"]
     BT, a = batch.micro * batch.seq_len, precision.activation
     per_layer = BT * (27 * C * a + (4 + NH) * 4)
-    n = (hi - lo) * per_layer + BT * C * a + BT * (2 * 4 * (lo == 0))
+    n = (hi - lo) * per_layer + BT * 2 * C * a + BT * (4 * 4 * (lo == 0))
     if hi == L:
-        n += BT * (2 * C * a + 2 * 4 + Vp * a + 4)
+        n += BT * (2 * C * a + 2 * 4 + Vp * a + 4 + 4)
     return n / tp
 
 # -----------------------------------------------------------------------------
