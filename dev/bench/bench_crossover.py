@@ -116,14 +116,14 @@ def has_dp() -> bool:
 
 def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> tuple[float, int]:
     """Least seconds per step of train.py after the first step (which warms up), and which step:
-    other work shares these cores, and the least is the step it disturbed least. The run's
-    timeline goes to trace."""
+    other work shares these cores, and the least is the step it disturbed least. A pipeline
+    run's timeline goes to trace (train.py traces pipelines only: --trace needs --stages 2)."""
     flags = {"pp": ["--stages", "2", "--schedule", "1f1b", "--micro-batches", str(SEQUENCES)],
              "dp": ["--stages", "1", "--dp", "2", "--zero", "0", "--micro-batches", "1"],
              "fsdp": ["--stages", "1", "--dp", "2", "--zero", "3", "--micro-batches", "1"]}[layout]
     cmd = [sys.executable, "train.py", "--model", model, "--batch-size", str(SEQUENCES), "--seq-len", str(T),
            "--steps", str(steps), "--eval-every", "0", "--sample-tokens", "0", "--threads", "1",
-           "--trace", trace, *flags]
+           *(["--trace", trace] if layout == "pp" else []), *flags]
     if gbps is not None:
         cmd += ["--link-gbps", str(gbps)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
