@@ -628,12 +628,12 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def describe_partition(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> str:
-    costs, L, stages = stage_costs(config, seq_len), config["num_layers"], []
-    total = range_cost(costs, L, 0, L)
+    parts, L, ranks = stage_costs(config, seq_len), config["num_layers"], []
+    total = range_cost(parts, L, 0, L)
     for r, (lo, hi) in enumerate(bounds):
         extra = (" + embedding" if lo == 0 else "") + (" + lm head" if hi == L else "")
-        stages.append(f"rank {r}: layers [{lo},{hi}){extra} ({range_cost(costs, L, lo, hi) / total:.0%})")
-    return "partition: " + " | ".join(stages)
+        ranks.append(f"rank {r}: layers [{lo},{hi}){extra} ({range_cost(parts, L, lo, hi) / total:.0%})")
+    return "partition: " + " | ".join(ranks)
 
 
 # -----------------------------------------------------------------------------
