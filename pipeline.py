@@ -405,11 +405,13 @@ def fsdp_ops(ops: list[Op], layers: int) -> list[Op]:
     """--zero 3 (FSDP): a stage's op list with every whole-stage compute op
     run a layer at a time (FWD up from layer 0, BWD_INPUT and BWD_WEIGHT down
     from the last; the embedding goes with layer 0, the head and the loss with
-    the last), and each layer's parameters gathered for just that op: an
-    ALLGATHER before each FWD and BWD_INPUT of the layer, a FREE after it, so a
-    layer is gathered twice per micro-batch. BWD_WEIGHT needs no parameters
-    (only activations and gradients). A layer's gradient is reduce-scattered
-    after its last BWD_WEIGHT of the step. The whole-tensor bucket (wte, wpe,
+    the last), and each layer's parameters gathered for just that op: a FREE
+    after each FWD and BWD_INPUT of the layer, its ALLGATHER one layer early
+    (before the compute of the layer before it), so the executor's comm
+    thread gathers layer l+1 while layer l computes, and two layers are
+    gathered at once. A layer is gathered twice per micro-batch. BWD_WEIGHT
+    needs no parameters (only activations and gradients). A layer's gradient
+    is reduce-scattered after its last BWD_WEIGHT of the step. The whole-tensor bucket (wte, wpe,
     lnf) is gathered once at the start and held to the end: the embedding
     needs wte at the start of every micro-batch's forward and the head at its
     end and at the start of its backward, so freeing it in between would
@@ -420,9 +422,11 @@ def fsdp_ops(ops: list[Op], layers: int) -> list[Op]:
     out, seen = [Op(ALLGATHER, -1, whole)], 0
     for op in ops:
         if op.kind in (FWD, BWD_INPUT) and op.part == -1:
-            order = range(layers) if op.kind == FWD else range(layers - 1, -1, -1)
-            for layer in order:
-                out += [Op(ALLGATHER, -1, layer), Op(op.kind, op.mb, layer), Op(FREE, -1, layer)]
+            order = list(range(layers) if op.kind == FWD else range(layers - 1, -1, -1))
+            out.append(Op(ALLGATHER, -1, order[0]))
+            for k, layer in enumerate(order):
+                out += [Op(ALLGATHER, -1, order[k + 1])] if k + 1 < layers else []  # the prefetch
+                out += [Op(op.kind, op.mb, layer), Op(FREE, -1, layer)]
         elif op.kind == BWD_WEIGHT and op.part == -1:
             seen += 1
             for layer in range(layers - 1, -1, -1):
