@@ -268,6 +268,28 @@ static void chunk_range(size_t n, int j, int D, size_t *lo, size_t *hi) {
     *hi = *lo + size < n ? *lo + size : n;
 }
 
+// Elements of one (tensor, layer) segment of tensor t, and how many segments
+// the stage has of it (its layers, or 1 for a whole tensor).
+static size_t segment_elems(const Layout *y, int t) {
+    return is_layer_tensor(t) ? gpt_tensor_size(&y->cfg, t, 1) : y->sizes[t];
+}
+static int segment_count(const Layout *y, int t) {
+    return !y->sizes[t] ? 0 : is_layer_tensor(t) ? y->nl : 1;
+}
+
+// A shard: chunk `part` of `parts` of every (tensor, layer) segment the stage
+// has, packed segment by segment in layout order (tensor, then layer). It is
+// what one of `parts` replicas keeps of AdamW's m and v under --zero 1 and 3;
+// with parts = 1 it is the stage layout itself. Returns its elements.
+static size_t shard_elems(const Layout *y, int part, int parts) {
+    size_t n = 0, lo, hi;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        chunk_range(segment_elems(y, t), part, parts, &lo, &hi);
+        n += (hi - lo) * segment_count(y, t);
+    }
+    return n;
+}
+
 // ----------------------------------------------------------------------------
 // init: every (tensor, layer) draws from a stream of its own, so any partition
 // into stages, and the CPU and the GPU, start from the same weights
@@ -549,32 +571,31 @@ static void checkpoint_path(char *out, size_t n, const char *dir, const char *wh
     snprintf(out, n, "%s/%s_%08lld%s", dir, what, (long long)step, suffix);
 }
 
-// Writes the stage's parameters and AdamW moments (host memory, stage layout)
-// into dir/{model,state}_STEP.bin.tmp: chunk `part` of `parts` of every
-// (tensor, layer) segment, so data-parallel replicas that own one chunk each
-// write one whole file between them (parts = 1: everything).
-static int checkpoint_files_write(const Layout *y, const char *dir, const TrainState *ts,
-                                  const float *params, const float *m, const float *v, int part, int parts) {
+// Writes the stage's parameters (host memory, stage layout; or the shard, like
+// m and v, when params_in_shard: --zero 3) and AdamW moments (a shard: see
+// shard_elems) into dir/{model,state}_STEP.bin.tmp: chunk `part` of `parts` of
+// every (tensor, layer) segment, so data-parallel replicas that own one chunk
+// each write one whole file between them (parts = 1: everything).
+static int checkpoint_files_write(const Layout *y, const char *dir, const TrainState *ts, const float *params,
+                                  int params_in_shard, const float *m, const float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", ts->step, ".bin.tmp");
     checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
     const GPTConfig *c = &y->cfg;
-    size_t P = model_size(c);
+    size_t P = model_size(c), shard = shard_elems(y, part, parts);
     if (ts->step < 1 || ts->step > MAX_CHECKPOINT_STEP || ts->shard < 0 || ts->pos < 0)
         return fail("%s: checkpoint of step %lld at data shard %lld token %lld: out of range", dir,
                     (long long)ts->step, (long long)ts->shard, (long long)ts->pos);
     // a checkpoint with NaN in it is never written, so never resumed from
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t at = y->offsets[t], n = y->sizes[t];
-        if (check_finite(params + at, n, 0, mpath, PARAM_NAMES[t]) || check_finite(m + at, n, 0, spath, "AdamW m") ||
-            check_finite(v + at, n, 1, spath, "AdamW v"))
-            return -1;
-    }
+    for (int t = 0; t < NUM_PARAM_TENSORS && !params_in_shard; t++)
+        if (check_finite(params + y->offsets[t], y->sizes[t], 0, mpath, PARAM_NAMES[t])) return -1;
+    if ((params_in_shard && check_finite(params, shard, 0, mpath, "parameter")) || check_finite(m, shard, 0, spath, "AdamW m") || check_finite(v, shard, 1, spath, "AdamW v")) return -1;
     int mfd = open(mpath, O_WRONLY | O_CREAT, 0644);
     if (mfd < 0) return fail("%s: cannot write checkpoint (%s)", mpath, strerror(errno));
     int sfd = open(spath, O_WRONLY | O_CREAT, 0644);
     if (sfd < 0) { close(mfd); unlink(mpath); return fail("%s: cannot write checkpoint (%s)", spath, strerror(errno)); }
     int rc = -1;
+    size_t at_shard = 0;  // where (t, l)'s chunk sits in m and v
     if (ftruncate(mfd, HEADER_INTS * 4 + 4 * P) || ftruncate(sfd, HEADER_INTS * 4 + 8 * P)) {
         fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
         goto done;
@@ -589,14 +610,15 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
         if (write_exact(mfd, mh, sizeof mh, 0, mpath) || write_exact(sfd, sh, sizeof sh, 0, spath)) goto done;
     }
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!owns_tensor(y, t)) continue;
-        size_t seg = is_layer_tensor(t) ? gpt_tensor_size(c, t, 1) : y->sizes[t], lo, hi;
+        size_t seg = segment_elems(y, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (size_t l = 0; l < y->sizes[t] / seg; l++) {
-            size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo, at = y->offsets[t] + l * seg + lo;
+        for (int l = 0; l < segment_count(y, t); l++, at_shard += hi - lo) {
+            if (!owns_tensor(y, t)) continue;  // the last stage's copy of wte: the first one writes it
+            size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo;
+            size_t at = params_in_shard ? at_shard : y->offsets[t] + l * seg + lo;
             if (write_exact(mfd, params + at, 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
-                write_exact(sfd, m + at, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
-                write_exact(sfd, v + at, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
+                write_exact(sfd, m + at_shard, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
+                write_exact(sfd, v + at_shard, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
                 goto done;
         }
     }
@@ -637,30 +659,47 @@ static int state_file_check(int fd, const char *path, const GPTConfig *c, int64_
     return 0;
 }
 
-// Reads them back from the committed dir/{model,state}_STEP.bin.
-static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step, TrainState *ts,
-                                 float *params, float *m, float *v) {
+// Reads them back from the committed dir/{model,state}_STEP.bin: the stage's
+// parameters (all of them, or with params_in_shard its chunks, like m and v),
+// and chunk `part` of `parts` of its AdamW moments (the shard this rank
+// keeps, whatever split wrote the files).
+static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step, TrainState *ts, float *params,
+                                 int params_in_shard, float *m, float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", step, ".bin");
     checkpoint_path(spath, sizeof spath, dir, "state", step, ".bin");
-    if (model_file_read(y, mpath, params)) return -1;
+    if (!params_in_shard && model_file_read(y, mpath, params)) return -1;
+    int mfd = params_in_shard ? open(mpath, O_RDONLY) : -1;
+    if (params_in_shard && mfd < 0) return fail("%s: cannot open model file (%s)", mpath, strerror(errno));
     int fd = open(spath, O_RDONLY);
-    if (fd < 0) return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
-    int rc = -1;
-    size_t P = model_size(&y->cfg);
-    const size_t hbytes = HEADER_INTS * 4;
-    if (state_file_check(fd, spath, &y->cfg, step, ts)) goto done;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!y->sizes[t]) continue;
-        size_t off = model_offset(y, t), n = y->sizes[t], at = y->offsets[t];
-        if (read_exact(fd, m + at, 4 * n, hbytes + 4 * off, spath) ||
-            read_exact(fd, v + at, 4 * n, hbytes + 4 * (P + off), spath) ||
-            check_finite(m + at, n, 0, spath, "AdamW m") || check_finite(v + at, n, 1, spath, "AdamW v"))
-            goto done;
+    if (fd < 0) {
+        if (mfd >= 0) close(mfd);
+        return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
     }
+    int rc = -1;
+    size_t P = model_size(&y->cfg), at_shard = 0, elem = 4;
+    const size_t hbytes = HEADER_INTS * 4;
+    if (state_file_check(fd, spath, &y->cfg, step, ts) || (mfd >= 0 && model_file_check(mfd, mpath, &y->cfg, &elem)))
+        goto done;
+    if (elem != 4) { fail("%s: a checkpoint's model file is fp32 (version 3)", mpath); goto done; }
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t seg = segment_elems(y, t), lo, hi;
+        chunk_range(seg, part, parts, &lo, &hi);
+        for (int l = 0; l < segment_count(y, t); l++, at_shard += hi - lo) {
+            size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo;
+            if (read_exact(fd, m + at_shard, 4 * n, hbytes + 4 * off, spath) ||
+                read_exact(fd, v + at_shard, 4 * n, hbytes + 4 * (P + off), spath) ||
+                (mfd >= 0 && read_exact(mfd, params + at_shard, 4 * n, hbytes + 4 * off, mpath)))
+                goto done;
+        }
+    }
+    if (check_finite(m, at_shard, 0, spath, "AdamW m") || check_finite(v, at_shard, 1, spath, "AdamW v") ||
+        (mfd >= 0 && check_finite(params, at_shard, 0, mpath, "parameter")))
+        goto done;
     rc = 0;
 done:
     close(fd);
+    if (mfd >= 0) close(mfd);
     return rc;
 }
 
@@ -844,7 +883,7 @@ int checkpoint_dir_claim(const char *dir, int mode, const char *hint) {
 
 static const char *const OP_NAMES[NUM_OPS] = {
     "FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD",
-    "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER"};
+    "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER", "FREE"};
 
 #define LINK_MAGIC 0x47505432
 #define MAX_GROUP 16
@@ -1066,7 +1105,7 @@ static int transfers_run_counted(Links *k, Transfer *xs, int n, int traffic) {
     return 0;
 }
 
-// Runs n communication ops (kind, mb) of a schedule, bufs[i] the host buffer
+// Runs n communication ops (kind, mb, part) of a schedule, bufs[i] the host buffer
 // of op i, nbytes each. Per stage boundary and micro-batch the pipeline moves
 // one activation down (SEND_ACT) and its gradient back up (SEND_GRAD): b*T*C
 // values each way, 2*b*T*C in all, 8*b*T*C bytes in fp32 (4*b*T*C in bf16).
@@ -1074,7 +1113,7 @@ static int comm_group(Links *k, const int *ops, int n, void *const *bufs, size_t
     Transfer xs[MAX_GROUP];
     if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
     for (int i = 0; i < n; i++) {
-        int kind = ops[2 * i], mb = ops[2 * i + 1];
+        int kind = ops[OP_INTS * i], mb = ops[OP_INTS * i + 1];
         int to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
         int fd = to_next ? k->next_fd : k->prev_fd;
         if (fd < 0)
@@ -1108,7 +1147,6 @@ static int tied_swap(Links *k, const void *send_buf, void *recv_buf, size_t nbyt
 // segment alone, never on how layers are split into stages or buckets, which
 // is what makes the sums below the same for any S.
 
-static int bucket_count(const Layout *y) { return y->nl + 1; }
 
 // The (tensor, stage-local layer) segments of a bucket; returns how many (at most 12).
 static int bucket_segments(const Layout *y, int bucket, int *tensors, int *layers) {
@@ -1119,10 +1157,6 @@ static int bucket_segments(const Layout *y, int bucket, int *tensors, int *layer
         layers[n++] = bucket < y->nl ? bucket : 0;
     }
     return n;
-}
-
-static size_t segment_elems(const Layout *y, int t) {
-    return is_layer_tensor(t) ? gpt_tensor_size(&y->cfg, t, 1) : y->sizes[t];
 }
 
 typedef struct { float *p; size_t n; } Segment;  // host memory of one (tensor, layer) segment
@@ -1209,11 +1243,13 @@ static int ring_collective(Links *k, const Segment *segs, int nseg, int bucket, 
 // Both trainers' struct Stage hold a StageBase as their first member (each
 // checks that with a static_assert), so a pointer to a Stage is a pointer to
 // its StageBase too (C11 6.7.2.1; in C++ both are standard-layout). The calls
-// of the stage API that only set or read it are written here, once for both.
+// of the stage API that only set or read it are written here, once for both;
+// stage_set_replicas, which each trainer checks and sizes in its own way,
+// records the ring through set_replica_ring.
 
 typedef struct {
     Links links;  // sockets to the neighbouring stages, the tied stage and the replica ring
-    int zero;     // the zero stage: 0 every replica keeps everything whole; 1 replica d owns chunk d
+    int zero;     // the zero stage: 0 every replica keeps everything whole; 1, 3 replica d owns chunk d
 } StageBase;
 
 void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
@@ -1224,7 +1260,9 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
     links->timeout_s = timeout_s;
 }
 
-void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+// The ring of replicas and the zero stage, as each trainer's
+// stage_set_replicas records them once it has checked and sized them.
+static void set_replica_ring(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     StageBase *base = (StageBase *)s;
     base->links.replica_prev_fd = prev_fd;
     base->links.replica_next_fd = next_fd;
@@ -1256,23 +1294,27 @@ typedef struct {
 
 // pipeline sends and receives: consecutive ones run as one group
 static int is_message(int kind) { return kind >= OP_SEND_ACT && kind <= OP_RECV_GRAD; }
-// data-parallel collectives: their argument is a bucket, not a micro-batch
-static int is_collective(int kind) { return kind >= OP_ALLREDUCE && kind < NUM_OPS; }
+// data-parallel collectives and FREE: their part is a bucket, and they have no micro-batch
+static int is_bucket_op(int kind) { return kind >= OP_ALLREDUCE && kind < NUM_OPS; }
 
-// Checks an op list of (kind, mb or bucket) pairs and readies the bookkeeping for it.
-static int oprun_begin(OpRun *r, const int *ops, int nops, int buckets) {
+// Checks an op list of (kind, mb, part) triples against a stage of nl layers
+// and readies the bookkeeping for it. Each micro-batch's forward starts once:
+// with its whole-stage FWD or its layer-0 one.
+static int oprun_begin(OpRun *r, const int *ops, int nops, int nl) {
     r->m = 0;
     for (int i = 0; i < nops; i++) {
-        if (ops[2 * i] < 0 || ops[2 * i] >= NUM_OPS || ops[2 * i + 1] < 0)
-            return fail("op %d: bad op (%d, %d)", i, ops[2 * i], ops[2 * i + 1]);
-        r->m += ops[2 * i] == OP_FWD;
+        const int *op = ops + OP_INTS * i;
+        if (op[0] < 0 || op[0] >= NUM_OPS) return fail("op %d: unknown kind %d", i, op[0]);
+        r->m += op[0] == OP_FWD && op[2] <= 0;
     }
     for (int i = 0; i < nops; i++) {
-        if (is_collective(ops[2 * i])) {
-            if (ops[2 * i + 1] >= buckets) return fail("op %d: bucket %d of only %d", i, ops[2 * i + 1], buckets);
-        } else if (ops[2 * i + 1] >= r->m) {
-            return fail("op %d: micro-batch %d of only %d", i, ops[2 * i + 1], r->m);
-        }
+        const int *op = ops + OP_INTS * i;
+        int kind = op[0], mb = op[1], part = op[2];
+        if (is_bucket_op(kind) ? mb != -1 || part < 0 || part > nl
+                               : mb < 0 || mb >= r->m || part < -1 || part >= nl || (is_message(kind) && part != -1))
+            return fail("op %d: %s (mb %d, part %d) for %d micro-batch(es) and %d layer(s): expected mb -1 and a "
+                        "bucket 0..%d, or a micro-batch and part -1 (a message or the whole stage) or a layer",
+                        i, OP_NAMES[kind], mb, part, r->m, nl, nl);
     }
     if (r->m > r->cap) {
         free(r->slot_of); free(r->last_op); free(r->mb_losses);
@@ -1292,7 +1334,7 @@ static int oprun_begin(OpRun *r, const int *ops, int nops, int buckets) {
     // a micro-batch holds its slot from its first op to its last, as the
     // validator counts it
     for (int i = 0; i < nops; i++)
-        if (!is_collective(ops[2 * i])) r->last_op[ops[2 * i + 1]] = i;
+        if (!is_bucket_op(ops[OP_INTS * i])) r->last_op[ops[OP_INTS * i + 1]] = i;
     return 0;
 }
 
@@ -1314,7 +1356,8 @@ static void oprun_done(OpRun *r, const int *ops, int i, int n, double t0, double
     for (int k = i; k < i + n; k++) {
         r->op_times[2 * k] = t0;
         r->op_times[2 * k + 1] = t1;
-        if (!is_collective(ops[2 * k]) && r->last_op[ops[2 * k + 1]] == k) r->slot_of[ops[2 * k + 1]] = -1;
+        const int *op = ops + OP_INTS * k;
+        if (!is_bucket_op(op[0]) && r->last_op[op[1]] == k) r->slot_of[op[1]] = -1;
     }
 }
 
@@ -1337,21 +1380,22 @@ static void oprun_free(OpRun *r) {
 typedef struct {
     // readies a step of m micro-batches (training with m > 0: zero the gradients)
     int (*begin)(void *stage, int m, int training);
-    // FWD of micro-batch mb into activation slot `slot`: its (B,T) tokens on
-    // the first and the last stage (NULL elsewhere); the last stage records the
-    // micro-batch's mean loss, in r->mb_losses[mb] by the time end returns;
-    // dloss is d(loss)/d(each token's loss) for a trainer that fuses it in
-    int (*forward)(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+    // FWD of micro-batch mb into activation slot `slot`, of the whole stage
+    // (part -1) or its layer `part`: its (B,T) tokens on the first and the
+    // last stage (NULL elsewhere); the last stage records the micro-batch's
+    // mean loss, in r->mb_losses[mb] by the time end returns; dloss is
+    // d(loss)/d(each token's loss) for a trainer that fuses it in
+    int (*forward)(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
                    int training);
-    int (*backward_input)(void *stage, int slot, float dloss);
-    int (*backward_weight)(void *stage, int slot);
+    int (*backward_input)(void *stage, int slot, int part, float dloss);
+    int (*backward_weight)(void *stage, int slot, int part);
     // the slot's four message buffers, indexed by kind - OP_SEND_ACT: the
     // stage's output (SEND_ACT), its input (RECV_ACT), d(input) (SEND_GRAD),
     // d(output) (RECV_GRAD); in the trainer's memory (the GPU's for CUDA)
     void (*message_buffers)(void *stage, int slot, void *bufs[4]);
     // moves a group of n sends/receives, bufs[i] the buffer of op i
     int (*exchange)(void *stage, const int *ops, int n, void *const *bufs);
-    // a data-parallel collective of a bucket
+    // a data-parallel collective, or FREE, of a bucket
     int (*collective)(void *stage, int kind, int bucket, int training);
     // after every op that started at t_start (the GPU waits for its stream
     // there, so the op times are the work's); may be NULL
@@ -1366,7 +1410,7 @@ static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout 
                        const int *ops, int nops, const int *inputs, const int *targets, int training,
                        float *loss_sum) {
     *loss_sum = 0.0f;
-    if (oprun_begin(r, ops, nops, bucket_count(y))) return -1;
+    if (oprun_begin(r, ops, nops, y->nl)) return -1;
     int m = r->m;
     if (y->first && m && !inputs) return fail("the first stage needs input tokens");
     if (y->last && m && !targets) return fail("the last stage needs target tokens");
@@ -1378,32 +1422,33 @@ static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout 
     // the mean over the global batch: m micro-batches on each of the D replicas
     float dloss = 1.0f / (float)(BT * m * replicas);
     for (int i = 0; i < nops;) {
-        int kind = ops[2 * i], arg = ops[2 * i + 1], n = 1;
+        int kind = ops[OP_INTS * i], mb = ops[OP_INTS * i + 1], part = ops[OP_INTS * i + 2], n = 1;
         double t_start = now_seconds();
         if (is_message(kind)) {
-            while (i + n < nops && is_message(ops[2 * (i + n)])) n++;
+            while (i + n < nops && is_message(ops[OP_INTS * (i + n)])) n++;
             if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
             void *bufs[MAX_GROUP];
             for (int k = 0; k < n; k++) {
                 void *mine[4];
-                int slot = oprun_slot(r, ops[2 * (i + k) + 1], y->lo, y->hi);
+                int slot = oprun_slot(r, ops[OP_INTS * (i + k) + 1], y->lo, y->hi);
                 if (slot < 0) return -1;
                 h->message_buffers(stage, slot, mine);
-                bufs[k] = mine[ops[2 * (i + k)] - OP_SEND_ACT];
+                bufs[k] = mine[ops[OP_INTS * (i + k)] - OP_SEND_ACT];
             }
-            if (h->exchange(stage, ops + 2 * i, n, bufs)) return -1;
-        } else if (is_collective(kind)) {
-            if (h->collective(stage, kind, arg, training)) return -1;
+            if (h->exchange(stage, ops + OP_INTS * i, n, bufs)) return -1;
+        } else if (is_bucket_op(kind)) {
+            if (h->collective(stage, kind, part, training)) return -1;
         } else {
-            int slot = oprun_slot(r, arg, y->lo, y->hi);
+            int slot = oprun_slot(r, mb, y->lo, y->hi);
             if (slot < 0) return -1;
             if (kind == OP_FWD) {
-                if (h->forward(stage, slot, arg, y->first ? inputs + arg * BT : NULL,
-                               y->last ? targets + arg * BT : NULL, dloss, training))
+                if (h->forward(stage, slot, mb, part, y->first ? inputs + mb * BT : NULL,
+                               y->last ? targets + mb * BT : NULL, dloss, training))
                     return -1;
             } else if (!training) {
                 return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
-            } else if (kind == OP_BWD_INPUT ? h->backward_input(stage, slot, dloss) : h->backward_weight(stage, slot)) {
+            } else if (kind == OP_BWD_INPUT ? h->backward_input(stage, slot, part, dloss)
+                                            : h->backward_weight(stage, slot, part)) {
                 return -1;
             }
         }
@@ -1667,7 +1712,7 @@ static void tokenizer_free(Tokenizer *tk) {
 // The mean loss of the first `batches` batches of val, forward only.
 static float validation_loss(const Trainer *trainer, Stage *s, DataLoader *val, int *inputs, int *targets,
                              int batches) {
-    int ops[2] = {OP_FWD, 0};
+    int ops[OP_INTS] = {OP_FWD, 0, -1};
     float sum = 0.0f, loss = 0.0f;
     dataloader_set_position(val, 0, 0);
     for (int i = 0; i < batches; i++) {
@@ -1730,12 +1775,12 @@ static int train_main(int argc, char **argv, const Trainer *trainer) {
     size_t BT = (size_t)flags.B * flags.T;
     int *inputs = (int *)calloc_or_fail(M * BT, sizeof(int), "the inputs");
     int *targets = (int *)calloc_or_fail(M * BT, sizeof(int), "the targets");
-    int *ops = (int *)calloc_or_fail(2 * 3 * M, sizeof(int), "the op list");
+    int *ops = (int *)calloc_or_fail(OP_INTS * 3 * M, sizeof(int), "the op list");
     double *parts = (double *)calloc_or_fail(NUM_PARAM_TENSORS * cfg.num_layers, sizeof(double), "the norm parts");
     if (!inputs || !targets || !ops || !parts) return die();
     for (int mb = 0; mb < M; mb++) {  // one stage: F, B, W per micro-batch
-        int op[6] = {OP_FWD, mb, OP_BWD_INPUT, mb, OP_BWD_WEIGHT, mb};
-        memcpy(ops + 6 * mb, op, sizeof op);
+        int op[3 * OP_INTS] = {OP_FWD, mb, -1, OP_BWD_INPUT, mb, -1, OP_BWD_WEIGHT, mb, -1};
+        memcpy(ops + 3 * OP_INTS * mb, op, sizeof op);
     }
     trainer->describe(s);
     printf("model L=%d NH=%d C=%d, B=%d T=%d micro-batches=%d, %zu parameters\n",

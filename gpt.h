@@ -43,7 +43,7 @@ extern const char *const PARAM_NAMES[NUM_PARAM_TENSORS];
 #define STATE_MAGIC 20261127   // our optimizer-state file, laid out in common.h's checkpoint files
 #define HEADER_INTS 256
 
-// A named preset ("tiny", or llm.c's "d6", "d12", "d24", "d36", "d48").
+// A named preset: "tiny", "d6", "d8", "d12" (GPT-2 124M), "d24", "d36" or "d48".
 int gpt_config_from_name(const char *name, GPTConfig *cfg);
 // The config stored in an llm.c model file's header.
 int gpt_read_config(const char *path, GPTConfig *cfg);
@@ -53,13 +53,21 @@ size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers);
 // ----------------------------------------------------------------------------
 // the op list a rank runs for one step (the same codes as pipeline.py)
 
-// The data-parallel collectives take a bucket instead of a micro-batch
-// (bucket l < nl: the stage's layer l; bucket nl: its whole tensors) and run
-// over the ring of the stage's replicas: ALLREDUCE and REDUCE_SCATTER on the
-// gradients (the one holding wte first completes d(wte), as
-// stage_sum_wte_grads does), ALLGATHER on the parameters.
+// An op is three ints (kind, mb, part). Compute ops name a micro-batch and
+// part -1 for the whole stage or part l for its layer l alone (--zero 3 runs
+// a layer at a time: the embedding goes with layer 0, the final layernorm,
+// head and loss with the last layer); sends and receives a micro-batch and
+// part -1. The data-parallel collectives and FREE take mb -1 and a bucket in
+// part (bucket l < nl: the stage's layer l; bucket nl: its whole tensors);
+// the collectives run over the ring of the stage's replicas: ALLREDUCE and
+// REDUCE_SCATTER on the gradients (the one holding wte first completes
+// d(wte), as stage_sum_wte_grads does), ALLGATHER on the parameters. Under
+// --zero 3 ALLGATHER fills a buffer with the bucket's whole parameters, FREE
+// gives it back, and REDUCE_SCATTER keeps this replica's chunk of the summed
+// gradient and gives the bucket's gradient buffer back.
+#define OP_INTS 3
 enum { OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT,
-       OP_SEND_GRAD, OP_RECV_GRAD, OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, NUM_OPS };
+       OP_SEND_GRAD, OP_RECV_GRAD, OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_FREE, NUM_OPS };
 
 // ----------------------------------------------------------------------------
 // stage
@@ -90,13 +98,29 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
 // The ring of this stage's D data-parallel replicas (sockets to replicas d-1
 // and d+1 mod D; -1 when D = 1) and the zero stage: 0 keeps everything whole,
 // 1 and above make replica d own chunk d of every (tensor, layer) segment for
-// AdamW and checkpoints. Every D > 1 sums its grad-norm part over chunk d.
-void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero);
+// AdamW and checkpoints, and keep AdamW's m and v for those chunks only (so
+// call it once, before the optimizer state is read or trained: it starts
+// afresh). 3 keeps only chunk d of the parameters and gradients too (the
+// chunks of the parameters the stage holds now). Every D > 1 sums its
+// grad-norm part over chunk d. The GPU trainer refuses zero > 0.
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero);
+// --zero 3: the buffers for gathered layer parameters and for layers' whole
+// gradients, the validator's peaks for this rank's op lists (the whole-tensor
+// bucket has one of each of its own). An op list that needs more fails.
+int stage_set_layer_buffers(Stage *s, int gathered, int grads);
+// --zero 3, after the last step: every replica all-gathers the whole stage's
+// parameters once and keeps them (sampling reads them); the stage then works
+// as under zero 0 for forward-only lists. Before it, stage_param has n = 0.
+int stage_unshard_params(Stage *s);
+// Host bytes (device bytes on CUDA) the stage has allocated, by what they hold.
+enum { MEMORY_PARAMS, MEMORY_GRADS, MEMORY_OPTIMIZER, MEMORY_GATHERED, MEMORY_GRAD_BUFFERS, MEMORY_ACTIVATIONS,
+       NUM_MEMORY };
+void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]);
 // Payload bytes sent and received since the stage was made: [0] pipeline
 // activations and gradients, [1] the tied d(wte) swap, [2] data-parallel.
 void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]);
 
-// Runs one step's op list (nops ops of (kind, mb) pairs). inputs/targets are
+// Runs one step's op list (nops ops of OP_INTS ints each). inputs/targets are
 // (m, B, T) token ids for the first/last stage (NULL elsewhere). training = 0
 // runs forward ops (and ALLGATHER) only and keeps nothing. Gradients are
 // zeroed first when training on micro-batches (m > 0). Returns the sum of the micro-batch mean losses in *loss_sum

@@ -28,7 +28,9 @@ cdef extern from "gpt.h":
     int NUM_PARAM_TENSORS
     const char *const PARAM_NAMES[]
     int OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
-    int OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER
+    int OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_FREE, OP_INTS
+    int MEMORY_PARAMS, MEMORY_GRADS, MEMORY_OPTIMIZER, MEMORY_GATHERED, MEMORY_GRAD_BUFFERS, MEMORY_ACTIVATIONS
+    enum: NUM_MEMORY
     int gpt_config_from_name(const char *name, GPTConfig *cfg)
     int gpt_read_config(const char *path, GPTConfig *cfg)
     size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers)
@@ -40,8 +42,11 @@ cdef extern from "gpt.h":
     float *stage_grad(Stage *s, int t, size_t *n)
     float *stage_wte_embed_grad(Stage *s, size_t *n)
     void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s)
-    void stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero)
+    int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero)
     void stage_bytes_moved(const Stage *s, uint64_t *sent, uint64_t *received)
+    int stage_set_layer_buffers(Stage *s, int gathered, int grads)
+    int stage_unshard_params(Stage *s) nogil
+    void stage_memory_bytes(const Stage *s, uint64_t *bytes)
     int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
                   int training, float *loss_sum) nogil
     const double *stage_op_times(const Stage *s)
@@ -79,7 +84,7 @@ cdef extern from "gpt.h":
 
 FWD, BWD_INPUT, BWD_WEIGHT = OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = OP_SEND_ACT, OP_RECV_ACT, OP_SEND_GRAD, OP_RECV_GRAD
-ALLREDUCE, REDUCE_SCATTER, ALLGATHER = OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER
+ALLREDUCE, REDUCE_SCATTER, ALLGATHER, FREE = OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_FREE
 PARAM_NAMES_LIST = [PARAM_NAMES[i].decode() for i in range(NUM_PARAM_TENSORS)]
 
 
@@ -259,7 +264,27 @@ cdef class Model:
 
     def set_replicas(self, int prev_fd, int next_fd, int replica, int replicas, int zero) -> None:
         """The ring of this stage's data-parallel replicas and the zero stage."""
-        stage_set_replicas(self.s, prev_fd, next_fd, replica, replicas, zero)
+        check(stage_set_replicas(self.s, prev_fd, next_fd, replica, replicas, zero))
+
+    def set_layer_buffers(self, int gathered, int grads) -> None:
+        """--zero 3: the gathered-layer and layer-gradient buffers (the validator's peaks)."""
+        check(stage_set_layer_buffers(self.s, gathered, grads))
+
+    def unshard_params(self) -> None:
+        """--zero 3, after the last step: gather the whole stage's parameters
+        once (every replica together), for params() and sampling."""
+        cdef int rc
+        with nogil:
+            rc = stage_unshard_params(self.s)
+        check(rc)
+
+    def memory_bytes(self) -> dict:
+        """Bytes the stage has allocated, by what they hold."""
+        cdef uint64_t b[NUM_MEMORY]
+        stage_memory_bytes(self.s, b)
+        kinds = {"params": MEMORY_PARAMS, "grads": MEMORY_GRADS, "optimizer": MEMORY_OPTIMIZER,
+                 "gathered": MEMORY_GATHERED, "grad_buffers": MEMORY_GRAD_BUFFERS, "activations": MEMORY_ACTIVATIONS}
+        return {k: int(b[i]) for k, i in kinds.items()}
 
     def bytes_moved(self) -> dict:
         """Payload bytes sent and received so far, by traffic kind."""
@@ -276,16 +301,21 @@ cdef class Model:
         check(stage_set_replica_nccl(self.s, unique_id, replicas, replica))
 
     def run(self, ops, inputs=None, targets=None, training: bool = True) -> float:
-        """Runs one step's op list ((n,2) ints: kind, micro-batch); inputs and
-        targets are (m,B,T) tokens on the first and last stage. Returns the sum
-        of the micro-batches' mean losses on the last stage (0 elsewhere)."""
-        cdef cnp.ndarray[int, ndim=2] o = np.ascontiguousarray(ops, dtype=np.intc).reshape(-1, 2)
+        """Runs one step's op list ((n,3) ints: kind, micro-batch, part; an
+        (n,2) list is (kind, micro-batch) with part -1, the whole stage, as
+        pipeline.Op's default); inputs and targets are (m,B,T) tokens on the
+        first and last stage. Returns the sum of the micro-batches' mean losses
+        on the last stage (0 elsewhere)."""
+        rows = np.asarray(ops, dtype=np.intc)
+        if rows.ndim == 2 and rows.shape[1] == 2:
+            rows = np.hstack([rows, np.full((rows.shape[0], 1), -1, np.intc)])
+        cdef cnp.ndarray[int, ndim=2] o = np.ascontiguousarray(rows, dtype=np.intc).reshape(-1, OP_INTS)
         cdef cnp.ndarray[int, ndim=1] x, y
         cdef const int *px = NULL
         cdef const int *py = NULL
         cdef float loss = 0.0
         cdef int rc, n = o.shape[0], tr = training
-        m = int((o[:, 0] == OP_FWD).sum())
+        m = int(((o[:, 0] == OP_FWD) & (o[:, 2] <= 0)).sum())  # each micro-batch's forward starts once
         if inputs is not None:
             x = np.ascontiguousarray(inputs, dtype=np.intc).ravel()
             if x.shape[0] != m * self.B * self.T:

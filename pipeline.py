@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 if __name__ == "__main__":  # before the requirements, which make may have put in .venv
@@ -41,29 +41,39 @@ import numpy as np
 # ops: the instruction set shared with the C executor (the codes are fixed)
 
 FWD, BWD_INPUT, BWD_WEIGHT, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = range(7)
-# data-parallel collectives over the replicas of one stage; their second field
-# is a bucket (the stage's layer l, or l = its layer count for its whole
-# tensors), not a micro-batch
-ALLREDUCE, REDUCE_SCATTER, ALLGATHER = range(7, 10)
+# data-parallel collectives over the replicas of one stage, and --zero 3's
+# FREE of a gathered bucket; they have no micro-batch (mb -1) and name a
+# bucket in part: the stage's layer l, or l = its layer count for its whole
+# tensors
+ALLREDUCE, REDUCE_SCATTER, ALLGATHER, FREE = range(7, 11)
 NAMES = ("FWD", "BWD_INPUT", "BWD_WEIGHT", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD",
-         "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER")
-LABELS = ("F", "B", "W", ">a", "<a", ">g", "<g", "AR", "RS", "AG")
+         "ALLREDUCE", "REDUCE_SCATTER", "ALLGATHER", "FREE")
+LABELS = ("F", "B", "W", ">a", "<a", ">g", "<g", "AR", "RS", "AG", "FR")
 COMPUTE = (FWD, BWD_INPUT, BWD_WEIGHT)
 MESSAGES = (SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD)
 COLLECTIVES = (ALLREDUCE, REDUCE_SCATTER, ALLGATHER)
+BUCKET_OPS = COLLECTIVES + (FREE,)
 
 
 class Op(NamedTuple):
     kind: int
-    mb: int  # the micro-batch; for a collective, the bucket
+    mb: int  # the micro-batch; -1 for a collective or FREE
+    # compute: -1 the whole stage, or its layer `part` alone (--zero 3);
+    # a collective or FREE: the bucket; a message: -1
+    part: int = -1
 
     def __str__(self) -> str:
-        return f"{NAMES[self.kind]} {'bucket' if self.kind in COLLECTIVES else 'mb'} {self.mb}"
+        if self.kind in BUCKET_OPS:
+            return f"{NAMES[self.kind]} bucket {self.part}"
+        return f"{NAMES[self.kind]} mb {self.mb}" + (f" layer {self.part}" if self.part >= 0 else "")
 
 
 def label(op: Op) -> str:
-    """Short name for grids: F3 B3 W3 for compute, >a3 <a3 >g3 <g3 for messages."""
-    return f"{LABELS[op.kind]}{op.mb}"
+    """Short name for grids: F3 B3 W3 for compute (F3.1 for layer 1 alone),
+    >a3 <a3 >g3 <g3 for messages, AG2 RS2 FR2 for a bucket's ops."""
+    if op.kind in BUCKET_OPS:
+        return f"{LABELS[op.kind]}{op.part}"
+    return f"{LABELS[op.kind]}{op.mb}" + (f".{op.part}" if op.part >= 0 else "")
 
 
 class ScheduleError(ValueError):
@@ -208,6 +218,10 @@ def forward_only(stages: int, micro: int) -> list[list[Op]]:
 class ValidationResult:
     peak_held: list[int]  # per rank: activation slots the executor must allocate
     timeline: "Timeline"  # the schedule played with unit costs: the order ops run in
+    # per rank, --zero 3: layer buckets whose whole parameters (gathered) and
+    # whole gradients are held at once, the buffers the executor allocates
+    peak_gathered: list[int] = field(default_factory=list)
+    peak_grads: list[int] = field(default_factory=list)
 
 
 def _program_grid(ranks: list[list[Op]], marks: set[tuple[int, int]]) -> str:
@@ -303,7 +317,7 @@ def _peak_held(ops: list[Op]) -> int:
     first, last = {}, {}
     for k, segment in enumerate(segments):
         for i in segment:
-            if ops[i].kind in COLLECTIVES:
+            if ops[i].kind in BUCKET_OPS:
                 continue
             first.setdefault(ops[i].mb, k)
             last[ops[i].mb] = k
@@ -377,13 +391,51 @@ def grid_rank(stage: int, replica: int, stages: int) -> int:
 
 
 def data_parallel_ops(buckets: int, zero: int) -> tuple[list[Op], list[Op]]:
-    """A stage's collectives: those that follow its backward (gradients) and
-    those that follow the optimizer step (parameters). Bucket b < buckets - 1
-    is the stage's layer b, the last bucket its whole tensors, which holds wte:
-    its gradient is complete only once the tied swap is done, so it goes last."""
+    """A stage's collectives under --zero 0 and 1: those that follow its
+    backward (gradients) and those that follow the optimizer step
+    (parameters). Bucket b < buckets - 1 is the stage's layer b, the last
+    bucket its whole tensors, which holds wte: its gradient is complete only
+    once the tied swap is done, so it goes last."""
     if zero == 0:
-        return [Op(ALLREDUCE, b) for b in range(buckets)], []
-    return [Op(REDUCE_SCATTER, b) for b in range(buckets)], [Op(ALLGATHER, b) for b in range(buckets)]
+        return [Op(ALLREDUCE, -1, b) for b in range(buckets)], []
+    return [Op(REDUCE_SCATTER, -1, b) for b in range(buckets)], [Op(ALLGATHER, -1, b) for b in range(buckets)]
+
+
+def fsdp_ops(ops: list[Op], layers: int) -> list[Op]:
+    """--zero 3 (FSDP): a stage's op list with every whole-stage compute op
+    run a layer at a time (FWD up from layer 0, BWD_INPUT and BWD_WEIGHT down
+    from the last; the embedding goes with layer 0, the head and the loss with
+    the last), and each layer's parameters gathered for just that op: a FREE
+    after each FWD and BWD_INPUT of the layer, its ALLGATHER one layer early
+    (before the compute of the layer before it), so the executor's comm
+    thread gathers layer l+1 while layer l computes, and two layers are
+    gathered at once. A layer is gathered twice per micro-batch. BWD_WEIGHT
+    needs no parameters (only activations and gradients). A layer's gradient
+    is reduce-scattered after its last BWD_WEIGHT of the step. The whole-tensor bucket (wte, wpe,
+    lnf) is gathered once at the start and held to the end: the embedding
+    needs wte at the start of every micro-batch's forward and the head at its
+    end and at the start of its backward, so freeing it in between would
+    gather it 2m times instead of once; its reduce-scatter goes last, after
+    the tied swap has completed d(wte)."""
+    whole = layers
+    weights = sum(op.kind == BWD_WEIGHT for op in ops)
+    out, seen = [Op(ALLGATHER, -1, whole)], 0
+    for op in ops:
+        if op.kind in (FWD, BWD_INPUT) and op.part == -1:
+            order = list(range(layers) if op.kind == FWD else range(layers - 1, -1, -1))
+            out.append(Op(ALLGATHER, -1, order[0]))
+            for k, layer in enumerate(order):
+                out += [Op(ALLGATHER, -1, order[k + 1])] if k + 1 < layers else []  # the prefetch
+                out += [Op(op.kind, op.mb, layer), Op(FREE, -1, layer)]
+        elif op.kind == BWD_WEIGHT and op.part == -1:
+            seen += 1
+            for layer in range(layers - 1, -1, -1):
+                out.append(Op(BWD_WEIGHT, op.mb, layer))
+                if seen == weights:  # backwards run in micro-batch order: this is the layer's last
+                    out.append(Op(REDUCE_SCATTER, -1, layer))
+        else:
+            out.append(op)
+    return out + ([Op(REDUCE_SCATTER, -1, whole)] if weights else []) + [Op(FREE, -1, whole)]
 
 
 def grid_schedule(name: str, stages: int, replicas: int, micro: int, buckets: list[int],
@@ -391,44 +443,149 @@ def grid_schedule(name: str, stages: int, replicas: int, micro: int, buckets: li
     """The op lists of every rank of the grid (index: grid_rank) for a
     training step, and for after the optimizer step."""
     pipe = schedule(name, stages, micro)
+    if zero == 3:
+        return [fsdp_ops(pipe[s], buckets[s] - 1) for d in range(replicas) for s in range(stages)], \
+               [[] for _ in range(stages * replicas)]
     dp = [data_parallel_ops(buckets[s], zero) if replicas > 1 else ([], []) for s in range(stages)]
     train = [pipe[s] + dp[s][0] for d in range(replicas) for s in range(stages)]
     after = [list(dp[s][1]) for d in range(replicas) for s in range(stages)]
     return train, after
 
 
+def grid_forward_only(stages: int, replicas: int, micro: int, buckets: list[int], zero: int) -> list[list[Op]]:
+    """The op lists of an evaluation pass over the grid (every replica the
+    same batches); --zero 3 gathers its layers as in training."""
+    pipe = forward_only(stages, micro)
+    return [fsdp_ops(pipe[s], buckets[s] - 1) if zero == 3 else pipe[s] for d in range(replicas) for s in range(stages)]
+
+
+def _whole_stage_view(ranks: list[list[Op]], r: int, layers: int) -> list[Op]:
+    """Rank r's list without its bucket ops, each run of per-layer compute ops
+    as the whole-stage op it stands for, for validate(): a micro-batch's
+    per-layer FWD, BWD_INPUT or BWD_WEIGHT ops run all the stage's layers in
+    order (FWD up, the backwards down), with only bucket ops between them."""
+    ops = [op for op in ranks[r] if op.kind not in BUCKET_OPS]
+    out, i = [], 0
+    while i < len(ops):
+        op = ops[i]
+        if op.kind in COMPUTE and op.part >= 0:
+            order = range(layers) if op.kind == FWD else range(layers - 1, -1, -1)
+            if ops[i:i + layers] != [Op(op.kind, op.mb, layer) for layer in order]:
+                raise _error(ranks, f"rank {r}: {op}: a micro-batch's per-layer {NAMES[op.kind]} ops must run all "
+                                    f"{layers} layers {'up' if op.kind == FWD else 'down'} in a row, with only "
+                                    f"gathers, frees and reduce-scatters between them",
+                             [(r, ranks[r].index(op))])
+            out.append(Op(op.kind, op.mb))
+            i += layers
+        else:
+            if op.part != -1:
+                raise _error(ranks, f"rank {r}: {op} has part {op.part}; a message's is -1", [(r, ranks[r].index(op))])
+            out.append(op)
+            i += 1
+    return out
+
+
+def _fsdp_buffers(ranks: list[list[Op]], r: int, layers: int, training: bool) -> tuple[int, int]:
+    """--zero 3: rank r's gathers, frees and reduce-scatters played in order.
+    Compute runs only on gathered layers (and the gathered whole tensors), a
+    FREE only of a held bucket, a bucket is not gathered twice at once, a
+    layer's BWD_WEIGHT comes before its REDUCE_SCATTER, every bucket is
+    reduce-scattered once per step and nothing is held at the end. Returns
+    the peaks of gathered layers and of layers' whole gradients held at once."""
+    whole = layers
+    held, grads, reduced = set(), set(), set()
+    peak_gathered = peak_grads = 0
+    for i, op in enumerate(ranks[r]):
+        def fail(message: str) -> ScheduleError:
+            return _error(ranks, f"rank {r}: {op}: {message}", [(r, i)])
+        if op.kind == ALLGATHER:
+            if op.part in held:
+                raise fail("the bucket is already gathered")
+            held.add(op.part)
+        elif op.kind == FREE:
+            if op.part not in held:
+                raise fail("FREE of a bucket that is not held")
+            held.remove(op.part)
+        elif op.kind == ALLREDUCE:
+            raise fail("--zero 3 reduce-scatters the gradients")
+        elif op.kind == REDUCE_SCATTER:
+            if op.part in reduced:
+                raise fail("the bucket is reduce-scattered twice")
+            if op.part != whole and op.part not in grads:
+                raise fail("no BWD_WEIGHT of the layer came before it")
+            reduced.add(op.part)
+            grads.discard(op.part)
+        elif op.kind in COMPUTE:
+            mine = range(layers) if op.part == -1 else [op.part]
+            if op.kind == BWD_WEIGHT:
+                if reduced.intersection(mine):
+                    raise fail(f"after the REDUCE_SCATTER of bucket {min(reduced.intersection(mine))}")
+                grads.update(mine)
+            else:
+                missing = [b for b in [*mine, whole] if b not in held]
+                if missing:
+                    raise fail(f"bucket {missing[0]} is not gathered (compute runs only on gathered layers)")
+        peak_gathered = max(peak_gathered, len(held - {whole}))
+        peak_grads = max(peak_grads, len(grads))
+    if held:
+        raise _error(ranks, f"rank {r}: bucket {min(held)} is still gathered at the end of the list (FREE it)")
+    if training and len(reduced) != layers + 1:
+        missing = min(set(range(layers + 1)) - reduced)
+        raise _error(ranks, f"rank {r}: bucket {missing} is never reduce-scattered")
+    return peak_gathered, peak_grads
+
+
 def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool = True,
-                  buckets: list[int] | None = None) -> ValidationResult:
+                  buckets: list[int] | None = None, zero: int = 0) -> ValidationResult:
     """validate() for every replica's pipeline, and the collectives like the
     sends: every rank of a stage's ring lists the same collectives in the same
     order (a ring step needs all of them), buckets exist, and the whole grid
-    runs without deadlock. Peaks are per grid rank."""
+    runs without deadlock. Under --zero 3 (buckets needed) the per-layer ops
+    and each rank's gathered buckets too (_fsdp_buffers). Peaks are per grid
+    rank."""
     S = stages
     if S < 1 or len(ranks) % S:
         raise ScheduleError(f"{len(ranks)} op lists do not make replicas of {S} stages")
+    if zero == 3 and buckets is None:
+        raise ScheduleError("validating --zero 3 op lists needs the stages' bucket counts")
     D = len(ranks) // S
-    allowed = COLLECTIVES if training else (ALLGATHER,)
+    allowed = COLLECTIVES if training and zero != 3 else (REDUCE_SCATTER, ALLGATHER) if training else (ALLGATHER,)
     pairs, peaks = {}, [0] * len(ranks)
+    gathered, grads = [0] * len(ranks), [0] * len(ranks)
     for d in range(D):
         mine = [ranks[grid_rank(s, d, S)] for s in range(S)]
-        peak = validate([[op for op in ops if op.kind not in COLLECTIVES] for ops in mine], micro,
-                        training).peak_held
+        if zero == 3:
+            whole = [_whole_stage_view(ranks, grid_rank(s, d, S), buckets[s] - 1) for s in range(S)]
+        else:
+            whole = [[op for op in ops if op.kind not in BUCKET_OPS] for ops in mine]
+        peak = validate(whole, micro, training).peak_held
         for (r, i), (q, j) in pair_messages(mine).items():
             pairs[grid_rank(r, d, S), i] = (grid_rank(q, d, S), j)
         for s in range(S):
-            peaks[grid_rank(s, d, S)] = peak[s]
+            r = grid_rank(s, d, S)
+            peaks[r] = peak[s]
+            if zero == 3:
+                gathered[r], grads[r] = _fsdp_buffers(ranks, r, buckets[s] - 1, training)
     for s in range(S):
         group = [grid_rank(s, d, S) for d in range(D)]
-        found = [[(i, op) for i, op in enumerate(ranks[r]) if op.kind in COLLECTIVES] for r in group]
+        found = [[(i, op) for i, op in enumerate(ranks[r]) if op.kind in BUCKET_OPS] for r in group]
         for r, ops in zip(group, found):
             for i, op in ops:
+                if op.mb != -1:
+                    raise _error(ranks, f"rank {r}: {NAMES[op.kind]} with mb {op.mb}; a bucket's ops have mb -1",
+                                 [(r, i)])
+                if op.kind == FREE and zero != 3:
+                    raise _error(ranks, f"rank {r}: {op}: only --zero 3 gathers buckets to free", [(r, i)])
+                if op.kind == FREE:
+                    continue
                 if D == 1:
                     raise _error(ranks, f"rank {r}: {op} but the stage has no other replica", [(r, i)])
                 if op.kind not in allowed:
                     raise _error(ranks, f"rank {r}: {op} where only {', '.join(NAMES[k] for k in allowed)} "
                                         f"may run", [(r, i)])
-                if buckets is not None and not 0 <= op.mb < buckets[s]:
+                if buckets is not None and not 0 <= op.part < buckets[s]:
                     raise _error(ranks, f"rank {r}: {op}, but stage {s} has {buckets[s]} buckets", [(r, i)])
+        found = [[(i, op) for i, op in ops if op.kind != FREE] for ops in found]
         for k in range(max(map(len, found), default=0)):
             mine = [ops[k] if k < len(ops) else None for ops in found]
             if any(m is None or m[1] != mine[0][1] for m in mine):
@@ -443,7 +600,7 @@ def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool
     slots, stuck = _run(ranks, pairs, Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult(peaks, _timeline(slots))
+    return ValidationResult(peaks, _timeline(slots), gathered, grads)
 
 # -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
@@ -458,6 +615,8 @@ class Costs:
     collective: float = 0.0  # one data-parallel collective of a bucket
 
     def compute(self, op: Op, r: int) -> float:
+        if op.kind == FREE:  # gives a buffer back: no work
+            return 0.0
         cost = (self.f, self.b, self.w)[op.kind]
         return cost[r] if isinstance(cost, list) else cost
 
@@ -505,7 +664,7 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
             while at[r] < len(segments[r]):
                 seg = segments[r][at[r]]
                 first = ranks[r][seg[0]]
-                if first.kind in COMPUTE:
+                if first.kind in COMPUTE or first.kind == FREE:
                     slots[r][seg[0]] = Slot(first, clock[r], clock[r] + costs.compute(first, r))
                 else:
                     # a send or receive has one partner; a collective has the
@@ -593,17 +752,22 @@ def stage_costs(config: dict, seq_len: int) -> tuple[float, float, float]:
     return float(C), float(layer), float(2 * C * Vp)
 
 
+def range_cost(parts: tuple[float, float, float], num_layers: int, lo: int, hi: int) -> float:
+    """The cost of a stage that owns layers [lo, hi), from the costs of the
+    (embedding, one layer, LM head): the first stage adds the embedding, the
+    last the head. The one place a stage's cost is summed: the partition,
+    its description and plan.py's op costs all call it."""
+    embed, layer, head = parts
+    return embed * (lo == 0) + layer * (hi - lo) + head * (hi == num_layers)
+
+
 def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
     """Layer ranges [lo, hi) per stage, each at least one layer, minimising the
     most expensive stage (dynamic programming over the cut points)."""
     L = config["num_layers"]
     if not 1 <= stages <= L:
         raise ValueError(f"--stages {stages}: must be between 1 and the model's {L} layers")
-    embed, layer, head = stage_costs(config, seq_len)
-
-    def cost(lo: int, hi: int) -> float:
-        return (hi - lo) * layer + (embed if lo == 0 else 0.0) + (head if hi == L else 0.0)
-
+    parts = stage_costs(config, seq_len)
     # best[s][i]: the least possible max cost of layers [0, i) cut into s stages
     inf = float("inf")
     best = [[inf] * (L + 1) for _ in range(stages + 1)]
@@ -612,7 +776,7 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
     for s in range(1, stages + 1):
         for i in range(s, L + 1):
             for j in range(s - 1, i):
-                c = max(best[s - 1][j], cost(j, i))
+                c = max(best[s - 1][j], range_cost(parts, L, j, i))
                 if c < best[s][i]:
                     best[s][i], cut[s][i] = c, j
     bounds, i = [], L
@@ -623,14 +787,12 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def describe_partition(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> str:
-    embed, layer, head = stage_costs(config, seq_len)
-    L, parts = config["num_layers"], []
-    total = embed + L * layer + head
+    parts, L, ranks = stage_costs(config, seq_len), config["num_layers"], []
+    total = range_cost(parts, L, 0, L)
     for r, (lo, hi) in enumerate(bounds):
         extra = (" + embedding" if lo == 0 else "") + (" + lm head" if hi == L else "")
-        c = (hi - lo) * layer + (embed if lo == 0 else 0) + (head if hi == L else 0)
-        parts.append(f"rank {r}: layers [{lo},{hi}){extra} ({c / total:.0%})")
-    return "partition: " + " | ".join(parts)
+        ranks.append(f"rank {r}: layers [{lo},{hi}){extra} ({range_cost(parts, L, lo, hi) / total:.0%})")
+    return "partition: " + " | ".join(ranks)
 
 
 # -----------------------------------------------------------------------------
@@ -824,8 +986,10 @@ class Rank:
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
-        rank gets bitwise the same result. (The step's parts are each nonzero
-        on one rank only, which makes the sum exact.)"""
+        rank gets bitwise the same result. A step's values (grad-norm parts,
+        the loss) are zero on all but one rank per replica, and adding zeros
+        is exact: the sum is of one value per replica, in replica order,
+        whatever the stage count."""
         values = np.ascontiguousarray(values, dtype=np.float64)
         if self.world == 1:
             return values.copy()

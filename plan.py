@@ -9,7 +9,8 @@ tokens/s per GPU, and the best layout:
 
 The step is the executor's, played on a model of the machine:
 - compute: one cost formula per layer (pipeline.stage_costs, forward FLOPs
-  per token of the embedding, a layer and the LM head), at the GPU's bf16
+  per token of the embedding, a layer and the LM head, summed over a stage
+  by pipeline.range_cost), at the GPU's bf16
   peak times the fraction a matmul-bound kernel achieves; each backward half
   (input, weight) costs as much as the forward (the 6 x params x tokens rule);
 - the pipeline: pipeline.schedule's op lists, played by pipeline.simulate
@@ -236,9 +237,7 @@ class OpCosts:
     def stage(self, cfg: dict, lo: int, hi: int, micro: int) -> tuple[float, float, float]:
         """Seconds of a micro-batch of `micro` sequences on layers [lo, hi)."""
         L = cfg["num_layers"]
-        def part(c):
-            return micro * (c[0] * (lo == 0) + c[1] * (hi - lo) + c[2] * (hi == L))
-        return part(self.f), part(self.b), part(self.w)
+        return tuple(micro * pipeline.range_cost(parts, L, lo, hi) for parts in (self.f, self.b, self.w))
 
 
 # AdamW reads master, m, v, gradient and writes master, m, v and the bf16 copy
@@ -265,14 +264,17 @@ def slot_bytes(cfg: dict, lo: int, hi: int, batch: Batch, precision: Precision, 
     """One micro-batch's activations on a stage, as train_gpt.cu's slot_pieces
     lays them out: per layer 16C values kept for the backward (ln1, qkv, atty,
     res2, ln2, fch, fch_gelu, res3) and 11C of their gradients, plus fp32
-    layernorm statistics and the attention's logsumexp; the last stage adds
-    the logits. Tensor parallelism divides it by tp (modelled)."""
+    layernorm statistics and the attention's logsumexp; the stage's input and
+    d(output); on the first stage the input tokens and the embedding
+    backward's three index arrays (at most one int a token each); on the
+    last the final layernorm, its gradient and statistics, the logits, the
+    losses and the targets. Tensor parallelism divides it by tp (modelled)."""
     C, NH, Vp, L = cfg["channels"], cfg["num_heads"], cfg["padded_vocab_size"], cfg["num_layers"]
     BT, a = batch.micro * batch.seq_len, precision.activation
     per_layer = BT * (27 * C * a + (4 + NH) * 4)
-    n = (hi - lo) * per_layer + BT * C * a + BT * (2 * 4 * (lo == 0))
+    n = (hi - lo) * per_layer + BT * 2 * C * a + BT * (4 * 4 * (lo == 0))
     if hi == L:
-        n += BT * (2 * C * a + 2 * 4 + Vp * a + 4)
+        n += BT * (2 * C * a + 2 * 4 + Vp * a + 4 + 4)
     return n / tp
 
 # -----------------------------------------------------------------------------
@@ -407,7 +409,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                       peak[r] * slot_bytes(cfg, lo, hi, batch, bytes_, tp), gathered)
     worst = max((memory(r) for r in range(S)), key=lambda mem: mem.total)
     tokens = batch.sequences * batch.seq_len
-    model_flops = 3 * tokens * sum(c * n for c, n in zip(pipeline.stage_costs(cfg, batch.seq_len), (1, L, 1)))
+    model_flops = 3 * tokens * pipeline.range_cost(pipeline.stage_costs(cfg, batch.seq_len), L, 0, L)
     return StepPlan(layout, m, batch.micro, compute, step - step_free, step_free - compute, worst,
                     worst.total <= cluster.memory, tokens / step / cluster.gpus, model_flops / step / cluster.gpus)
 

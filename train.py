@@ -101,9 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "under an outside launcher: WORLD_SIZE)")
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel replicas of the pipeline, each reading its slice of every batch")
-    p.add_argument("--zero", type=int, choices=[0, 1], default=0,
+    p.add_argument("--zero", type=int, choices=[0, 1, 3], default=0,
                    help="with --dp: 0 all-reduces gradients; 1 shards AdamW over the replicas "
-                        "(gradients reduce-scattered, parameters all-gathered)")
+                        "(gradients reduce-scattered, parameters all-gathered); 3 (FSDP, CPU trainer) "
+                        "shards parameters, gradients and AdamW, gathering each layer for its compute")
     p.add_argument("--transport", choices=["auto", "socket", "nccl"], default="auto",
                    help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
@@ -217,6 +218,8 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
         raise UsageError(f"--dp {D}: needs at least one replica")
     if args.zero and D == 1:
         raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
+    if args.zero == 3 and args.device != "cpu":
+        raise UsageError(f"--zero 3 runs on the CPU trainer only (--device cpu, not --device {args.device})")
     if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
                          + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
@@ -273,12 +276,15 @@ class GridPlan:
     replicas: int           # D
     zero: int
     bounds: list            # per stage: [lo, hi) of its layers
-    # per rank: the op lists ([kind, mb or bucket] pairs) of a training step, of
-    # what follows the optimizer step, of a validation pass; its activation slots
+    # per rank: the op lists ([kind, mb, part] triples) of a training step, of
+    # what follows the optimizer step, of a validation pass; its activation
+    # slots, and (--zero 3) its buffers of gathered layers and layer gradients
     train_ops: list
     after_ops: list
     val_ops: list
     slots: list
+    gathered: list
+    grad_buffers: list
 
 
 def make_grid_plan(args: argparse.Namespace, config: dict) -> GridPlan:
@@ -291,12 +297,15 @@ def make_grid_plan(args: argparse.Namespace, config: dict) -> GridPlan:
         raise UsageError(str(e)) from None
     buckets = [hi - lo + 1 for lo, hi in bounds]
     train_ops, after_ops = pipeline.grid_schedule(args.schedule, S, D, m, buckets, args.zero)
-    val_ops = [pipeline.forward_only(S, VAL_BATCHES)[r % S] for r in range(S * D)]
-    train_peak = pipeline.validate_grid(train_ops, S, m, buckets=buckets).peak_held
-    val_peak = pipeline.validate_grid(val_ops, S, VAL_BATCHES, training=False).peak_held
-    pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets)
-    return GridPlan(S, D, args.zero, [list(b) for b in bounds], as_pairs(train_ops), as_pairs(after_ops),
-                    as_pairs(val_ops), [max(a, b) for a, b in zip(train_peak, val_peak)])
+    val_ops = pipeline.grid_forward_only(S, D, VAL_BATCHES, buckets, args.zero)
+    train = pipeline.validate_grid(train_ops, S, m, buckets=buckets, zero=args.zero)
+    val = pipeline.validate_grid(val_ops, S, VAL_BATCHES, training=False, buckets=buckets, zero=args.zero)
+    pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets, zero=args.zero)
+
+    def peaks(field: str) -> list:
+        return [max(a, b) for a, b in zip(getattr(train, field), getattr(val, field))]
+    return GridPlan(S, D, args.zero, [list(b) for b in bounds], as_triples(train_ops), as_triples(after_ops),
+                    as_triples(val_ops), peaks("peak_held"), peaks("peak_gathered"), peaks("peak_grads"))
 
 
 def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> GridPlan:
@@ -310,17 +319,24 @@ def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> 
     return grid_plan_from_json(blob, ctx.world)
 
 
-def as_pairs(lists: list) -> list:
-    """Op lists as plain [kind, mb or bucket] pairs, for JSON."""
-    return [[[op.kind, op.mb] for op in ops] for ops in lists]
+def as_triples(lists: list) -> list:
+    """Op lists as plain [kind, mb, part] triples, for JSON."""
+    return [[list(op) for op in ops] for ops in lists]
 
 
 def is_pair(x) -> bool:
     return isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
 
 
+def is_op(x) -> bool:
+    """A [kind, mb, part] triple of a known kind (the executor checks the rest
+    against its stage)."""
+    return isinstance(x, list) and len(x) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in x) \
+        and 0 <= x[0] < len(pipeline.NAMES) and x[1] >= -1 and x[2] >= -1
+
+
 GRID_PLAN_FIELDS = {"stages": int, "replicas": int, "zero": int, "bounds": list, "train_ops": list,
-                    "after_ops": list, "val_ops": list, "slots": list}
+                    "after_ops": list, "val_ops": list, "slots": list, "gathered": list, "grad_buffers": list}
 
 
 def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
@@ -328,9 +344,11 @@ def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
     d = pipeline.parse_json_object(blob, GRID_PLAN_FIELDS, "plan from the launcher")
     S, D = d["stages"], d["replicas"]
     if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
-            any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots")) or \
+            any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots", "gathered",
+                                              "grad_buffers")) or \
             not all(isinstance(n, int) and n >= 1 for n in d["slots"]) or \
-            not all(isinstance(ops, list) and all(is_pair(op) and op[0] < len(pipeline.NAMES) for op in ops)
+            not all(isinstance(n, int) and n >= 0 for k in ("gathered", "grad_buffers") for n in d[k]) or \
+            not all(isinstance(ops, list) and all(map(is_op, ops))
                     for k in ("train_ops", "after_ops", "val_ops") for ops in d[k]):
         raise ValueError(f"the launcher's plan does not describe {world} ranks")
     return GridPlan(**d)
@@ -370,7 +388,7 @@ def claim_checkpoint_dir(args: argparse.Namespace, gpt) -> int:
 
 
 def as_ops(ops: list) -> np.ndarray:
-    return np.array(ops, dtype=np.intc).reshape(-1, 2)
+    return np.array(ops, dtype=np.intc).reshape(-1, 3)
 
 
 def next_batch(loader, micro: int) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +425,11 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, g
         os.environ.setdefault("GPT_DEVICE", str(local % gpt.device_count()))
     model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, grid.slots[r])
     model.set_peers(*ctx.fds(), args.peer_timeout)
+    if grid.zero == 3 and not args.resume:  # the whole stage's parameters once, before sharding keeps this rank's chunks
+        start_parameters(args, model)
     model.set_replicas(*ctx.replica_fds(), ctx.replica, ctx.replicas, grid.zero)
+    if grid.zero == 3:
+        model.set_layer_buffers(grid.gathered[r], grid.grad_buffers[r])
     if use_nccl(args, gpt, ctx.world):
         # one id for the pipelines' sends, then one per stage for its replicas' collectives
         count = 1 + (ctx.stages if ctx.replicas > 1 else 0)
@@ -417,6 +439,14 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, g
         if ctx.replicas > 1:
             model.set_replica_nccl(ids[size * (1 + ctx.stage):size * (2 + ctx.stage)], ctx.replicas, ctx.replica)
     return Stage(model, ctx, as_ops(grid.train_ops[r]), as_ops(grid.after_ops[r]), as_ops(grid.val_ops[r]))
+
+
+def start_parameters(args: argparse.Namespace, model) -> None:
+    """A fresh run's parameters: --init-from's file, else drawn from --seed."""
+    if args.init_from:
+        model.load(args.init_from)
+    else:
+        model.init(args.seed)
 
 
 def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
@@ -476,10 +506,8 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
         start, shard, pos = model.read_checkpoint(args.checkpoint_dir, last)
         loader.position = (shard, pos)
         say(f"resumed from {args.checkpoint_dir} at step {start}")
-    elif args.init_from:
-        model.load(args.init_from)
-    else:
-        model.init(args.seed)
+    elif grid.zero != 3:  # zero 3 started them before it sharded
+        start_parameters(args, model)
     replicas = f" x {D} replicas (zero {grid.zero})" if D > 1 else ""
     say(f"model L={L} NH={cfg['num_heads']} C={cfg['channels']} | batch {args.batch_size} x {T} tokens "
         f"in {m} micro-batch(es){' per replica' if D > 1 else ''} | {args.steps} steps | "
@@ -526,11 +554,13 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
                 if args.keep_checkpoints:
                     gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
-    if S > 1 and timeline:
+    if S > 1 and timeline and grid.zero != 3:  # zero 3's per-layer lists are not the simulator's
         report_pipeline(args, stage, grid, timeline, say)
     if ctx.world > 1:
         report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
+        if grid.zero == 3:  # the whole parameters, gathered once on every rank, as --zero 1 keeps them
+            model.unshard_params()
         params = gather_params(stage)
         if params is not None:
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
@@ -618,14 +648,18 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, time
 
 
 def report_traffic(stage: Stage, steps: int, say) -> None:
-    """Per rank: the payload bytes it moved per step, by kind, and its peak
-    resident memory. Formulas, in values (4 bytes each in fp32): the pipeline
-    moves 2*b*T*C per stage boundary per micro-batch (an activation down, its
-    gradient up), the tied swap Vp*C each way, an all-reduce 2(D-1)/D*P (P the
-    stage's parameters), --zero 1's reduce-scatter plus all-gather as much."""
+    """Per rank: the payload bytes it moved per step, by kind, what the stage
+    allocated (stage_memory_bytes) and its peak resident memory. Formulas, in
+    values (4 bytes each in fp32): the pipeline moves 2*b*T*C per stage
+    boundary per micro-batch (an activation down, its gradient up), the tied
+    swap Vp*C each way, an all-reduce 2(D-1)/D*P (P the stage's parameters),
+    --zero 1's reduce-scatter plus all-gather as much, --zero 3 sum over
+    buckets b of (gathers of b + 1)(D-1)/D*P_b (3(D-1)/D*P for layers gathered
+    twice, forward and backward, in a one-micro-batch step)."""
     moved = stage.model.bytes_moved()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib}).encode())
+    memory = stage.model.memory_bytes()
+    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib, "memory": memory}).encode())
     if blobs is None or steps < 1:
         return
     S = stage.ctx.stages
@@ -634,7 +668,8 @@ def report_traffic(stage: Stage, steps: int, say) -> None:
         per_step = {k: [v // steps for v in sent_received] for k, sent_received in got["moved"].items()}
         say(f"traffic per step: rank {r} (stage {r % S}, replica {r // S}): "
             + " | ".join(f"{k.replace('_', '-')} sent {v[0]} B received {v[1]} B" for k, v in per_step.items())
-            + f" | peak RSS {got['peak_mib']:.0f} MiB")
+            + f" | peak RSS {got['peak_mib']:.0f} MiB | allocated "
+            + " ".join(f"{k.replace('_', '-')} {v / 2**20:.1f}" for k, v in got["memory"].items()) + " MiB")
 
 
 def interrupt_on_signals() -> None:

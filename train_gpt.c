@@ -18,6 +18,7 @@
 #define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
 #include "common.h"
 #include "asm/sgemm.h"
+#include <pthread.h>
 
 // ----------------------------------------------------------------------------
 // layers
@@ -463,18 +464,155 @@ typedef struct {
     float *memory;
 } Slot;
 
+// Equal buffers handed out and given back (--zero 3's layer buckets): count
+// of them, elems floats each, in one allocation.
+typedef struct {
+    float *memory, **free_list;
+    int count, nfree;
+    size_t elems;
+} BufferPool;
+
+static int pool_make(BufferPool *p, int count, size_t elems, const char *what) {
+    free(p->memory);
+    free(p->free_list);
+    memset(p, 0, sizeof *p);
+    p->memory = (float *)calloc_or_fail((size_t)count * elems, sizeof(float), what);
+    p->free_list = (float **)calloc_or_fail(count, sizeof(float *), what);
+    if (!p->memory || !p->free_list) return -1;
+    p->count = p->nfree = count;
+    p->elems = elems;
+    for (int i = 0; i < count; i++) p->free_list[i] = p->memory + (size_t)i * elems;
+    return 0;
+}
+
+static void pool_free(BufferPool *p) { free(p->memory); free(p->free_list); }
+
+// --zero 3's collectives run on a thread of their own, in op-list order, so
+// the gather of the next layer overlaps the compute of this one. The compute
+// waits only for what it needs: the gather of its layer, a free gradient
+// buffer, the end of the queue at the end of the list. Everything the two
+// threads share is guarded by `lock`; the collectives themselves run
+// outside it, and each ring step has the links' timeout, so every wait here
+// ends. The link pacing clocks (g_wires) are per thread: the comm thread
+// paces the replica ring, the compute thread the pipeline.
+typedef struct {
+    pthread_t thread;
+    int started, quit;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;              // the queue, a bucket or a buffer changed
+    int *queue, head, tail, cap;         // (kind, bucket) pairs to run, [head, tail)
+    int *pending[2];                     // per bucket: its ALLGATHER [0], REDUCE_SCATTER [1] is queued or running
+    int failed, skip;                    // a collective failed (error holds why); the list failed: run no more
+    char error[1024];
+} CommThread;
+
 struct Stage {
     StageBase base;                    // first: its links and zero stage (common.h)
     Layout y;                          // which layers and tensors this stage holds
     int B, T;
-    float *params, *grads, *m, *v;     // stage layout (common.h)
+    float *params, *grads;             // stage layout (common.h)
+    float *m, *v;                      // AdamW's moments: this rank's shard (optimizer_shard)
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
     Slot *slots;
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
+    size_t opt_elems, slot_elems;      // floats in m (and in v), in one activation slot
+    // --zero 3 (FSDP): while `sharded`, params and grads above are this
+    // rank's shards, packed like m and v, and a step's whole parameters and
+    // gradients live in buffers, a bucket at a time (see the executor)
+    int sharded;
+    size_t shard_at[NUM_PARAM_TENSORS], chunk_n[NUM_PARAM_TENSORS];  // (t, l)'s chunk: shard_at[t] + l * chunk_n[t]
+    size_t in_bucket[NUM_PARAM_TENSORS];  // where tensor t starts in its bucket's buffer
+    float **held[2];                   // per bucket: the buffer of its whole parameters [0], gradients [1]; or NULL
+    BufferPool pools[2];               // layer buckets' buffers: gathered parameters, gradients
+    float *whole[2];                   // the whole-tensor bucket's buffers, held from a step's start to its end
+    CommThread comm;                   // runs the collectives of the op list beside the compute
 };
 static_assert(offsetof(Stage, base) == 0, "a Stage begins with its StageBase (common.h)");
+
+static int fsdp_ring(Stage *s, int kind, int bucket);
+
+// Waits (lock held) until ready(s, arg) or the comm thread has failed, whose
+// message it then fails with.
+static int comm_wait(Stage *s, int (*ready)(Stage *, int), int arg) {
+    while (!ready(s, arg) && !s->comm.failed) pthread_cond_wait(&s->comm.changed, &s->comm.lock);
+    return s->comm.failed ? fail("%s", s->comm.error) : 0;
+}
+static int queue_empty(Stage *s, int arg) { (void)arg; return s->comm.head == s->comm.tail; }
+static int gathered_or_idle(Stage *s, int bucket) { return !s->comm.pending[0][bucket]; }
+static int grad_buffer_free(Stage *s, int arg) { (void)arg; return s->pools[1].nfree > 0; }
+
+static void *comm_thread_main(void *stage) {
+    Stage *s = (Stage *)stage;
+    CommThread *c = &s->comm;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        while (!c->quit && c->head == c->tail) pthread_cond_wait(&c->changed, &c->lock);
+        if (c->quit) break;
+        int kind = c->queue[2 * c->head], bucket = c->queue[2 * c->head + 1], run = !c->failed && !c->skip;
+        pthread_mutex_unlock(&c->lock);
+        int rc = run ? fsdp_ring(s, kind, bucket) : 0;
+        pthread_mutex_lock(&c->lock);
+        if (rc) {
+            snprintf(c->error, sizeof c->error, "%s", gpt_last_error());
+            c->failed = 1;
+        }
+        c->pending[kind == OP_REDUCE_SCATTER][bucket] = 0;
+        c->head++;
+        pthread_cond_broadcast(&c->changed);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+static int comm_start(Stage *s) {
+    CommThread *c = &s->comm;
+    c->pending[0] = (int *)calloc_or_fail(s->y.nl + 1, sizeof(int), "the pending collectives");
+    c->pending[1] = (int *)calloc_or_fail(s->y.nl + 1, sizeof(int), "the pending collectives");
+    if (!c->pending[0] || !c->pending[1]) return -1;
+    if (pthread_mutex_init(&c->lock, NULL)) return fail("cannot make the comm thread's lock");
+    if (pthread_cond_init(&c->changed, NULL)) { pthread_mutex_destroy(&c->lock); return fail("cannot make its condition"); }
+    if (pthread_create(&c->thread, NULL, comm_thread_main, s)) {
+        pthread_cond_destroy(&c->changed);
+        pthread_mutex_destroy(&c->lock);
+        return fail("cannot start the comm thread");
+    }
+    c->started = 1;
+    return 0;
+}
+
+static void comm_stop(Stage *s) {
+    CommThread *c = &s->comm;
+    if (c->started) {
+        pthread_mutex_lock(&c->lock);
+        c->quit = 1;
+        pthread_cond_broadcast(&c->changed);
+        pthread_mutex_unlock(&c->lock);
+        pthread_join(c->thread, NULL);
+        pthread_cond_destroy(&c->changed);
+        pthread_mutex_destroy(&c->lock);
+    }
+    free(c->queue); free(c->pending[0]); free(c->pending[1]);
+}
+
+// Hands a collective to the comm thread (lock held).
+static int comm_enqueue(Stage *s, int kind, int bucket) {
+    CommThread *c = &s->comm;
+    if (c->tail == c->cap) {  // the queue only grows within a list: it is emptied at every list's end
+        int cap = 2 * c->cap + 16;
+        int *grown = (int *)realloc(c->queue, 2 * (size_t)cap * sizeof(int));
+        if (!grown) return fail("out of memory for the collectives' queue");
+        c->queue = grown;
+        c->cap = cap;
+    }
+    c->queue[2 * c->tail] = kind;
+    c->queue[2 * c->tail + 1] = bucket;
+    c->tail++;
+    c->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
+    pthread_cond_broadcast(&c->changed);
+    return 0;
+}
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
 // layer l (stage-local) of per-layer tensor t
@@ -482,8 +620,27 @@ static float *layer_tensor(Stage *s, float *base, int t, int l) {
     return base + s->y.offsets[t] + l * gpt_tensor_size(&s->y.cfg, t, 1);
 }
 
-float *stage_param(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return tensor(s, s->params, t); }
-float *stage_grad(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return tensor(s, s->grads, t); }
+// Tensor t of layer l (l is ignored for a whole tensor) as the compute sees
+// it: in the stage layout, or under --zero 3 in the buffer its bucket holds
+// this step (NULL when it holds none; the executor checks before it runs).
+static float *held_tensor(Stage *s, int grads, int t, int l) {
+    if (!s->sharded) return is_layer_tensor(t) ? layer_tensor(s, grads ? s->grads : s->params, t, l)
+                                               : tensor(s, grads ? s->grads : s->params, t);
+    float *buf = s->y.sizes[t] ? s->held[grads][is_layer_tensor(t) ? l : s->y.nl] : NULL;
+    return buf ? buf + s->in_bucket[t] : NULL;
+}
+static float *param_of(Stage *s, int t, int l) { return held_tensor(s, 0, t, l); }
+static float *grad_of(Stage *s, int t, int l) { return held_tensor(s, 1, t, l); }
+
+// the whole stage's tensors: not while they are sharded (zero 3)
+float *stage_param(Stage *s, int t, size_t *n) {
+    *n = s->sharded ? 0 : s->y.sizes[t];
+    return *n ? tensor(s, s->params, t) : NULL;
+}
+float *stage_grad(Stage *s, int t, size_t *n) {
+    *n = s->sharded ? 0 : s->y.sizes[t];
+    return *n ? tensor(s, s->grads, t) : NULL;
+}
 float *stage_wte_embed_grad(Stage *s, size_t *n) {
     *n = s->y.first ? s->y.sizes[P_WTE] : 0;
     return s->dwte_embed;
@@ -509,6 +666,7 @@ static int slot_alloc(Stage *s, Slot *a) {
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) total += bufs[i].n;
+    s->slot_elems = total;
     a->memory = calloc_or_fail(total, sizeof(float), "the activations of one micro-batch");
     a->inputs = calloc_or_fail(BT, sizeof(int), "a micro-batch's inputs");
     a->targets = calloc_or_fail(BT, sizeof(int), "a micro-batch's targets");
@@ -529,6 +687,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
     s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
+    s->opt_elems = P;
     s->m = calloc_or_fail(P, sizeof(float), "AdamW's m");
     s->v = calloc_or_fail(P, sizeof(float), "AdamW's v");
     s->dwte_embed = s->y.first ? calloc_or_fail(s->y.sizes[P_WTE], sizeof(float), "d(wte) of the embedding") : NULL;
@@ -554,20 +713,36 @@ void stage_free(Stage *s) {
     oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
+    comm_stop(s);
+    pool_free(&s->pools[0]); pool_free(&s->pools[1]);
+    free(s->whole[0]); free(s->whole[1]); free(s->held[0]); free(s->held[1]);
     free(s);
 }
 
-void stage_init(Stage *s, uint64_t seed) { init_params(&s->y, s->params, seed); }
+static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack);
 
-// The stage's forward for one micro-batch of shape (B,T) up to the final
-// layernorm; sampling calls it with B=1 and a shorter T.
-static void stage_forward(Stage *s, Slot *a, int B, int T) {
+// Under --zero 3 the whole stage is drawn once and only this rank's chunks
+// kept (train.py draws before it shards, so this path is for other callers).
+void stage_init(Stage *s, uint64_t seed) {
+    if (!s->sharded) { init_params(&s->y, s->params, seed); return; }
+    float *whole_stage = calloc_or_fail(s->y.num_params, sizeof(float), "the parameters, before sharding");
+    if (!whole_stage) { fprintf(stderr, "error: %s\n", gpt_last_error()); exit(1); }
+    init_params(&s->y, whole_stage, seed);
+    shard_copy(s, whole_stage, s->params, 0);
+    free(whole_stage);
+}
+
+// The stage's forward of layers [l0, l1) for one micro-batch of shape (B,T),
+// with the embedding before layer 0 and the final layernorm after the last
+// ([0, nl) is the whole stage, what a whole-stage FWD runs); sampling calls it
+// with B=1 and a shorter T.
+static void stage_forward(Stage *s, Slot *a, int B, int T, int l0, int l1) {
     const GPTConfig *c = &s->y.cfg;
     int C = c->channels, NH = c->num_heads, N = B * T;
     size_t BTC = (size_t)s->B * s->T * C;  // per-layer stride in the slot
-    float *P = s->params;
-    if (s->y.first) encoder_forward(a->x0, a->inputs, tensor(s, P, P_WTE), tensor(s, P, P_WPE), B, T, C);
-    for (int l = 0; l < s->y.nl; l++) {
+    if (s->y.first && l0 == 0)
+        encoder_forward(a->x0, a->inputs, param_of(s, P_WTE, 0), param_of(s, P_WPE, 0), B, T, C);
+    for (int l = l0; l < l1; l++) {
         float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
         float *ln1 = a->ln1 + l * BTC, *qkv = a->qkv + 3 * l * BTC, *atty = a->atty + l * BTC;
         float *att = a->att + (size_t)l * s->B * NH * s->T * s->T;
@@ -575,21 +750,21 @@ static void stage_forward(Stage *s, Slot *a, int B, int T) {
         float *fch = a->fch + 4 * l * BTC, *fchg = a->fch_gelu + 4 * l * BTC, *res3 = a->res3 + l * BTC;
         size_t lN = (size_t)l * s->B * s->T;
         layernorm_forward(ln1, a->ln1_mean + lN, a->ln1_rstd + lN, x,
-                          layer_tensor(s, P, P_LN1W, l), layer_tensor(s, P, P_LN1B, l), N, C);
-        matmul_forward(qkv, ln1, layer_tensor(s, P, P_QKVW, l), layer_tensor(s, P, P_QKVB, l), N, C, 3 * C);
+                          param_of(s, P_LN1W, l), param_of(s, P_LN1B, l), N, C);
+        matmul_forward(qkv, ln1, param_of(s, P_QKVW, l), param_of(s, P_QKVB, l), N, C, 3 * C);
         attention_forward(atty, att, qkv, B, T, C, NH);
-        matmul_forward(res2, atty, layer_tensor(s, P, P_ATTPROJW, l), layer_tensor(s, P, P_ATTPROJB, l), N, C, C);
+        matmul_forward(res2, atty, param_of(s, P_ATTPROJW, l), param_of(s, P_ATTPROJB, l), N, C, C);
         residual_add(res2, x, (size_t)N * C);
         layernorm_forward(ln2, a->ln2_mean + lN, a->ln2_rstd + lN, res2,
-                          layer_tensor(s, P, P_LN2W, l), layer_tensor(s, P, P_LN2B, l), N, C);
-        matmul_forward(fch, ln2, layer_tensor(s, P, P_FCW, l), layer_tensor(s, P, P_FCB, l), N, C, 4 * C);
+                          param_of(s, P_LN2W, l), param_of(s, P_LN2B, l), N, C);
+        matmul_forward(fch, ln2, param_of(s, P_FCW, l), param_of(s, P_FCB, l), N, C, 4 * C);
         gelu_forward(fchg, fch, (size_t)N * 4 * C);
-        matmul_forward(res3, fchg, layer_tensor(s, P, P_FCPROJW, l), layer_tensor(s, P, P_FCPROJB, l), N, 4 * C, C);
+        matmul_forward(res3, fchg, param_of(s, P_FCPROJW, l), param_of(s, P_FCPROJB, l), N, 4 * C, C);
         residual_add(res3, res2, (size_t)N * C);
     }
-    if (s->y.last)
+    if (s->y.last && l1 == s->y.nl)
         layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->res3 + (s->y.nl - 1) * BTC,
-                          tensor(s, P, P_LNFW), tensor(s, P, P_LNFB), N, C);
+                          param_of(s, P_LNFW, 0), param_of(s, P_LNFB, 0), N, C);
 }
 
 static float *stage_output(Stage *s, Slot *a) {
@@ -599,118 +774,327 @@ static float *stage_output(Stage *s, Slot *a) {
 // logits, softmax and loss for a full micro-batch (last stage)
 static float stage_loss(Stage *s, Slot *a) {
     int N = s->B * s->T, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
-    matmul_forward(a->probs, a->lnf, tensor(s, s->params, P_WTE), NULL, N, C, Vp);
+    matmul_forward(a->probs, a->lnf, param_of(s, P_WTE, 0), NULL, N, C, Vp);
     return crossentropy_forward(a->probs, a->losses, a->targets, N, s->y.cfg.vocab_size, Vp);
 }
 
-// BWD_INPUT: from the loss (last stage) or the received d(output) down to
-// d(stage input) in dresid[0], keeping what BWD_WEIGHT will need.
-static void stage_backward_input(Stage *s, Slot *a, float dloss) {
+// BWD_INPUT of layers [l0, l1), from the top down: from the loss (last
+// stage, with layer nl-1) or the received d(output) to d(input of layer l0),
+// in dresid[l0] (dresid[0]: d(stage input)), keeping what BWD_WEIGHT will need.
+static void stage_backward_input(Stage *s, Slot *a, float dloss, int l0, int l1) {
     const GPTConfig *c = &s->y.cfg;
     int C = c->channels, NH = c->num_heads, B = s->B, T = s->T, N = B * T;
     size_t BTC = (size_t)N * C;
-    float *P = s->params;
     float *dtop = a->dresid + s->y.nl * BTC;
-    if (s->y.last) {
+    if (s->y.last && l1 == s->y.nl) {
         crossentropy_backward(a->probs, a->targets, dloss, N, c->padded_vocab_size);
-        matmul_backward_input(a->dlnf, a->probs, tensor(s, P, P_WTE), N, C, c->padded_vocab_size);
+        matmul_backward_input(a->dlnf, a->probs, param_of(s, P_WTE, 0), N, C, c->padded_vocab_size);
         memset(dtop, 0, BTC * sizeof(float));
-        layernorm_backward_input(dtop, a->dlnf, stage_output(s, a), tensor(s, P, P_LNFW),
+        layernorm_backward_input(dtop, a->dlnf, stage_output(s, a), param_of(s, P_LNFW, 0),
                                  a->lnf_mean, a->lnf_rstd, N, C);
     }
-    for (int l = s->y.nl - 1; l >= 0; l--) {
+    for (int l = l1 - 1; l >= l0; l--) {
         float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
         float *dout = a->dresid + (l + 1) * BTC;
         float *dfch = a->dfch + 4 * l * BTC, *dln2 = a->dln2 + l * BTC, *dres2 = a->dres2 + l * BTC;
         float *dqkv = a->dqkv + 3 * l * BTC, *dln1 = a->dln1 + l * BTC, *dx = a->dresid + l * BTC;
         size_t lN = (size_t)l * N;
-        matmul_backward_input(s->scratch_4c, dout, layer_tensor(s, P, P_FCPROJW, l), N, 4 * C, C);
+        matmul_backward_input(s->scratch_4c, dout, param_of(s, P_FCPROJW, l), N, 4 * C, C);
         gelu_backward(dfch, a->fch + 4 * l * BTC, s->scratch_4c, 4 * BTC);
-        matmul_backward_input(dln2, dfch, layer_tensor(s, P, P_FCW, l), N, C, 4 * C);
+        matmul_backward_input(dln2, dfch, param_of(s, P_FCW, l), N, C, 4 * C);
         memcpy(dres2, dout, BTC * sizeof(float));
-        layernorm_backward_input(dres2, dln2, a->res2 + l * BTC, layer_tensor(s, P, P_LN2W, l),
+        layernorm_backward_input(dres2, dln2, a->res2 + l * BTC, param_of(s, P_LN2W, l),
                                  a->ln2_mean + lN, a->ln2_rstd + lN, N, C);
-        matmul_backward_input(s->scratch_c, dres2, layer_tensor(s, P, P_ATTPROJW, l), N, C, C);
+        matmul_backward_input(s->scratch_c, dres2, param_of(s, P_ATTPROJW, l), N, C, C);
         attention_backward(dqkv, s->scratch_c, a->qkv + 3 * l * BTC,
                            a->att + (size_t)l * B * NH * T * T, B, T, C, NH);
-        matmul_backward_input(dln1, dqkv, layer_tensor(s, P, P_QKVW, l), N, C, 3 * C);
+        matmul_backward_input(dln1, dqkv, param_of(s, P_QKVW, l), N, C, 3 * C);
         memcpy(dx, dres2, BTC * sizeof(float));
-        layernorm_backward_input(dx, dln1, x, layer_tensor(s, P, P_LN1W, l),
+        layernorm_backward_input(dx, dln1, x, param_of(s, P_LN1W, l),
                                  a->ln1_mean + lN, a->ln1_rstd + lN, N, C);
     }
 }
 
-// BWD_WEIGHT: accumulate this micro-batch's parameter gradients.
-static void stage_backward_weight(Stage *s, Slot *a) {
+// BWD_WEIGHT of layers [l0, l1): accumulate this micro-batch's parameter
+// gradients (the head's with layer nl-1, the embedding's with layer 0). Each
+// layer's gradients are its own, so the order of the layers changes no bit.
+static void stage_backward_weight(Stage *s, Slot *a, int l0, int l1) {
     const GPTConfig *c = &s->y.cfg;
     int C = c->channels, N = s->B * s->T;
     size_t BTC = (size_t)N * C;
-    float *G = s->grads;
-    if (s->y.last) {
-        matmul_backward_weight(tensor(s, G, P_WTE), NULL, a->probs, a->lnf, N, C, c->padded_vocab_size);
-        layernorm_backward_weight(tensor(s, G, P_LNFW), tensor(s, G, P_LNFB), a->dlnf,
+    if (s->y.last && l1 == s->y.nl) {
+        matmul_backward_weight(grad_of(s, P_WTE, 0), NULL, a->probs, a->lnf, N, C, c->padded_vocab_size);
+        layernorm_backward_weight(grad_of(s, P_LNFW, 0), grad_of(s, P_LNFB, 0), a->dlnf,
                                   stage_output(s, a), a->lnf_mean, a->lnf_rstd, N, C);
     }
-    for (int l = 0; l < s->y.nl; l++) {
+    for (int l = l1 - 1; l >= l0; l--) {
         float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
         size_t lN = (size_t)l * N;
-        layernorm_backward_weight(layer_tensor(s, G, P_LN1W, l), layer_tensor(s, G, P_LN1B, l),
+        layernorm_backward_weight(grad_of(s, P_LN1W, l), grad_of(s, P_LN1B, l),
                                   a->dln1 + l * BTC, x, a->ln1_mean + lN, a->ln1_rstd + lN, N, C);
-        matmul_backward_weight(layer_tensor(s, G, P_QKVW, l), layer_tensor(s, G, P_QKVB, l),
+        matmul_backward_weight(grad_of(s, P_QKVW, l), grad_of(s, P_QKVB, l),
                                a->dqkv + 3 * l * BTC, a->ln1 + l * BTC, N, C, 3 * C);
-        matmul_backward_weight(layer_tensor(s, G, P_ATTPROJW, l), layer_tensor(s, G, P_ATTPROJB, l),
+        matmul_backward_weight(grad_of(s, P_ATTPROJW, l), grad_of(s, P_ATTPROJB, l),
                                a->dres2 + l * BTC, a->atty + l * BTC, N, C, C);
-        layernorm_backward_weight(layer_tensor(s, G, P_LN2W, l), layer_tensor(s, G, P_LN2B, l),
+        layernorm_backward_weight(grad_of(s, P_LN2W, l), grad_of(s, P_LN2B, l),
                                   a->dln2 + l * BTC, a->res2 + l * BTC, a->ln2_mean + lN,
                                   a->ln2_rstd + lN, N, C);
-        matmul_backward_weight(layer_tensor(s, G, P_FCW, l), layer_tensor(s, G, P_FCB, l),
+        matmul_backward_weight(grad_of(s, P_FCW, l), grad_of(s, P_FCB, l),
                                a->dfch + 4 * l * BTC, a->ln2 + l * BTC, N, C, 4 * C);
-        matmul_backward_weight(layer_tensor(s, G, P_FCPROJW, l), layer_tensor(s, G, P_FCPROJB, l),
+        matmul_backward_weight(grad_of(s, P_FCPROJW, l), grad_of(s, P_FCPROJB, l),
                                a->dresid + (l + 1) * BTC, a->fch_gelu + 4 * l * BTC, N, 4 * C, C);
     }
-    if (s->y.first)
-        encoder_backward(s->dwte_embed, tensor(s, G, P_WPE), a->dresid, a->inputs, s->B, s->T, C);
+    if (s->y.first && l0 == 0)
+        encoder_backward(s->dwte_embed, grad_of(s, P_WPE, 0), a->dresid, a->inputs, s->B, s->T, C);
 }
 
 // ----------------------------------------------------------------------------
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks.
 
+// The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
+// under --zero 1 and 3, the whole stage under zero 0.
+static void optimizer_shard(const Stage *s, int *part, int *parts) {
+    *part = s->base.zero > 0 ? s->base.links.replica : 0;
+    *parts = s->base.zero > 0 ? s->base.links.replicas : 1;
+}
+
+// This rank's chunk of every segment, from an array in the stage layout into
+// a shard (or back: unpack), where shard_at and chunk_n place them.
+static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack) {
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t seg = segment_elems(&s->y, t), lo, hi;
+        chunk_range(seg, s->base.links.replica, s->base.links.replicas, &lo, &hi);
+        for (int l = 0; l < segment_count(&s->y, t); l++) {
+            float *in_stage = whole_stage + s->y.offsets[t] + l * seg + lo;
+            float *in_shard = shard + s->shard_at[t] + l * s->chunk_n[t];
+            memcpy(unpack ? in_stage : in_shard, unpack ? in_shard : in_stage, s->chunk_n[t] * sizeof(float));
+        }
+    }
+}
+
+// Elements of the whole-tensor bucket (wte, wpe, lnf: those the stage has).
+static size_t whole_bucket_elems(const Layout *y) {
+    size_t n = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += is_layer_tensor(t) ? 0 : y->sizes[t];
+    return n;
+}
+
+// --zero 3: the shard's offsets, where each tensor sits in its bucket's
+// buffer, and params and grads cut down to their shards (keeping the chunks
+// of the parameters the stage holds now).
+static int stage_shard(Stage *s) {
+    size_t at = 0, in_layer = 0, in_whole = 0, lo, hi;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
+        s->shard_at[t] = at;
+        s->chunk_n[t] = hi - lo;
+        at += (hi - lo) * segment_count(&s->y, t);
+        size_t *in = is_layer_tensor(t) ? &in_layer : &in_whole;
+        s->in_bucket[t] = *in;
+        *in += s->y.sizes[t] ? segment_elems(&s->y, t) : 0;
+    }
+    float *params = calloc_or_fail(at, sizeof(float), "the parameters' shard");
+    float *grads = calloc_or_fail(at, sizeof(float), "the gradients' shard");
+    s->whole[0] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gathered parameters");
+    s->whole[1] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gradients");
+    s->held[0] = (float **)calloc_or_fail(s->y.nl + 1, sizeof(float *), "the held buckets");
+    s->held[1] = (float **)calloc_or_fail(s->y.nl + 1, sizeof(float *), "the held buckets");
+    if (!params || !grads || !s->whole[0] || !s->whole[1] || !s->held[0] || !s->held[1]) {
+        free(params); free(grads);
+        return -1;
+    }
+    shard_copy(s, s->params, params, 0);
+    free(s->params); free(s->grads);
+    s->params = params;
+    s->grads = grads;
+    s->pools[0].elems = s->pools[1].elems = in_layer;
+    s->sharded = 1;
+    return comm_start(s);
+}
+
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    if (zero != 0 && zero != 1 && zero != 3) return fail("--zero %d: expected 0, 1 or 3", zero);
+    if (s->base.zero || s->base.links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
+    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    s->opt_elems = shard_elems(&s->y, part, parts);
+    free(s->m); free(s->v);
+    s->m = calloc_or_fail(s->opt_elems, sizeof(float), "AdamW's m");
+    s->v = calloc_or_fail(s->opt_elems, sizeof(float), "AdamW's v");
+    if (!s->m || !s->v) return -1;
+    return zero == 3 ? stage_shard(s) : 0;
+}
+
+int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
+    if (!s->sharded) return fail("layer buffers are --zero 3's, and this stage is not sharded");
+    if (gathered < 0 || grads < 0 || gathered > s->y.nl || grads > s->y.nl)
+        return fail("%d gathered and %d gradient buffers for %d layers", gathered, grads, s->y.nl);
+    size_t elems = s->pools[0].elems;
+    return pool_make(&s->pools[0], gathered, elems, "the gathered layers' buffers") ||
+           pool_make(&s->pools[1], grads, elems, "the layers' gradient buffers") ? -1 : 0;
+}
+
+// What stage_create, stage_set_replicas and stage_set_layer_buffers allocated.
+void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
+    size_t P = s->sharded ? s->opt_elems : s->y.num_params;  // zero 3's shard is the optimizer's
+    size_t whole = s->whole[0] ? whole_bucket_elems(&s->y) : 0, BT = (size_t)s->B * s->T;
+    bytes[MEMORY_PARAMS] = 4 * P;
+    bytes[MEMORY_GRADS] = 4 * (P + (s->dwte_embed ? s->y.sizes[P_WTE] : 0));
+    bytes[MEMORY_OPTIMIZER] = 8 * s->opt_elems;
+    bytes[MEMORY_GATHERED] = 4 * ((size_t)s->pools[0].count * s->pools[0].elems + whole);
+    bytes[MEMORY_GRAD_BUFFERS] = 4 * ((size_t)s->pools[1].count * s->pools[1].elems + whole);
+    // the slots, their token ids, and the (B,T,C) and (B,T,4C) scratch
+    bytes[MEMORY_ACTIVATIONS] = 4 * ((size_t)s->run.nslots * (s->slot_elems + 2 * BT) + 5 * BT * s->y.cfg.channels);
+}
+
+// --zero 3 after the last step: the whole stage's parameters, gathered once,
+// kept in the stage layout (grads too, zeroed), so sampling and forward-only
+// lists work as under --zero 1.
+int stage_unshard_params(Stage *s) {
+    if (!s->sharded) return 0;
+    float *params = calloc_or_fail(s->y.num_params, sizeof(float), "the gathered parameters");
+    float *grads = calloc_or_fail(s->y.num_params, sizeof(float), "the gradients");
+    if (!params || !grads) { free(params); free(grads); return -1; }
+    shard_copy(s, params, s->params, 1);
+    int rc = 0;
+    for (int b = 0; b <= s->y.nl && rc == 0; b++) {
+        int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+        Segment segs[NUM_PARAM_TENSORS];
+        int n = bucket_segments(&s->y, b, tensors, layers);
+        for (int i = 0; i < n; i++) {
+            segs[i].p = params + s->y.offsets[tensors[i]] + layers[i] * segment_elems(&s->y, tensors[i]);
+            segs[i].n = segment_elems(&s->y, tensors[i]);
+        }
+        rc = ring_collective(&s->base.links, segs, n, b, 1);
+    }
+    if (rc) { free(params); free(grads); return -1; }
+    free(s->params); free(s->grads);
+    s->params = params;
+    s->grads = grads;
+    s->sharded = 0;
+    return 0;
+}
+
+// --zero 3 (FSDP). The stage keeps chunk d of every segment of its
+// parameters, gradients and AdamW state. In a step, a layer's whole
+// parameters exist only from its ALLGATHER to its FREE, in a buffer of the
+// gathered pool, and its whole gradient from its first BWD_WEIGHT to its
+// REDUCE_SCATTER, in a buffer of the gradient pool; both pools have what the
+// validator counted as this rank's peak. With m > 1 micro-batches a layer's
+// gradient buffer stays from the first micro-batch's backward to the last:
+// summing the micro-batches locally first, then over the ring, is the order
+// zero 0 sums in, which keeps zero 3 bitwise equal to it (torch's FSDP
+// reduce-scatters every micro-batch instead, which sums in another order).
+// The whole-tensor bucket (wte, wpe, lnf) has its own two buffers, gathered
+// at the start of the step and held to its end: the embedding uses wte first
+// and the head last, so it is needed at both ends of every micro-batch.
+
 static int hook_begin(void *stage, int m, int training) {
     Stage *s = (Stage *)stage;
+    if (s->sharded) {  // every list starts holding nothing (a failed one may have left buffers out)
+        pthread_mutex_lock(&s->comm.lock);
+        while (!queue_empty(s, 0)) pthread_cond_wait(&s->comm.changed, &s->comm.lock);  // a failed list's rest is skipped
+        s->comm.head = s->comm.tail = s->comm.failed = s->comm.skip = 0;
+        pthread_mutex_unlock(&s->comm.lock);
+        for (int k = 0; k < 2; k++) {
+            for (int b = 0; b < s->y.nl; b++) s->held[k][b] = NULL;
+            s->pools[k].nfree = s->pools[k].count;
+            for (int i = 0; i < s->pools[k].count; i++)
+                s->pools[k].free_list[i] = s->pools[k].memory + (size_t)i * s->pools[k].elems;
+        }
+        s->held[0][s->y.nl] = NULL;
+        s->held[1][s->y.nl] = s->whole[1];
+    }
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
-        memset(s->grads, 0, s->y.num_params * sizeof(float));
+        if (s->sharded) memset(s->whole[1], 0, whole_bucket_elems(&s->y) * sizeof(float));
+        else memset(s->grads, 0, s->y.num_params * sizeof(float));
         if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
         s->wte_summed = 0;
     }
     return 0;
 }
 
-static int hook_forward(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+// The layers [l0, l1) a compute op of part `part` runs.
+static void op_layers(const Stage *s, int part, int *l0, int *l1) {
+    *l0 = part < 0 ? 0 : part;
+    *l1 = part < 0 ? s->y.nl : part + 1;
+}
+
+// FWD and BWD_INPUT need the parameters of their layers, and of the whole
+// tensors when they run the embedding or the head: under --zero 3, gathered
+// (waiting for the comm thread to finish the gather if it has it queued).
+static int check_gathered(Stage *s, int kind, int l0, int l1) {
+    if (!s->sharded) return 0;
+    int nl = s->y.nl, whole = (s->y.first && l0 == 0) || (s->y.last && l1 == nl), rc = 0;
+    pthread_mutex_lock(&s->comm.lock);
+    for (int b = l0; b <= nl && rc == 0; b++) {
+        if (b == l1) b = nl;
+        if (b == nl && !whole) break;
+        rc = comm_wait(s, gathered_or_idle, b);
+        if (rc == 0 && !s->held[0][b])
+            rc = fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
+                      s->y.lo, s->y.hi, OP_NAMES[kind], l0, b);
+    }
+    pthread_mutex_unlock(&s->comm.lock);
+    return rc;
+}
+
+static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
                         int training) {
     (void)dloss; (void)training;
     Stage *s = (Stage *)stage;
     Slot *a = &s->slots[slot];
     size_t BT = (size_t)s->B * s->T;
-    if (inputs) memcpy(a->inputs, inputs, BT * sizeof(int));
-    stage_forward(s, a, s->B, s->T);
-    if (targets) {
+    int l0, l1;
+    op_layers(s, part, &l0, &l1);
+    if (check_gathered(s, OP_FWD, l0, l1)) return -1;
+    if (inputs && l0 == 0) memcpy(a->inputs, inputs, BT * sizeof(int));
+    stage_forward(s, a, s->B, s->T, l0, l1);
+    if (targets && l1 == s->y.nl) {
         memcpy(a->targets, targets, BT * sizeof(int));
         s->run.mb_losses[mb] = stage_loss(s, a);
     }
     return 0;
 }
 
-static int hook_backward_input(void *stage, int slot, float dloss) {
+static int hook_backward_input(void *stage, int slot, int part, float dloss) {
     Stage *s = (Stage *)stage;
-    stage_backward_input(s, &s->slots[slot], dloss);
+    int l0, l1;
+    op_layers(s, part, &l0, &l1);
+    if (check_gathered(s, OP_BWD_INPUT, l0, l1)) return -1;
+    stage_backward_input(s, &s->slots[slot], dloss, l0, l1);
     return 0;
 }
 
-static int hook_backward_weight(void *stage, int slot) {
+static int hook_backward_weight(void *stage, int slot, int part) {
     Stage *s = (Stage *)stage;
-    stage_backward_weight(s, &s->slots[slot]);
-    return 0;
+    int l0, l1;
+    op_layers(s, part, &l0, &l1);
+    // a layer's first backward of the step takes a gradient buffer: one the
+    // validator counted free, once the comm thread has reduce-scattered
+    // what held it (its reduce-scatters lag the list, never block on us)
+    int rc = 0;
+    if (s->sharded) pthread_mutex_lock(&s->comm.lock);
+    for (int l = l0; s->sharded && l < l1 && rc == 0; l++) {
+        if (s->held[1][l] || s->comm.pending[1][l]) {
+            if (s->comm.pending[1][l])
+                rc = fail("stage [%d,%d): BWD_WEIGHT of layer %d after its REDUCE_SCATTER", s->y.lo, s->y.hi, l);
+            continue;
+        }
+        if (s->pools[1].count == 0)
+            rc = fail("stage [%d,%d): layer %d needs a gradient buffer but the stage has none (the op list holds "
+                      "more than the validator's peak)", s->y.lo, s->y.hi, l);
+        if (rc == 0) rc = comm_wait(s, grad_buffer_free, 0);
+        if (rc == 0) {
+            s->held[1][l] = s->pools[1].free_list[--s->pools[1].nfree];
+            memset(s->held[1][l], 0, s->pools[1].elems * sizeof(float));
+        }
+    }
+    if (s->sharded) pthread_mutex_unlock(&s->comm.lock);
+    if (rc == 0) stage_backward_weight(s, &s->slots[slot], l0, l1);
+    return rc;
 }
 
 static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
@@ -727,38 +1111,144 @@ static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) 
     return comm_group(&s->base.links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
 }
 
-// A bucket's (tensor, layer) segments in base (params or grads).
-static int bucket_in(Stage *s, float *base, int bucket, Segment *segs) {
-    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+// A bucket's (tensor, layer) segments: in the stage layout of base (params
+// or grads), or under --zero 3 in the bucket's buffer buf; sets tensors[i] too.
+static int bucket_in(Stage *s, float *base, float *buf, int bucket, Segment *segs, int *tensors) {
+    int layers[NUM_PARAM_TENSORS];
     int n = bucket_segments(&s->y, bucket, tensors, layers);
     for (int i = 0; i < n; i++) {
-        segs[i].p = layer_tensor(s, base, tensors[i], layers[i]);
+        segs[i].p = buf ? buf + s->in_bucket[tensors[i]] : layer_tensor(s, base, tensors[i], layers[i]);
         segs[i].n = segment_elems(&s->y, tensors[i]);
     }
     return n;
 }
 
-// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its parameters.
+// --zero 3: this replica's chunks of a bucket between its whole buffer
+// (segs) and the shard, shard to buffer before an all-gather, buffer to shard
+// after a reduce-scatter.
+static void bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors, int n, int bucket, float *shard,
+                               int to_shard) {
+    for (int i = 0; i < n; i++) {
+        int t = tensors[i];
+        size_t lo, hi;
+        chunk_range(segs[i].n, s->base.links.replica, s->base.links.replicas, &lo, &hi);
+        float *chunk = shard + s->shard_at[t] + (is_layer_tensor(t) ? bucket : 0) * s->chunk_n[t];
+        memcpy(to_shard ? chunk : segs[i].p + lo, to_shard ? segs[i].p + lo : chunk, (hi - lo) * sizeof(float));
+    }
+}
+
+// The ring half of --zero 3's ALLGATHER and REDUCE_SCATTER of a bucket, on
+// the comm thread.
+// Bytes: a gather or a reduce-scatter of bucket b moves (D-1)/D * P_b values
+// each way (ring_collective), so a step in which bucket b is gathered g_b
+// times moves sum_b (g_b + 1)(D-1)/D * P_b values each way, 4x that in bytes:
+// 3(D-1)/D * P for layers gathered twice (forward, backward) per micro-batch
+// of a one-micro-batch step, 2(D-1)/D * P_b for the whole-tensor bucket, which
+// is gathered once.
+static int fsdp_ring(Stage *s, int kind, int bucket) {
+    int nl = s->y.nl, tensors[NUM_PARAM_TENSORS], gather = kind == OP_ALLGATHER;
+    Segment segs[NUM_PARAM_TENSORS];
+    float *buf;
+    pthread_mutex_lock(&s->comm.lock);
+    if (gather && bucket < nl && !s->pools[0].nfree) {  // the validator's peak rules it out
+        pthread_mutex_unlock(&s->comm.lock);
+        return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
+                    "holds more than the validator's peak)", s->y.lo, s->y.hi, bucket, s->pools[0].count);
+    }
+    buf = !gather ? s->held[1][bucket] : bucket < nl ? s->pools[0].free_list[--s->pools[0].nfree] : s->whole[0];
+    pthread_mutex_unlock(&s->comm.lock);
+    int n = bucket_in(s, NULL, buf, bucket, segs, tensors);
+    if (gather) {
+        bucket_chunks_copy(s, segs, tensors, n, bucket, s->params, 0);
+        if (ring_collective(&s->base.links, segs, n, bucket, 1)) return -1;
+    } else {
+        if (bucket == nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
+        if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
+        bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
+    }
+    pthread_mutex_lock(&s->comm.lock);
+    if (gather) {
+        s->held[0][bucket] = buf;
+    } else if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
+        s->pools[1].free_list[s->pools[1].nfree++] = buf;
+        s->held[1][bucket] = NULL;
+    }
+    pthread_mutex_unlock(&s->comm.lock);
+    return 0;
+}
+
+// --zero 3's ALLGATHER, FREE and REDUCE_SCATTER of a bucket, on the compute
+// thread: the collectives are queued for the comm thread, a FREE gives the
+// bucket's buffer back once its gather is done.
+static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
+    if (kind != OP_ALLGATHER && kind != OP_FREE && (kind != OP_REDUCE_SCATTER || !training))
+        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->y.lo, s->y.hi, OP_NAMES[kind], bucket,
+                    training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
+    int rc = 0;
+    pthread_mutex_lock(&s->comm.lock);
+    if (kind == OP_ALLGATHER) {
+        rc = s->held[0][bucket] || s->comm.pending[0][bucket]
+                 ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->y.lo, s->y.hi, bucket)
+                 : comm_enqueue(s, kind, bucket);
+    } else if (kind == OP_FREE) {
+        rc = comm_wait(s, gathered_or_idle, bucket);
+        if (rc == 0 && !s->held[0][bucket])
+            rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", s->y.lo, s->y.hi, bucket);
+        if (rc == 0 && bucket < s->y.nl) s->pools[0].free_list[s->pools[0].nfree++] = s->held[0][bucket];
+        if (rc == 0) s->held[0][bucket] = NULL;
+        pthread_cond_broadcast(&s->comm.changed);
+    } else {
+        rc = !s->held[1][bucket] || s->comm.pending[1][bucket]
+                 ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->y.lo,
+                        s->y.hi, bucket)
+                 : comm_enqueue(s, kind, bucket);
+    }
+    pthread_mutex_unlock(&s->comm.lock);
+    return rc;
+}
+
+// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
+// parameters (into the stage's own under --zero 1); --zero 3's above.
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
+    if (s->sharded) return fsdp_collective(s, kind, bucket, training);
     Segment segs[NUM_PARAM_TENSORS];
+    int tensors[NUM_PARAM_TENSORS];
+    if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free", bucket);
     if (kind == OP_ALLGATHER)
-        return ring_collective(&s->base.links, segs, bucket_in(s, s->params, bucket, segs), bucket, 1);
+        return ring_collective(&s->base.links, segs, bucket_in(s, s->params, NULL, bucket, segs, tensors), bucket, 1);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
     if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
-    int n = bucket_in(s, s->grads, bucket, segs);
+    int n = bucket_in(s, s->grads, NULL, bucket, segs, tensors);
     if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
     return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
 }
 
+// --zero 3: the list is done when its last collective is
+static int hook_end(void *stage, int m) {
+    (void)m;
+    Stage *s = (Stage *)stage;
+    if (!s->sharded) return 0;
+    pthread_mutex_lock(&s->comm.lock);
+    int rc = comm_wait(s, queue_empty, 0);
+    pthread_mutex_unlock(&s->comm.lock);
+    return rc;
+}
+
 static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
-                                     hook_message_buffers, hook_exchange, hook_collective, NULL, NULL};
+                                     hook_message_buffers, hook_exchange, hook_collective, NULL, hook_end};
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    return run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
-                       inputs, targets, training, loss_sum);
+    int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops, inputs,
+                         targets, training, loss_sum);
+    if (rc && s->sharded) {  // the comm thread finishes the collective it is in (a ring step times out) and no more
+        pthread_mutex_lock(&s->comm.lock);
+        s->comm.skip = 1;
+        pthread_mutex_unlock(&s->comm.lock);
+    }
+    return rc;
 }
 
 // ----------------------------------------------------------------------------
@@ -766,7 +1256,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 
 int stage_sum_wte_grads(Stage *s) {
     if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
-    float *head = tensor(s, s->grads, P_WTE), *embed = s->dwte_embed;
+    float *head = grad_of(s, P_WTE, 0), *embed = s->dwte_embed;
     size_t n = s->y.sizes[P_WTE];
     if (!(s->y.first && s->y.last)) {
         // the first stage has the embedding's part, the last the head's: swap
@@ -819,24 +1309,30 @@ void stage_grad_norm_parts(Stage *s, double *parts) {
             size_t lo, hi;
             chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
             int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
-            parts[part] = sum_squares(layer_tensor(s, s->grads, t, l) + lo, hi - lo);
+            const float *chunk = s->sharded ? s->grads + s->shard_at[t] + l * s->chunk_n[t]
+                                            : layer_tensor(s, s->grads, t, l) + lo;
+            parts[part] = sum_squares(chunk, hi - lo);
         }
 }
 
 void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
     const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
     float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
-    // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER spreads the rest)
-    int shard = s->base.zero > 0, parts = shard ? s->base.links.replicas : 1, part = shard ? s->base.links.replica : 0;
+    // zero 0: every element; zero 1: chunk d of each segment (ALLGATHER
+    // spreads the rest), whose m and v are this rank's shard
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    size_t at_shard = 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         float wd = is_matrix(t) ? weight_decay : 0.0f;
         size_t seg = segment_elems(&s->y, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (int l = 0; s->y.sizes[t] && l < (is_layer_tensor(t) ? s->y.nl : 1); l++) {
-            size_t at = s->y.offsets[t] + l * seg;
-            float *p = s->params + at, *g = s->grads + at, *m = s->m + at, *v = s->v + at;
+        for (int l = 0; l < segment_count(&s->y, t); l++, at_shard += hi - lo) {
+            // the parameters and gradients: in place, or (zero 3) where m and v are
+            size_t at = s->sharded ? at_shard : s->y.offsets[t] + l * seg + lo;
+            float *p = s->params + at, *g = s->grads + at, *m = s->m + at_shard, *v = s->v + at_shard;
             #pragma omp parallel for
-            for (size_t i = lo; i < hi; i++) {
+            for (size_t i = 0; i < hi - lo; i++) {
                 float gi = g[i] * grad_scale;
                 m[i] = b1 * m[i] + (1.0f - b1) * gi;
                 v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
@@ -868,18 +1364,27 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 // ----------------------------------------------------------------------------
 // checkpoint I/O (the file formats are in common.h)
 
-int stage_load(Stage *s, const char *path) { return model_file_read(&s->y, path, s->params); }
+int stage_load(Stage *s, const char *path) {
+    if (!s->sharded) return model_file_read(&s->y, path, s->params);
+    float *whole_stage = calloc_or_fail(s->y.num_params, sizeof(float), "the parameters, before sharding");
+    int rc = !whole_stage || model_file_read(&s->y, path, whole_stage) ? -1 : 0;
+    if (rc == 0) shard_copy(s, whole_stage, s->params, 0);
+    free(whole_stage);
+    return rc;
+}
 
 // zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
-    int parts = s->base.zero > 0 ? s->base.links.replicas : 1;
-    return checkpoint_files_write(&s->y, dir, ts, s->params, s->m, s->v, s->base.zero > 0 ? s->base.links.replica : 0,
-                                  parts);
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    return checkpoint_files_write(&s->y, dir, ts, s->params, s->sharded, s->m, s->v, part, parts);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
-    return checkpoint_files_read(&s->y, dir, step, ts, s->params, s->m, s->v);
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    return checkpoint_files_read(&s->y, dir, step, ts, s->params, s->sharded, s->m, s->v, part, parts);
 }
 
 // ----------------------------------------------------------------------------
@@ -888,6 +1393,7 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k,
                  uint64_t seed, int *out) {
     if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
+    if (s->sharded) return fail("sampling needs the whole parameters: stage_unshard_params first (--zero 3)");
     int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
     Candidate *cand = malloc(sizeof(Candidate) * top_k);
     if (!cand) return fail("out of memory for top-k");
@@ -898,8 +1404,8 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
         // no KV cache: rerun the last T tokens (cheap at the sizes we sample)
         int T = len < s->T ? len : s->T;
         memcpy(a->inputs, out + len - T, T * sizeof(int));
-        stage_forward(s, a, 1, T);
-        matmul_forward(a->probs, a->lnf + (size_t)(T - 1) * C, tensor(s, s->params, P_WTE), NULL, 1, C, Vp);
+        stage_forward(s, a, 1, T, 0, s->y.nl);
+        matmul_forward(a->probs, a->lnf + (size_t)(T - 1) * C, param_of(s, P_WTE, 0), NULL, 1, C, Vp);
         out[len] = sample_top_k(a->probs, V, temperature, top_k, &rng, cand);
     }
     free(cand);

@@ -1986,6 +1986,31 @@ static int stage_backward_weight(Stage *s, Slot *a) {
 // transport: NCCL when set (ranks on separate GPUs), else the sockets of
 // common.h with the device buffers staged through pinned host memory
 
+// Refused before step 1: the GPU trainer keeps every replica's optimizer state whole.
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    if (zero > 0) return fail("--zero %d runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0", zero);
+    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
+    return 0;
+}
+
+int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
+    (void)s; (void)gathered; (void)grads;
+    return fail("--zero 3 runs on the CPU trainer only (--device cpu)");
+}
+
+int stage_unshard_params(Stage *s) {
+    (void)s;
+    return fail("--zero 3 runs on the CPU trainer only (--device cpu)");
+}
+
+void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
+    memset(bytes, 0, NUM_MEMORY * sizeof(uint64_t));
+    bytes[MEMORY_PARAMS] = s->P_dev * sizeof(float);
+    bytes[MEMORY_GRADS] = s->P_dev * sizeof(float) + (s->y.first ? s->y.sizes[P_WTE] * sizeof(float) : 0);
+    bytes[MEMORY_OPTIMIZER] = 2 * s->P_dev * sizeof(float);
+    bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.nslots * s->slot_bytes;
+}
+
 // Waits for the stream (and the NCCL operations on it) without ever hanging:
 // a peer error or no completion within the link timeout aborts the
 // communicator and fails.
@@ -2054,12 +2079,12 @@ static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
     if (s->nccl) {
         int sending[MAX_GROUP] = {0}, peers[MAX_GROUP] = {0};
         for (int i = 0; i < n; i++) {
-            int kind = ops[2 * i], to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
+            int kind = ops[OP_INTS * i], to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
             sending[i] = kind == OP_SEND_ACT || kind == OP_SEND_GRAD;
             peers[i] = nccl_peer(s, to_next);
             if (peers[i] < 0)
                 return fail("stage [%d,%d): %s mb %d but there is no %s stage", s->y.lo, s->y.hi, OP_NAMES[kind],
-                            ops[2 * i + 1], to_next ? "next" : "previous");
+                            ops[OP_INTS * i + 1], to_next ? "next" : "previous");
         }
         CHECK(nccl_exchange(s, n, sending, peers, dev, BTC, NCCL_X, "activation/gradient exchange"));
         for (int i = 0; i < n; i++) links_count(&s->base.links, TRAFFIC_PIPELINE, sending[i], nbytes);
@@ -2075,13 +2100,13 @@ static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
     void *bufs[MAX_GROUP];
     for (int i = 0; i < n; i++) {
         bufs[i] = s->pinned + (size_t)i * nbytes;
-        if (ops[2 * i] == OP_SEND_ACT || ops[2 * i] == OP_SEND_GRAD)
+        if (ops[OP_INTS * i] == OP_SEND_ACT || ops[OP_INTS * i] == OP_SEND_GRAD)
             CUDA_CHECK(cudaMemcpyAsync(bufs[i], dev[i], nbytes, cudaMemcpyDeviceToHost, s->stream));
     }
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     CHECK(comm_group(&s->base.links, ops, n, bufs, nbytes));
     for (int i = 0; i < n; i++)
-        if (ops[2 * i] == OP_RECV_ACT || ops[2 * i] == OP_RECV_GRAD)
+        if (ops[OP_INTS * i] == OP_RECV_ACT || ops[OP_INTS * i] == OP_RECV_GRAD)
             CUDA_CHECK(cudaMemcpyAsync(dev[i], bufs[i], nbytes, cudaMemcpyHostToDevice, s->stream));
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
@@ -2150,12 +2175,11 @@ static int nccl_allreduce_bucket(Stage *s, int bucket) {
 // loop is common.h's run_op_list; these are its hooks (the message ones are
 // with the transport above).
 
-// ALLREDUCE of a bucket's gradients (the GPU trainer has no --zero 1 yet):
+// ALLREDUCE of a bucket's gradients (the GPU trainer has --zero 0 only):
 // NCCL when the replicas have GPUs of their own, else common.h's socket ring
 // with the bucket staged through the host mirrors.
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
-    if (s->base.zero > 0) return fail("--zero %d is not on the GPU yet (--zero 0 is)", s->base.zero);
     if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
@@ -2198,31 +2222,39 @@ static int hook_begin(void *stage, int m, int training) {
     return 0;
 }
 
-static int hook_forward(void *stage, int slot, int mb, const int *inputs, const int *targets, float dloss,
+// The GPU runs whole stages: per-layer ops are --zero 3's, which it refuses.
+static int whole_stage(int part) {
+    return part == -1 ? 0 : fail("per-layer compute ops (part %d) run on the CPU trainer only (--zero 3)", part);
+}
+
+static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
                         int training) {
     Stage *s = (Stage *)stage;
     Slot *a = &s->slots[slot];
+    CHECK(whole_stage(part));
     if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, a, inputs, targets, mb)));
     CHECK(stage_forward(s, a, s->B, s->T));
     if (s->y.last) CHECK(stage_loss(s, a, mb, dloss, training));
     return 0;
 }
 
-static int hook_backward_input(void *stage, int slot, float dloss) {
+static int hook_backward_input(void *stage, int slot, int part, float dloss) {
     (void)dloss;  // stage_loss fused it into d(logits)
     Stage *s = (Stage *)stage;
+    CHECK(whole_stage(part));
     return stage_backward_input(s, &s->slots[slot]);
 }
 
-static int hook_backward_weight(void *stage, int slot) {
+static int hook_backward_weight(void *stage, int slot, int part) {
     Stage *s = (Stage *)stage;
+    CHECK(whole_stage(part));
     return stage_backward_weight(s, &s->slots[slot]);
 }
 
 // compute ops: wait for the work, so op times are the GPU's and faults surface here
 static int hook_op_done(void *stage, int kind, double t_start) {
     Stage *s = (Stage *)stage;
-    if (is_message(kind) || is_collective(kind)) {
+    if (is_message(kind) || is_bucket_op(kind)) {
         if (s->prof.on) s->prof.comm_ms += 1e3 * (now_seconds() - t_start);
         return 0;
     }
@@ -2524,14 +2556,14 @@ int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(download_params(s, s->h_params, s->d_params));
     CHECK(download_params(s, s->h_m, s->d_m));
     CHECK(download_params(s, s->h_v, s->d_v));
-    return checkpoint_files_write(&s->y, dir, ts, s->h_params, s->h_m, s->h_v, 0, 1);
+    return checkpoint_files_write(&s->y, dir, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
-    CHECK(checkpoint_files_read(&s->y, dir, step, ts, s->h_params, s->h_m, s->h_v));
+    CHECK(checkpoint_files_read(&s->y, dir, step, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1));
     CHECK(upload_params(s, s->d_m, s->h_m));
     CHECK(upload_params(s, s->d_v, s->h_v));
     return sync_to_device(s);

@@ -7,8 +7,10 @@ element's sum over the replicas runs in one order that depends only on its
 chunk and D (common.h, ring_collective). Across D the sums are reordered, so
 results agree with the 1-rank run within fp32 rounding and with the float64
 reference within test_model's tolerances. The transport's byte counts equal
-the formulas. Bad grids are one-line errors; a killed rank of a 2 x 2 grid
-ends the job, and resuming is bitwise."""
+the formulas, and the stage's allocations the sum of their parts (under
+--zero 3: the shards and the validator's buffers). Bad grids are one-line
+errors; a killed rank of a 2 x 2 grid, or of an FSDP run, ends the job, and
+resuming is bitwise, across zero stages too."""
 
 import os
 import re
@@ -51,8 +53,8 @@ def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: i
     keep = ring_of(models, zero) if D > 1 else []
     buckets = CFG["num_layers"] + 1
     train_ops, after_ops = pipeline.data_parallel_ops(buckets, zero) if D > 1 else ([], [])
-    ops = np.vstack([step_ops(m)] + [np.array([(op.kind, op.mb)]) for op in train_ops])
-    after = np.array([(op.kind, op.mb) for op in after_ops]).reshape(-1, 2)
+    ops = np.vstack([np.hstack([step_ops(m), np.full((3 * m, 1), -1)])] + [np.array([op]) for op in train_ops])
+    after = np.array(after_ops).reshape(-1, 3)
     history, losses = [], [0.0] * D
     for step in range(steps):
         batch = data[step * m * D:(step + 1) * m * D]
@@ -127,7 +129,7 @@ def test_ring_sums_in_its_canonical_order():
         for g in model.grads().values():
             g[...] = values[d]
     # an op list without micro-batches leaves the gradients as they are
-    ops = np.array([(gpt.ALLREDUCE, 0)])
+    ops = np.array([pipeline.Op(gpt.ALLREDUCE, -1, 0)])
     assert run_threads([lambda d=d: models[d].run(ops) for d in range(D)]) == [None] * D
     del keep
     for model in models:
@@ -164,11 +166,84 @@ def test_grid_validator_checks_collectives_like_sends():
     # pipeline for rank 3, which waits in its all-reduce for rank 1, which
     # waits for rank 0's activations
     pipe = pipeline.schedule("1f1b", S, m)
-    cycle = [[pipeline.Op(AR, 0)] + pipe[0], pipe[1] + [pipeline.Op(AR, 0)],
-             pipe[0] + [pipeline.Op(AR, 0)], [pipeline.Op(AR, 0)] + pipe[1]]
+    ar = pipeline.Op(AR, -1, 0)
+    cycle = [[ar] + pipe[0], pipe[1] + [ar], pipe[0] + [ar], [ar] + pipe[1]]
     fails(cycle, "deadlock", "rank 0 waits at slot 0 (ALLREDUCE bucket 0) for rank 2")
     one = pipeline.grid_schedule("1f1b", S, 1, m, [3, 3], 0)[0]
-    fails([ops + [pipeline.Op(AR, 0)] for ops in one], "ALLREDUCE bucket 0 but the stage has no other replica")
+    fails([ops + [ar] for ops in one], "ALLREDUCE bucket 0 but the stage has no other replica")
+
+
+def test_fsdp_validator_checks_gathers_frees_and_their_order():
+    """--zero 3 lists: the peaks of gathered layers and of layer gradients
+    are counted from the list; compute on a layer that is not gathered, a
+    FREE of a bucket that is not held and replicas that reduce-scatter in
+    another order are one-line errors."""
+    S, D, m, buckets = 2, 2, 2, [3, 3]
+    Op, AG, FREE, RS = pipeline.Op, pipeline.ALLGATHER, pipeline.FREE, pipeline.REDUCE_SCATTER
+    train, after = pipeline.grid_schedule("zb-h1", S, D, m, buckets, 3)
+    assert after == [[]] * (S * D)
+    result = pipeline.validate_grid(train, S, m, buckets=buckets, zero=3)
+    # a layer computes while the next is gathered; zb-h1 defers the Ws, so
+    # both layers' gradients are held from the first micro-batch's W to the last one's
+    assert result.peak_gathered == [2] * 4 and result.peak_grads == [2] * 4
+    assert result.peak_held == pipeline.validate(pipeline.schedule("zb-h1", S, m), m).peak_held * D
+
+    def fails(ranks, *words):
+        with pytest.raises(pipeline.ScheduleError) as e:
+            pipeline.validate_grid(ranks, S, m, buckets=buckets, zero=3)
+        first = str(e.value).splitlines()[0]
+        assert all(w in first for w in words), first
+
+    ungathered = [list(ops) for ops in train]
+    i = ungathered[1].index(Op(pipeline.FWD, 0, 1))
+    j = max(k for k in range(i) if ungathered[1][k] == Op(AG, -1, 1))
+    del ungathered[1][i + 1], ungathered[1][j]  # rank 1's FWD of layer 1 without its ALLGATHER and FREE
+    fails(ungathered, "rank 1: FWD mb 0 layer 1: bucket 1 is not gathered")
+    unheld = [[Op(FREE, -1, 0)] + ops if r == 0 else ops for r, ops in enumerate(train)]
+    fails(unheld, "rank 0: FREE bucket 0: FREE of a bucket that is not held")
+    swapped = [list(ops) for ops in train]
+    assert swapped[2][-3:] == [Op(RS, -1, 0), Op(RS, -1, 2), Op(FREE, -1, 2)]
+    swapped[2][-3:-1] = swapped[2][-2:-4:-1]  # replica 1's stage 0 reduces its last two buckets the other way round
+    fails(swapped, "rank 2: collective", "is REDUCE_SCATTER bucket 2, but rank 0's is REDUCE_SCATTER bucket 0")
+
+
+def tiny_bucket_sizes(lo: int, hi: int) -> list[int]:
+    """Values per bucket of a tiny stage [lo, hi): each layer's, then its whole tensors'."""
+    params = gpt.Model(gpt.config_from_name("tiny"), lo, hi, 1, 16, 1).params()
+    layer = sum(v[0].size for k, v in params.items() if k not in ("wte", "wpe", "lnfw", "lnfb"))
+    return [layer] * (hi - lo) + [sum(v.size for k, v in params.items() if k in ("wte", "wpe", "lnfw", "lnfb"))]
+
+
+def test_fsdp_allocates_its_shards_and_the_validators_buffers():
+    """stage_memory_bytes against the sum of its parts, counted here from the
+    stage's tensors: zero 0 keeps P parameters, gradients and AdamW moments;
+    zero 1 chunk d of every (tensor, layer) segment of the moments; zero 3
+    chunk d of all three, plus the gathered and gradient buffers it was
+    given (a layer's 12 tensors each) and the whole tensors' two buffers."""
+    cfg, D = gpt.config_from_name("tiny"), 2
+    whole = ("wte", "wpe", "lnfw", "lnfb")
+    params = gpt.Model(cfg, 0, 4, 1, 16, 1).params()
+
+    def chunk(n: int, d: int) -> int:  # common.h's chunk_range: ceil(n/D) each, the last ones shorter
+        size = -(-n // D)
+        return max(0, min(n, (d + 1) * size) - min(n, d * size))
+    for d in range(D):
+        shard = sum(chunk(v.size if k in whole else v[0].size, d) * (1 if k in whole else len(v))
+                    for k, v in params.items())
+        layer, whole_bucket = tiny_bucket_sizes(0, 4)[0], tiny_bucket_sizes(0, 4)[-1]
+        P, wte = sum(v.size for v in params.values()), params["wte"].size
+        for zero, want in [(0, (P, P + wte, 2 * P, 0, 0)), (1, (P, P + wte, 2 * shard, 0, 0)),
+                           (3, (shard, shard + wte, 2 * shard, 2 * layer + whole_bucket, 3 * layer + whole_bucket))]:
+            model = gpt.Model(cfg, 0, 4, 1, 16, 1)
+            a, b = socket.socketpair()
+            model.set_replicas(a.fileno(), b.fileno(), d, D, zero)
+            if zero == 3:
+                model.set_layer_buffers(2, 3)
+                assert model.params() == {}, "a sharded stage has no whole tensors to show"
+            got = model.memory_bytes()
+            assert (got["params"], got["grads"], got["optimizer"], got["gathered"], got["grad_buffers"]) == \
+                tuple(4 * n for n in want), (zero, d, got)
+            a.close(); b.close()
 
 
 # -----------------------------------------------------------------------------
@@ -187,7 +262,8 @@ def two_replicas(data_dir, tmp_path_factory):
     return grid_run(data_dir, str(tmp_path_factory.mktemp("dp2")), 1, 2, 0)[0]
 
 
-@pytest.mark.parametrize("stages,zero,schedule", [(1, 1, "1f1b"), (2, 0, "zb-h1"), (2, 1, "gpipe")])
+@pytest.mark.parametrize("stages,zero,schedule", [(1, 1, "1f1b"), (2, 0, "zb-h1"), (2, 1, "gpipe"), (1, 3, "1f1b"),
+                                                  (2, 3, "zb-h1")])
 def test_fixed_dp_is_bitwise_across_stages_schedules_and_zero(data_dir, tmp_path, two_replicas, stages, zero,
                                                               schedule):
     (lines, model, state), r = grid_run(data_dir, str(tmp_path), stages, 2, zero, schedule)
@@ -237,30 +313,52 @@ def traffic(out: str) -> dict[int, dict[str, tuple[int, int]]]:
     return found
 
 
-@pytest.mark.parametrize("zero", [0, 1])
+def fsdp_values_moved(ops: list, sizes: list[int], D: int) -> int:
+    """--zero 3's ring traffic each way in values, from the op list: a bucket
+    gathered g_b times and reduce-scattered once moves (g_b + 1)(D-1)/D * P_b."""
+    gathers = [sum(op.kind == pipeline.ALLGATHER and op.part == b for op in ops) for b in range(len(sizes))]
+    return sum((g + 1) * (D - 1) * P_b // D for g, P_b in zip(gathers, sizes))
+
+
+def test_fsdp_formula_is_three_times_the_shard_traffic_for_one_micro_batch():
+    """With one micro-batch every layer is gathered twice (forward, backward)
+    and reduce-scattered once: 3(D-1)/D * P_layers, and the whole tensors,
+    gathered once for the step, 2(D-1)/D * P_whole."""
+    D, sizes = 2, tiny_bucket_sizes(0, 4)
+    ops = pipeline.grid_schedule("1f1b", 1, D, 1, [5], 3)[0][0]
+    assert fsdp_values_moved(ops, sizes, D) == 3 * (D - 1) * sum(sizes[:-1]) // D + 2 * (D - 1) * sizes[-1] // D
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
 def test_bytes_moved_match_the_formulas(data_dir, tmp_path, zero):
     """Per step and rank of a 2 x 2 grid, in fp32 bytes: the pipeline sends
     b*T*C values per micro-batch across its boundary and receives as many
     (2*b*T*C in all); the tied swap Vp*C each way; the data-parallel ring
     2(D-1)/D * P_stage each way (an all-reduce, or a reduce-scatter plus an
-    all-gather), exactly, since D = 2 divides every segment of the tiny model."""
+    all-gather), and under zero 3 the formula of the rank's op list
+    (fsdp_values_moved); exactly, since D = 2 divides every segment of the
+    tiny model."""
     S, D, m, b, T = 2, 2, 2, 1, 16
     _, r = grid_run(data_dir, str(tmp_path), S, D, zero, "1f1b", m, 2, "--eval-every", "0")
     got = traffic(r.stdout)
     assert sorted(got) == [0, 1, 2, 3], r.stdout
     cfg = gpt.config_from_name("tiny")
     C, Vp = cfg["channels"], cfg["padded_vocab_size"]
+    bounds = pipeline.partition(cfg, S, T)
+    train_ops = pipeline.grid_schedule("1f1b", S, D, m, [hi - lo + 1 for lo, hi in bounds], zero)[0]
     for rank, moved in got.items():
-        lo, hi = pipeline.partition(cfg, S, T)[rank % S]
-        P = sum(v.size for v in gpt.Model(cfg, lo, hi, 1, T, 1).params().values())
+        lo, hi = bounds[rank % S]
+        sizes = tiny_bucket_sizes(lo, hi)
         assert moved["pipeline"] == (4 * m * b * T * C,) * 2
         assert moved["tied"] == (4 * Vp * C,) * 2
-        assert moved["dp"] == (4 * 2 * (D - 1) * P // D,) * 2
+        values = fsdp_values_moved(train_ops[rank], sizes, D) if zero == 3 else 2 * (D - 1) * sum(sizes) // D
+        assert moved["dp"] == (4 * values,) * 2
 
 
 @pytest.mark.parametrize("flags,words", [
     (["--dp", "3"], ["--batch-size 4", "--dp 3"]),
     (["--zero", "1"], ["--zero 1", "--dp 2"]),
+    (["--zero", "3"], ["--zero 3", "--dp 2"]),
 ])
 def test_bad_grid_flags(data_dir, flags, words):
     r = run_train("--data-dir", data_dir, *FLAGS, "--steps", "1", *flags)
@@ -276,6 +374,31 @@ def test_world_size_must_be_stages_times_dp(data_dir):
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == "error: WORLD_SIZE 3 is not --stages 2 x --dp 2 ranks", r.stderr
+
+
+def test_killed_rank_of_an_fsdp_run_ends_the_job(data_dir, tmp_path):
+    """kill -9 of replica 1 of a 1 x 2 --zero 3 run: its peer, waiting in a
+    ring step, sees the link close; the job ends within seconds, naming it."""
+    p, _ = start_long_run(data_dir, str(tmp_path), 1, "--micro-batches", "2", "--dp", "2", "--zero", "3")
+    pids = rank_pids(p.pid)
+    assert sorted(pids) == [0, 1]
+    started = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    err = assert_clean_end(p, pids, started)
+    assert err.strip().splitlines()[-1] == "error: rank 1: killed by signal SIGKILL", err
+
+
+@pytest.mark.parametrize("written,resumed", [(3, 0), (0, 3)])
+def test_checkpoint_resumes_bitwise_across_zero_3(data_dir, tmp_path, two_replicas, written, resumed):
+    """A checkpoint of step 2 written under one zero stage, resumed under the
+    other, ends at step 3 bitwise where the uninterrupted zero-0 run does."""
+    ckpt = str(tmp_path)
+    grid_run(data_dir, ckpt, 1, 2, written, "1f1b", 2, 3, "--checkpoint-every", "1")
+    os.remove(f"{ckpt}/DONE_{3:08d}")
+    (lines, model, state), r = grid_run(data_dir, ckpt, 1, 2, resumed, "1f1b", 2, 3, "--resume")
+    assert f"resumed from {ckpt} at step 2" in r.stdout
+    assert lines == two_replicas[0][-len(lines):]
+    assert model == two_replicas[1] and state == two_replicas[2]
 
 
 def test_killed_rank_of_a_grid_ends_the_job_and_resume_is_bitwise(data_dir, tmp_path):

@@ -5,15 +5,15 @@ measured here, next to the step time train.py measures, and the link speed
 below which the pipeline beats FSDP, predicted and measured, for two model
 sizes. Writes dev/bench/crossover.png (with matplotlib: pip install matplotlib).
 
-    python dev/bench/bench_crossover.py [--models d12 d24] [--steps 3]
+    python3 dev/bench/bench_crossover.py [--models d12 d24] [--steps 3]
 
 (about 4 minutes for d12 and 10 for d24 on the 2 cores while other work
 shared them, most of it the 0.1 Gb/s runs: the tied embedding's swap.)
 
 Every run is 2 ranks with 1 thread each on the 2 cores, a global batch of 8
 sequences of 64 tokens: the pipeline (2 stages, 1F1B) in 8 micro-batches of
-1; data parallel and FSDP (when train.py has --dp and --zero) 2 replicas of
-one micro-batch of 4. plan is given the op costs of the measured pipeline
+1; data parallel and FSDP (once train.py has FSDP, --zero 3) 2 replicas
+of one micro-batch of 4. plan is given the op costs of the measured pipeline
 run itself, from its trace: the executor's time for each forward, input
 backward and weight backward (per sequence: a layer's from the first stage,
 the head's from what the last stage has beyond its layers), so that the
@@ -108,20 +108,22 @@ def loopback_gbps(nbytes: int = 64 << 20) -> float:
 
 
 def has_dp() -> bool:
+    """Whether train.py runs both layouts the pipeline is compared with: DP
+    (--dp with --zero 0) and FSDP (--zero 3); until then both are only predicted."""
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    return "--dp" in r.stdout and "--zero" in r.stdout
+    return "--dp" in r.stdout and re.search(r"--zero \{[0-9,]*3", r.stdout) is not None
 
 
 def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> tuple[float, int]:
     """Least seconds per step of train.py after the first step (which warms up), and which step:
-    other work shares these cores, and the least is the step it disturbed least. The run's
-    timeline goes to trace."""
+    other work shares these cores, and the least is the step it disturbed least. A pipeline
+    run's timeline goes to trace (train.py traces pipelines only: --trace needs --stages 2)."""
     flags = {"pp": ["--stages", "2", "--schedule", "1f1b", "--micro-batches", str(SEQUENCES)],
              "dp": ["--stages", "1", "--dp", "2", "--zero", "0", "--micro-batches", "1"],
              "fsdp": ["--stages", "1", "--dp", "2", "--zero", "3", "--micro-batches", "1"]}[layout]
     cmd = [sys.executable, "train.py", "--model", model, "--batch-size", str(SEQUENCES), "--seq-len", str(T),
            "--steps", str(steps), "--eval-every", "0", "--sample-tokens", "0", "--threads", "1",
-           "--trace", trace, *flags]
+           *(["--trace", trace] if layout == "pp" else []), *flags]
     if gbps is not None:
         cmd += ["--link-gbps", str(gbps)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -167,7 +169,7 @@ def main() -> None:
     print(f"CPU: {os.cpu_count()} cores, 2 ranks x 1 thread; batch {SEQUENCES} x {T} tokens; "
           f"unpaced socket {loop:.1f} Gb/s (measured)")
     if not dp:
-        print("train.py has no --dp/--zero yet (issue 11): DP and FSDP are predicted, not measured")
+        print("train.py has no FSDP (--zero 3) yet: DP and FSDP are predicted, not measured")
     grid = np.logspace(-2, 2, 41)  # plan's curves, 0.01 to 100 Gb/s
     curves, points = {}, {}
     trace = os.path.join(tempfile.mkdtemp(), "trace.json")
@@ -208,7 +210,7 @@ def main() -> None:
             got = crossover(xs, *[np.array([points[model, l, s] for s in xs]) for l in ("pp", "fsdp")])
             said += f", measured {got:.2f} Gb/s" if got else ", measured: none within the speeds run"
         else:
-            said += ", measured: needs FSDP (issue 11)"
+            said += ", measured: needs FSDP (--zero 3)"
         print(f"  crossover (the pipeline is faster below it): predicted {said}")
     draw(args.chart, args.models, grid, curves, points, loop, dp)
 
