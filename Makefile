@@ -60,8 +60,8 @@ endif
 endif
 
 # -fno-math-errno lets sqrtf vectorise (nothing here reads errno after math)
-CFLAGS = -std=c11 -O3 $(ARCH_FLAGS) -fno-math-errno $(OPENMP) -Wall -Wextra -fPIC
-LDLIBS = $(OPENMP_LIBS) -lm
+CFLAGS = -std=c11 -O3 $(ARCH_FLAGS) -fno-math-errno $(OPENMP) -pthread -Wall -Wextra -fPIC
+LDLIBS = $(OPENMP_LIBS) -pthread -lm
 
 all: requirements train_gpt gpt$(EXT) build/test_sgemm
 

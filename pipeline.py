@@ -405,11 +405,13 @@ def fsdp_ops(ops: list[Op], layers: int) -> list[Op]:
     """--zero 3 (FSDP): a stage's op list with every whole-stage compute op
     run a layer at a time (FWD up from layer 0, BWD_INPUT and BWD_WEIGHT down
     from the last; the embedding goes with layer 0, the head and the loss with
-    the last), and each layer's parameters gathered for just that op: an
-    ALLGATHER before each FWD and BWD_INPUT of the layer, a FREE after it, so a
-    layer is gathered twice per micro-batch. BWD_WEIGHT needs no parameters
-    (only activations and gradients). A layer's gradient is reduce-scattered
-    after its last BWD_WEIGHT of the step. The whole-tensor bucket (wte, wpe,
+    the last), and each layer's parameters gathered for just that op: a FREE
+    after each FWD and BWD_INPUT of the layer, its ALLGATHER one layer early
+    (before the compute of the layer before it), so the executor's comm
+    thread gathers layer l+1 while layer l computes, and two layers are
+    gathered at once. A layer is gathered twice per micro-batch. BWD_WEIGHT
+    needs no parameters (only activations and gradients). A layer's gradient
+    is reduce-scattered after its last BWD_WEIGHT of the step. The whole-tensor bucket (wte, wpe,
     lnf) is gathered once at the start and held to the end: the embedding
     needs wte at the start of every micro-batch's forward and the head at its
     end and at the start of its backward, so freeing it in between would
@@ -420,9 +422,11 @@ def fsdp_ops(ops: list[Op], layers: int) -> list[Op]:
     out, seen = [Op(ALLGATHER, -1, whole)], 0
     for op in ops:
         if op.kind in (FWD, BWD_INPUT) and op.part == -1:
-            order = range(layers) if op.kind == FWD else range(layers - 1, -1, -1)
-            for layer in order:
-                out += [Op(ALLGATHER, -1, layer), Op(op.kind, op.mb, layer), Op(FREE, -1, layer)]
+            order = list(range(layers) if op.kind == FWD else range(layers - 1, -1, -1))
+            out.append(Op(ALLGATHER, -1, order[0]))
+            for k, layer in enumerate(order):
+                out += [Op(ALLGATHER, -1, order[k + 1])] if k + 1 < layers else []  # the prefetch
+                out += [Op(op.kind, op.mb, layer), Op(FREE, -1, layer)]
         elif op.kind == BWD_WEIGHT and op.part == -1:
             seen += 1
             for layer in range(layers - 1, -1, -1):
@@ -748,17 +752,22 @@ def stage_costs(config: dict, seq_len: int) -> tuple[float, float, float]:
     return float(C), float(layer), float(2 * C * Vp)
 
 
+def range_cost(parts: tuple[float, float, float], num_layers: int, lo: int, hi: int) -> float:
+    """The cost of a stage that owns layers [lo, hi), from the costs of the
+    (embedding, one layer, LM head): the first stage adds the embedding, the
+    last the head. The one place a stage's cost is summed: the partition,
+    its description and plan.py's op costs all call it."""
+    embed, layer, head = parts
+    return embed * (lo == 0) + layer * (hi - lo) + head * (hi == num_layers)
+
+
 def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
     """Layer ranges [lo, hi) per stage, each at least one layer, minimising the
     most expensive stage (dynamic programming over the cut points)."""
     L = config["num_layers"]
     if not 1 <= stages <= L:
         raise ValueError(f"--stages {stages}: must be between 1 and the model's {L} layers")
-    embed, layer, head = stage_costs(config, seq_len)
-
-    def cost(lo: int, hi: int) -> float:
-        return (hi - lo) * layer + (embed if lo == 0 else 0.0) + (head if hi == L else 0.0)
-
+    parts = stage_costs(config, seq_len)
     # best[s][i]: the least possible max cost of layers [0, i) cut into s stages
     inf = float("inf")
     best = [[inf] * (L + 1) for _ in range(stages + 1)]
@@ -767,7 +776,7 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
     for s in range(1, stages + 1):
         for i in range(s, L + 1):
             for j in range(s - 1, i):
-                c = max(best[s - 1][j], cost(j, i))
+                c = max(best[s - 1][j], range_cost(parts, L, j, i))
                 if c < best[s][i]:
                     best[s][i], cut[s][i] = c, j
     bounds, i = [], L
@@ -778,14 +787,12 @@ def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def describe_partition(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> str:
-    embed, layer, head = stage_costs(config, seq_len)
-    L, parts = config["num_layers"], []
-    total = embed + L * layer + head
+    parts, L, ranks = stage_costs(config, seq_len), config["num_layers"], []
+    total = range_cost(parts, L, 0, L)
     for r, (lo, hi) in enumerate(bounds):
         extra = (" + embedding" if lo == 0 else "") + (" + lm head" if hi == L else "")
-        c = (hi - lo) * layer + (embed if lo == 0 else 0) + (head if hi == L else 0)
-        parts.append(f"rank {r}: layers [{lo},{hi}){extra} ({c / total:.0%})")
-    return "partition: " + " | ".join(parts)
+        ranks.append(f"rank {r}: layers [{lo},{hi}){extra} ({range_cost(parts, L, lo, hi) / total:.0%})")
+    return "partition: " + " | ".join(ranks)
 
 
 # -----------------------------------------------------------------------------
@@ -979,8 +986,10 @@ class Rank:
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
-        rank gets bitwise the same result. (The step's parts are each nonzero
-        on one rank only, which makes the sum exact.)"""
+        rank gets bitwise the same result. A step's values (grad-norm parts,
+        the loss) are zero on all but one rank per replica, and adding zeros
+        is exact: the sum is of one value per replica, in replica order,
+        whatever the stage count."""
         values = np.ascontiguousarray(values, dtype=np.float64)
         if self.world == 1:
             return values.copy()

@@ -9,7 +9,8 @@ tokens/s per GPU, and the best layout:
 
 The step is the executor's, played on a model of the machine:
 - compute: one cost formula per layer (pipeline.stage_costs, forward FLOPs
-  per token of the embedding, a layer and the LM head), at the GPU's bf16
+  per token of the embedding, a layer and the LM head, summed over a stage
+  by pipeline.range_cost), at the GPU's bf16
   peak times the fraction a matmul-bound kernel achieves; each backward half
   (input, weight) costs as much as the forward (the 6 x params x tokens rule);
 - the pipeline: pipeline.schedule's op lists, played by pipeline.simulate
@@ -19,7 +20,7 @@ The step is the executor's, played on a model of the machine:
   all-reduce per bucket after the backward, FSDP's gathers and
   reduce-scatters where pipeline.fsdp_ops puts them (fsdp_comm), hidden
   behind compute or not (Cluster.overlap: a GPU's collectives have their own
-  stream; the CPU executor's, EXECUTOR_OVERLAP, block the rank today);
+  stream, the CPU executor a comm thread: EXECUTOR_OVERLAP);
 - then, as in train.py, the tied embedding's gradients swap between the
   first and the last stage, every rank agrees on the grad norm (a barrier),
   and AdamW runs on what each rank owns.
@@ -238,9 +239,7 @@ class OpCosts:
     def stage(self, cfg: dict, lo: int, hi: int, micro: int) -> tuple[float, float, float]:
         """Seconds of a micro-batch of `micro` sequences on layers [lo, hi)."""
         L = cfg["num_layers"]
-        def part(c):
-            return micro * (c[0] * (lo == 0) + c[1] * (hi - lo) + c[2] * (hi == L))
-        return part(self.f), part(self.b), part(self.w)
+        return tuple(micro * pipeline.range_cost(parts, L, lo, hi) for parts in (self.f, self.b, self.w))
 
 
 # AdamW reads master, m, v, gradient and writes master, m, v and the bf16 copy
@@ -267,14 +266,17 @@ def slot_bytes(cfg: dict, lo: int, hi: int, batch: Batch, precision: Precision, 
     """One micro-batch's activations on a stage, as train_gpt.cu's slot_pieces
     lays them out: per layer 16C values kept for the backward (ln1, qkv, atty,
     res2, ln2, fch, fch_gelu, res3) and 11C of their gradients, plus fp32
-    layernorm statistics and the attention's logsumexp; the last stage adds
-    the logits. Tensor parallelism divides it by tp (modelled)."""
+    layernorm statistics and the attention's logsumexp; the stage's input and
+    d(output); on the first stage the input tokens and the embedding
+    backward's three index arrays (at most one int a token each); on the
+    last the final layernorm, its gradient and statistics, the logits, the
+    losses and the targets. Tensor parallelism divides it by tp (modelled)."""
     C, NH, Vp, L = cfg["channels"], cfg["num_heads"], cfg["padded_vocab_size"], cfg["num_layers"]
     BT, a = batch.micro * batch.seq_len, precision.activation
     per_layer = BT * (27 * C * a + (4 + NH) * 4)
-    n = (hi - lo) * per_layer + BT * C * a + BT * (2 * 4 * (lo == 0))
+    n = (hi - lo) * per_layer + BT * 2 * C * a + BT * (4 * 4 * (lo == 0))
     if hi == L:
-        n += BT * (2 * C * a + 2 * 4 + Vp * a + 4)
+        n += BT * (2 * C * a + 2 * 4 + Vp * a + 4 + 4)
     return n / tp
 
 # -----------------------------------------------------------------------------
@@ -352,8 +354,8 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
     full gradients accumulate over the step's micro-batches.
 
     overlap (Cluster.overlap) says how the executor runs them. False: every
-    collective blocks its rank, so all of it is exposed; the CPU executor
-    runs one op at a time (EXECUTOR_OVERLAP). True, a prefetch: the gather of
+    collective blocks its rank, so all of it is exposed (the CPU executor
+    before its comm thread). True, a prefetch (EXECUTOR_OVERLAP): the gather of
     the next layer runs during the compute of this one (up in the forward,
     down in the input backward), and a layer's reduce-scatter during the weight
     backward of the layer below it; the first gather of each pass, the last
@@ -370,10 +372,12 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
     return FsdpComm(fwd, bwd, once + scattered)
 
 
-# How the CPU executor (train_gpt.c) runs --zero 3's collectives: one op at a
-# time, so a gather or a reduce-scatter blocks the rank (no prefetch yet).
-# The bench (dev/bench/bench_crossover.py) models this machine with it.
-EXECUTOR_OVERLAP = False
+# How the CPU executor (train_gpt.c) runs --zero 3's collectives: on a comm
+# thread per rank, in op-list order, with each layer's gather placed one layer
+# early (pipeline.fsdp_ops), so the compute waits only for its own layer's
+# gather. False before that thread. The bench (dev/bench/bench_crossover.py)
+# models this machine with it.
+EXECUTOR_OVERLAP = True
 
 
 def fsdp_buffers(layers: int, micro_batches: int, overlap: bool) -> tuple[int, int]:
@@ -446,7 +450,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                       peak[r] * slot_bytes(cfg, lo, hi, batch, bytes_, tp), gathered)
     worst = max((memory(r) for r in range(S)), key=lambda mem: mem.total)
     tokens = batch.sequences * batch.seq_len
-    model_flops = 3 * tokens * sum(c * n for c, n in zip(pipeline.stage_costs(cfg, batch.seq_len), (1, L, 1)))
+    model_flops = 3 * tokens * pipeline.range_cost(pipeline.stage_costs(cfg, batch.seq_len), L, 0, L)
     return StepPlan(layout, m, batch.micro, compute, step - step_free, step_free - compute, worst,
                     worst.total <= cluster.memory, tokens / step / cluster.gpus, model_flops / step / cluster.gpus)
 

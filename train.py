@@ -303,7 +303,7 @@ def make_grid_plan(args: argparse.Namespace, config: dict) -> GridPlan:
     pipeline.validate_grid(after_ops, S, 0, training=False, buckets=buckets, zero=args.zero)
 
     def peaks(field: str) -> list:
-        return [max(a, b) for a, b in zip(getattr(train, field), getattr(val, field))] or [0] * (S * D)
+        return [max(a, b) for a, b in zip(getattr(train, field), getattr(val, field))]
     return GridPlan(S, D, args.zero, [list(b) for b in bounds], as_triples(train_ops), as_triples(after_ops),
                     as_triples(val_ops), peaks("peak_held"), peaks("peak_gathered"), peaks("peak_grads"))
 

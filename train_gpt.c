@@ -12,12 +12,13 @@
 // S stages computes bitwise the same as one stage.
 //
 // Sections, in the order data flows: layers, model, executor, optimizer,
-// data, checkpoint I/O, sampling, main.
+// the device API (a CPU has none), checkpoint I/O, sampling, and main(),
+// last, which hands this stage API to common.h's train_main.
 #define _POSIX_C_SOURCE 200809L
 #define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
-#define TRAINER_NAME "./train_gpt"
 #include "common.h"
 #include "asm/sgemm.h"
+#include <pthread.h>
 
 // ----------------------------------------------------------------------------
 // layers
@@ -486,7 +487,27 @@ static int pool_make(BufferPool *p, int count, size_t elems, const char *what) {
 
 static void pool_free(BufferPool *p) { free(p->memory); free(p->free_list); }
 
+// --zero 3's collectives run on a thread of their own, in op-list order, so
+// the gather of the next layer overlaps the compute of this one. The compute
+// waits only for what it needs: the gather of its layer, a free gradient
+// buffer, the end of the queue at the end of the list. Everything the two
+// threads share is guarded by `lock`; the collectives themselves run
+// outside it, and each ring step has the links' timeout, so every wait here
+// ends. The link pacing clocks (g_wires) are per thread: the comm thread
+// paces the replica ring, the compute thread the pipeline.
+typedef struct {
+    pthread_t thread;
+    int started, quit;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;              // the queue, a bucket or a buffer changed
+    int *queue, head, tail, cap;         // (kind, bucket) pairs to run, [head, tail)
+    int *pending[2];                     // per bucket: its ALLGATHER [0], REDUCE_SCATTER [1] is queued or running
+    int failed, skip;                    // a collective failed (error holds why); the list failed: run no more
+    char error[1024];
+} CommThread;
+
 struct Stage {
+    StageBase base;                    // first: its links and zero stage (common.h)
     Layout y;                          // which layers and tensors this stage holds
     int B, T;
     float *params, *grads;             // stage layout (common.h)
@@ -495,8 +516,6 @@ struct Stage {
     Slot *slots;
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
-    Links links;
-    int zero;                          // 0: replicas keep everything whole; 1, 3: replica d owns chunk d
     int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
     size_t opt_elems, slot_elems;      // floats in m (and in v), in one activation slot
     // --zero 3 (FSDP): while `sharded`, params and grads above are this
@@ -508,7 +527,92 @@ struct Stage {
     float **held[2];                   // per bucket: the buffer of its whole parameters [0], gradients [1]; or NULL
     BufferPool pools[2];               // layer buckets' buffers: gathered parameters, gradients
     float *whole[2];                   // the whole-tensor bucket's buffers, held from a step's start to its end
+    CommThread comm;                   // runs the collectives of the op list beside the compute
 };
+static_assert(offsetof(Stage, base) == 0, "a Stage begins with its StageBase (common.h)");
+
+static int fsdp_ring(Stage *s, int kind, int bucket);
+
+// Waits (lock held) until ready(s, arg) or the comm thread has failed, whose
+// message it then fails with.
+static int comm_wait(Stage *s, int (*ready)(Stage *, int), int arg) {
+    while (!ready(s, arg) && !s->comm.failed) pthread_cond_wait(&s->comm.changed, &s->comm.lock);
+    return s->comm.failed ? fail("%s", s->comm.error) : 0;
+}
+static int queue_empty(Stage *s, int arg) { (void)arg; return s->comm.head == s->comm.tail; }
+static int gathered_or_idle(Stage *s, int bucket) { return !s->comm.pending[0][bucket]; }
+static int grad_buffer_free(Stage *s, int arg) { (void)arg; return s->pools[1].nfree > 0; }
+
+static void *comm_thread_main(void *stage) {
+    Stage *s = (Stage *)stage;
+    CommThread *c = &s->comm;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        while (!c->quit && c->head == c->tail) pthread_cond_wait(&c->changed, &c->lock);
+        if (c->quit) break;
+        int kind = c->queue[2 * c->head], bucket = c->queue[2 * c->head + 1], run = !c->failed && !c->skip;
+        pthread_mutex_unlock(&c->lock);
+        int rc = run ? fsdp_ring(s, kind, bucket) : 0;
+        pthread_mutex_lock(&c->lock);
+        if (rc) {
+            snprintf(c->error, sizeof c->error, "%s", gpt_last_error());
+            c->failed = 1;
+        }
+        c->pending[kind == OP_REDUCE_SCATTER][bucket] = 0;
+        c->head++;
+        pthread_cond_broadcast(&c->changed);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+static int comm_start(Stage *s) {
+    CommThread *c = &s->comm;
+    c->pending[0] = (int *)calloc_or_fail(s->y.nl + 1, sizeof(int), "the pending collectives");
+    c->pending[1] = (int *)calloc_or_fail(s->y.nl + 1, sizeof(int), "the pending collectives");
+    if (!c->pending[0] || !c->pending[1]) return -1;
+    if (pthread_mutex_init(&c->lock, NULL)) return fail("cannot make the comm thread's lock");
+    if (pthread_cond_init(&c->changed, NULL)) { pthread_mutex_destroy(&c->lock); return fail("cannot make its condition"); }
+    if (pthread_create(&c->thread, NULL, comm_thread_main, s)) {
+        pthread_cond_destroy(&c->changed);
+        pthread_mutex_destroy(&c->lock);
+        return fail("cannot start the comm thread");
+    }
+    c->started = 1;
+    return 0;
+}
+
+static void comm_stop(Stage *s) {
+    CommThread *c = &s->comm;
+    if (c->started) {
+        pthread_mutex_lock(&c->lock);
+        c->quit = 1;
+        pthread_cond_broadcast(&c->changed);
+        pthread_mutex_unlock(&c->lock);
+        pthread_join(c->thread, NULL);
+        pthread_cond_destroy(&c->changed);
+        pthread_mutex_destroy(&c->lock);
+    }
+    free(c->queue); free(c->pending[0]); free(c->pending[1]);
+}
+
+// Hands a collective to the comm thread (lock held).
+static int comm_enqueue(Stage *s, int kind, int bucket) {
+    CommThread *c = &s->comm;
+    if (c->tail == c->cap) {  // the queue only grows within a list: it is emptied at every list's end
+        int cap = 2 * c->cap + 16;
+        int *grown = (int *)realloc(c->queue, 2 * (size_t)cap * sizeof(int));
+        if (!grown) return fail("out of memory for the collectives' queue");
+        c->queue = grown;
+        c->cap = cap;
+    }
+    c->queue[2 * c->tail] = kind;
+    c->queue[2 * c->tail + 1] = bucket;
+    c->tail++;
+    c->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
+    pthread_cond_broadcast(&c->changed);
+    return 0;
+}
 
 static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
 // layer l (stage-local) of per-layer tensor t
@@ -579,7 +683,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) return NULL;
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
-    s->links = links_make(lo, hi);
+    s->base.links = links_make(lo, hi);
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
     s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
@@ -609,6 +713,7 @@ void stage_free(Stage *s) {
     oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
+    comm_stop(s);
     pool_free(&s->pools[0]); pool_free(&s->pools[1]);
     free(s->whole[0]); free(s->whole[1]); free(s->held[0]); free(s->held[1]);
     free(s);
@@ -747,15 +852,11 @@ static void stage_backward_weight(Stage *s, Slot *a, int l0, int l1) {
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks.
 
-void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
-}
-
 // The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
 // under --zero 1 and 3, the whole stage under zero 0.
 static void optimizer_shard(const Stage *s, int *part, int *parts) {
-    *part = s->zero > 0 ? s->links.replica : 0;
-    *parts = s->zero > 0 ? s->links.replicas : 1;
+    *part = s->base.zero > 0 ? s->base.links.replica : 0;
+    *parts = s->base.zero > 0 ? s->base.links.replicas : 1;
 }
 
 // This rank's chunk of every segment, from an array in the stage layout into
@@ -763,7 +864,7 @@ static void optimizer_shard(const Stage *s, int *part, int *parts) {
 static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack) {
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         size_t seg = segment_elems(&s->y, t), lo, hi;
-        chunk_range(seg, s->links.replica, s->links.replicas, &lo, &hi);
+        chunk_range(seg, s->base.links.replica, s->base.links.replicas, &lo, &hi);
         for (int l = 0; l < segment_count(&s->y, t); l++) {
             float *in_stage = whole_stage + s->y.offsets[t] + l * seg + lo;
             float *in_shard = shard + s->shard_at[t] + l * s->chunk_n[t];
@@ -785,7 +886,7 @@ static size_t whole_bucket_elems(const Layout *y) {
 static int stage_shard(Stage *s) {
     size_t at = 0, in_layer = 0, in_whole = 0, lo, hi;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+        chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
         s->shard_at[t] = at;
         s->chunk_n[t] = hi - lo;
         at += (hi - lo) * segment_count(&s->y, t);
@@ -809,14 +910,13 @@ static int stage_shard(Stage *s) {
     s->grads = grads;
     s->pools[0].elems = s->pools[1].elems = in_layer;
     s->sharded = 1;
-    return 0;
+    return comm_start(s);
 }
 
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     if (zero != 0 && zero != 1 && zero != 3) return fail("--zero %d: expected 0, 1 or 3", zero);
-    if (s->zero || s->links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
-    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
-    s->zero = zero;
+    if (s->base.zero || s->base.links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
+    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
     int part, parts;
     optimizer_shard(s, &part, &parts);
     s->opt_elems = shard_elems(&s->y, part, parts);
@@ -867,7 +967,7 @@ int stage_unshard_params(Stage *s) {
             segs[i].p = params + s->y.offsets[tensors[i]] + layers[i] * segment_elems(&s->y, tensors[i]);
             segs[i].n = segment_elems(&s->y, tensors[i]);
         }
-        rc = ring_collective(&s->links, segs, n, b, 1);
+        rc = ring_collective(&s->base.links, segs, n, b, 1);
     }
     if (rc) { free(params); free(grads); return -1; }
     free(s->params); free(s->grads);
@@ -875,10 +975,6 @@ int stage_unshard_params(Stage *s) {
     s->grads = grads;
     s->sharded = 0;
     return 0;
-}
-
-void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
-    links_bytes_moved(&s->links, sent, received);
 }
 
 // --zero 3 (FSDP). The stage keeps chunk d of every segment of its
@@ -898,6 +994,10 @@ void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
 static int hook_begin(void *stage, int m, int training) {
     Stage *s = (Stage *)stage;
     if (s->sharded) {  // every list starts holding nothing (a failed one may have left buffers out)
+        pthread_mutex_lock(&s->comm.lock);
+        while (!queue_empty(s, 0)) pthread_cond_wait(&s->comm.changed, &s->comm.lock);  // a failed list's rest is skipped
+        s->comm.head = s->comm.tail = s->comm.failed = s->comm.skip = 0;
+        pthread_mutex_unlock(&s->comm.lock);
         for (int k = 0; k < 2; k++) {
             for (int b = 0; b < s->y.nl; b++) s->held[k][b] = NULL;
             s->pools[k].nfree = s->pools[k].count;
@@ -923,17 +1023,22 @@ static void op_layers(const Stage *s, int part, int *l0, int *l1) {
 }
 
 // FWD and BWD_INPUT need the parameters of their layers, and of the whole
-// tensors when they run the embedding or the head: under --zero 3, gathered.
+// tensors when they run the embedding or the head: under --zero 3, gathered
+// (waiting for the comm thread to finish the gather if it has it queued).
 static int check_gathered(Stage *s, int kind, int l0, int l1) {
     if (!s->sharded) return 0;
-    int nl = s->y.nl, whole = (s->y.first && l0 == 0) || (s->y.last && l1 == nl);
-    for (int b = l0; b <= nl; b++) {
+    int nl = s->y.nl, whole = (s->y.first && l0 == 0) || (s->y.last && l1 == nl), rc = 0;
+    pthread_mutex_lock(&s->comm.lock);
+    for (int b = l0; b <= nl && rc == 0; b++) {
         if (b == l1) b = nl;
-        if ((b < nl || whole) && !s->held[0][b])
-            return fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
-                        s->y.lo, s->y.hi, OP_NAMES[kind], l0, b);
+        if (b == nl && !whole) break;
+        rc = comm_wait(s, gathered_or_idle, b);
+        if (rc == 0 && !s->held[0][b])
+            rc = fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
+                      s->y.lo, s->y.hi, OP_NAMES[kind], l0, b);
     }
-    return 0;
+    pthread_mutex_unlock(&s->comm.lock);
+    return rc;
 }
 
 static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
@@ -967,16 +1072,29 @@ static int hook_backward_weight(void *stage, int slot, int part) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
-    for (int l = l0; s->sharded && l < l1; l++) {  // a layer's first backward of the step takes its gradient buffer
-        if (s->held[1][l]) continue;
-        if (!s->pools[1].nfree)
-            return fail("stage [%d,%d): layer %d needs a gradient buffer but all %d are held (the op list holds "
-                        "more than the validator's peak)", s->y.lo, s->y.hi, l, s->pools[1].count);
-        s->held[1][l] = s->pools[1].free_list[--s->pools[1].nfree];
-        memset(s->held[1][l], 0, s->pools[1].elems * sizeof(float));
+    // a layer's first backward of the step takes a gradient buffer: one the
+    // validator counted free, once the comm thread has reduce-scattered
+    // what held it (its reduce-scatters lag the list, never block on us)
+    int rc = 0;
+    if (s->sharded) pthread_mutex_lock(&s->comm.lock);
+    for (int l = l0; s->sharded && l < l1 && rc == 0; l++) {
+        if (s->held[1][l] || s->comm.pending[1][l]) {
+            if (s->comm.pending[1][l])
+                rc = fail("stage [%d,%d): BWD_WEIGHT of layer %d after its REDUCE_SCATTER", s->y.lo, s->y.hi, l);
+            continue;
+        }
+        if (s->pools[1].count == 0)
+            rc = fail("stage [%d,%d): layer %d needs a gradient buffer but the stage has none (the op list holds "
+                      "more than the validator's peak)", s->y.lo, s->y.hi, l);
+        if (rc == 0) rc = comm_wait(s, grad_buffer_free, 0);
+        if (rc == 0) {
+            s->held[1][l] = s->pools[1].free_list[--s->pools[1].nfree];
+            memset(s->held[1][l], 0, s->pools[1].elems * sizeof(float));
+        }
     }
-    stage_backward_weight(s, &s->slots[slot], l0, l1);
-    return 0;
+    if (s->sharded) pthread_mutex_unlock(&s->comm.lock);
+    if (rc == 0) stage_backward_weight(s, &s->slots[slot], l0, l1);
+    return rc;
 }
 
 static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
@@ -990,16 +1108,16 @@ static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
 
 static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
     Stage *s = (Stage *)stage;
-    return comm_group(&s->links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
+    return comm_group(&s->base.links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
 }
 
-// A bucket's (tensor, layer) segments as the compute sees them (held_tensor):
-// its parameters or its gradients; sets tensors[i] too.
-static int bucket_in(Stage *s, int grads, int bucket, Segment *segs, int *tensors) {
+// A bucket's (tensor, layer) segments: in the stage layout of base (params
+// or grads), or under --zero 3 in the bucket's buffer buf; sets tensors[i] too.
+static int bucket_in(Stage *s, float *base, float *buf, int bucket, Segment *segs, int *tensors) {
     int layers[NUM_PARAM_TENSORS];
     int n = bucket_segments(&s->y, bucket, tensors, layers);
     for (int i = 0; i < n; i++) {
-        segs[i].p = held_tensor(s, grads, tensors[i], layers[i]);
+        segs[i].p = buf ? buf + s->in_bucket[tensors[i]] : layer_tensor(s, base, tensors[i], layers[i]);
         segs[i].n = segment_elems(&s->y, tensors[i]);
     }
     return n;
@@ -1013,52 +1131,80 @@ static void bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors
     for (int i = 0; i < n; i++) {
         int t = tensors[i];
         size_t lo, hi;
-        chunk_range(segs[i].n, s->links.replica, s->links.replicas, &lo, &hi);
+        chunk_range(segs[i].n, s->base.links.replica, s->base.links.replicas, &lo, &hi);
         float *chunk = shard + s->shard_at[t] + (is_layer_tensor(t) ? bucket : 0) * s->chunk_n[t];
         memcpy(to_shard ? chunk : segs[i].p + lo, to_shard ? segs[i].p + lo : chunk, (hi - lo) * sizeof(float));
     }
 }
 
-// --zero 3's ALLGATHER, FREE and REDUCE_SCATTER of a bucket.
+// The ring half of --zero 3's ALLGATHER and REDUCE_SCATTER of a bucket, on
+// the comm thread.
 // Bytes: a gather or a reduce-scatter of bucket b moves (D-1)/D * P_b values
 // each way (ring_collective), so a step in which bucket b is gathered g_b
 // times moves sum_b (g_b + 1)(D-1)/D * P_b values each way, 4x that in bytes:
 // 3(D-1)/D * P for layers gathered twice (forward, backward) per micro-batch
 // of a one-micro-batch step, 2(D-1)/D * P_b for the whole-tensor bucket, which
 // is gathered once.
-static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
-    int nl = s->y.nl, tensors[NUM_PARAM_TENSORS];
+static int fsdp_ring(Stage *s, int kind, int bucket) {
+    int nl = s->y.nl, tensors[NUM_PARAM_TENSORS], gather = kind == OP_ALLGATHER;
     Segment segs[NUM_PARAM_TENSORS];
-    if (kind == OP_ALLGATHER) {
-        if (s->held[0][bucket]) return fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->y.lo, s->y.hi, bucket);
-        if (bucket < nl && !s->pools[0].nfree)
-            return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
-                        "holds more than the validator's peak)", s->y.lo, s->y.hi, bucket, s->pools[0].count);
-        s->held[0][bucket] = bucket < nl ? s->pools[0].free_list[--s->pools[0].nfree] : s->whole[0];
-        int n = bucket_in(s, 0, bucket, segs, tensors);
+    float *buf;
+    pthread_mutex_lock(&s->comm.lock);
+    if (gather && bucket < nl && !s->pools[0].nfree) {  // the validator's peak rules it out
+        pthread_mutex_unlock(&s->comm.lock);
+        return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
+                    "holds more than the validator's peak)", s->y.lo, s->y.hi, bucket, s->pools[0].count);
+    }
+    buf = !gather ? s->held[1][bucket] : bucket < nl ? s->pools[0].free_list[--s->pools[0].nfree] : s->whole[0];
+    pthread_mutex_unlock(&s->comm.lock);
+    int n = bucket_in(s, NULL, buf, bucket, segs, tensors);
+    if (gather) {
         bucket_chunks_copy(s, segs, tensors, n, bucket, s->params, 0);
-        return ring_collective(&s->links, segs, n, bucket, 1);
+        if (ring_collective(&s->base.links, segs, n, bucket, 1)) return -1;
+    } else {
+        if (bucket == nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
+        if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
+        bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
     }
-    if (kind == OP_FREE) {
-        if (!s->held[0][bucket]) return fail("stage [%d,%d): FREE of bucket %d, which is not held", s->y.lo, s->y.hi, bucket);
-        if (bucket < nl) s->pools[0].free_list[s->pools[0].nfree++] = s->held[0][bucket];
-        s->held[0][bucket] = NULL;
-        return 0;
-    }
-    if (kind != OP_REDUCE_SCATTER || !training)
-        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->y.lo, s->y.hi, OP_NAMES[kind], bucket,
-                    training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
-    if (!s->held[1][bucket])
-        return fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->y.lo, s->y.hi, bucket);
-    if (bucket == nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
-    int n = bucket_in(s, 1, bucket, segs, tensors);
-    if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
-    bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
-    if (bucket < nl) {
-        s->pools[1].free_list[s->pools[1].nfree++] = s->held[1][bucket];
+    pthread_mutex_lock(&s->comm.lock);
+    if (gather) {
+        s->held[0][bucket] = buf;
+    } else if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
+        s->pools[1].free_list[s->pools[1].nfree++] = buf;
         s->held[1][bucket] = NULL;
     }
+    pthread_mutex_unlock(&s->comm.lock);
     return 0;
+}
+
+// --zero 3's ALLGATHER, FREE and REDUCE_SCATTER of a bucket, on the compute
+// thread: the collectives are queued for the comm thread, a FREE gives the
+// bucket's buffer back once its gather is done.
+static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
+    if (kind != OP_ALLGATHER && kind != OP_FREE && (kind != OP_REDUCE_SCATTER || !training))
+        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->y.lo, s->y.hi, OP_NAMES[kind], bucket,
+                    training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
+    int rc = 0;
+    pthread_mutex_lock(&s->comm.lock);
+    if (kind == OP_ALLGATHER) {
+        rc = s->held[0][bucket] || s->comm.pending[0][bucket]
+                 ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->y.lo, s->y.hi, bucket)
+                 : comm_enqueue(s, kind, bucket);
+    } else if (kind == OP_FREE) {
+        rc = comm_wait(s, gathered_or_idle, bucket);
+        if (rc == 0 && !s->held[0][bucket])
+            rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", s->y.lo, s->y.hi, bucket);
+        if (rc == 0 && bucket < s->y.nl) s->pools[0].free_list[s->pools[0].nfree++] = s->held[0][bucket];
+        if (rc == 0) s->held[0][bucket] = NULL;
+        pthread_cond_broadcast(&s->comm.changed);
+    } else {
+        rc = !s->held[1][bucket] || s->comm.pending[1][bucket]
+                 ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->y.lo,
+                        s->y.hi, bucket)
+                 : comm_enqueue(s, kind, bucket);
+    }
+    pthread_mutex_unlock(&s->comm.lock);
+    return rc;
 }
 
 // ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
@@ -1069,22 +1215,40 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
     Segment segs[NUM_PARAM_TENSORS];
     int tensors[NUM_PARAM_TENSORS];
     if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free", bucket);
-    if (kind == OP_ALLGATHER) return ring_collective(&s->links, segs, bucket_in(s, 0, bucket, segs, tensors), bucket, 1);
+    if (kind == OP_ALLGATHER)
+        return ring_collective(&s->base.links, segs, bucket_in(s, s->params, NULL, bucket, segs, tensors), bucket, 1);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
     if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
-    int n = bucket_in(s, 1, bucket, segs, tensors);
-    if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
-    return kind == OP_ALLREDUCE ? ring_collective(&s->links, segs, n, bucket, 1) : 0;
+    int n = bucket_in(s, s->grads, NULL, bucket, segs, tensors);
+    if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
+    return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
+}
+
+// --zero 3: the list is done when its last collective is
+static int hook_end(void *stage, int m) {
+    (void)m;
+    Stage *s = (Stage *)stage;
+    if (!s->sharded) return 0;
+    pthread_mutex_lock(&s->comm.lock);
+    int rc = comm_wait(s, queue_empty, 0);
+    pthread_mutex_unlock(&s->comm.lock);
+    return rc;
 }
 
 static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
-                                     hook_message_buffers, hook_exchange, hook_collective, NULL, NULL};
+                                     hook_message_buffers, hook_exchange, hook_collective, NULL, hook_end};
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    return run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops, inputs,
-                       targets, training, loss_sum);
+    int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops, inputs,
+                         targets, training, loss_sum);
+    if (rc && s->sharded) {  // the comm thread finishes the collective it is in (a ring step times out) and no more
+        pthread_mutex_lock(&s->comm.lock);
+        s->comm.skip = 1;
+        pthread_mutex_unlock(&s->comm.lock);
+    }
+    return rc;
 }
 
 // ----------------------------------------------------------------------------
@@ -1099,8 +1263,8 @@ int stage_sum_wte_grads(Stage *s) {
         // them through the scratch of the other (the last stage's dwte_embed is unused)
         if (!s->dwte_embed) s->dwte_embed = malloc(n * sizeof(float));
         if (!(embed = s->dwte_embed)) return fail("out of memory for d(wte)");
-        if (s->y.first ? tied_swap(&s->links, embed, head, n * sizeof(float))
-                       : tied_swap(&s->links, head, embed, n * sizeof(float)))
+        if (s->y.first ? tied_swap(&s->base.links, embed, head, n * sizeof(float))
+                       : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
@@ -1143,7 +1307,7 @@ void stage_grad_norm_parts(Stage *s, double *parts) {
         for (int l = 0; l < s->y.nl; l++) {
             if (!owns_tensor(&s->y, t) || (!is_layer_tensor(t) && l > 0)) continue;
             size_t lo, hi;
-            chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+            chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
             int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
             const float *chunk = s->sharded ? s->grads + s->shard_at[t] + l * s->chunk_n[t]
                                             : layer_tensor(s, s->grads, t, l) + lo;
@@ -1211,7 +1375,7 @@ int stage_load(Stage *s, const char *path) {
 
 // zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
-    if (s->zero == 0 && s->links.replica > 0) return 0;
+    if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
     int part, parts;
     optimizer_shard(s, &part, &parts);
     return checkpoint_files_write(&s->y, dir, ts, s->params, s->sharded, s->m, s->v, part, parts);
@@ -1228,13 +1392,9 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k,
                  uint64_t seed, int *out) {
-    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
+    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
     if (s->sharded) return fail("sampling needs the whole parameters: stage_unshard_params first (--zero 3)");
-    if (np < 1) return fail("sampling needs a prompt of at least one token");
     int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
-    for (int i = 0; i < np; i++)
-        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
-    if (top_k <= 0 || top_k > V) top_k = V;
     Candidate *cand = malloc(sizeof(Candidate) * top_k);
     if (!cand) return fail("out of memory for top-k");
     memcpy(out, prompt, np * sizeof(int));
@@ -1253,14 +1413,23 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
 }
 
 // ----------------------------------------------------------------------------
-// main (common.h): the hooks
+// main: ./train_gpt, single-process training from the shell (-h lists the
+// flags; python3 train.py runs pipelines). The loop is common.h's
+// train_main, written once for both trainers: it drives this file's stage
+// API through the table below.
 
 #ifdef TRAIN_GPT_MAIN
-static void trainer_describe(Stage *s) {
+static void describe_cpu(Stage *s) {
     (void)s;
 #ifdef _OPENMP
     printf("device: CPU, %d thread(s), GEMM kernel: %s\n", omp_get_max_threads(), asm_sgemm_name());
 #endif
 }
-static int trainer_check(Stage *s) { (void)s; return 0; }
+
+// this file's stage API, in the order of common.h's Trainer
+static const Trainer CPU_TRAINER = {"./train_gpt", stage_create, stage_load, stage_init, stage_read_checkpoint,
+                                    stage_run, stage_sum_wte_grads, stage_grad_norm_parts, stage_adamw,
+                                    stage_write_checkpoint, stage_sample, stage_free, NULL, describe_cpu};
+
+int main(int argc, char **argv) { return train_main(argc, argv, &CPU_TRAINER); }
 #endif

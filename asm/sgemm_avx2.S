@@ -29,8 +29,8 @@
 // AVX2 tile, 6x16, needs 8 loads for the same 12 FMAs, and 6 does not divide
 // B*T (a power of two here), the row count of the forward and input-gradient
 // products; 4 divides every row count (B*T, 768, 2304, 3072, 50304) and 24
-// every column count (768, 2304, 3072, 50304), so no GPT-2 product has an
-// edge tile, and 4 and 24 keep the packing's 8x8 transposes whole. 12
+// every column count (768, 2304, 3072, 50304) of GPT-2 124M (d12), so none of
+// its products has an edge tile, and 4 and 24 keep the packing's 8x8 transposes whole. 12
 // independent accumulators cover the FMA latency (4-5 cycles) at 2 a cycle.
 //
 // Memory plan. The caller reuses one B panel (kc x 24 x 4 bytes, 24 KiB at
@@ -43,10 +43,11 @@
 // has the two 256-bit FMA pipes of Zen 2 and 3, at a higher clock; its zmm
 // FMAs are two halves, so here the AVX2 kernel loses nothing to the AVX-512
 // one): the kernel alone, one core, packed operands hot, kc = 256, one panel
-// against 64 slivers, 115 GFLOP/s against 112 for a bare loop of 12
+// against 64 slivers, 115 GFLOP/s against 109-114 for a bare loop of 12
 // independent ymm FMAs (the clock varies: at the limit); whole GEMMs on the
-// nine GPT-2 products at M = 256, one core: 95-103, 1.6-10x the C twin
-// (train_gpt.c's gemm_nt / gemm_nn, auto-vectorised for AVX-512 here).
+// nine GPT-2 products at B*T = 256, one core: 93-105 GFLOP/s, 1.00-1.13x
+// numpy's OpenBLAS and 1.7-10.3x the C twin (train_gpt.c's gemm_nt /
+// gemm_nn, auto-vectorised for AVX-512 here).
 
 #if defined(__x86_64__) && defined(__ELF__)
 

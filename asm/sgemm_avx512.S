@@ -33,13 +33,14 @@
 // the epilogue's read-modify-write finds them in L1.
 //
 // Measured (asm/README.md has the tables and how). On 2 cores of an Intel
-// Xeon (2 zmm FMA ports): in L1/L2 with kc = 384, one core, 205-220 GFLOP/s
+// Xeon (2 zmm FMA ports): in L1/L2 with kc = 384, one core, 205-221 GFLOP/s
 // against 232 for a bare loop of independent FMAs (88-95% of the core's
 // peak); whole GEMMs, the nine GPT-2 products at B*T = 256: 314-401 GFLOP/s,
 // 1.12-1.37x numpy's OpenBLAS and 2.3-18.5x its C twin (the register-tiled
 // loops of train_gpt.c's gemm_nt / gemm_nn). On an AMD EPYC Zen 4 (a zmm FMA
-// is two 256-bit halves): the kernel alone 117-122 against 112 for the bare
-// FMA loop (the clock varies), whole GEMMs 95-105 on one core, 1.6-11x the
+// is two 256-bit halves): the kernel alone 117-122 against 109-114 for the
+// bare FMA loop (the clock varies), whole GEMMs on the nine GPT-2 products
+// 89-100 GFLOP/s on one core, 0.93-1.15x numpy's OpenBLAS and 1.6-10.7x the
 // C twin.
 
 #if defined(__x86_64__) && defined(__ELF__)

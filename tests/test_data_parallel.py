@@ -183,9 +183,9 @@ def test_fsdp_validator_checks_gathers_frees_and_their_order():
     train, after = pipeline.grid_schedule("zb-h1", S, D, m, buckets, 3)
     assert after == [[]] * (S * D)
     result = pipeline.validate_grid(train, S, m, buckets=buckets, zero=3)
-    # one layer is gathered at a time; zb-h1 defers the Ws, so both layers'
-    # gradients are held from the first micro-batch's W to the last one's
-    assert result.peak_gathered == [1] * 4 and result.peak_grads == [2] * 4
+    # a layer computes while the next is gathered; zb-h1 defers the Ws, so
+    # both layers' gradients are held from the first micro-batch's W to the last one's
+    assert result.peak_gathered == [2] * 4 and result.peak_grads == [2] * 4
     assert result.peak_held == pipeline.validate(pipeline.schedule("zb-h1", S, m), m).peak_held * D
 
     def fails(ranks, *words):
@@ -196,7 +196,8 @@ def test_fsdp_validator_checks_gathers_frees_and_their_order():
 
     ungathered = [list(ops) for ops in train]
     i = ungathered[1].index(Op(pipeline.FWD, 0, 1))
-    del ungathered[1][i - 1], ungathered[1][i]  # rank 1's FWD of layer 1 without its ALLGATHER and FREE
+    j = max(k for k in range(i) if ungathered[1][k] == Op(AG, -1, 1))
+    del ungathered[1][i + 1], ungathered[1][j]  # rank 1's FWD of layer 1 without its ALLGATHER and FREE
     fails(ungathered, "rank 1: FWD mb 0 layer 1: bucket 1 is not gathered")
     unheld = [[Op(FREE, -1, 0)] + ops if r == 0 else ops for r, ops in enumerate(train)]
     fails(unheld, "rank 0: FREE bucket 0: FREE of a bucket that is not held")

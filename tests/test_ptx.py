@@ -104,8 +104,9 @@ def test_ptx_file_header(ptx):
     assert entries(ptx), "no .visible .entry"
 
 
-# The memory-bound kernels want full occupancy, so 64 registers at most; the GEMM holds a 64 x 128 tile of
-# fp32 accumulators per warpgroup (64 a thread), and its 256 threads may have up to 128 each.
+# The memory-bound kernels keep at least 1024 threads an SM (half occupancy, enough loads in flight to reach
+# the copy's bandwidth), which is 64 registers a thread at most; the GEMM holds a 64 x 128 tile of fp32
+# accumulators per warpgroup (64 a thread), and its 256 threads may have up to 128 each.
 MAX_REGISTERS = {"ptx_gemm_bf16": 128}
 
 

@@ -6,7 +6,7 @@ same cores: the practical fp32 ceiling here. Prints the GEMM kernel the
 trainer ran on and where a step's time goes (forward, the two backward
 halves, the gradient norm, AdamW; median ms).
 
-    python dev/bench/bench_cpu.py [--model d12] [--steps 5] [--threads 2] [--kernel avx2|avx512|c]
+    python3 dev/bench/bench_cpu.py [--model d12] [--steps 5] [--threads 2] [--kernel avx2|avx512|c]
 
 Targets (issue 10): >= 0.6x numpy sgemm with the AVX2 kernel on an AVX2-only
 machine; no regression from 0.72x with AVX-512. OPENBLAS_CORETYPE, which can

@@ -147,10 +147,9 @@ def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str 
 
 
 def predict(cfg: dict, layout: str, gbps: float, costs: plan.OpCosts) -> float:
-    """plan's step: 2 ranks on one node, links of gbps,
-    collectives overlapping compute as the CPU executor runs them (plan.EXECUTOR_OVERLAP: today
-    they block the rank). Costs are per sequence, so the pipeline's micro-batch of 1 and a
-    replica's of 4 share them."""
+    """plan's step: 2 ranks on one node, links of gbps, collectives overlapping compute as
+    the CPU executor runs them (plan.EXECUTOR_OVERLAP). Costs are per sequence, so the
+    pipeline's micro-batch of 1 and a replica's of 4 share them."""
     wire = plan.link(gbps, 0.0)
     cluster = plan.Cluster(2, 2, wire, wire, flops=1.0, achieved=1.0, memory=float("inf"), hbm=1.0,
                            overlap=plan.EXECUTOR_OVERLAP, precision=plan.CPU_BYTES)

@@ -1,7 +1,7 @@
 """
 GPU benchmark of the CUDA trainer: GPT-2 124M (d12), B=32, T=1024, one GPU.
 
-    python dev/bench/bench_gpu.py [--model d12] [--batch 32] [--seq 1024] [--steps 10]
+    python3 dev/bench/bench_gpu.py [--model d12] [--batch 32] [--seq 1024] [--steps 10]
 
 Prints, in order:
 1. tokens/s and MFU of the whole training step as train.py runs it (stage_run

@@ -5,7 +5,7 @@ Prints tokens/s and, for the pipeline, the measured bubble fraction next to
 the simulator's prediction for the measured op costs, with the measured
 transfer time and with free transfers.
 
-    python dev/bench/bench_pipeline.py [--model d12] [--micro 8] [--steps 4]
+    python3 dev/bench/bench_pipeline.py [--model d12] [--micro 8] [--steps 4]
 
 The default is GPT-2 124M, whose LM head weighs about five layers: the
 partition then splits it evenly into two stages (tiny, whose head outweighs

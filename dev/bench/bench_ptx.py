@@ -2,7 +2,7 @@
 GPU benchmark of the hand-written PTX kernels (asm/*.ptx) against their CUDA C
 twins in train_gpt.cu, and of the training step with and without them.
 
-    python dev/bench/bench_ptx.py [--iters 20] [--steps 3] [--no-e2e]
+    python3 dev/bench/bench_ptx.py [--iters 20] [--steps 3] [--no-e2e]
 
 1. Per kernel, on working sets of 256 MB or more, through the trainer's own
    launchers (gpt_cuda_ptx_bench in dev/kernel_bench.cu): the effective bandwidth

@@ -9,7 +9,7 @@ it out:
     bwdin  dinp = dout @ W               dout (M,K), W (K,N)        asm_gemm_nn, sm=K, sk=1
     bwdw   dW += dout^T @ inp            dout (K,M), inp (K,N)      asm_gemm_nn, sm=1, sk=M
 
-    python dev/bench/bench_sgemm.py [--threads 2] [--kernel avx2]
+    python3 dev/bench/bench_sgemm.py [--threads 2] [--kernel avx2]
 
 Needs build/test_sgemm (`make`); the asm side runs there, in a subprocess.
 OPENBLAS_CORETYPE, which can make OpenBLAS pick a slower kernel, is dropped

@@ -6,7 +6,7 @@ random tokens. Prints "RESULT torch_tokens_per_s=..." after warmup (which
 includes the compile) and --steps timed steps. Skips with a message when torch
 or a GPU is missing.
 
-    python dev/bench/torch_gpt2.py [--batch 32] [--seq 1024] [--steps 10]
+    python3 dev/bench/torch_gpt2.py [--batch 32] [--seq 1024] [--steps 10]
 """
 
 import argparse

@@ -310,14 +310,18 @@ def _ensure_tokenizer(path: str) -> None:
         write_tokenizer(path, gpt2_encoding())
 
 
-def prepare_shakespeare(data_dir: str, progress: bool) -> DataFiles:
-    out_dir = os.path.join(data_dir, "shakespeare")
-    files = DataFiles(
-        train=os.path.join(out_dir, "shakespeare_train_000000.bin"),
-        val=os.path.join(out_dir, "shakespeare_val_000000.bin"),
-        tokenizer=os.path.join(data_dir, "gpt2_tokenizer.bin"),
-    )
+def _corpus_files(data_dir: str, corpus: str, train: str, val: str) -> DataFiles:
+    """A corpus's shards under data_dir/corpus and the tokenizer all corpora
+    share in data_dir, which is made here when it is missing or broken."""
+    out_dir = os.path.join(data_dir, corpus)
+    files = DataFiles(train=os.path.join(out_dir, train), val=os.path.join(out_dir, val),
+                      tokenizer=os.path.join(data_dir, "gpt2_tokenizer.bin"))
     _ensure_tokenizer(files.tokenizer)
+    return files
+
+
+def prepare_shakespeare(data_dir: str, progress: bool) -> DataFiles:
+    files = _corpus_files(data_dir, "shakespeare", "shakespeare_train_000000.bin", "shakespeare_val_000000.bin")
     if _shards_complete(files):
         return files
     docs = tokenize_documents([text for _, text in shakespeare_documents()], "shakespeare", progress)
@@ -348,17 +352,11 @@ def tokenize_tinyshakespeare(input_path: str, files: DataFiles, progress: bool =
 
 
 def prepare_tinyshakespeare(data_dir: str, progress: bool) -> DataFiles:
-    out_dir = os.path.join(data_dir, "tinyshakespeare")
-    files = DataFiles(
-        train=os.path.join(out_dir, "tiny_shakespeare_train.bin"),
-        val=os.path.join(out_dir, "tiny_shakespeare_val.bin"),
-        tokenizer=os.path.join(data_dir, "gpt2_tokenizer.bin"),
-    )
-    _ensure_tokenizer(files.tokenizer)
+    files = _corpus_files(data_dir, "tinyshakespeare", "tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin")
     if _shards_complete(files):
         return files
     # kept, so that a failed tokenization does not download again
-    input_path = os.path.join(out_dir, "input.txt")
+    input_path = os.path.join(data_dir, "tinyshakespeare", "input.txt")
     if not os.path.exists(input_path):
         try:
             with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as r:
