@@ -210,7 +210,8 @@ def main() -> None:
             print(f"  measured at {'unpaced' if gbps is None else f'{gbps:g} Gb/s'}: " + ", ".join(
                 f"{layout} {points[model, layout, speed]:.2f} s" for layout in ("pp", "dp", "fsdp")), flush=True)
         # DP and FSDP have no trace: plan from the pipeline's op costs, and from their own unpaced step
-        # plus plan's communication (its growth from the unpaced speed to this one)
+        # plus plan's communication (its growth from the unpaced speed to this one, every transfer
+        # exposed: with idle op costs there is no compute to hide it, so this column ignores overlap)
         idle = plan.OpCosts((0.0,) * 3, (0.0,) * 3, (0.0,) * 3, 0.0)
 
         def own(layout: str, gbps: float) -> float:
