@@ -984,6 +984,16 @@ class Rank:
     def replica_fds(self) -> tuple[int, int]:
         return tuple(s.fileno() if s else -1 for s in (self.replica_prev, self.replica_next))
 
+    def _recv(self, peer: int, kind: int, max_len: int, what: str) -> bytes:
+        """A message from rank `peer` (over the control socket to it, or to
+        rank 0), at most max_len bytes: each caller derives that bound from
+        what it expects, so nothing a peer sends is read unbounded."""
+        sock = self.control[peer if self.rank == 0 else 0]
+        try:
+            return recv_msg(sock, kind, max_len)
+        except ProtocolError as e:
+            raise ProtocolError(f"rank {self.rank}: {what} from rank {peer}: {e}") from None
+
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
         rank gets bitwise the same result. A step's values (grad-norm parts,
@@ -993,12 +1003,12 @@ class Rank:
         values = np.ascontiguousarray(values, dtype=np.float64)
         if self.world == 1:
             return values.copy()
-        if self.rank != 0:
+        if self.rank != 0:  # the sum has as many values as this rank's part
             send_msg(self.control[0], ARRAY, values.tobytes())
-            return np.frombuffer(recv_msg(self.control[0], ARRAY, values.nbytes), np.float64).copy()
+            return np.frombuffer(self._recv(0, ARRAY, values.nbytes, "the sum"), np.float64).copy()
         total = values.copy()
         for r in range(1, self.world):
-            got = np.frombuffer(recv_msg(self.control[r], ARRAY, values.nbytes), np.float64)
+            got = np.frombuffer(self._recv(r, ARRAY, values.nbytes, "a part of a sum"), np.float64)
             if got.shape != total.shape:
                 raise ProtocolError(f"rank {r} sent {got.size} values, expected {total.size}")
             total = total + got
@@ -1009,22 +1019,22 @@ class Rank:
     def barrier(self) -> None:
         self.allreduce(np.zeros(1))
 
-    def broadcast(self, blob: bytes) -> bytes:
-        """Rank 0's bytes, on every rank."""
+    def broadcast(self, blob: bytes, max_len: int) -> bytes:
+        """Rank 0's bytes, on every rank; the others refuse more than max_len."""
         if self.world == 1:
             return blob
         if self.rank != 0:
-            return recv_msg(self.control[0], BLOB, 1 << 20)
+            return self._recv(0, BLOB, max_len, "a broadcast")
         for r in range(1, self.world):
             send_msg(self.control[r], BLOB, blob)
         return blob
 
-    def gather_blobs(self, blob: bytes) -> list[bytes] | None:
-        """Every rank's bytes, on rank 0 (None elsewhere)."""
+    def gather_blobs(self, blob: bytes, max_len: int) -> list[bytes] | None:
+        """Every rank's bytes, on rank 0 (None elsewhere), each at most max_len."""
         if self.rank != 0:
             send_msg(self.control[0], BLOB, blob)
             return None
-        return [blob] + [recv_msg(self.control[r], BLOB, 1 << 40) for r in range(1, self.world)]
+        return [blob] + [self._recv(r, BLOB, max_len, "a gathered blob") for r in range(1, self.world)]
 
     def close(self) -> None:
         for s in [*self.control, self.prev, self.next, self.tied, self.replica_prev, self.replica_next]:

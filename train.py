@@ -36,10 +36,12 @@ if __name__ == "__main__":  # before the requirements, which make may have put i
 import numpy as np
 
 import pipeline
+from plan import stage_params
 from dev.data.prepare import decode, gpt2_encoding, prepare, read_tokenizer
 
 EOT = 50256
 VAL_BATCHES = 10
+NCCL_ID_BYTES = 128  # gpt.h's GPT_NCCL_ID_BYTES: the size of NCCL's ncclUniqueId
 WEIGHT_DECAY = 0.1
 MAX_GRAD_NORM = 1.0
 MIN_LR_FRAC = 0.1
@@ -58,10 +60,21 @@ class TrainingError(Exception):
 # flags
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it is true and not said already: a
+    flag whose default is None (filled in per device, or off) or a switch's
+    False says its default in its own words, or has none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train GPT-2 from scratch (llm.c-style C trainer, numpy-free hot loop).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelp)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="cuda when a GPU is visible and the CUDA trainer is built, else cpu")
     p.add_argument("--model", default=None,
@@ -202,6 +215,16 @@ class Plan:
     lock: int | None               # holds --checkpoint-dir while open (see claim_checkpoint_dir)
 
 
+def check_grid_flags(args: argparse.Namespace) -> None:
+    """--dp and --zero against each other and the device: before the
+    trainer loads (so --device cuda is refused where no GPU is), and again
+    once --device auto has become the device it names."""
+    if args.zero and args.dp == 1:
+        raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
+    if args.zero == 3 and args.device not in ("cpu", "auto"):
+        raise UsageError(f"--zero 3 runs on the CPU trainer only (--device cpu, not --device {args.device})")
+
+
 def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     """Everything the run will need, checked before step 1; with claim, the
     checkpoint directory locked for this process (rank 0 and the launcher)."""
@@ -213,13 +236,8 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     if args.seq_len < 1 or args.seq_len > config["max_seq_len"]:
         raise UsageError(f"--seq-len {args.seq_len}: must be between 1 and the model's context "
                          f"({config['max_seq_len']})")
+    check_grid_flags(args)
     S, D, m = args.stages, args.dp, args.micro_batches
-    if D < 1:
-        raise UsageError(f"--dp {D}: needs at least one replica")
-    if args.zero and D == 1:
-        raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
-    if args.zero == 3 and args.device != "cpu":
-        raise UsageError(f"--zero 3 runs on the CPU trainer only (--device cpu, not --device {args.device})")
     if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
                          + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
@@ -315,8 +333,24 @@ def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> 
         return make_grid_plan(args, config)
     blob = os.environ.get("GPT_PLAN", "").encode()
     if not blob:
-        blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"")
+        blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"",
+                             plan_bytes_bound(args, config, ctx.world))
     return grid_plan_from_json(blob, ctx.world)
+
+
+def plan_bytes_bound(args: argparse.Namespace, config: dict, world: int) -> int:
+    """The most bytes a grid plan's JSON can take, from what every rank
+    knows (the flags, the model, the partition): a stage of n layers lists at
+    most (m + VAL_BATCHES) x (c + 4) ops in its three lists, c = 3 compute
+    ops per micro-batch, or 7n under --zero 3 (its three a layer at a time,
+    an ALLGATHER and a FREE for two of them), 4 messages, and 3(n + 2) bucket
+    ops more; an op is "[kind, mb, part], " with mb at most 4 digits and part
+    at most L's; the rest of a rank's fields fit 64 bytes."""
+    L = config["num_layers"]
+    bounds = pipeline.partition(config, args.stages, args.seq_len)
+    ops = [(args.micro_batches + VAL_BATCHES) * ((7 * (hi - lo) if args.zero == 3 else 3) + 4) + 3 * (hi - lo + 2)
+           for lo, hi in bounds]
+    return 1024 + (world // args.stages) * sum(64 + n * (16 + len(str(L))) for n in ops)
 
 
 def as_triples(lists: list) -> list:
@@ -433,7 +467,11 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, g
     if use_nccl(args, gpt, ctx.world):
         # one id for the pipelines' sends, then one per stage for its replicas' collectives
         count = 1 + (ctx.stages if ctx.replicas > 1 else 0)
-        ids = ctx.broadcast(b"".join(gpt.nccl_unique_id() for _ in range(count)) if r == 0 else b"")
+        ids = ctx.broadcast(b"".join(gpt.nccl_unique_id() for _ in range(count)) if r == 0 else b"",
+                            count * NCCL_ID_BYTES)
+        if len(ids) != count * NCCL_ID_BYTES:
+            raise pipeline.ProtocolError(f"rank {r}: rank 0 sent {len(ids)} bytes of NCCL ids, expected "
+                                         f"{count} x {NCCL_ID_BYTES}")
         size = len(ids) // count
         model.set_nccl(ids[:size], ctx.world, r)
         if ctx.replicas > 1:
@@ -462,7 +500,7 @@ def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
     return own_gpu
 
 
-def gather_params(stage: Stage) -> dict | None:
+def gather_params(stage: Stage, config: dict, bounds: list) -> dict | None:
     """The whole model's parameters on rank 0 (None elsewhere), to sample from."""
     params = stage.model.params()
     if stage.ctx.world == 1:
@@ -470,7 +508,9 @@ def gather_params(stage: Stage) -> dict | None:
     head = json.dumps([[k, list(v.shape)] for k, v in params.items()]).encode()
     blob = len(head).to_bytes(4, "little") + head + b"".join(v.tobytes() for v in params.values())
     # replica 0's stages hold the whole model (every replica has it after a step)
-    blobs = stage.ctx.gather_blobs(blob if stage.ctx.replica == 0 else b"")
+    # the bound: the largest stage's fp32 parameters and a JSON header of its tensors' names and shapes
+    most = max(stage_params(dict(config, tied=True), lo, hi) for lo, hi in bounds)
+    blobs = stage.ctx.gather_blobs(blob if stage.ctx.replica == 0 else b"", 4 * most + pipeline.MAX_SMALL)
     if blobs is None:
         return None
     parts: dict[str, list[np.ndarray]] = {}
@@ -561,7 +601,7 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
     if args.sample_tokens:
         if grid.zero == 3:  # the whole parameters, gathered once on every rank, as --zero 1 keeps them
             model.unshard_params()
-        params = gather_params(stage)
+        params = gather_params(stage, cfg, grid.bounds)
         if params is not None:
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
             if ctx.world > 1:
@@ -588,7 +628,10 @@ def monotonic_clock_id() -> str:
 
 def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, timeline: list, say) -> None:
     mine = json.dumps({"clock": monotonic_clock_id(), "times": [t.tolist() for t in timeline]}).encode()
-    blobs = stage.ctx.gather_blobs(mine)
+    # the bound: every rank ran the same steps of at most this many ops, and an op's "[start, end], " is
+    # at most 64 characters (a float's repr is at most 24); the clock id is a boot id or a host name
+    most = max(map(len, grid.train_ops))
+    blobs = stage.ctx.gather_blobs(mine, 512 + len(timeline) * most * 64)
     if blobs is None:
         return
     S = grid.stages
@@ -659,7 +702,8 @@ def report_traffic(stage: Stage, steps: int, say) -> None:
     moved = stage.model.bytes_moved()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     memory = stage.model.memory_bytes()
-    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib, "memory": memory}).encode())
+    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib, "memory": memory}).encode(),
+                                   pipeline.MAX_SMALL)  # a few named counts
     if blobs is None or steps < 1:
         return
     S = stage.ctx.stages
@@ -690,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     stages_given = args.stages is not None
     ctx, errors = None, (UsageError,)
     try:
+        check_grid_flags(args)
         gpt = load_trainer(args)
         errors = (gpt.GPTError, ValueError, OSError, TrainingError)
         env = pipeline.env_from(os.environ)

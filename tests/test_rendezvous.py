@@ -145,3 +145,38 @@ def test_advertised_address():
     assert pipeline.advertised_address("127.0.0.1", "127.0.0.1", None) == "127.0.0.1"
     assert pipeline.advertised_address("0.0.0.0", "127.0.0.1", None) == "127.0.0.1"  # the route to MASTER_ADDR
     assert pipeline.advertised_address("0.0.0.0", "127.0.0.1", "10.1.2.3") == "10.1.2.3"
+
+
+def two_ranks_over_control() -> tuple[pipeline.Rank, pipeline.Rank, socket.socket, socket.socket]:
+    """Rank 0 and rank 1 of a 2-rank world joined by a control socket pair."""
+    a, b = socket.socketpair()
+    zero, one = pipeline.Rank(0, 2), pipeline.Rank(1, 2)
+    zero.control, one.control = [None, a], [b]
+    return zero, one, a, b
+
+
+@pytest.mark.parametrize("collective", ["gather_blobs", "broadcast", "allreduce"])
+def test_an_oversize_control_message_is_refused_naming_the_rank(collective):
+    """Each receive on the control sockets takes a bound from what it
+    expects; a header that announces one byte more is refused before its
+    payload is read, in one line naming both ranks."""
+    zero, one, a, b = two_ranks_over_control()
+    bound = 100
+    if collective == "gather_blobs":  # rank 1 claims a blob past rank 0's bound
+        b.sendall(struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.BLOB, bound + 1))
+        receive, words = lambda: zero.gather_blobs(b"", bound), "rank 0: a gathered blob from rank 1"
+    elif collective == "broadcast":  # rank 0 sends more than rank 1 expects
+        a.sendall(struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.BLOB, bound + 1))
+        receive, words = lambda: one.broadcast(b"", bound), "rank 1: a broadcast from rank 0"
+    else:  # a sum of 2 float64s answered with 3
+        a.sendall(struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.ARRAY, 24))
+        receive, words = lambda: one.allreduce(pipeline.np.zeros(2)), "rank 1: the sum from rank 0"
+    with pytest.raises(pipeline.ProtocolError) as e:
+        receive()
+    assert str(e.value).startswith(words) and "more than" in str(e.value) and "\n" not in str(e.value)
+    # and a message within the bound passes
+    if collective == "gather_blobs":
+        pipeline.send_msg(b, pipeline.BLOB, b"x" * bound)
+        assert zero.gather_blobs(b"mine", bound) == [b"mine", b"x" * bound]
+    a.close()
+    b.close()
