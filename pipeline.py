@@ -222,6 +222,8 @@ class ValidationResult:
     # whole gradients are held at once, the buffers the executor allocates
     peak_gathered: list[int] = field(default_factory=list)
     peak_grads: list[int] = field(default_factory=list)
+    # (rank, slot) of each message -> its partner's; of each collective -> its group's others' (a list)
+    pairs: dict = field(default_factory=dict)
 
 
 def _program_grid(ranks: list[list[Op]], marks: set[tuple[int, int]]) -> str:
@@ -373,7 +375,7 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     slots, stuck = _run(ranks, pairs, Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots))
+    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots), pairs=pairs)
 
 # -----------------------------------------------------------------------------
 # the grid: D data-parallel replicas of an S-stage pipeline
@@ -536,13 +538,14 @@ def _fsdp_buffers(ranks: list[list[Op]], r: int, layers: int, training: bool) ->
 
 
 def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool = True,
-                  buckets: list[int] | None = None, zero: int = 0) -> ValidationResult:
+                  buckets: list[int] | None = None, zero: int = 0, costs: "Costs | None" = None) -> ValidationResult:
     """validate() for every replica's pipeline, and the collectives like the
     sends: every rank of a stage's ring lists the same collectives in the same
     order (a ring step needs all of them), buckets exist, and the whole grid
     runs without deadlock. Under --zero 3 (buckets needed) the per-layer ops
     and each rank's gathered buckets too (_fsdp_buffers). Peaks are per grid
-    rank."""
+    rank; the timeline is the grid's under costs (unit costs if None): the
+    simulator for a grid, whose collectives only this pairs."""
     S = stages
     if S < 1 or len(ranks) % S:
         raise ScheduleError(f"{len(ranks)} op lists do not make replicas of {S} stages")
@@ -597,10 +600,10 @@ def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool
                              [(q, m[0]) for q, m in zip(group, mine) if m])
             for q, (i, _) in zip(group, mine):
                 pairs[q, i] = [(p, j) for p, (j, _) in zip(group, mine) if p != q]
-    slots, stuck = _run(ranks, pairs, Costs())
+    slots, stuck = _run(ranks, pairs, costs or Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult(peaks, _timeline(slots), gathered, grads)
+    return ValidationResult(peaks, _timeline(slots), gathered, grads, pairs)
 
 # -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
@@ -608,17 +611,28 @@ def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool
 
 @dataclass(frozen=True)
 class Costs:
-    f: float | list[float] = 1.0  # FWD, per rank or the same everywhere
+    f: float | list[float] = 1.0  # a whole stage's FWD, per rank or the same everywhere
     b: float | list[float] = 1.0  # BWD_INPUT
     w: float | list[float] = 1.0  # BWD_WEIGHT
     comm: float = 0.0  # one transfer between neighbours
-    collective: float = 0.0  # one data-parallel collective of a bucket
+    collective: float | list[list[float]] = 0.0  # one collective of a bucket: everywhere, or [rank][bucket]
+    # --zero 3's per-layer ops: per rank, each layer's share of its stage's
+    # compute (layer_shares: the embedding goes with layer 0, the head with
+    # the last); None: equal shares
+    shares: list[list[float]] | None = None
 
-    def compute(self, op: Op, r: int) -> float:
+    def compute(self, op: Op, r: int, layers: int) -> float:
+        """What a compute op costs on rank r, a stage of `layers` layers."""
         if op.kind == FREE:  # gives a buffer back: no work
             return 0.0
         cost = (self.f, self.b, self.w)[op.kind]
-        return cost[r] if isinstance(cost, list) else cost
+        cost = cost[r] if isinstance(cost, list) else cost
+        if op.part < 0:
+            return cost
+        return cost * (self.shares[r][op.part] if self.shares is not None else 1.0 / layers)
+
+    def of_collective(self, op: Op, r: int) -> float:
+        return self.collective[r][op.part] if isinstance(self.collective, list) else self.collective
 
 
 class Slot(NamedTuple):
@@ -651,21 +665,72 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     # rank reaches it; each message in it completes once the partner's group is
     # posted too (rendezvous), and the rank moves on when all of them have.
     # Times depend only on post times, never on sweep order, so this is exact.
+    #
+    # --zero 3's lists (those with a FREE) run their collectives as the
+    # executor does, on a comm thread of the rank's own: posting one costs the
+    # rank nothing; the comm thread runs them in list order, each once it is
+    # free and every replica's comm thread has reached it; a FWD or
+    # BWD_INPUT of a layer waits for the layer's gather (the whole tensors'
+    # gather is first in the queue, so it is done by then), and the list
+    # ends when its last collective has.
     S = len(ranks)
     segments = [_segments(ops) for ops in ranks]
     segment_of = [{i: k for k, seg in enumerate(segs) for i in seg} for segs in segments]
+    layers = [1 + max((op.part for op in ops if op.kind in COMPUTE), default=0) for ops in ranks]
+    threaded = [any(op.kind == FREE for op in ops) for ops in ranks]
+    gather_of = [{} for _ in ranks]  # (rank) op index -> the index of the gather its layer waits for
+    for r, ops in enumerate(ranks):
+        last = {}
+        for i, op in enumerate(ops):
+            if op.kind == ALLGATHER:
+                last[op.part] = i
+            elif threaded[r] and op.kind in (FWD, BWD_INPUT) and op.part in last:
+                gather_of[r][i] = last[op.part]
     posted = {}  # (rank, segment) -> when that rank reached that group
+    queued = [[] for _ in ranks]  # per threaded rank, the collectives posted and not yet run, in order
+    comm_free = [0.0] * S  # when each rank's comm thread is next free
     at, clock = [0] * S, [0.0] * S
     slots = [[None] * len(ops) for ops in ranks]
+
+    def run_queued(r: int) -> bool:  # the comm threads run every collective all of whose replicas have reached it
+        ran = False
+        while queued[r]:
+            i = queued[r][0]
+            group = [(r, i), *_partners(pairs, r, i)]
+            if any(not queued[q] or queued[q][0] != j for q, j in group):
+                break
+            ready = {q: max(posted[q, segment_of[q][j]], comm_free[q]) for q, j in group}
+            end = max(ready.values()) + costs.of_collective(ranks[r][i], r)
+            for q, j in group:
+                slots[q][j] = Slot(ranks[q][j], ready[q], end)
+                comm_free[q] = end
+                queued[q].pop(0)
+            ran = True
+        return ran
+
     moved = True
     while moved:
         moved = False
         for r in range(S):
+            moved |= run_queued(r)
             while at[r] < len(segments[r]):
                 seg = segments[r][at[r]]
                 first = ranks[r][seg[0]]
                 if first.kind in COMPUTE or first.kind == FREE:
-                    slots[r][seg[0]] = Slot(first, clock[r], clock[r] + costs.compute(first, r))
+                    start = clock[r]
+                    if seg[0] in gather_of[r]:
+                        gathered = slots[r][gather_of[r][seg[0]]]
+                        if gathered is None:
+                            break
+                        start = max(start, gathered.end)
+                    slots[r][seg[0]] = Slot(first, start, start + costs.compute(first, r, layers[r]))
+                elif threaded[r] and first.kind in COLLECTIVES:
+                    posted[r, at[r]] = clock[r]
+                    queued[r].append(seg[0])
+                    at[r] += 1
+                    moved = True
+                    run_queued(r)
+                    continue
                 else:
                     # a send or receive has one partner; a collective has the
                     # rest of its group, and completes when all have posted it
@@ -674,12 +739,13 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
                     if any(None in p for p in peers):
                         break
                     for i, tp in zip(seg, peers):
-                        cost = costs.collective if ranks[r][i].kind in COLLECTIVES else costs.comm
+                        cost = costs.of_collective(ranks[r][i], r) if ranks[r][i].kind in COLLECTIVES else costs.comm
                         slots[r][i] = Slot(ranks[r][i], t, max([t, *tp]) + cost)
                 clock[r] = max(slots[r][i].end for i in seg)
                 at[r] += 1
                 moved = True
-    stuck = {r: segments[r][at[r]] for r in range(S) if at[r] < len(segments[r])}
+    stuck = {r: segments[r][at[r]] if at[r] < len(segments[r]) else range(queued[r][0], queued[r][0] + 1)
+             for r in range(S) if at[r] < len(segments[r]) or queued[r]}
     return slots, stuck
 
 
@@ -703,7 +769,8 @@ def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> Sc
 
 
 def _timeline(slots: list[list[Slot]]) -> Timeline:
-    return Timeline(slots, max((row[-1].end for row in slots if row), default=0.0))
+    # the last op to end may be a collective of a comm thread, not the list's last
+    return Timeline(slots, max((s.end for row in slots for s in row), default=0.0))
 
 
 def simulate(ranks: list[list[Op]], costs: Costs = Costs()) -> Timeline:
@@ -759,6 +826,15 @@ def range_cost(parts: tuple[float, float, float], num_layers: int, lo: int, hi: 
     its description and plan.py's op costs all call it."""
     embed, layer, head = parts
     return embed * (lo == 0) + layer * (hi - lo) + head * (hi == num_layers)
+
+
+def layer_shares(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> list[list[float]]:
+    """Per stage, each of its layers' share of the stage's compute, for the
+    simulator's --zero 3 per-layer ops: the embedding goes with layer 0 and
+    the head with the last, as fsdp_ops runs them."""
+    parts, L = stage_costs(config, seq_len), config["num_layers"]
+    return [[range_cost(parts, L, l, l + 1) / range_cost(parts, L, lo, hi) for l in range(lo, hi)]
+            for lo, hi in bounds]
 
 
 def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:

@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
-                   help="write every rank's measured timeline as a Chrome trace (Perfetto, chrome://tracing)")
+                   help="write every rank's measured op times as a Chrome trace (Perfetto, chrome://tracing): "
+                        "a process per replica, a thread per stage; needs --stages 2 or more")
     p.add_argument("--link-gbps", type=float, default=None, metavar="G",
                    help="pace every socket link to G Gb/s, so one machine behaves like ranks on slower links")
     p.add_argument("--link-latency-us", type=float, default=None, metavar="U",
@@ -594,8 +595,8 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
                 if args.keep_checkpoints:
                     gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
-    if S > 1 and timeline and grid.zero != 3:  # zero 3's per-layer lists are not the simulator's
-        report_pipeline(args, stage, grid, timeline, say)
+    if S > 1 and timeline:
+        report_pipeline(args, stage, grid, cfg, timeline, say)
     if ctx.world > 1:
         report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
@@ -626,7 +627,12 @@ def monotonic_clock_id() -> str:
         return socket.gethostname()
 
 
-def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, timeline: list, say) -> None:
+def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, config: dict, timeline: list,
+                    say) -> None:
+    """The bubble every rank of the grid measured (the grid's, and each
+    replica's share of it) next to the simulator's for the measured op
+    costs, and with --trace every rank's op times as a Chrome trace: a
+    process per replica, a thread per stage."""
     mine = json.dumps({"clock": monotonic_clock_id(), "times": [t.tolist() for t in timeline]}).encode()
     # the bound: every rank ran the same steps of at most this many ops, and an op's "[start, end], " is
     # at most 64 characters (a float's repr is at most 24); the clock id is a boot id or a host name
@@ -634,60 +640,92 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, time
     blobs = stage.ctx.gather_blobs(mine, 512 + len(timeline) * most * 64)
     if blobs is None:
         return
-    S = grid.stages
-    reports = [json.loads(b) for b in blobs[:S]]
+    S, D, world = grid.stages, grid.replicas, grid.stages * grid.replicas
+    reports = [json.loads(b) for b in blobs]
     if len({rep["clock"] for rep in reports}) > 1:
         # op times are CLOCK_MONOTONIC seconds (gpt.h), which count from each machine's boot: comparing
         # them across machines would make up a bubble, so across machines nothing is reported
-        say("bubble and trace: not reported: the stages run on different machines, whose monotonic clocks "
+        say("bubble and trace: not reported: the ranks run on different machines, whose monotonic clocks "
             "cannot be compared")
         return
-    # replica 0's pipeline, without the collectives that follow its backward
-    ranks_ops = [[pipeline.Op(*op) for op in grid.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
-                 for r in range(S)]
-    times = [[step[:len(ranks_ops[r])] for step in rep["times"]]  # [rank][step][op] = [start, end]
-             for r, rep in enumerate(reports)]
+    ranks_ops = [[pipeline.Op(*op) for op in ops] for ops in grid.train_ops]
+    buckets = [hi - lo + 1 for lo, hi in grid.bounds]
+    pairs = pipeline.validate_grid(ranks_ops, S, args.micro_batches, buckets=buckets, zero=grid.zero).pairs
+    times = [rep["times"] for rep in reports]  # [rank][step][op] = [start, end]
     steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
-    pairs = pipeline.pair_messages(ranks_ops)
-    bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
+    # per rank and compute kind, an op's mean time, per layer under --zero 3 (part -1: the whole stage)
+    costs = [{} for _ in range(world)]
+    bubbles, transfers = [], []
+    collectives = [[[] for _ in range(n)] for n in (buckets[r % S] for r in range(world))]  # [rank][bucket]
     for k in steps:
         # the step as the simulator sees it: from when the last rank starts it (before that, a rank that
         # finished its optimizer early is waiting for the others, which is not the pipeline's bubble)
-        t0, t1 = max(t[k][0][0] for t in times), max(t[k][-1][1] for t in times)
-        busy = 0.0
-        for r in range(S):
+        t0 = max(t[k][0][0] for t in times)
+        t1 = max(end for t in times for _, end in t[k])
+        busy = [0.0] * D
+        for r in range(world):
             for i, (op, (a, b)) in enumerate(zip(ranks_ops[r], times[r][k])):
                 if op.kind in pipeline.COMPUTE:
-                    busy += max(0.0, min(b, t1) - max(a, t0))
-                    costs[r][op.kind].append(b - a)
-                else:  # a transfer starts once both sides have posted it; before that it is waiting
-                    q, j = pairs[r, i]
-                    transfers.append(b - max(a, times[q][k][j][0]))
-        bubbles.append(1.0 - busy / (S * (t1 - t0)))
-    mean = [[float(np.mean(c)) if c else 0.0 for c in per] for per in costs]
+                    busy[r // S] += max(0.0, min(b, t1) - max(a, t0))
+                    costs[r].setdefault((op.kind, op.part), []).append(b - a)
+                elif op.kind == pipeline.FREE or grid.zero == 3 and op.kind in pipeline.COLLECTIVES:
+                    continue  # --zero 3's collectives run on the comm thread: the op's time is its queueing
+                else:  # a transfer starts once every side has posted it; before that it is waiting
+                    waited = max([a] + [times[q][k][j][0] for q, j in pipeline._partners(pairs, r, i)])
+                    (collectives[r][op.part] if op.kind in pipeline.COLLECTIVES else transfers).append(b - waited)
+        bubbles.append([1.0 - busy[d] / (S * (t1 - t0)) for d in range(D)])
     comm = float(np.median(transfers)) if transfers else 0.0
+    # a bucket's collective, per rank: the mean of its measured times (zero 3's: none)
+    collective = [[float(np.mean(c)) if c else 0.0 for c in per] for per in collectives]
 
-    def bubble(comm: float) -> float:
-        return pipeline.simulate(ranks_ops, pipeline.Costs(f=[c[0] for c in mean], b=[c[1] for c in mean],
-                                                           w=[c[2] for c in mean], comm=comm)).bubble_fraction
+    def stage_cost(r: int, kind: int) -> float:  # a whole stage's: the sum of its layers' under --zero 3
+        return sum(float(np.mean(c)) for (kd, _), c in costs[r].items() if kd == kind)
+    shares = pipeline.layer_shares(config, [tuple(b) for b in grid.bounds], args.seq_len)
 
-    say(f"bubble: measured {np.mean(bubbles):.1%}, simulator {bubble(comm):.1%} for the measured op costs and "
-        f"transfer time ({comm * 1e3:.1f} ms, the median), {bubble(0.0):.1%} with free transfers")
+    def bubble(comm: float, collective: list | float) -> float:
+        model = pipeline.Costs(f=[stage_cost(r, pipeline.FWD) for r in range(world)],
+                               b=[stage_cost(r, pipeline.BWD_INPUT) for r in range(world)],
+                               w=[stage_cost(r, pipeline.BWD_WEIGHT) for r in range(world)], comm=comm,
+                               collective=collective, shares=[shares[r % S] for r in range(world)])
+        return pipeline.validate_grid(ranks_ops, S, args.micro_batches, buckets=buckets, zero=grid.zero,
+                                      costs=model).timeline.bubble_fraction
+
+    per_replica = np.mean(bubbles, axis=0)
+    replicas = f" (replicas: {', '.join(f'{b:.1%}' for b in per_replica)})" if D > 1 else ""
+    timed = f"transfer time ({comm * 1e3:.1f} ms, the median)"
+    if D > 1 and grid.zero != 3:
+        timed += f" and collective times (mean {np.mean([c for per in collective for c in per]) * 1e3:.1f} ms)"
+    elif D > 1:  # the comm thread's collectives leave no time of their own in the op times
+        timed += " and free collectives (the comm thread's are not timed)"
+    say(f"bubble: measured {np.mean(per_replica):.1%}{replicas}, simulator {bubble(comm, collective):.1%} for the "
+        f"measured op costs and {timed}, {bubble(0.0, 0.0):.1%} with free transfers")
     if args.trace:
-        t0 = min(t[0][0][0] for t in times)
-        events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{args.schedule} x{S}"}}]
-        for r in range(S):
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}})
-            for k, step_times in enumerate(times[r]):
-                for op, (a, b) in zip(ranks_ops[r], step_times):
-                    events.append({"name": pipeline.label(op), "cat": pipeline.NAMES[op.kind], "ph": "X",
-                                   "pid": 0, "tid": r, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
-                                   "args": {"step": k + 1, "micro_batch": op.mb}})
-        tmp = f"{args.trace}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-        os.replace(tmp, args.trace)
+        write_trace(args.trace, args.schedule, grid, ranks_ops, times)
         say(f"trace: {args.trace}")
+
+
+def write_trace(path: str, schedule: str, grid: GridPlan, ranks_ops: list, times: list) -> None:
+    """Every rank's op times as a Chrome trace: process d is replica d,
+    thread s its stage s (rank d*S + s), time from the first op's start."""
+    S = grid.stages
+    t0 = min(t[0][0][0] for t in times)
+    events = []
+    for r, (ops, rank_times) in enumerate(zip(ranks_ops, times)):
+        stage, replica = r % S, r // S
+        if stage == 0:
+            events.append({"name": "process_name", "ph": "M", "pid": replica,
+                           "args": {"name": f"replica {replica}: {schedule} x{S}"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": replica, "tid": stage,
+                       "args": {"name": f"stage {stage} (rank {r})"}})
+        for k, step_times in enumerate(rank_times):
+            for op, (a, b) in zip(ops, step_times):
+                events.append({"name": pipeline.label(op), "cat": pipeline.NAMES[op.kind], "ph": "X",
+                               "pid": replica, "tid": stage, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
+                               "args": {"step": k + 1, "micro_batch": op.mb, "rank": r}})
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    os.replace(tmp, path)
 
 
 def report_traffic(stage: Stage, steps: int, say) -> None:
