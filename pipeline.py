@@ -949,9 +949,9 @@ def parse_json_object(raw: bytes, keys: dict, what: str) -> dict:
     return obj
 
 
-def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
+def recv_json(sock: socket.socket, kind: int, keys: dict, max_len: int = MAX_SMALL) -> dict:
     """A JSON message with exactly the given keys of the given types."""
-    raw = recv_msg(sock, kind)
+    raw = recv_msg(sock, kind, max_len)
     if _nesting(raw) > MAX_DEPTH:
         raise ProtocolError(f"malformed {KIND_NAMES[kind]} message (nested deeper than {MAX_DEPTH})")
     return parse_json_object(raw, keys, f"{KIND_NAMES[kind]} message")
@@ -1163,14 +1163,16 @@ def _answer(sock: socket.socket, key: bytes, kind: int, fields: dict, peer_nonce
     send_json(sock, kind, {**fields, "mac": _mac(key, kind, peer_nonce, fields)})
 
 
-def _join(sock: socket.socket, key: bytes, kind: int, fields: dict, reply_kind: int, reply_keys: dict) -> dict:
+def _join(sock: socket.socket, key: bytes, kind: int, fields: dict, reply_kind: int, reply_keys: dict,
+          reply_max: int = MAX_SMALL) -> dict:
     """The connector's half: answers the challenge with fields, then checks
-    the acceptor's reply, which only a holder of the token can prove."""
+    the acceptor's reply (at most reply_max bytes), which only a holder of
+    the token can prove."""
     challenge = recv_json(sock, CHALLENGE, NONCE)["nonce"]
     nonce = secrets.token_hex(16)
     msg = {**fields, "nonce": nonce}
     send_json(sock, kind, {**msg, "mac": _mac(key, kind, challenge, msg)})
-    reply = recv_json(sock, reply_kind, {**reply_keys, "mac": str})
+    reply = recv_json(sock, reply_kind, {**reply_keys, "mac": str}, reply_max)
     if not hmac.compare_digest(reply["mac"], _mac(key, reply_kind, nonce, reply)):
         raise ProtocolError(f"the peer's {KIND_NAMES[reply_kind]} does not prove the job token")
     return reply
@@ -1236,6 +1238,14 @@ class _Acceptor:
         with self.lock:
             for sock in self.pending:
                 sock.close()
+
+
+def table_bytes_bound(world: int) -> int:
+    """The most bytes rank 0's TABLE of `world` listeners can take: an entry
+    is ["host", port], a host at most 255 characters (rank 0 refuses longer),
+    each at most 6 bytes in JSON (\\uXXXX), a port 5 digits; 1 KiB for the
+    nonce, the proof and the keys."""
+    return 1024 + world * (6 * 255 + 16)
 
 
 def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, advertise: str | None = None,
@@ -1320,8 +1330,11 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, adv
         else:
             ctl = _connect((env.master_addr, env.master_port), deadline)
             me.control = [ctl]
-            reply = _join(ctl, key, HELLO, {"rank": r, "world": S, "host": mine[0], "port": mine[1]},
-                          TABLE, {"table": list})
+            try:
+                reply = _join(ctl, key, HELLO, {"rank": r, "world": S, "host": mine[0], "port": mine[1]},
+                              TABLE, {"table": list}, table_bytes_bound(S))
+            except ProtocolError as e:
+                raise ProtocolError(f"rank {r}: joining rank 0: {e}") from None
             table = reply["table"]
             if len(table) != S or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and
                                           isinstance(e[1], int) and 0 < e[1] < 65536 for e in table):

@@ -124,6 +124,30 @@ def test_a_fake_rank_0_cannot_prove_the_token():
     assert "does not prove the job token" in str(out1["error"])
 
 
+def test_an_oversize_table_is_refused_before_it_is_read():
+    """A TABLE is bounded by the world it lists (table_bytes_bound), not by
+    the 64 KiB of the other JSON messages: 4096 ranks of 255-character
+    hosts fit, and a header announcing one byte more is refused, naming the
+    rank that refused it."""
+    world = 4096
+    table = [["\u00e9" * 255, 65535]] * world
+    proof = {"table": table, "nonce": "00" * 16, "mac": "0" * 64}
+    assert pipeline.MAX_SMALL < len(json.dumps(proof).encode()) <= pipeline.table_bytes_bound(world)
+    port = free_port()
+    listener = pipeline._listen("127.0.0.1", port)
+    rank1, out1 = start_rank(1, port)
+    sock, _ = listener.accept()
+    sock.settimeout(5)
+    pipeline.send_json(sock, pipeline.CHALLENGE, {"nonce": "00" * 16})
+    pipeline.recv_msg(sock, pipeline.HELLO)
+    sock.sendall(struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.TABLE, pipeline.table_bytes_bound(2) + 1))
+    rank1.join(30)
+    sock.close()
+    listener.close()
+    assert isinstance(out1["error"], pipeline.ProtocolError)
+    assert str(out1["error"]).startswith("rank 1: joining rank 0: TABLE message of") and "more than" in str(out1["error"])
+
+
 @pytest.mark.parametrize("depth,ok", [(4, True), (5, False)])
 def test_nesting_is_bounded_before_parsing(depth, ok):
     a, b = socket.socketpair()
