@@ -105,23 +105,31 @@ def test_alone_with_hostile_peers_rank_0_times_out_naming_the_wait():
     assert TIMEOUT - 0.5 < out0["seconds"] < TIMEOUT + 3
 
 
-def test_a_fake_rank_0_cannot_prove_the_token():
-    """Someone listening on MASTER_PORT first gets a HELLO it cannot use and
-    cannot answer with a TABLE the real rank accepts."""
+def rank_1_against_a_fake_rank_0(answer) -> Exception:
+    """Rank 1 joins a listener on MASTER_PORT that challenges it, reads its
+    HELLO and calls answer(sock, hello); returns rank 1's error."""
     port = free_port()
     listener = pipeline._listen("127.0.0.1", port)
     rank1, out1 = start_rank(1, port)
     sock, _ = listener.accept()
     sock.settimeout(5)
     pipeline.send_json(sock, pipeline.CHALLENGE, {"nonce": "00" * 16})
-    hello = json.loads(pipeline.recv_msg(sock, pipeline.HELLO))
-    assert TOKEN not in json.dumps(hello)
-    pipeline.send_json(sock, pipeline.TABLE, {"table": [["127.0.0.1", 1], ["127.0.0.1", 2]], "mac": "0" * 64})
+    answer(sock, json.loads(pipeline.recv_msg(sock, pipeline.HELLO)))
     rank1.join(30)
     sock.close()
     listener.close()
-    assert isinstance(out1["error"], pipeline.ProtocolError)
-    assert "does not prove the job token" in str(out1["error"])
+    return out1.get("error")
+
+
+def test_a_fake_rank_0_cannot_prove_the_token():
+    """Someone listening on MASTER_PORT first gets a HELLO it cannot use and
+    cannot answer with a TABLE the real rank accepts."""
+    def answer(sock, hello):
+        assert TOKEN not in json.dumps(hello)
+        pipeline.send_json(sock, pipeline.TABLE, {"table": [["127.0.0.1", 1], ["127.0.0.1", 2]], "mac": "0" * 64})
+    error = rank_1_against_a_fake_rank_0(answer)
+    assert isinstance(error, pipeline.ProtocolError)
+    assert "does not prove the job token" in str(error)
 
 
 def test_an_oversize_table_is_refused_before_it_is_read():
@@ -133,19 +141,10 @@ def test_an_oversize_table_is_refused_before_it_is_read():
     table = [["\u00e9" * 255, 65535]] * world
     proof = {"table": table, "nonce": "00" * 16, "mac": "0" * 64}
     assert pipeline.MAX_SMALL < len(json.dumps(proof).encode()) <= pipeline.table_bytes_bound(world)
-    port = free_port()
-    listener = pipeline._listen("127.0.0.1", port)
-    rank1, out1 = start_rank(1, port)
-    sock, _ = listener.accept()
-    sock.settimeout(5)
-    pipeline.send_json(sock, pipeline.CHALLENGE, {"nonce": "00" * 16})
-    pipeline.recv_msg(sock, pipeline.HELLO)
-    sock.sendall(struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.TABLE, pipeline.table_bytes_bound(2) + 1))
-    rank1.join(30)
-    sock.close()
-    listener.close()
-    assert isinstance(out1["error"], pipeline.ProtocolError)
-    assert str(out1["error"]).startswith("rank 1: joining rank 0: TABLE message of") and "more than" in str(out1["error"])
+    error = rank_1_against_a_fake_rank_0(lambda sock, hello: sock.sendall(
+        struct.pack("<IIQ", pipeline.WIRE_MAGIC, pipeline.TABLE, pipeline.table_bytes_bound(2) + 1)))
+    assert isinstance(error, pipeline.ProtocolError)
+    assert str(error).startswith("rank 1: joining rank 0: TABLE message of") and "more than" in str(error)
 
 
 @pytest.mark.parametrize("depth,ok", [(4, True), (5, False)])
