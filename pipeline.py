@@ -696,7 +696,7 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
         ran = False
         while queued[r]:
             i = queued[r][0]
-            group = [(r, i), *_partners(pairs, r, i)]
+            group = [(r, i), *partners(pairs, r, i)]
             if any(not queued[q] or queued[q][0] != j for q, j in group):
                 break
             ready = {q: max(posted[q, segment_of[q][j]], comm_free[q]) for q, j in group}
@@ -735,7 +735,7 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
                     # a send or receive has one partner; a collective has the
                     # rest of its group, and completes when all have posted it
                     t = posted.setdefault((r, at[r]), clock[r])
-                    peers = [[posted.get((q, segment_of[q][j])) for q, j in _partners(pairs, r, i)] for i in seg]
+                    peers = [[posted.get((q, segment_of[q][j])) for q, j in partners(pairs, r, i)] for i in seg]
                     if any(None in p for p in peers):
                         break
                     for i, tp in zip(seg, peers):
@@ -749,7 +749,8 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     return slots, stuck
 
 
-def _partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
+def partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
+    """(rank, slot) of every other side of rank r's slot i: a message's partner, a collective's group."""
     partner = pairs[r, i]
     return partner if isinstance(partner, list) else [partner]
 
@@ -758,7 +759,7 @@ def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> Sc
     waits, marks = [], []
     for r, seg in stuck.items():
         for i in seg:
-            for q, j in _partners(pairs, r, i):
+            for q, j in partners(pairs, r, i):
                 if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
                     waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
                                  f"to reach slot {j} ({ranks[q][j]})")

@@ -671,7 +671,7 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, conf
                 elif op.kind == pipeline.FREE or grid.zero == 3 and op.kind in pipeline.COLLECTIVES:
                     continue  # --zero 3's collectives run on the comm thread: the op's time is its queueing
                 else:  # a transfer starts once every side has posted it; before that it is waiting
-                    waited = max([a] + [times[q][k][j][0] for q, j in pipeline._partners(pairs, r, i)])
+                    waited = max([a] + [times[q][k][j][0] for q, j in pipeline.partners(pairs, r, i)])
                     (collectives[r][op.part] if op.kind in pipeline.COLLECTIVES else transfers).append(b - waited)
         bubbles.append([1.0 - busy[d] / (S * (t1 - t0)) for d in range(D)])
     comm = float(np.median(transfers)) if transfers else 0.0
