@@ -1,13 +1,28 @@
 // common.h: the host half that train_gpt.c and train_gpt.cu share, included
-// once by each (as llm.c's llmc/ headers are): errors, the model layout, the
-// seeded init, the data loader, checkpoint files, the socket transport, the
-// ring collectives between data-parallel replicas, the one op-list executor
-// (run_op_list, driving the trainer through the hooks it hands over) and
-// top-k sampling. Everything here runs on the CPU and works on host memory;
-// valid C11 and C++ so nvcc can compile it too.
+// once by each (as llm.c's llmc/ headers are). It is what the trainers
+// use and never the other way round: it calls nothing a trainer defines, and
+// where it drives one (the executor, the standalone loop) the trainer hands
+// over its functions as a table. Everything here runs on the CPU and works on
+// host memory; valid C11 and C++ so nvcc can compile it too.
+//
+// Sections, in the order data flows:
+//   errors, threads, the clock, file I/O
+//   model shape and layout          GPTConfig presets, Layout: what a stage holds
+//   init                            the seeded GPT-2 init, the same for any split
+//   data                            llm.c token shards (DataLoader)
+//   checkpoint files                llm.c model files, our optimizer state, the directory
+//   socket transport, link pacing,  Links and Transfer: messages between stages
+//     groups of messages
+//   data-parallel collectives       the ring over a stage's replicas
+//   what every Stage begins with    StageBase, and the stage API calls on it alone
+//   the executor                    its bookkeeping (OpRun) and run_op_list (StageHooks)
+//   optimizer scalars               the learning-rate schedule, the grad norm
+//   sampling                        top-k with temperature
+//   the standalone trainers         flags, and train_main, the loop both mains call
 #ifndef COMMON_H
 #define COMMON_H
 
+#include <assert.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -32,7 +47,7 @@
 #define PI 3.14159265358979323846
 
 // ----------------------------------------------------------------------------
-// errors: one line, kept until the next failure
+// errors (one line, kept until the next failure), threads, the clock, file I/O
 
 #ifdef __cplusplus
 #define THREAD_LOCAL thread_local
@@ -74,8 +89,36 @@ static double now_seconds(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
+// pread/pwrite of exactly n bytes at off, or a message naming the file
+static int read_exact(int fd, void *buf, size_t n, off_t off, const char *path) {
+    char *p = (char *)buf;
+    while (n) {
+        ssize_t r = pread(fd, p, n, off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return fail("%s: read failed (%s)", path, r < 0 ? strerror(errno) : "unexpected end of file");
+        p += r; n -= r; off += r;
+    }
+    return 0;
+}
+
+static int write_exact(int fd, const void *buf, size_t n, off_t off, const char *path) {
+    const char *p = (const char *)buf;
+    while (n) {
+        ssize_t r = pwrite(fd, p, n, off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return fail("%s: write failed (%s)", path, strerror(errno));
+        p += r; n -= r; off += r;
+    }
+    return 0;
+}
+
+static int64_t file_size(int fd) {
+    struct stat st;
+    return fstat(fd, &st) ? -1 : (int64_t)st.st_size;
+}
+
 // ----------------------------------------------------------------------------
-// model layout
+// model shape and layout: the presets, their bounds, what a stage holds
 
 const char *const PARAM_NAMES[NUM_PARAM_TENSORS] = {
     "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -296,53 +339,6 @@ static void init_params(const Layout *y, float *params, uint64_t seed) {
                 for (size_t i = 0; i < n; i++) p[i] = val;
             }
         }
-}
-
-// ----------------------------------------------------------------------------
-// optimizer scalars
-
-float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac) {
-    float min_lr = max_lr * min_frac;
-    if (step < warmup) return max_lr * (step + 1) / warmup;
-    if (step >= total_steps - 1) return min_lr;
-    float progress = (float)(step - warmup) / (float)(total_steps - 1 - warmup);
-    return min_lr + 0.5f * (1.0f + cosf((float)PI * progress)) * (max_lr - min_lr);
-}
-
-double gpt_norm_from_parts(const double *parts, int L) {
-    double total = 0.0;
-    for (int i = 0; i < NUM_PARAM_TENSORS * L; i++) total += parts[i];
-    return sqrt(total);
-}
-
-// ----------------------------------------------------------------------------
-// file helpers
-
-static int read_exact(int fd, void *buf, size_t n, off_t off, const char *path) {
-    char *p = (char *)buf;
-    while (n) {
-        ssize_t r = pread(fd, p, n, off);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return fail("%s: read failed (%s)", path, r < 0 ? strerror(errno) : "unexpected end of file");
-        p += r; n -= r; off += r;
-    }
-    return 0;
-}
-
-static int write_exact(int fd, const void *buf, size_t n, off_t off, const char *path) {
-    const char *p = (const char *)buf;
-    while (n) {
-        ssize_t r = pwrite(fd, p, n, off);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return fail("%s: write failed (%s)", path, strerror(errno));
-        p += r; n -= r; off += r;
-    }
-    return 0;
-}
-
-static int64_t file_size(int fd) {
-    struct stat st;
-    return fstat(fd, &st) ? -1 : (int64_t)st.st_size;
 }
 
 // ----------------------------------------------------------------------------
@@ -908,25 +904,6 @@ typedef struct {
     uint64_t bytes_sent[NUM_TRAFFIC], bytes_received[NUM_TRAFFIC];
 } Links;
 
-static void links_set_peers(Links *k, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    k->prev_fd = prev_fd;
-    k->next_fd = next_fd;
-    k->tied_fd = tied_fd;
-    k->timeout_s = timeout_s;
-}
-
-static void links_set_replicas(Links *k, int prev_fd, int next_fd, int replica, int replicas) {
-    k->replica_prev_fd = prev_fd;
-    k->replica_next_fd = next_fd;
-    k->replica = replica;
-    k->replicas = replicas;
-}
-
-static void links_bytes_moved(const Links *k, uint64_t sent[NUM_TRAFFIC], uint64_t received[NUM_TRAFFIC]) {
-    memcpy(sent, k->bytes_sent, sizeof k->bytes_sent);
-    memcpy(received, k->bytes_received, sizeof k->bytes_received);
-}
-
 static Links links_make(int lo, int hi) {
     Links k;
     memset(&k, 0, sizeof k);
@@ -946,6 +923,54 @@ typedef struct {
     size_t nbytes, done;    // header + payload bytes
     double *wire;           // a paced send: its link's clock (see link pacing); NULL until it starts
 } Transfer;
+
+#ifndef MSG_NOSIGNAL  // a libc without it (older macOS): the Python process that owns these sockets ignores SIGPIPE
+#define MSG_NOSIGNAL 0
+#endif
+
+// Moves what the socket takes now, at most `most` bytes; returns bytes
+// moved, or (size_t)-1 when the peer is gone.
+static size_t transfer_step(Transfer *x, size_t most) {
+    size_t hb = sizeof x->header, off = x->done;
+    char *p = off < hb ? (char *)x->header + off : x->payload + (off - hb);
+    size_t n = off < hb ? hb - off : x->nbytes - off;
+    if (n > most) n = most;
+    ssize_t r = x->sending ? send(x->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+                           : recv(x->fd, p, n, MSG_DONTWAIT);
+    if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
+    if (r == 0 && !x->sending) return (size_t)-1;
+    x->done += r;
+    return r;
+}
+
+#define WIRE_ACT 1
+#define WIRE_GRAD 2
+#define WIRE_WTE 3
+#define WIRE_REDUCE 4   // a ring step of a reduce-scatter: partial sums of one chunk
+#define WIRE_GATHER 5   // a ring step of an all-gather: finished values of one chunk
+
+static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_t mb, void *buf, size_t nbytes) {
+    x->fd = fd;
+    x->sending = sending;
+    x->header[0] = kind;
+    x->header[1] = mb;
+    x->header[2] = (int32_t)nbytes;
+    x->header[3] = LINK_MAGIC;
+    x->payload = (char *)buf;
+    x->nbytes = sizeof x->header + nbytes;
+    x->done = 0;
+    x->wire = NULL;
+}
+
+static const char *wire_name(int32_t kind) {
+    return kind == WIRE_ACT ? "activation" : kind == WIRE_GRAD ? "gradient" : kind == WIRE_WTE ? "d(wte)"
+         : kind == WIRE_REDUCE ? "reduce-scatter chunk of bucket" : "all-gather chunk of bucket";
+}
+
+static const char *link_name(const Links *k, int fd) {
+    return fd == k->next_fd ? "next stage" : fd == k->prev_fd ? "previous stage" : fd == k->tied_fd ? "tied stage"
+         : fd == k->replica_next_fd ? "next replica" : "previous replica";
+}
 
 // ----------------------------------------------------------------------------
 // link pacing (train.py --link-gbps G --link-latency-us U): one machine
@@ -997,53 +1022,9 @@ static double *wire_clock(int fd, double now) {
     return &g_wires[rest].clock;
 }
 
-#ifndef MSG_NOSIGNAL  // a libc without it (older macOS): the Python process that owns these sockets ignores SIGPIPE
-#define MSG_NOSIGNAL 0
-#endif
-
-// Moves what the socket takes now, at most `most` bytes; returns bytes
-// moved, or (size_t)-1 when the peer is gone.
-static size_t transfer_step(Transfer *x, size_t most) {
-    size_t hb = sizeof x->header, off = x->done;
-    char *p = off < hb ? (char *)x->header + off : x->payload + (off - hb);
-    size_t n = off < hb ? hb - off : x->nbytes - off;
-    if (n > most) n = most;
-    ssize_t r = x->sending ? send(x->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-                           : recv(x->fd, p, n, MSG_DONTWAIT);
-    if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
-    if (r == 0 && !x->sending) return (size_t)-1;
-    x->done += r;
-    return r;
-}
-
-#define WIRE_ACT 1
-#define WIRE_GRAD 2
-#define WIRE_WTE 3
-#define WIRE_REDUCE 4   // a ring step of a reduce-scatter: partial sums of one chunk
-#define WIRE_GATHER 5   // a ring step of an all-gather: finished values of one chunk
-
-static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_t mb, void *buf, size_t nbytes) {
-    x->fd = fd;
-    x->sending = sending;
-    x->header[0] = kind;
-    x->header[1] = mb;
-    x->header[2] = (int32_t)nbytes;
-    x->header[3] = LINK_MAGIC;
-    x->payload = (char *)buf;
-    x->nbytes = sizeof x->header + nbytes;
-    x->done = 0;
-    x->wire = NULL;
-}
-
-static const char *wire_name(int32_t kind) {
-    return kind == WIRE_ACT ? "activation" : kind == WIRE_GRAD ? "gradient" : kind == WIRE_WTE ? "d(wte)"
-         : kind == WIRE_REDUCE ? "reduce-scatter chunk of bucket" : "all-gather chunk of bucket";
-}
-
-static const char *link_name(const Links *k, int fd) {
-    return fd == k->next_fd ? "next stage" : fd == k->prev_fd ? "previous stage" : fd == k->tied_fd ? "tied stage"
-         : fd == k->replica_next_fd ? "next replica" : "previous replica";
-}
+// ----------------------------------------------------------------------------
+// groups of messages: each moves at once with the others, paced where link
+// pacing is on, and checked against what the schedule expects
 
 // Moves n transfers to completion together, checking each received header
 // against the one expected. A paced send waits for its wire (link pacing)
@@ -1256,6 +1237,47 @@ static int ring_collective(Links *k, const Segment *segs, int nseg, int bucket, 
 }
 
 // ----------------------------------------------------------------------------
+// what every Stage begins with: its links, and how it shares the optimizer
+// state with its replicas
+//
+// Both trainers' struct Stage hold a StageBase as their first member (each
+// checks that with a static_assert), so a pointer to a Stage is a pointer to
+// its StageBase too (C11 6.7.2.1; in C++ both are standard-layout). The calls
+// of the stage API that only set or read it are written here, once for both;
+// stage_set_replicas, which each trainer checks and sizes in its own way,
+// records the ring through set_replica_ring.
+
+typedef struct {
+    Links links;  // sockets to the neighbouring stages, the tied stage and the replica ring
+    int zero;     // the zero stage: 0 every replica keeps everything whole; 1, 3 replica d owns chunk d
+} StageBase;
+
+void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
+    Links *links = &((StageBase *)s)->links;
+    links->prev_fd = prev_fd;
+    links->next_fd = next_fd;
+    links->tied_fd = tied_fd;
+    links->timeout_s = timeout_s;
+}
+
+// The ring of replicas and the zero stage, as each trainer's
+// stage_set_replicas records them once it has checked and sized them.
+static void set_replica_ring(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    StageBase *base = (StageBase *)s;
+    base->links.replica_prev_fd = prev_fd;
+    base->links.replica_next_fd = next_fd;
+    base->links.replica = replica;
+    base->links.replicas = replicas;
+    base->zero = zero;
+}
+
+void stage_bytes_moved(const Stage *s, uint64_t sent[NUM_TRAFFIC], uint64_t received[NUM_TRAFFIC]) {
+    const Links *links = &((const StageBase *)s)->links;
+    memcpy(sent, links->bytes_sent, sizeof links->bytes_sent);
+    memcpy(received, links->bytes_received, sizeof links->bytes_received);
+}
+
+// ----------------------------------------------------------------------------
 // the executor's bookkeeping, the same for both trainers: which activation
 // slot holds which micro-batch, when it is freed, the micro-batch losses, and
 // each op's start and end
@@ -1440,9 +1462,38 @@ static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout 
 }
 
 // ----------------------------------------------------------------------------
+// optimizer scalars: the learning-rate schedule and the grad norm from its parts
+
+float gpt_lr_at(int step, float max_lr, int warmup, int total_steps, float min_frac) {
+    float min_lr = max_lr * min_frac;
+    if (step < warmup) return max_lr * (step + 1) / warmup;
+    if (step >= total_steps - 1) return min_lr;
+    float progress = (float)(step - warmup) / (float)(total_steps - 1 - warmup);
+    return min_lr + 0.5f * (1.0f + cosf((float)PI * progress)) * (max_lr - min_lr);
+}
+
+double gpt_norm_from_parts(const double *parts, int L) {
+    double total = 0.0;
+    for (int i = 0; i < NUM_PARAM_TENSORS * L; i++) total += parts[i];
+    return sqrt(total);
+}
+
+// ----------------------------------------------------------------------------
 // sampling: top-k with temperature from one row of logits
 
 typedef struct { float logit; int id; } Candidate;
+
+// What stage_sample checks before it runs, on either trainer: a whole-model
+// stage and a prompt of tokens in the vocabulary. Returns the top_k to use
+// (one outside [1, V] is all of V), or -1 with a message.
+static int sample_check(const Layout *y, const int *prompt, int np, int top_k) {
+    int V = y->cfg.vocab_size;
+    if (!(y->first && y->last)) return fail("sampling needs the whole model in one stage");
+    if (np < 1) return fail("sampling needs a prompt of at least one token");
+    for (int i = 0; i < np; i++)
+        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
+    return top_k <= 0 || top_k > V ? V : top_k;
+}
 
 // cand has room for top_k entries (1 <= top_k <= V); temperature 0 is greedy.
 static int sample_top_k(const float *logits, int V, float temperature, int top_k, uint64_t *rng,
@@ -1468,10 +1519,156 @@ static int sample_top_k(const float *logits, int V, float temperature, int top_k
 }
 
 // ----------------------------------------------------------------------------
-// llm.c's tokenizer file, for the standalone trainers to print samples
+// the standalone trainers, ./train_gpt and ./train_gpt_cu: single-process
+// training from the shell, the same for both
+//
+// Each trainer's main(), the last thing in its file, hands train_main its
+// stage API as a table of function pointers (a Trainer), as run_op_list takes
+// StageHooks: the loop is written once, here, and common.h calls nothing a
+// trainer defines. Built only into the binaries (-DTRAIN_GPT_MAIN): the
+// Python bindings link the stage API alone.
 
 #ifdef TRAIN_GPT_MAIN
 
+// A run's flags (the defaults are parse_flags').
+typedef struct {
+    const char *train_pattern, *val_pattern;  // -i, -j: token shards
+    const char *model;                        // -e: a preset or an llm.c model file
+    const char *checkpoint_dir;               // -o, NULL for none
+    const char *tokenizer;                    // -z
+    int B, T, micro_batches, steps;           // -b, -t, -a, -n
+    int warmup, val_every, sample_tokens;     // -u, -v, -g
+    int checkpoint_every, keep, threads;      // -k, -K, -p
+    int resume, overwrite;                    // -r, -w
+    float lr;                                 // -l
+    uint64_t seed;                            // -x
+} TrainFlags;
+
+static void usage(const char *name) {
+    fprintf(stderr,
+        "usage: %s [flags]   (single-process training; python3 train.py does more)\n"
+        "  -i PATTERN  train shards (data/shakespeare/shakespeare_train_*.bin)\n"
+        "  -j PATTERN  val shards   (data/shakespeare/shakespeare_val_*.bin)\n"
+        "  -e MODEL    preset (tiny, d6, d8, d12, ...) or an llm.c model file (tiny)\n"
+        "  -b B -t T   micro-batch size and sequence length (8, 64)\n"
+        "  -a M        micro-batches per step (1)\n"
+        "  -n STEPS    optimizer steps (50)\n"
+        "  -l LR -u WARMUP   learning rate and warmup steps (1e-3, 10)\n"
+        "  -v EVERY    validation every N steps, 0 = never (25)\n"
+        "  -g TOKENS   tokens to sample at the end (64)\n"
+        "  -o DIR -k EVERY   checkpoint directory and interval (none)\n"
+        "  -r          resume from the newest checkpoint in -o\n"
+        "  -w          start over in -o, deleting the checkpoints it holds\n"
+        "  -K KEEP     keep only the newest KEEP checkpoints, 0 = all (0)\n"
+        "  -x SEED -p THREADS  (1337, all cores)\n"
+        "  -z PATH     tokenizer for printing samples (data/gpt2_tokenizer.bin)\n", name);
+}
+
+// A whole decimal number in [lo, hi] for flag f, or -1 with a message.
+static int parse_integer(const char *f, const char *v, long long lo, long long hi, long long *out) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (errno || end == v || *end || x < lo || x > hi)
+        return fail("%s %s: expected a whole number in [%lld, %lld]", f, v, lo, hi);
+    *out = x;
+    return 0;
+}
+
+// argv into *flags: 0; 1 for a flag it does not know (-h among them), to
+// print the usage; -1 with a message for a value out of its bounds, which
+// keep the run sane (threads: up to 4 per core).
+static int parse_flags(TrainFlags *flags, int argc, char **argv) {
+    memset(flags, 0, sizeof *flags);
+    flags->train_pattern = "data/shakespeare/shakespeare_train_*.bin";
+    flags->val_pattern = "data/shakespeare/shakespeare_val_*.bin";
+    flags->model = "tiny";
+    flags->tokenizer = "data/gpt2_tokenizer.bin";
+    flags->B = 8; flags->T = 64; flags->micro_batches = 1; flags->steps = 50;
+    flags->warmup = 10; flags->val_every = 25; flags->sample_tokens = 64;
+    flags->lr = 1e-3f;
+    flags->seed = 1337;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (strcmp(f, "-r") == 0) { flags->resume = 1; continue; }
+        if (strcmp(f, "-w") == 0) { flags->overwrite = 1; continue; }
+        if (f[0] != '-' || strlen(f) != 2 || i + 1 >= argc) return 1;
+        const char *v = argv[++i];
+        struct { char flag; int *to; long long lo, hi; } ints[] = {
+            {'b', &flags->B, 1, INT_MAX}, {'t', &flags->T, 1, MAX_SEQ_LEN}, {'a', &flags->micro_batches, 1, 1024},
+            {'n', &flags->steps, 0, MAX_CHECKPOINT_STEP}, {'u', &flags->warmup, 0, MAX_CHECKPOINT_STEP},
+            {'v', &flags->val_every, 0, MAX_CHECKPOINT_STEP}, {'g', &flags->sample_tokens, 0, 100000},
+            {'k', &flags->checkpoint_every, 0, MAX_CHECKPOINT_STEP}, {'K', &flags->keep, 0, MAX_CHECKPOINT_STEP},
+            {'p', &flags->threads, 0, 4 * (cores > 0 ? cores : 1)},
+        };
+        int known = 0;
+        for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
+            long long x = 0;
+            if (ints[k].flag != f[1]) continue;
+            if (parse_integer(f, v, ints[k].lo, ints[k].hi, &x)) return -1;
+            *ints[k].to = (int)x;
+            known = 1;
+        }
+        if (known) continue;
+        char *end;
+        switch (f[1]) {
+        case 'i': flags->train_pattern = v; break;
+        case 'j': flags->val_pattern = v; break;
+        case 'e': flags->model = v; break;
+        case 'o': flags->checkpoint_dir = v; break;
+        case 'z': flags->tokenizer = v; break;
+        case 'l':
+            flags->lr = strtof(v, &end);
+            if (end == v || *end || !isfinite(flags->lr) || flags->lr <= 0.0f || flags->lr > 10.0f)
+                return fail("-l %s: expected a learning rate in (0, 10]", v);
+            break;
+        case 'x':
+            errno = 0;
+            flags->seed = strtoull(v, &end, 10);
+            if (errno || end == v || *end || v[0] == '-') return fail("-x %s: expected a seed in [0, 2^64)", v);
+            break;
+        default: return 1;
+        }
+    }
+    if ((flags->resume || flags->overwrite || flags->keep || flags->checkpoint_every) && !flags->checkpoint_dir)
+        return fail("-r, -w, -k and -K need a checkpoint directory (-o)");
+    if (flags->resume && flags->overwrite) return fail("-r continues what -w would delete: pick one");
+    return 0;
+}
+
+// What train_main needs of a trainer: its name, the stage API it implements
+// (gpt.h; in the order train_main calls it), and two calls of its own.
+typedef struct {
+    const char *name;  // the binary, for the usage line
+    Stage *(*create)(GPTConfig cfg, int lo, int hi, int B, int T, int slots);
+    int (*load)(Stage *s, const char *path);
+    void (*init)(Stage *s, uint64_t seed);
+    int (*read_checkpoint)(Stage *s, const char *dir, int64_t step, TrainState *ts);
+    int (*run)(Stage *s, const int *ops, int nops, const int *inputs, const int *targets, int training,
+               float *loss_sum);
+    int (*sum_wte_grads)(Stage *s);
+    void (*grad_norm_parts)(Stage *s, double *parts);
+    void (*adamw)(Stage *s, float lr, float weight_decay, float grad_scale, int step);
+    int (*write_checkpoint)(Stage *s, const char *dir, const TrainState *ts);
+    int (*sample)(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed,
+                  int *out);
+    void (*free)(Stage *s);
+    // 0, or -1 with the message of a failure that one of the void calls
+    // (init, grad_norm_parts, adamw) recorded; NULL where they cannot fail
+    int (*check)(Stage *s);
+    // prints what the run computes on
+    void (*describe)(Stage *s);
+} Trainer;
+
+static int die(void) {
+    fprintf(stderr, "error: %s\n", gpt_last_error());
+    return 1;
+}
+
+static int trainer_check(const Trainer *trainer, Stage *s) { return trainer->check ? trainer->check(s) : 0; }
+
+// llm.c's tokenizer file, to print samples as text
 typedef struct { int n, eot; char **tokens; } Tokenizer;
 
 // Reads a tokenizer that can decode every id of a vocab_size vocabulary.
@@ -1512,182 +1709,91 @@ static void tokenizer_free(Tokenizer *tk) {
     free(tk->tokens);
 }
 
-#endif
-
-// ----------------------------------------------------------------------------
-// main: single-process training from the shell (./train_gpt -h), the same for
-// both trainers. Built only for the binaries: the Python bindings link the
-// stage API alone. Each trainer defines TRAINER_NAME and two hooks:
-//   trainer_describe(s): prints what runs where;
-//   trainer_check(s):    0, or -1 with the message of a failure that a void
-//                        call of the stage API recorded.
-
-#ifdef TRAIN_GPT_MAIN
-static void trainer_describe(Stage *s);
-static int trainer_check(Stage *s);
-
-static void usage(void) {
-    fprintf(stderr,
-        "usage: " TRAINER_NAME " [flags]   (single-process training; python3 train.py does more)\n"
-        "  -i PATTERN  train shards (data/shakespeare/shakespeare_train_*.bin)\n"
-        "  -j PATTERN  val shards   (data/shakespeare/shakespeare_val_*.bin)\n"
-        "  -e MODEL    preset (tiny, d6, d8, d12, ...) or an llm.c model file (tiny)\n"
-        "  -b B -t T   micro-batch size and sequence length (8, 64)\n"
-        "  -a M        micro-batches per step (1)\n"
-        "  -n STEPS    optimizer steps (50)\n"
-        "  -l LR -u WARMUP   learning rate and warmup steps (1e-3, 10)\n"
-        "  -v EVERY    validation every N steps, 0 = never (25)\n"
-        "  -g TOKENS   tokens to sample at the end (64)\n"
-        "  -o DIR -k EVERY   checkpoint directory and interval (none)\n"
-        "  -r          resume from the newest checkpoint in -o\n"
-        "  -w          start over in -o, deleting the checkpoints it holds\n"
-        "  -K KEEP     keep only the newest KEEP checkpoints, 0 = all (0)\n"
-        "  -x SEED -p THREADS  (1337, all cores)\n"
-        "  -z PATH     tokenizer for printing samples (data/gpt2_tokenizer.bin)\n");
-}
-
-static int die(void) {
-    fprintf(stderr, "error: %s\n", gpt_last_error());
-    return 1;
-}
-
-// A whole decimal number in [lo, hi] for flag f, or -1 with a message.
-static int parse_integer(const char *f, const char *v, long long lo, long long hi, long long *out) {
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (errno || end == v || *end || x < lo || x > hi)
-        return fail("%s %s: expected a whole number in [%lld, %lld]", f, v, lo, hi);
-    *out = x;
-    return 0;
-}
-
-static float validation_loss(Stage *s, DataLoader *val, int *x, int *y, int batches) {
+// The mean loss of the first `batches` batches of val, forward only.
+static float validation_loss(const Trainer *trainer, Stage *s, DataLoader *val, int *inputs, int *targets,
+                             int batches) {
     int ops[OP_INTS] = {OP_FWD, 0, -1};
     float sum = 0.0f, loss = 0.0f;
     dataloader_set_position(val, 0, 0);
     for (int i = 0; i < batches; i++) {
-        if (dataloader_next(val, x, y) || stage_run(s, ops, 1, x, y, 0, &loss)) return NAN;
+        if (dataloader_next(val, inputs, targets) || trainer->run(s, ops, 1, inputs, targets, 0, &loss)) return NAN;
         sum += loss;
     }
     return sum / batches;
 }
 
-int main(int argc, char **argv) {
-    const char *train_pat = "data/shakespeare/shakespeare_train_*.bin";
-    const char *val_pat = "data/shakespeare/shakespeare_val_*.bin";
-    const char *model = "tiny", *ckpt_dir = NULL, *tok_path = "data/gpt2_tokenizer.bin";
-    int B = 8, T = 64, M = 1, steps = 50, warmup = 10, val_every = 25, sample_tokens = 64;
-    int ckpt_every = 0, resume = 0, overwrite = 0, keep = 0, threads = 0;
-    float lr = 1e-3f;
-    uint64_t seed = 1337;
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    for (int i = 1; i < argc; i++) {
-        const char *f = argv[i];
-        if (strcmp(f, "-r") == 0) { resume = 1; continue; }
-        if (strcmp(f, "-w") == 0) { overwrite = 1; continue; }
-        if (f[0] != '-' || strlen(f) != 2 || i + 1 >= argc) { usage(); return 1; }
-        const char *v = argv[++i];
-        // every number within the bounds that keep the run sane (threads: up to 4 per core)
-        struct { char flag; int *to; long long lo, hi; } ints[] = {
-            {'b', &B, 1, INT_MAX}, {'t', &T, 1, MAX_SEQ_LEN}, {'a', &M, 1, 1024}, {'n', &steps, 0, MAX_CHECKPOINT_STEP},
-            {'u', &warmup, 0, MAX_CHECKPOINT_STEP}, {'v', &val_every, 0, MAX_CHECKPOINT_STEP},
-            {'g', &sample_tokens, 0, 100000}, {'k', &ckpt_every, 0, MAX_CHECKPOINT_STEP},
-            {'K', &keep, 0, MAX_CHECKPOINT_STEP}, {'p', &threads, 0, 4 * (cores > 0 ? cores : 1)},
-        };
-        int known = 0;
-        for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
-            long long x = 0;
-            if (ints[k].flag != f[1]) continue;
-            if (parse_integer(f, v, ints[k].lo, ints[k].hi, &x)) return die();
-            *ints[k].to = (int)x;
-            known = 1;
-        }
-        if (known) continue;
-        switch (f[1]) {
-        case 'i': train_pat = v; break;
-        case 'j': val_pat = v; break;
-        case 'e': model = v; break;
-        case 'l': {
-            char *end;
-            lr = strtof(v, &end);
-            if (end == v || *end || !isfinite(lr) || lr <= 0.0f || lr > 10.0f) {
-                fprintf(stderr, "error: -l %s: expected a learning rate in (0, 10]\n", v);
-                return 1;
-            }
-            break;
-        }
-        case 'o': ckpt_dir = v; break;
-        case 'x': {
-            char *end;
-            errno = 0;
-            seed = strtoull(v, &end, 10);
-            if (errno || end == v || *end || v[0] == '-') {
-                fprintf(stderr, "error: -x %s: expected a seed in [0, 2^64)\n", v);
-                return 1;
-            }
-            break;
-        }
-        case 'z': tok_path = v; break;
-        default: usage(); return 1;
-        }
+// n sampled tokens as text, or as ids where there is no tokenizer
+static void print_sample(const Tokenizer *tokenizer, const int *tokens, int n) {
+    printf("sample:\n");
+    for (int i = 0; i < n; i++) {
+        if (tokenizer->tokens) printf("%s", tokenizer->tokens[tokens[i]]);
+        else printf("%d ", tokens[i]);
     }
-    if ((resume || overwrite || keep || ckpt_every) && !ckpt_dir) {
-        fprintf(stderr, "error: -r, -w, -k and -K need a checkpoint directory (-o)\n");
-        return 1;
-    }
-    if (resume && overwrite) { fprintf(stderr, "error: -r continues what -w would delete: pick one\n"); return 1; }
-    gpt_set_threads(threads);
+    printf("\n");
+}
+
+// One run from the command line: 0, or 1 with the error on stderr.
+// Everything the run needs is checked before its first step.
+static int train_main(int argc, char **argv, const Trainer *trainer) {
+    TrainFlags flags;
+    int parsed = parse_flags(&flags, argc, argv);
+    if (parsed > 0) usage(trainer->name);
+    if (parsed) return parsed > 0 ? 1 : die();
+    gpt_set_threads(flags.threads);
     GPTConfig cfg;
-    int from_file = gpt_config_from_name(model, &cfg) != 0;
-    if (from_file && gpt_read_config(model, &cfg)) return die();
-    // everything the run needs is checked before the first step
-    Stage *s = stage_create(cfg, 0, cfg.num_layers, B, T, 1);
+    int from_file = gpt_config_from_name(flags.model, &cfg) != 0;
+    if (from_file && gpt_read_config(flags.model, &cfg)) return die();
+    Stage *s = trainer->create(cfg, 0, cfg.num_layers, flags.B, flags.T, 1);
     if (!s) return die();
-    if (from_file ? stage_load(s, model) : (stage_init(s, seed), trainer_check(s))) return die();
-    DataLoader *train = dataloader_open(train_pat, B, T);
+    if (from_file ? trainer->load(s, flags.model) : (trainer->init(s, flags.seed), trainer_check(trainer, s)))
+        return die();
+    DataLoader *train = dataloader_open(flags.train_pattern, flags.B, flags.T);
     if (!train || dataloader_check_vocab(train, cfg.vocab_size)) return die();
-    DataLoader *val = val_every > 0 ? dataloader_open(val_pat, B, T) : NULL;
-    if (val_every > 0 && (!val || dataloader_check_vocab(val, cfg.vocab_size))) return die();
-    Tokenizer tk;
-    memset(&tk, 0, sizeof tk);
+    DataLoader *val = flags.val_every > 0 ? dataloader_open(flags.val_pattern, flags.B, flags.T) : NULL;
+    if (flags.val_every > 0 && (!val || dataloader_check_vocab(val, cfg.vocab_size))) return die();
+    Tokenizer tokenizer;
+    memset(&tokenizer, 0, sizeof tokenizer);
     // no tokenizer file prints token ids; one that is there must fit the model
-    int have_tk = sample_tokens > 0 && access(tok_path, F_OK) == 0;
-    if (have_tk && tokenizer_read(&tk, tok_path, cfg.vocab_size)) return die();
-    int mode = resume ? CKPT_RESUME : overwrite ? CKPT_OVERWRITE : CKPT_FRESH;
-    int ckpt_lock = ckpt_dir ? checkpoint_dir_claim(ckpt_dir, mode, "resume it (-r) or start over (-w)") : -1;
-    if (ckpt_dir && ckpt_lock < 0) return die();
+    if (flags.sample_tokens > 0 && access(flags.tokenizer, F_OK) == 0 &&
+        tokenizer_read(&tokenizer, flags.tokenizer, cfg.vocab_size))
+        return die();
+    const char *dir = flags.checkpoint_dir;
+    int mode = flags.resume ? CKPT_RESUME : flags.overwrite ? CKPT_OVERWRITE : CKPT_FRESH;
+    int dir_lock = dir ? checkpoint_dir_claim(dir, mode, "resume it (-r) or start over (-w)") : -1;
+    if (dir && dir_lock < 0) return die();
     int start = 0;
-    if (resume) {
-        int64_t last = checkpoint_latest_usable(ckpt_dir, &cfg);
+    if (flags.resume) {
+        int64_t last = checkpoint_latest_usable(dir, &cfg);
         TrainState ts;
-        if (last < 0) { fprintf(stderr, "error: -r: no usable checkpoint in %s\n", ckpt_dir); return 1; }
-        if (stage_read_checkpoint(s, ckpt_dir, last, &ts) || dataloader_set_position(train, ts.shard, ts.pos)) return die();
+        if (last < 0) { fail("-r: no usable checkpoint in %s", dir); return die(); }
+        if (trainer->read_checkpoint(s, dir, last, &ts) || dataloader_set_position(train, ts.shard, ts.pos))
+            return die();
         start = (int)ts.step;
-        printf("resumed from %s step %d\n", ckpt_dir, start);
+        printf("resumed from %s step %d\n", dir, start);
     }
-    size_t BT = (size_t)B * T;
-    int *x = (int *)calloc_or_fail(M * BT, sizeof(int), "the inputs");
-    int *y = (int *)calloc_or_fail(M * BT, sizeof(int), "the targets");
+    int M = flags.micro_batches;
+    size_t BT = (size_t)flags.B * flags.T;
+    int *inputs = (int *)calloc_or_fail(M * BT, sizeof(int), "the inputs");
+    int *targets = (int *)calloc_or_fail(M * BT, sizeof(int), "the targets");
     int *ops = (int *)calloc_or_fail(OP_INTS * 3 * M, sizeof(int), "the op list");
-    if (!x || !y || !ops) return die();
+    double *parts = (double *)calloc_or_fail(NUM_PARAM_TENSORS * cfg.num_layers, sizeof(double), "the norm parts");
+    if (!inputs || !targets || !ops || !parts) return die();
     for (int mb = 0; mb < M; mb++) {  // one stage: F, B, W per micro-batch
         int op[3 * OP_INTS] = {OP_FWD, mb, -1, OP_BWD_INPUT, mb, -1, OP_BWD_WEIGHT, mb, -1};
         memcpy(ops + 3 * OP_INTS * mb, op, sizeof op);
     }
-    double *parts = (double *)malloc(sizeof(double) * NUM_PARAM_TENSORS * cfg.num_layers);
-    trainer_describe(s);
+    trainer->describe(s);
     printf("model L=%d NH=%d C=%d, B=%d T=%d micro-batches=%d, %zu parameters\n",
-           cfg.num_layers, cfg.num_heads, cfg.channels, B, T, M, model_size(&cfg));
-    for (int step = start; step < steps; step++) {
+           cfg.num_layers, cfg.num_heads, cfg.channels, flags.B, flags.T, M, model_size(&cfg));
+    for (int step = start; step < flags.steps; step++) {
         double t0 = now_seconds();
         for (int mb = 0; mb < M; mb++)
-            if (dataloader_next(train, x + mb * BT, y + mb * BT)) return die();
+            if (dataloader_next(train, inputs + mb * BT, targets + mb * BT)) return die();
         float loss;
-        if (stage_run(s, ops, 3 * M, x, y, 1, &loss)) return die();
+        if (trainer->run(s, ops, 3 * M, inputs, targets, 1, &loss)) return die();
         loss /= M;
-        if (stage_sum_wte_grads(s)) return die();
-        stage_grad_norm_parts(s, parts);
+        if (trainer->sum_wte_grads(s)) return die();
+        trainer->grad_norm_parts(s, parts);
         double norm = gpt_norm_from_parts(parts, cfg.num_layers);
         if (!isfinite(loss) || !isfinite(norm)) {
             fprintf(stderr, "error: step %d: loss %g, grad norm %g: not finite; stopped before its update and "
@@ -1695,44 +1801,42 @@ int main(int argc, char **argv) {
             return 1;
         }
         float scale = norm > 1.0 ? (float)(1.0 / norm) : 1.0f;
-        float step_lr = gpt_lr_at(step, lr, warmup, steps, 0.1f);
-        stage_adamw(s, step_lr, 0.1f, scale, step + 1);
-        if (trainer_check(s)) return die();
+        float step_lr = gpt_lr_at(step, flags.lr, flags.warmup, flags.steps, 0.1f);
+        trainer->adamw(s, step_lr, 0.1f, scale, step + 1);
+        if (trainer_check(trainer, s)) return die();
         double ms = 1e3 * (now_seconds() - t0);
-        printf("step %d/%d | loss %f | lr %.2e | norm %.4f | %.0f ms | %.0f tok/s\n", step + 1, steps,
+        printf("step %d/%d | loss %f | lr %.2e | norm %.4f | %.0f ms | %.0f tok/s\n", step + 1, flags.steps,
                loss, step_lr, norm, ms, M * BT / ms * 1e3);
         fflush(stdout);
-        if (val && (step + 1) % val_every == 0)
-            printf("val loss %f\n", validation_loss(s, val, x, y, 10));
-        if (ckpt_dir && ckpt_every > 0 && ((step + 1) % ckpt_every == 0 || step + 1 == steps)) {
+        if (val && (step + 1) % flags.val_every == 0)
+            printf("val loss %f\n", validation_loss(trainer, s, val, inputs, targets, 10));
+        int checkpoint_now = dir && flags.checkpoint_every > 0 &&
+                             ((step + 1) % flags.checkpoint_every == 0 || step + 1 == flags.steps);
+        if (checkpoint_now) {
             TrainState ts = {step + 1, 0, 0};
             dataloader_get_position(train, &ts.shard, &ts.pos);
-            if (stage_write_checkpoint(s, ckpt_dir, &ts) || checkpoint_commit(ckpt_dir, step + 1) ||
-                (keep && checkpoint_prune(ckpt_dir, keep)))
+            if (trainer->write_checkpoint(s, dir, &ts) || checkpoint_commit(dir, step + 1) ||
+                (flags.keep && checkpoint_prune(dir, flags.keep)))
                 return die();
         }
     }
-    if (sample_tokens > 0) {
-        int prompt = have_tk ? tk.eot : cfg.vocab_size > 50256 ? 50256 : 0;
-        int *out = (int *)calloc_or_fail(1 + sample_tokens, sizeof(int), "the sample");
-        if (!out) return die();
-        if (stage_sample(s, &prompt, 1, sample_tokens, 1.0f, 40, seed, out)) return die();
-        printf("sample:\n");
-        for (int i = 1; i <= sample_tokens; i++) {
-            if (have_tk) printf("%s", tk.tokens[out[i]]);
-            else printf("%d ", out[i]);
-        }
-        printf("\n");
+    if (flags.sample_tokens > 0) {
+        int n = flags.sample_tokens;
+        int prompt = tokenizer.tokens ? tokenizer.eot : cfg.vocab_size > 50256 ? 50256 : 0;
+        int *out = (int *)calloc_or_fail(1 + n, sizeof(int), "the sample");
+        if (!out || trainer->sample(s, &prompt, 1, n, 1.0f, 40, flags.seed, out)) return die();
+        print_sample(&tokenizer, out + 1, n);
         free(out);
     }
-    tokenizer_free(&tk);
-    if (ckpt_lock >= 0) close(ckpt_lock);
+    tokenizer_free(&tokenizer);
+    if (dir_lock >= 0) close(dir_lock);
     dataloader_free(train);
     dataloader_free(val);
-    stage_free(s);
-    free(x); free(y); free(ops); free(parts);
+    trainer->free(s);
+    free(inputs); free(targets); free(ops); free(parts);
     return 0;
 }
+
 #endif
 
 #endif

@@ -40,7 +40,7 @@ extern const char *const PARAM_NAMES[NUM_PARAM_TENSORS];
 #define MODEL_MAGIC 20240326
 #define SHARD_MAGIC 20240520
 #define TOKENIZER_MAGIC 20240328
-#define STATE_MAGIC 20261127   // our optimizer-state file, see checkpoint I/O in train_gpt.c
+#define STATE_MAGIC 20261127   // our optimizer-state file, laid out in common.h's checkpoint files
 #define HEADER_INTS 256
 
 // A named preset: "tiny", "d6", "d8", "d12" (GPT-2 124M), "d24", "d36" or "d48".

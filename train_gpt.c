@@ -11,12 +11,11 @@
 // order, so results do not depend on the thread count, and a model split into
 // S stages computes bitwise the same as one stage.
 //
-// Sections, in the order data flows: layers, model, executor, optimizer, the
-// device half of the API, checkpoint I/O, sampling, main's hooks (the data
-// loader and the file formats are common.h's).
+// Sections, in the order data flows: layers, model, executor, optimizer,
+// the device API (a CPU has none), checkpoint I/O, sampling, and main(),
+// last, which hands this stage API to common.h's train_main.
 #define _POSIX_C_SOURCE 200809L
 #define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
-#define TRAINER_NAME "./train_gpt"
 #include "common.h"
 #include "asm/sgemm.h"
 #include <pthread.h>
@@ -508,6 +507,7 @@ typedef struct {
 } CommThread;
 
 struct Stage {
+    StageBase base;                    // first: its links and zero stage (common.h)
     Layout y;                          // which layers and tensors this stage holds
     int B, T;
     float *params, *grads;             // stage layout (common.h)
@@ -516,8 +516,6 @@ struct Stage {
     Slot *slots;
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
-    Links links;
-    int zero;                          // 0: replicas keep everything whole; 1, 3: replica d owns chunk d
     int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
     size_t opt_elems, slot_elems;      // floats in m (and in v), in one activation slot
     // --zero 3 (FSDP): while `sharded`, params and grads above are this
@@ -531,6 +529,7 @@ struct Stage {
     float *whole[2];                   // the whole-tensor bucket's buffers, held from a step's start to its end
     CommThread comm;                   // runs the collectives of the op list beside the compute
 };
+static_assert(offsetof(Stage, base) == 0, "a Stage begins with its StageBase (common.h)");
 
 static int fsdp_ring(Stage *s, int kind, int bucket);
 
@@ -684,7 +683,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) return NULL;
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots;
-    s->links = links_make(lo, hi);
+    s->base.links = links_make(lo, hi);
     size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
     s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
@@ -853,15 +852,11 @@ static void stage_backward_weight(Stage *s, Slot *a, int l0, int l1) {
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks.
 
-void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
-}
-
 // The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
 // under --zero 1 and 3, the whole stage under zero 0.
 static void optimizer_shard(const Stage *s, int *part, int *parts) {
-    *part = s->zero > 0 ? s->links.replica : 0;
-    *parts = s->zero > 0 ? s->links.replicas : 1;
+    *part = s->base.zero > 0 ? s->base.links.replica : 0;
+    *parts = s->base.zero > 0 ? s->base.links.replicas : 1;
 }
 
 // This rank's chunk of every segment, from an array in the stage layout into
@@ -869,7 +864,7 @@ static void optimizer_shard(const Stage *s, int *part, int *parts) {
 static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack) {
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         size_t seg = segment_elems(&s->y, t), lo, hi;
-        chunk_range(seg, s->links.replica, s->links.replicas, &lo, &hi);
+        chunk_range(seg, s->base.links.replica, s->base.links.replicas, &lo, &hi);
         for (int l = 0; l < segment_count(&s->y, t); l++) {
             float *in_stage = whole_stage + s->y.offsets[t] + l * seg + lo;
             float *in_shard = shard + s->shard_at[t] + l * s->chunk_n[t];
@@ -891,7 +886,7 @@ static size_t whole_bucket_elems(const Layout *y) {
 static int stage_shard(Stage *s) {
     size_t at = 0, in_layer = 0, in_whole = 0, lo, hi;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+        chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
         s->shard_at[t] = at;
         s->chunk_n[t] = hi - lo;
         at += (hi - lo) * segment_count(&s->y, t);
@@ -920,9 +915,8 @@ static int stage_shard(Stage *s) {
 
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     if (zero != 0 && zero != 1 && zero != 3) return fail("--zero %d: expected 0, 1 or 3", zero);
-    if (s->zero || s->links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
-    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
-    s->zero = zero;
+    if (s->base.zero || s->base.links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
+    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
     int part, parts;
     optimizer_shard(s, &part, &parts);
     s->opt_elems = shard_elems(&s->y, part, parts);
@@ -973,7 +967,7 @@ int stage_unshard_params(Stage *s) {
             segs[i].p = params + s->y.offsets[tensors[i]] + layers[i] * segment_elems(&s->y, tensors[i]);
             segs[i].n = segment_elems(&s->y, tensors[i]);
         }
-        rc = ring_collective(&s->links, segs, n, b, 1);
+        rc = ring_collective(&s->base.links, segs, n, b, 1);
     }
     if (rc) { free(params); free(grads); return -1; }
     free(s->params); free(s->grads);
@@ -981,10 +975,6 @@ int stage_unshard_params(Stage *s) {
     s->grads = grads;
     s->sharded = 0;
     return 0;
-}
-
-void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
-    links_bytes_moved(&s->links, sent, received);
 }
 
 // --zero 3 (FSDP). The stage keeps chunk d of every segment of its
@@ -1118,7 +1108,7 @@ static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
 
 static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
     Stage *s = (Stage *)stage;
-    return comm_group(&s->links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
+    return comm_group(&s->base.links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
 }
 
 // A bucket's (tensor, layer) segments: in the stage layout of base (params
@@ -1141,7 +1131,7 @@ static void bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors
     for (int i = 0; i < n; i++) {
         int t = tensors[i];
         size_t lo, hi;
-        chunk_range(segs[i].n, s->links.replica, s->links.replicas, &lo, &hi);
+        chunk_range(segs[i].n, s->base.links.replica, s->base.links.replicas, &lo, &hi);
         float *chunk = shard + s->shard_at[t] + (is_layer_tensor(t) ? bucket : 0) * s->chunk_n[t];
         memcpy(to_shard ? chunk : segs[i].p + lo, to_shard ? segs[i].p + lo : chunk, (hi - lo) * sizeof(float));
     }
@@ -1170,10 +1160,10 @@ static int fsdp_ring(Stage *s, int kind, int bucket) {
     int n = bucket_in(s, NULL, buf, bucket, segs, tensors);
     if (gather) {
         bucket_chunks_copy(s, segs, tensors, n, bucket, s->params, 0);
-        if (ring_collective(&s->links, segs, n, bucket, 1)) return -1;
+        if (ring_collective(&s->base.links, segs, n, bucket, 1)) return -1;
     } else {
         if (bucket == nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
-        if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
+        if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
         bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
     }
     pthread_mutex_lock(&s->comm.lock);
@@ -1226,13 +1216,13 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
     int tensors[NUM_PARAM_TENSORS];
     if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free", bucket);
     if (kind == OP_ALLGATHER)
-        return ring_collective(&s->links, segs, bucket_in(s, s->params, NULL, bucket, segs, tensors), bucket, 1);
+        return ring_collective(&s->base.links, segs, bucket_in(s, s->params, NULL, bucket, segs, tensors), bucket, 1);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
     if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
     int n = bucket_in(s, s->grads, NULL, bucket, segs, tensors);
-    if (ring_collective(&s->links, segs, n, bucket, 0)) return -1;
-    return kind == OP_ALLREDUCE ? ring_collective(&s->links, segs, n, bucket, 1) : 0;
+    if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
+    return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
 }
 
 // --zero 3: the list is done when its last collective is
@@ -1251,7 +1241,7 @@ static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_inp
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops, inputs,
+    int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops, inputs,
                          targets, training, loss_sum);
     if (rc && s->sharded) {  // the comm thread finishes the collective it is in (a ring step times out) and no more
         pthread_mutex_lock(&s->comm.lock);
@@ -1273,8 +1263,8 @@ int stage_sum_wte_grads(Stage *s) {
         // them through the scratch of the other (the last stage's dwte_embed is unused)
         if (!s->dwte_embed) s->dwte_embed = malloc(n * sizeof(float));
         if (!(embed = s->dwte_embed)) return fail("out of memory for d(wte)");
-        if (s->y.first ? tied_swap(&s->links, embed, head, n * sizeof(float))
-                       : tied_swap(&s->links, head, embed, n * sizeof(float)))
+        if (s->y.first ? tied_swap(&s->base.links, embed, head, n * sizeof(float))
+                       : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
@@ -1317,7 +1307,7 @@ void stage_grad_norm_parts(Stage *s, double *parts) {
         for (int l = 0; l < s->y.nl; l++) {
             if (!owns_tensor(&s->y, t) || (!is_layer_tensor(t) && l > 0)) continue;
             size_t lo, hi;
-            chunk_range(segment_elems(&s->y, t), s->links.replica, s->links.replicas, &lo, &hi);
+            chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
             int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
             const float *chunk = s->sharded ? s->grads + s->shard_at[t] + l * s->chunk_n[t]
                                             : layer_tensor(s, s->grads, t, l) + lo;
@@ -1385,7 +1375,7 @@ int stage_load(Stage *s, const char *path) {
 
 // zero 0: replica 0 writes what all replicas hold alike; zero 1: replica d its chunks
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
-    if (s->zero == 0 && s->links.replica > 0) return 0;
+    if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
     int part, parts;
     optimizer_shard(s, &part, &parts);
     return checkpoint_files_write(&s->y, dir, ts, s->params, s->sharded, s->m, s->v, part, parts);
@@ -1402,13 +1392,9 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k,
                  uint64_t seed, int *out) {
-    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
+    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
     if (s->sharded) return fail("sampling needs the whole parameters: stage_unshard_params first (--zero 3)");
-    if (np < 1) return fail("sampling needs a prompt of at least one token");
     int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
-    for (int i = 0; i < np; i++)
-        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
-    if (top_k <= 0 || top_k > V) top_k = V;
     Candidate *cand = malloc(sizeof(Candidate) * top_k);
     if (!cand) return fail("out of memory for top-k");
     memcpy(out, prompt, np * sizeof(int));
@@ -1427,14 +1413,23 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
 }
 
 // ----------------------------------------------------------------------------
-// main (common.h): the hooks
+// main: ./train_gpt, single-process training from the shell (-h lists the
+// flags; python3 train.py runs pipelines). The loop is common.h's
+// train_main, written once for both trainers: it drives this file's stage
+// API through the table below.
 
 #ifdef TRAIN_GPT_MAIN
-static void trainer_describe(Stage *s) {
+static void describe_cpu(Stage *s) {
     (void)s;
 #ifdef _OPENMP
     printf("device: CPU, %d thread(s), GEMM kernel: %s\n", omp_get_max_threads(), asm_sgemm_name());
 #endif
 }
-static int trainer_check(Stage *s) { (void)s; return 0; }
+
+// this file's stage API, in the order of common.h's Trainer
+static const Trainer CPU_TRAINER = {"./train_gpt", stage_create, stage_load, stage_init, stage_read_checkpoint,
+                                    stage_run, stage_sum_wte_grads, stage_grad_norm_parts, stage_adamw,
+                                    stage_write_checkpoint, stage_sample, stage_free, NULL, describe_cpu};
+
+int main(int argc, char **argv) { return train_main(argc, argv, &CPU_TRAINER); }
 #endif

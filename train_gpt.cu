@@ -32,8 +32,10 @@
 // GPT_PROFILE=1 (per-kernel-category GPU times, printed when the stage is
 // freed).
 //
-// Sections: precision and checks, kernels, matmuls, stage layout, model,
-// executor, transport, optimizer, device API, checkpoints, sampling, main.
+// Sections: precision and checks, kernels, profiling, the stage, cuBLASLt
+// GEMMs, PTX twins, layer launchers, stage layout, model, transport,
+// executor, optimizer, device API, checkpoints, sampling, and main(), last,
+// which hands this stage API to common.h's train_main.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublasLt.h>
@@ -41,7 +43,6 @@
 #include <nccl.h>
 #include <limits.h>
 #include <stdint.h>
-#define TRAINER_NAME "./train_gpt_cu"
 #include "common.h"
 
 // ----------------------------------------------------------------------------
@@ -64,26 +65,19 @@ __device__ __forceinline__ float tof(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ floatX tox(float x) { return __float2bfloat16(x); }
 #endif
 
-#define CUDA_CHECK(call)                                                                        \
+// A CUDA, cuBLASLt or NCCL call that does not return its library's success:
+// -1 with a message naming the library, its error, the call and the line
+#define STATUS_CHECK(type, ok, lib, to_string, call, text)                                      \
     do {                                                                                        \
-        cudaError_t e_ = (call);                                                                \
-        if (e_ != cudaSuccess)                                                                  \
-            return fail("CUDA error: %s (%s, train_gpt.cu:%d)", cudaGetErrorString(e_), #call, __LINE__); \
+        type e_ = (call);                                                                       \
+        if (e_ != ok) return fail(lib " error: %s (%s, %s:%d)", to_string(e_), text, __FILE__, __LINE__); \
     } while (0)
+#define CUDA_CHECK(call) STATUS_CHECK(cudaError_t, cudaSuccess, "CUDA", cudaGetErrorString, call, #call)
+#define LT_CHECK(call) \
+    STATUS_CHECK(cublasStatus_t, CUBLAS_STATUS_SUCCESS, "cuBLASLt", cublasGetStatusString, call, #call)
+#define NCCL_CHECK(call) STATUS_CHECK(ncclResult_t, ncclSuccess, "NCCL", ncclGetErrorString, call, #call)
 // after a kernel launch: launch errors now, faults at the next synchronisation
 #define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
-#define LT_CHECK(call)                                                                          \
-    do {                                                                                        \
-        cublasStatus_t e_ = (call);                                                             \
-        if (e_ != CUBLAS_STATUS_SUCCESS)                                                        \
-            return fail("cuBLASLt error: %s (%s, train_gpt.cu:%d)", cublasGetStatusString(e_), #call, __LINE__); \
-    } while (0)
-#define NCCL_CHECK(call)                                                                        \
-    do {                                                                                        \
-        ncclResult_t e_ = (call);                                                               \
-        if (e_ != ncclSuccess)                                                                  \
-            return fail("NCCL error: %s (%s, train_gpt.cu:%d)", ncclGetErrorString(e_), #call, __LINE__); \
-    } while (0)
 #define CHECK(x) do { if (x) return -1; } while (0)
 
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
@@ -933,6 +927,7 @@ typedef struct {
 } Slot;
 
 struct Stage {
+    StageBase base;                      // first: its links and zero stage (common.h)
     Layout y;
     int B, T, device, hs;
     // parameters on the device: each (tensor, layer) segment at a 512-byte
@@ -968,17 +963,16 @@ struct Stage {
     int ptx;       // GPT_PTX: which PTX twins (asm/*.ptx) replace CUDA C kernels (PTX_* bits)
     cudaStream_t stream;
     // transport
-    Links links;
     char *pinned;
     size_t pinned_cap;
     ncclComm_t nccl;
     int nccl_rank, nccl_ranks;
     ncclComm_t replica_nccl;  // the stage's data-parallel replicas, when each has a GPU of its own
-    int zero;        // the zero stage of the data-parallel replicas (only 0 on the GPU so far)
     int wte_summed;  // d(wte) = head + embedding done for this step's gradients
     char broken[1024];  // a failure inside a void API function, reported by the next call
     Prof prof;
 };
+static_assert(offsetof(Stage, base) == 0, "a Stage begins with its StageBase (common.h)");
 
 static void mark_broken(Stage *s) {
     if (!s->broken[0]) snprintf(s->broken, sizeof s->broken, "%s", gpt_last_error());
@@ -1035,8 +1029,8 @@ static void prof_report(Stage *s) {
 }
 
 // ----------------------------------------------------------------------------
-// matmuls (cuBLASLt, column-major: a row-major (R, K) matrix is a
-// column-major (K, R) one)
+// cuBLASLt GEMMs: one plan per shape and epilogue, made once (cuBLASLt is
+// column-major: a row-major (R, K) matrix is a column-major (K, R) one)
 
 static int gemm_plan_make(Stage *s, GemmPlan *p, const GemmKey *k, const void *bias, const void *aux,
                           int64_t aux_ld) {
@@ -1129,26 +1123,6 @@ static int gemm(Stage *s, int transa, int transb, int64_t m, int64_t n, int64_t 
     if (temporary) gemm_plan_free(p);
     return rc;
 }
-
-// out (N,OC) = inp (N,IC) @ W^T + bias [+ resid]; with pre != NULL, out =
-// gelu(that) and pre = that (returns 1 if cuBLASLt cannot fuse it)
-static int matmul_forward(Stage *s, floatX *out, const floatX *inp, const floatX *W, const floatX *bias,
-                          const floatX *resid, int N, int IC, int OC, floatX *pre) {
-    int epi = !bias ? CUBLASLT_EPILOGUE_DEFAULT : pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS;
-    return gemm(s, 1, 0, OC, N, IC, W, IC, inp, IC, out, OC, CUDA_X, resid, resid ? 1.0f : 0.0f, epi, bias, pre, OC);
-}
-// dinp (N,IC) = dout (N,OC) @ W (OC,IC); with pre != NULL, times gelu'(pre)
-static int matmul_backward_input(Stage *s, floatX *dinp, const floatX *dout, const floatX *W, int N, int IC,
-                                 int OC, const floatX *pre) {
-    return gemm(s, 0, 0, IC, N, OC, W, IC, dout, OC, dinp, IC, CUDA_X, NULL, 0.0f,
-                pre ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT, NULL, pre, IC);
-}
-// dW (OC,IC) += dout^T @ inp in fp32
-static int matmul_backward_weight(Stage *s, float *dW, const floatX *dout, const floatX *inp, int N, int IC, int OC) {
-    return gemm(s, 0, 1, IC, OC, N, inp, IC, dout, OC, dW, IC, CUDA_R_32F, NULL, 1.0f, CUBLASLT_EPILOGUE_DEFAULT,
-                NULL, NULL, 0);
-}
-static int must(int rc) { return rc == 1 ? fail("cuBLASLt has no algorithm for a plain matmul") : rc; }
 
 // ----------------------------------------------------------------------------
 // PTX twins of the memory-bound kernels (asm/*.ptx, sm_90a; asm/README.md):
@@ -1286,7 +1260,58 @@ static int ptx_launch(Stage *s, int k, size_t grid, int block, void **args) {
 }
 
 // ----------------------------------------------------------------------------
-// layer launchers
+// layer launchers: the matmuls on cuBLASLt, the rest on our kernels (or their
+// PTX twins)
+
+// matmul_forward and matmul_backward_input return 1 where cuBLASLt cannot
+// fuse their epilogue (the caller then runs it unfused); must makes that an
+// error where there is nothing to fuse
+static int must(int rc) { return rc == 1 ? fail("cuBLASLt has no algorithm for a plain matmul") : rc; }
+
+// out (N,OC) = inp (N,IC) @ W^T + bias [+ resid]; with pre != NULL, out =
+// gelu(that) and pre = that (returns 1 if cuBLASLt cannot fuse it)
+static int matmul_forward(Stage *s, floatX *out, const floatX *inp, const floatX *W, const floatX *bias,
+                          const floatX *resid, int N, int IC, int OC, floatX *pre) {
+    int epi = !bias ? CUBLASLT_EPILOGUE_DEFAULT : pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS;
+    return gemm(s, 1, 0, OC, N, IC, W, IC, inp, IC, out, OC, CUDA_X, resid, resid ? 1.0f : 0.0f, epi, bias, pre, OC);
+}
+
+// dinp (N,IC) = dout (N,OC) @ W (OC,IC); with pre != NULL, times gelu'(pre)
+static int matmul_backward_input(Stage *s, floatX *dinp, const floatX *dout, const floatX *W, int N, int IC,
+                                 int OC, const floatX *pre) {
+    return gemm(s, 0, 0, IC, N, OC, W, IC, dout, OC, dinp, IC, CUDA_X, NULL, 0.0f,
+                pre ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT, NULL, pre, IC);
+}
+
+static int colsum_blocks(int N) { return (N + CS_ROWS - 1) / CS_ROWS; }
+
+// Over the rows of dout (N,C): dsum (C) += the sums of its columns, and, with
+// inp, dnorm (C) += those of dout * (inp - mean) * rstd. The one launch of the
+// column-sum kernels: a layernorm's weight and bias gradients (dnorm, dsum),
+// or, without inp, a bias's (dsum, from matmul_backward_weight).
+static int column_sums(Stage *s, float *dnorm, float *dsum, const floatX *dout, const floatX *inp, const float *mean,
+                       const float *rstd, int N, int C) {
+    PROF(PC_BIAS_LN_GRAD, {
+        dim3 grid((C + CS_COLS - 1) / CS_COLS, colsum_blocks(N)), block(32, 8);
+        if (inp)
+            colsum_partial_kernel<1><<<grid, block, 0, s->stream>>>(s->d_partials, dout, inp, mean, rstd, N, C);
+        else
+            colsum_partial_kernel<0><<<grid, block, 0, s->stream>>>(s->d_partials, dout, NULL, NULL, NULL, N, C);
+        LAUNCH_CHECK();
+        colsum_finish_kernel<<<(C + 255) / 256, 256, 0, s->stream>>>(dsum, dnorm, s->d_partials, colsum_blocks(N), C);
+        LAUNCH_CHECK();
+    });
+    return 0;
+}
+
+// dW (OC,IC) += dout^T @ inp in fp32, dbias (OC) += column sums of dout
+static int matmul_backward_weight(Stage *s, float *dW, float *dbias, const floatX *dout, const floatX *inp, int N,
+                                  int IC, int OC) {
+    PROF(PC_MM_BWD_W, CHECK(must(gemm(s, 0, 1, IC, OC, N, inp, IC, dout, OC, dW, IC, CUDA_R_32F, NULL, 1.0f,
+                                      CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL, 0))));
+    if (dbias) CHECK(column_sums(s, NULL, dbias, dout, NULL, NULL, NULL, N, OC));
+    return 0;
+}
 
 static int layernorm_forward(Stage *s, floatX *out, float *mean, float *rstd, const floatX *inp,
                              const float *w, const float *b, int N, int C) {
@@ -1311,33 +1336,6 @@ static int layernorm_backward_input(Stage *s, floatX *dinp, const floatX *resid,
         } else
             layernorm_backward_input_kernel<<<(N + 7) / 8, 256, 0, s->stream>>>(dinp, resid, dout, inp, w, mean,
                                                                                 rstd, N, C);
-        LAUNCH_CHECK();
-    });
-    return 0;
-}
-
-static int colsum_blocks(int N) { return (N + CS_ROWS - 1) / CS_ROWS; }
-
-// dbias (OC) += column sums of dout (N,OC)
-static int bias_backward(Stage *s, float *dbias, const floatX *dout, int N, int OC) {
-    PROF(PC_BIAS_LN_GRAD, {
-        dim3 grid((OC + CS_COLS - 1) / CS_COLS, colsum_blocks(N));
-        colsum_partial_kernel<0><<<grid, dim3(32, 8), 0, s->stream>>>(s->d_partials, dout, NULL, NULL, NULL, N, OC);
-        LAUNCH_CHECK();
-        colsum_finish_kernel<<<(OC + 255) / 256, 256, 0, s->stream>>>(dbias, NULL, s->d_partials, colsum_blocks(N), OC);
-        LAUNCH_CHECK();
-    });
-    return 0;
-}
-
-// dw += sum_n dout * norm, db += sum_n dout
-static int layernorm_backward_weight(Stage *s, float *dw, float *db, const floatX *dout, const floatX *inp,
-                                     const float *mean, const float *rstd, int N, int C) {
-    PROF(PC_BIAS_LN_GRAD, {
-        dim3 grid((C + CS_COLS - 1) / CS_COLS, colsum_blocks(N));
-        colsum_partial_kernel<1><<<grid, dim3(32, 8), 0, s->stream>>>(s->d_partials, dout, inp, mean, rstd, N, C);
-        LAUNCH_CHECK();
-        colsum_finish_kernel<<<(C + 255) / 256, 256, 0, s->stream>>>(db, dw, s->d_partials, colsum_blocks(N), C);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1689,7 +1687,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     if (!s) { fail("out of host memory"); return NULL; }
     s->y = layout_make(cfg, lo, hi);
     s->B = B; s->T = T; s->run.nslots = slots; s->device = device; s->hs = hs;
-    s->links = links_make(lo, hi);
+    s->base.links = links_make(lo, hi);
     env = getenv("GPT_FUSE_GELU");
     s->fuse_gelu_fwd = s->fuse_gelu_bwd = !(env && strcmp(env, "0") == 0);
     env = getenv("GPT_ATTN");
@@ -1950,28 +1948,24 @@ static int stage_backward_weight(Stage *s, Slot *a) {
     int C = c->channels, N = s->B * s->T, Vp = c->padded_vocab_size;
     float *G = s->d_grads;
     if (s->y.last) {
-        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), a->logits, a->lnf, N, C, Vp))));
-        CHECK(layernorm_backward_weight(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), a->dlnf,
-                                        stage_output(s, a), a->lnf_mean, a->lnf_rstd, N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), NULL, a->logits, a->lnf, N, C, Vp));
+        CHECK(column_sums(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), a->dlnf, stage_output(s, a),
+                          a->lnf_mean, a->lnf_rstd, N, C));
     }
     for (int l = 0; l < s->y.nl; l++) {
         floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        CHECK(layernorm_backward_weight(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(a->dln1, l), x,
-                                        LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), N, C));
-        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), LAYER_3C(a->dqkv, l),
-                                                            LAYER_C(a->ln1, l), N, C, 3 * C))));
-        CHECK(bias_backward(s, dparam(s, G, P_QKVB, l), LAYER_3C(a->dqkv, l), N, 3 * C));
-        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_ATTPROJW, l), LAYER_C(a->dres2, l),
-                                                            LAYER_C(a->atty, l), N, C, C))));
-        CHECK(bias_backward(s, dparam(s, G, P_ATTPROJB, l), LAYER_C(a->dres2, l), N, C));
-        CHECK(layernorm_backward_weight(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(a->dln2, l),
-                                        LAYER_C(a->res2, l), LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
-        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_FCW, l), LAYER_4C(a->dfch, l),
-                                                            LAYER_C(a->ln2, l), N, C, 4 * C))));
-        CHECK(bias_backward(s, dparam(s, G, P_FCB, l), LAYER_4C(a->dfch, l), N, 4 * C));
-        PROF(PC_MM_BWD_W, CHECK(must(matmul_backward_weight(s, dparam(s, G, P_FCPROJW, l), LAYER_C(a->dresid, l + 1),
-                                                            LAYER_4C(a->fchg, l), N, 4 * C, C))));
-        CHECK(bias_backward(s, dparam(s, G, P_FCPROJB, l), LAYER_C(a->dresid, l + 1), N, C));
+        CHECK(column_sums(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(a->dln1, l), x,
+                          LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), dparam(s, G, P_QKVB, l), LAYER_3C(a->dqkv, l),
+                                     LAYER_C(a->ln1, l), N, C, 3 * C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_ATTPROJW, l), dparam(s, G, P_ATTPROJB, l),
+                                     LAYER_C(a->dres2, l), LAYER_C(a->atty, l), N, C, C));
+        CHECK(column_sums(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(a->dln2, l),
+                          LAYER_C(a->res2, l), LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCW, l), dparam(s, G, P_FCB, l), LAYER_4C(a->dfch, l),
+                                     LAYER_C(a->ln2, l), N, C, 4 * C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCPROJW, l), dparam(s, G, P_FCPROJB, l),
+                                     LAYER_C(a->dresid, l + 1), LAYER_4C(a->fchg, l), N, 4 * C, C));
     }
     if (s->y.first) {
         PROF(PC_ENCODER, {
@@ -1992,15 +1986,10 @@ static int stage_backward_weight(Stage *s, Slot *a) {
 // transport: NCCL when set (ranks on separate GPUs), else the sockets of
 // common.h with the device buffers staged through pinned host memory
 
-void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double timeout_s) {
-    links_set_peers(&s->links, prev_fd, next_fd, tied_fd, timeout_s);
-}
-
 // Refused before step 1: the GPU trainer keeps every replica's optimizer state whole.
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     if (zero > 0) return fail("--zero %d runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0", zero);
-    links_set_replicas(&s->links, prev_fd, next_fd, replica, replicas);
-    s->zero = zero;
+    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
     return 0;
 }
 
@@ -2022,10 +2011,6 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.nslots * s->slot_bytes;
 }
 
-void stage_bytes_moved(const Stage *s, uint64_t sent[3], uint64_t received[3]) {
-    links_bytes_moved(&s->links, sent, received);
-}
-
 // Waits for the stream (and the NCCL operations on it) without ever hanging:
 // a peer error or no completion within the link timeout aborts the
 // communicator and fails.
@@ -2042,11 +2027,11 @@ static int nccl_wait(Stage *s, ncclComm_t *comm, const char *what) {
             *comm = NULL;
             return fail("stage [%d,%d): NCCL failed during %s: %s", s->y.lo, s->y.hi, what, ncclGetErrorString(ar));
         }
-        if (now_seconds() - start > s->links.timeout_s) {
+        if (now_seconds() - start > s->base.links.timeout_s) {
             ncclCommAbort(*comm);
             *comm = NULL;
             return fail("stage [%d,%d): no progress from a peer for %.0f s during %s over NCCL", s->y.lo,
-                        s->y.hi, s->links.timeout_s, what);
+                        s->y.hi, s->base.links.timeout_s, what);
         }
         usleep(50);
     }
@@ -2102,7 +2087,7 @@ static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
                             ops[OP_INTS * i + 1], to_next ? "next" : "previous");
         }
         CHECK(nccl_exchange(s, n, sending, peers, dev, BTC, NCCL_X, "activation/gradient exchange"));
-        for (int i = 0; i < n; i++) links_count(&s->links, TRAFFIC_PIPELINE, sending[i], nbytes);
+        for (int i = 0; i < n; i++) links_count(&s->base.links, TRAFFIC_PIPELINE, sending[i], nbytes);
         return 0;
     }
     if ((size_t)n * nbytes > s->pinned_cap) {
@@ -2119,7 +2104,7 @@ static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
             CUDA_CHECK(cudaMemcpyAsync(bufs[i], dev[i], nbytes, cudaMemcpyDeviceToHost, s->stream));
     }
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    CHECK(comm_group(&s->links, ops, n, bufs, nbytes));
+    CHECK(comm_group(&s->base.links, ops, n, bufs, nbytes));
     for (int i = 0; i < n; i++)
         if (ops[OP_INTS * i] == OP_RECV_ACT || ops[OP_INTS * i] == OP_RECV_GRAD)
             CUDA_CHECK(cudaMemcpyAsync(dev[i], bufs[i], nbytes, cudaMemcpyHostToDevice, s->stream));
@@ -2166,7 +2151,7 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 // (they cannot see NCCL's wire).
 static int nccl_allreduce_bucket(Stage *s, int bucket) {
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->y, bucket, tensors, layers), D = s->links.replicas;
+    int n = bucket_segments(&s->y, bucket, tensors, layers), D = s->base.links.replicas;
     NCCL_CHECK(ncclGroupStart());
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++) {
@@ -2179,8 +2164,8 @@ static int nccl_allreduce_bucket(Stage *s, int bucket) {
     CHECK(nccl_wait(s, &s->replica_nccl, "a data-parallel all-reduce"));
     for (int i = 0; i < n; i++) {
         uint64_t bytes = 2 * (uint64_t)(D - 1) * seg_elems(s, tensors[i]) / D * sizeof(float);
-        links_count(&s->links, TRAFFIC_DATA_PARALLEL, 1, bytes);
-        links_count(&s->links, TRAFFIC_DATA_PARALLEL, 0, bytes);
+        links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 1, bytes);
+        links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 0, bytes);
     }
     return 0;
 }
@@ -2190,8 +2175,6 @@ static int nccl_allreduce_bucket(Stage *s, int bucket) {
 // loop is common.h's run_op_list; these are its hooks (the message ones are
 // with the transport above).
 
-static int sum_wte_grads(Stage *s);
-
 // ALLREDUCE of a bucket's gradients (the GPU trainer has --zero 0 only):
 // NCCL when the replicas have GPUs of their own, else common.h's socket ring
 // with the bucket staged through the host mirrors.
@@ -2199,7 +2182,7 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
     if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
-    if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(sum_wte_grads(s));
+    if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
     if (s->replica_nccl) return nccl_allreduce_bucket(s, bucket);
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
@@ -2211,8 +2194,8 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
                                    cudaMemcpyDeviceToHost, s->stream));
     }
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    CHECK(ring_collective(&s->links, segs, n, bucket, 0));
-    CHECK(ring_collective(&s->links, segs, n, bucket, 1));
+    CHECK(ring_collective(&s->base.links, segs, n, bucket, 0));
+    CHECK(ring_collective(&s->base.links, segs, n, bucket, 1));
     for (int i = 0; i < n; i++)
         CUDA_CHECK(cudaMemcpyAsync(dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].p, segs[i].n * sizeof(float),
                                    cudaMemcpyHostToDevice, s->stream));
@@ -2304,7 +2287,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
             s->prof.comm_ms = 0.0;
         }
     }
-    int rc = run_op_list(&CUDA_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->links.replicas, ops, nops,
+    int rc = run_op_list(&CUDA_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
                          inputs, targets, training, loss_sum);
     if (rc) cudaStreamSynchronize(s->stream);  // leave nothing in flight on failure
     return rc;
@@ -2313,7 +2296,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 // ----------------------------------------------------------------------------
 // optimizer
 
-static int sum_wte_grads(Stage *s) {
+int stage_sum_wte_grads(Stage *s) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
@@ -2326,20 +2309,20 @@ static int sum_wte_grads(Stage *s) {
         float *send = s->y.first ? s->d_dwte_embed : head, *recv = s->y.first ? head : s->d_dwte_embed;
         if (s->nccl) {
             // the other end of this replica's pipeline: ranks are replica * S + stage
-            int S = s->nccl_ranks / s->links.replicas;
+            int S = s->nccl_ranks / s->base.links.replicas;
             int peer = S == 1 ? s->nccl_rank : s->y.first ? s->nccl_rank + S - 1 : s->nccl_rank - (S - 1);
             int sending[2] = {1, 0}, peers[2] = {peer, peer};
             void *bufs[2] = {send, recv};
             // fp32 on the wire: both ends must add the very same numbers
             PROF(PC_SUM_WTE, CHECK(nccl_exchange(s, 2, sending, peers, bufs, n, ncclFloat, "the d(wte) swap")));
-            for (int i = 0; i < 2; i++) links_count(&s->links, TRAFFIC_TIED, sending[i], n * sizeof(float));
+            for (int i = 0; i < 2; i++) links_count(&s->base.links, TRAFFIC_TIED, sending[i], n * sizeof(float));
         } else {
             if (!s->h_swap_send) s->h_swap_send = (float *)malloc(n * sizeof(float));
             if (!s->h_swap_recv) s->h_swap_recv = (float *)malloc(n * sizeof(float));
             if (!s->h_swap_send || !s->h_swap_recv) return fail("out of host memory for d(wte)");
             CUDA_CHECK(cudaMemcpyAsync(s->h_swap_send, send, n * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
             CUDA_CHECK(cudaStreamSynchronize(s->stream));
-            CHECK(tied_swap(&s->links, s->h_swap_send, s->h_swap_recv, n * sizeof(float)));
+            CHECK(tied_swap(&s->base.links, s->h_swap_send, s->h_swap_recv, n * sizeof(float)));
             CUDA_CHECK(cudaMemcpyAsync(recv, s->h_swap_recv, n * sizeof(float), cudaMemcpyHostToDevice, s->stream));
         }
     }
@@ -2352,8 +2335,6 @@ static int sum_wte_grads(Stage *s) {
     s->wte_summed = 1;
     return 0;
 }
-
-int stage_sum_wte_grads(Stage *s) { return sum_wte_grads(s); }
 
 static int grad_norm_parts(Stage *s, double *parts) {
     CHECK(check_broken(s));
@@ -2379,7 +2360,7 @@ static int grad_norm_parts(Stage *s, double *parts) {
 // With zero 0 every replica holds the same summed gradients: replica 0 speaks for them.
 void stage_grad_norm_parts(Stage *s, double *parts) {
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->y.cfg.num_layers);
-    if (s->links.replica > 0) return;
+    if (s->base.links.replica > 0) return;
     if (grad_norm_parts(s, parts)) mark_broken(s);
 }
 
@@ -2569,7 +2550,7 @@ static int ensure_moment_mirrors(Stage *s) {
 
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(check_broken(s));
-    if (s->links.replica > 0) return 0;  // zero 0: replica 0 writes what every replica holds alike
+    if (s->base.links.replica > 0) return 0;  // zero 0: replica 0 writes what every replica holds alike
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
     CHECK(download_params(s, s->h_params, s->d_params));
@@ -2594,14 +2575,10 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 // last real position in fp32, top-k on the host
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed, int *out) {
-    if (!(s->y.first && s->y.last)) return fail("sampling needs the whole model in one stage");
-    if (np < 1) return fail("sampling needs a prompt of at least one token");
+    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, T = s->T;
-    for (int i = 0; i < np; i++)
-        if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
-    if (top_k <= 0 || top_k > V) top_k = V;
     Candidate *cand = (Candidate *)malloc(sizeof(Candidate) * top_k);
     int *window = (int *)calloc(T, sizeof(int));
     if (!cand || !window) { free(cand); free(window); return fail("out of host memory for sampling"); }
@@ -2637,14 +2614,23 @@ done:
 }
 
 // ----------------------------------------------------------------------------
-// main (common.h): the hooks
+// main: ./train_gpt_cu, the flags of ./train_gpt (-h lists them). The loop is
+// common.h's train_main, written once for both trainers: it drives this
+// file's stage API through the table below, and check_broken reports a
+// failure that a void call of it recorded.
 
 #ifdef TRAIN_GPT_MAIN
-static void trainer_describe(Stage *s) {
+static void describe_gpu(Stage *s) {
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, s->device);
     printf("device %d: %s (%s, attention %s)\n", s->device, prop.name, PRECISION_NAME,
            s->attn_mma == ATTN_MMA_PIPELINED ? "tensor-core, pipelined" : s->attn_mma ? "tensor-core" : "simple");
 }
-static int trainer_check(Stage *s) { return check_broken(s); }
+
+// this file's stage API, in the order of common.h's Trainer
+static const Trainer GPU_TRAINER = {"./train_gpt_cu", stage_create, stage_load, stage_init, stage_read_checkpoint,
+                                    stage_run, stage_sum_wte_grads, stage_grad_norm_parts, stage_adamw,
+                                    stage_write_checkpoint, stage_sample, stage_free, check_broken, describe_gpu};
+
+int main(int argc, char **argv) { return train_main(argc, argv, &GPU_TRAINER); }
 #endif
