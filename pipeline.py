@@ -222,6 +222,8 @@ class ValidationResult:
     # whole gradients are held at once, the buffers the executor allocates
     peak_gathered: list[int] = field(default_factory=list)
     peak_grads: list[int] = field(default_factory=list)
+    # (rank, slot) of each message -> its partner's; of each collective -> its group's others' (a list)
+    pairs: dict = field(default_factory=dict)
 
 
 def _program_grid(ranks: list[list[Op]], marks: set[tuple[int, int]]) -> str:
@@ -373,7 +375,7 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     slots, stuck = _run(ranks, pairs, Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots))
+    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots), pairs=pairs)
 
 # -----------------------------------------------------------------------------
 # the grid: D data-parallel replicas of an S-stage pipeline
@@ -536,13 +538,14 @@ def _fsdp_buffers(ranks: list[list[Op]], r: int, layers: int, training: bool) ->
 
 
 def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool = True,
-                  buckets: list[int] | None = None, zero: int = 0) -> ValidationResult:
+                  buckets: list[int] | None = None, zero: int = 0, costs: "Costs | None" = None) -> ValidationResult:
     """validate() for every replica's pipeline, and the collectives like the
     sends: every rank of a stage's ring lists the same collectives in the same
     order (a ring step needs all of them), buckets exist, and the whole grid
     runs without deadlock. Under --zero 3 (buckets needed) the per-layer ops
     and each rank's gathered buckets too (_fsdp_buffers). Peaks are per grid
-    rank."""
+    rank; the timeline is the grid's under costs (unit costs if None): the
+    simulator for a grid, whose collectives only this pairs."""
     S = stages
     if S < 1 or len(ranks) % S:
         raise ScheduleError(f"{len(ranks)} op lists do not make replicas of {S} stages")
@@ -597,10 +600,10 @@ def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool
                              [(q, m[0]) for q, m in zip(group, mine) if m])
             for q, (i, _) in zip(group, mine):
                 pairs[q, i] = [(p, j) for p, (j, _) in zip(group, mine) if p != q]
-    slots, stuck = _run(ranks, pairs, Costs())
+    slots, stuck = _run(ranks, pairs, costs or Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult(peaks, _timeline(slots), gathered, grads)
+    return ValidationResult(peaks, _timeline(slots), gathered, grads, pairs)
 
 # -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
@@ -608,17 +611,28 @@ def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool
 
 @dataclass(frozen=True)
 class Costs:
-    f: float | list[float] = 1.0  # FWD, per rank or the same everywhere
+    f: float | list[float] = 1.0  # a whole stage's FWD, per rank or the same everywhere
     b: float | list[float] = 1.0  # BWD_INPUT
     w: float | list[float] = 1.0  # BWD_WEIGHT
     comm: float = 0.0  # one transfer between neighbours
-    collective: float = 0.0  # one data-parallel collective of a bucket
+    collective: float | list[list[float]] = 0.0  # one collective of a bucket: everywhere, or [rank][bucket]
+    # --zero 3's per-layer ops: per rank, each layer's share of its stage's
+    # compute (layer_shares: the embedding goes with layer 0, the head with
+    # the last); None: equal shares
+    shares: list[list[float]] | None = None
 
-    def compute(self, op: Op, r: int) -> float:
+    def compute(self, op: Op, r: int, layers: int) -> float:
+        """What a compute op costs on rank r, a stage of `layers` layers."""
         if op.kind == FREE:  # gives a buffer back: no work
             return 0.0
         cost = (self.f, self.b, self.w)[op.kind]
-        return cost[r] if isinstance(cost, list) else cost
+        cost = cost[r] if isinstance(cost, list) else cost
+        if op.part < 0:
+            return cost
+        return cost * (self.shares[r][op.part] if self.shares is not None else 1.0 / layers)
+
+    def of_collective(self, op: Op, r: int) -> float:
+        return self.collective[r][op.part] if isinstance(self.collective, list) else self.collective
 
 
 class Slot(NamedTuple):
@@ -651,39 +665,92 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     # rank reaches it; each message in it completes once the partner's group is
     # posted too (rendezvous), and the rank moves on when all of them have.
     # Times depend only on post times, never on sweep order, so this is exact.
+    #
+    # --zero 3's lists (those with a FREE) run their collectives as the
+    # executor does, on a comm thread of the rank's own: posting one costs the
+    # rank nothing; the comm thread runs them in list order, each once it is
+    # free and every replica's comm thread has reached it; a FWD or
+    # BWD_INPUT of a layer waits for the layer's gather (the whole tensors'
+    # gather is first in the queue, so it is done by then), and the list
+    # ends when its last collective has.
     S = len(ranks)
     segments = [_segments(ops) for ops in ranks]
     segment_of = [{i: k for k, seg in enumerate(segs) for i in seg} for segs in segments]
+    layers = [1 + max((op.part for op in ops if op.kind in COMPUTE), default=0) for ops in ranks]
+    threaded = [any(op.kind == FREE for op in ops) for ops in ranks]
+    gather_of = [{} for _ in ranks]  # (rank) op index -> the index of the gather its layer waits for
+    for r, ops in enumerate(ranks):
+        last = {}
+        for i, op in enumerate(ops):
+            if op.kind == ALLGATHER:
+                last[op.part] = i
+            elif threaded[r] and op.kind in (FWD, BWD_INPUT) and op.part in last:
+                gather_of[r][i] = last[op.part]
     posted = {}  # (rank, segment) -> when that rank reached that group
+    queued = [[] for _ in ranks]  # per threaded rank, the collectives posted and not yet run, in order
+    comm_free = [0.0] * S  # when each rank's comm thread is next free
     at, clock = [0] * S, [0.0] * S
     slots = [[None] * len(ops) for ops in ranks]
+
+    def run_queued(r: int) -> bool:  # the comm threads run every collective all of whose replicas have reached it
+        ran = False
+        while queued[r]:
+            i = queued[r][0]
+            group = [(r, i), *partners(pairs, r, i)]
+            if any(not queued[q] or queued[q][0] != j for q, j in group):
+                break
+            ready = {q: max(posted[q, segment_of[q][j]], comm_free[q]) for q, j in group}
+            end = max(ready.values()) + costs.of_collective(ranks[r][i], r)
+            for q, j in group:
+                slots[q][j] = Slot(ranks[q][j], ready[q], end)
+                comm_free[q] = end
+                queued[q].pop(0)
+            ran = True
+        return ran
+
     moved = True
     while moved:
         moved = False
         for r in range(S):
+            moved |= run_queued(r)
             while at[r] < len(segments[r]):
                 seg = segments[r][at[r]]
                 first = ranks[r][seg[0]]
                 if first.kind in COMPUTE or first.kind == FREE:
-                    slots[r][seg[0]] = Slot(first, clock[r], clock[r] + costs.compute(first, r))
+                    start = clock[r]
+                    if seg[0] in gather_of[r]:
+                        gathered = slots[r][gather_of[r][seg[0]]]
+                        if gathered is None:
+                            break
+                        start = max(start, gathered.end)
+                    slots[r][seg[0]] = Slot(first, start, start + costs.compute(first, r, layers[r]))
+                elif threaded[r] and first.kind in COLLECTIVES:
+                    posted[r, at[r]] = clock[r]
+                    queued[r].append(seg[0])
+                    at[r] += 1
+                    moved = True
+                    run_queued(r)
+                    continue
                 else:
                     # a send or receive has one partner; a collective has the
                     # rest of its group, and completes when all have posted it
                     t = posted.setdefault((r, at[r]), clock[r])
-                    peers = [[posted.get((q, segment_of[q][j])) for q, j in _partners(pairs, r, i)] for i in seg]
+                    peers = [[posted.get((q, segment_of[q][j])) for q, j in partners(pairs, r, i)] for i in seg]
                     if any(None in p for p in peers):
                         break
                     for i, tp in zip(seg, peers):
-                        cost = costs.collective if ranks[r][i].kind in COLLECTIVES else costs.comm
+                        cost = costs.of_collective(ranks[r][i], r) if ranks[r][i].kind in COLLECTIVES else costs.comm
                         slots[r][i] = Slot(ranks[r][i], t, max([t, *tp]) + cost)
                 clock[r] = max(slots[r][i].end for i in seg)
                 at[r] += 1
                 moved = True
-    stuck = {r: segments[r][at[r]] for r in range(S) if at[r] < len(segments[r])}
+    stuck = {r: segments[r][at[r]] if at[r] < len(segments[r]) else range(queued[r][0], queued[r][0] + 1)
+             for r in range(S) if at[r] < len(segments[r]) or queued[r]}
     return slots, stuck
 
 
-def _partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
+def partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
+    """(rank, slot) of every other side of rank r's slot i: a message's partner, a collective's group."""
     partner = pairs[r, i]
     return partner if isinstance(partner, list) else [partner]
 
@@ -692,7 +759,7 @@ def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> Sc
     waits, marks = [], []
     for r, seg in stuck.items():
         for i in seg:
-            for q, j in _partners(pairs, r, i):
+            for q, j in partners(pairs, r, i):
                 if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
                     waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
                                  f"to reach slot {j} ({ranks[q][j]})")
@@ -703,7 +770,8 @@ def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> Sc
 
 
 def _timeline(slots: list[list[Slot]]) -> Timeline:
-    return Timeline(slots, max((row[-1].end for row in slots if row), default=0.0))
+    # the last op to end may be a collective of a comm thread, not the list's last
+    return Timeline(slots, max((s.end for row in slots for s in row), default=0.0))
 
 
 def simulate(ranks: list[list[Op]], costs: Costs = Costs()) -> Timeline:
@@ -759,6 +827,15 @@ def range_cost(parts: tuple[float, float, float], num_layers: int, lo: int, hi: 
     its description and plan.py's op costs all call it."""
     embed, layer, head = parts
     return embed * (lo == 0) + layer * (hi - lo) + head * (hi == num_layers)
+
+
+def layer_shares(config: dict, bounds: list[tuple[int, int]], seq_len: int) -> list[list[float]]:
+    """Per stage, each of its layers' share of the stage's compute, for the
+    simulator's --zero 3 per-layer ops: the embedding goes with layer 0 and
+    the head with the last, as fsdp_ops runs them."""
+    parts, L = stage_costs(config, seq_len), config["num_layers"]
+    return [[range_cost(parts, L, l, l + 1) / range_cost(parts, L, lo, hi) for l in range(lo, hi)]
+            for lo, hi in bounds]
 
 
 def partition(config: dict, stages: int, seq_len: int) -> list[tuple[int, int]]:
@@ -873,9 +950,9 @@ def parse_json_object(raw: bytes, keys: dict, what: str) -> dict:
     return obj
 
 
-def recv_json(sock: socket.socket, kind: int, keys: dict) -> dict:
+def recv_json(sock: socket.socket, kind: int, keys: dict, max_len: int = MAX_SMALL) -> dict:
     """A JSON message with exactly the given keys of the given types."""
-    raw = recv_msg(sock, kind)
+    raw = recv_msg(sock, kind, max_len)
     if _nesting(raw) > MAX_DEPTH:
         raise ProtocolError(f"malformed {KIND_NAMES[kind]} message (nested deeper than {MAX_DEPTH})")
     return parse_json_object(raw, keys, f"{KIND_NAMES[kind]} message")
@@ -984,6 +1061,16 @@ class Rank:
     def replica_fds(self) -> tuple[int, int]:
         return tuple(s.fileno() if s else -1 for s in (self.replica_prev, self.replica_next))
 
+    def _recv(self, peer: int, kind: int, max_len: int, what: str) -> bytes:
+        """A message from rank `peer` (over the control socket to it, or to
+        rank 0), at most max_len bytes: each caller derives that bound from
+        what it expects, so nothing a peer sends is read unbounded."""
+        sock = self.control[peer if self.rank == 0 else 0]
+        try:
+            return recv_msg(sock, kind, max_len)
+        except ProtocolError as e:
+            raise ProtocolError(f"rank {self.rank}: {what} from rank {peer}: {e}") from None
+
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks, added in rank order on rank 0, so every
         rank gets bitwise the same result. A step's values (grad-norm parts,
@@ -993,12 +1080,12 @@ class Rank:
         values = np.ascontiguousarray(values, dtype=np.float64)
         if self.world == 1:
             return values.copy()
-        if self.rank != 0:
+        if self.rank != 0:  # the sum has as many values as this rank's part
             send_msg(self.control[0], ARRAY, values.tobytes())
-            return np.frombuffer(recv_msg(self.control[0], ARRAY, values.nbytes), np.float64).copy()
+            return np.frombuffer(self._recv(0, ARRAY, values.nbytes, "the sum"), np.float64).copy()
         total = values.copy()
         for r in range(1, self.world):
-            got = np.frombuffer(recv_msg(self.control[r], ARRAY, values.nbytes), np.float64)
+            got = np.frombuffer(self._recv(r, ARRAY, values.nbytes, "a part of a sum"), np.float64)
             if got.shape != total.shape:
                 raise ProtocolError(f"rank {r} sent {got.size} values, expected {total.size}")
             total = total + got
@@ -1009,22 +1096,22 @@ class Rank:
     def barrier(self) -> None:
         self.allreduce(np.zeros(1))
 
-    def broadcast(self, blob: bytes) -> bytes:
-        """Rank 0's bytes, on every rank."""
+    def broadcast(self, blob: bytes, max_len: int) -> bytes:
+        """Rank 0's bytes, on every rank; the others refuse more than max_len."""
         if self.world == 1:
             return blob
         if self.rank != 0:
-            return recv_msg(self.control[0], BLOB, 1 << 20)
+            return self._recv(0, BLOB, max_len, "a broadcast")
         for r in range(1, self.world):
             send_msg(self.control[r], BLOB, blob)
         return blob
 
-    def gather_blobs(self, blob: bytes) -> list[bytes] | None:
-        """Every rank's bytes, on rank 0 (None elsewhere)."""
+    def gather_blobs(self, blob: bytes, max_len: int) -> list[bytes] | None:
+        """Every rank's bytes, on rank 0 (None elsewhere), each at most max_len."""
         if self.rank != 0:
             send_msg(self.control[0], BLOB, blob)
             return None
-        return [blob] + [recv_msg(self.control[r], BLOB, 1 << 40) for r in range(1, self.world)]
+        return [blob] + [self._recv(r, BLOB, max_len, "a gathered blob") for r in range(1, self.world)]
 
     def close(self) -> None:
         for s in [*self.control, self.prev, self.next, self.tied, self.replica_prev, self.replica_next]:
@@ -1077,14 +1164,16 @@ def _answer(sock: socket.socket, key: bytes, kind: int, fields: dict, peer_nonce
     send_json(sock, kind, {**fields, "mac": _mac(key, kind, peer_nonce, fields)})
 
 
-def _join(sock: socket.socket, key: bytes, kind: int, fields: dict, reply_kind: int, reply_keys: dict) -> dict:
+def _join(sock: socket.socket, key: bytes, kind: int, fields: dict, reply_kind: int, reply_keys: dict,
+          reply_max: int = MAX_SMALL) -> dict:
     """The connector's half: answers the challenge with fields, then checks
-    the acceptor's reply, which only a holder of the token can prove."""
+    the acceptor's reply (at most reply_max bytes), which only a holder of
+    the token can prove."""
     challenge = recv_json(sock, CHALLENGE, NONCE)["nonce"]
     nonce = secrets.token_hex(16)
     msg = {**fields, "nonce": nonce}
     send_json(sock, kind, {**msg, "mac": _mac(key, kind, challenge, msg)})
-    reply = recv_json(sock, reply_kind, {**reply_keys, "mac": str})
+    reply = recv_json(sock, reply_kind, {**reply_keys, "mac": str}, reply_max)
     if not hmac.compare_digest(reply["mac"], _mac(key, reply_kind, nonce, reply)):
         raise ProtocolError(f"the peer's {KIND_NAMES[reply_kind]} does not prove the job token")
     return reply
@@ -1150,6 +1239,14 @@ class _Acceptor:
         with self.lock:
             for sock in self.pending:
                 sock.close()
+
+
+def table_bytes_bound(world: int) -> int:
+    """The most bytes rank 0's TABLE of `world` listeners can take: an entry
+    is ["host", port], a host at most 255 characters (rank 0 refuses longer),
+    each at most 6 bytes in JSON (\\uXXXX), a port 5 digits; 1 KiB for the
+    nonce, the proof and the keys."""
+    return 1024 + world * (6 * 255 + 16)
 
 
 def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, advertise: str | None = None,
@@ -1234,8 +1331,11 @@ def connect_ranks(env: Env, bind: str = "127.0.0.1", timeout: float = 120.0, adv
         else:
             ctl = _connect((env.master_addr, env.master_port), deadline)
             me.control = [ctl]
-            reply = _join(ctl, key, HELLO, {"rank": r, "world": S, "host": mine[0], "port": mine[1]},
-                          TABLE, {"table": list})
+            try:
+                reply = _join(ctl, key, HELLO, {"rank": r, "world": S, "host": mine[0], "port": mine[1]},
+                              TABLE, {"table": list}, table_bytes_bound(S))
+            except ProtocolError as e:
+                raise ProtocolError(f"rank {r}: joining rank 0: {e}") from None
             table = reply["table"]
             if len(table) != S or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and
                                           isinstance(e[1], int) and 0 < e[1] < 65536 for e in table):

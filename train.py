@@ -36,10 +36,12 @@ if __name__ == "__main__":  # before the requirements, which make may have put i
 import numpy as np
 
 import pipeline
+from plan import stage_params
 from dev.data.prepare import decode, gpt2_encoding, prepare, read_tokenizer
 
 EOT = 50256
 VAL_BATCHES = 10
+NCCL_ID_BYTES = 128  # gpt.h's GPT_NCCL_ID_BYTES: the size of NCCL's ncclUniqueId
 WEIGHT_DECAY = 0.1
 MAX_GRAD_NORM = 1.0
 MIN_LR_FRAC = 0.1
@@ -58,10 +60,21 @@ class TrainingError(Exception):
 # flags
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it is true and not said already: a
+    flag whose default is None (filled in per device, or off) or a switch's
+    False says its default in its own words, or has none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train GPT-2 from scratch (llm.c-style C trainer, numpy-free hot loop).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelp)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="cuda when a GPU is visible and the CUDA trainer is built, else cpu")
     p.add_argument("--model", default=None,
@@ -109,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
-                   help="write every rank's measured timeline as a Chrome trace (Perfetto, chrome://tracing)")
+                   help="write every rank's measured op times as a Chrome trace (Perfetto, chrome://tracing): "
+                        "a process per replica, a thread per stage; needs --stages 2 or more")
     p.add_argument("--link-gbps", type=float, default=None, metavar="G",
                    help="pace every socket link to G Gb/s, so one machine behaves like ranks on slower links")
     p.add_argument("--link-latency-us", type=float, default=None, metavar="U",
@@ -202,6 +216,16 @@ class Plan:
     lock: int | None               # holds --checkpoint-dir while open (see claim_checkpoint_dir)
 
 
+def check_grid_flags(args: argparse.Namespace) -> None:
+    """--dp and --zero against each other and the device: before the
+    trainer loads (so --device cuda is refused where no GPU is), and again
+    once --device auto has become the device it names."""
+    if args.zero and args.dp == 1:
+        raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
+    if args.zero == 3 and args.device not in ("cpu", "auto"):
+        raise UsageError(f"--zero 3 runs on the CPU trainer only (--device cpu, not --device {args.device})")
+
+
 def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     """Everything the run will need, checked before step 1; with claim, the
     checkpoint directory locked for this process (rank 0 and the launcher)."""
@@ -213,13 +237,8 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     if args.seq_len < 1 or args.seq_len > config["max_seq_len"]:
         raise UsageError(f"--seq-len {args.seq_len}: must be between 1 and the model's context "
                          f"({config['max_seq_len']})")
+    check_grid_flags(args)
     S, D, m = args.stages, args.dp, args.micro_batches
-    if D < 1:
-        raise UsageError(f"--dp {D}: needs at least one replica")
-    if args.zero and D == 1:
-        raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
-    if args.zero == 3 and args.device != "cpu":
-        raise UsageError(f"--zero 3 runs on the CPU trainer only (--device cpu, not --device {args.device})")
     if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
                          + (f"--dp {D} replicas x " if D > 1 else "") + f"--micro-batches {m}")
@@ -315,8 +334,24 @@ def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> 
         return make_grid_plan(args, config)
     blob = os.environ.get("GPT_PLAN", "").encode()
     if not blob:
-        blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"")
+        blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"",
+                             plan_bytes_bound(args, config, ctx.world))
     return grid_plan_from_json(blob, ctx.world)
+
+
+def plan_bytes_bound(args: argparse.Namespace, config: dict, world: int) -> int:
+    """The most bytes a grid plan's JSON can take, from what every rank
+    knows (the flags, the model, the partition): a stage of n layers lists at
+    most (m + VAL_BATCHES) x (c + 4) ops in its three lists, c = 3 compute
+    ops per micro-batch, or 7n under --zero 3 (its three a layer at a time,
+    an ALLGATHER and a FREE for two of them), 4 messages, and 3(n + 2) bucket
+    ops more; an op is "[kind, mb, part], " with mb at most 4 digits and part
+    at most L's; the rest of a rank's fields fit 64 bytes."""
+    L = config["num_layers"]
+    bounds = pipeline.partition(config, args.stages, args.seq_len)
+    ops = [(args.micro_batches + VAL_BATCHES) * ((7 * (hi - lo) if args.zero == 3 else 3) + 4) + 3 * (hi - lo + 2)
+           for lo, hi in bounds]
+    return 1024 + (world // args.stages) * sum(64 + n * (16 + len(str(L))) for n in ops)
 
 
 def as_triples(lists: list) -> list:
@@ -433,7 +468,11 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, g
     if use_nccl(args, gpt, ctx.world):
         # one id for the pipelines' sends, then one per stage for its replicas' collectives
         count = 1 + (ctx.stages if ctx.replicas > 1 else 0)
-        ids = ctx.broadcast(b"".join(gpt.nccl_unique_id() for _ in range(count)) if r == 0 else b"")
+        ids = ctx.broadcast(b"".join(gpt.nccl_unique_id() for _ in range(count)) if r == 0 else b"",
+                            count * NCCL_ID_BYTES)
+        if len(ids) != count * NCCL_ID_BYTES:
+            raise pipeline.ProtocolError(f"rank {r}: rank 0 sent {len(ids)} bytes of NCCL ids, expected "
+                                         f"{count} x {NCCL_ID_BYTES}")
         size = len(ids) // count
         model.set_nccl(ids[:size], ctx.world, r)
         if ctx.replicas > 1:
@@ -462,7 +501,7 @@ def use_nccl(args: argparse.Namespace, gpt, ranks: int) -> bool:
     return own_gpu
 
 
-def gather_params(stage: Stage) -> dict | None:
+def gather_params(stage: Stage, config: dict, bounds: list) -> dict | None:
     """The whole model's parameters on rank 0 (None elsewhere), to sample from."""
     params = stage.model.params()
     if stage.ctx.world == 1:
@@ -470,7 +509,9 @@ def gather_params(stage: Stage) -> dict | None:
     head = json.dumps([[k, list(v.shape)] for k, v in params.items()]).encode()
     blob = len(head).to_bytes(4, "little") + head + b"".join(v.tobytes() for v in params.values())
     # replica 0's stages hold the whole model (every replica has it after a step)
-    blobs = stage.ctx.gather_blobs(blob if stage.ctx.replica == 0 else b"")
+    # the bound: the largest stage's fp32 parameters and a JSON header of its tensors' names and shapes
+    most = max(stage_params(dict(config, tied=True), lo, hi) for lo, hi in bounds)
+    blobs = stage.ctx.gather_blobs(blob if stage.ctx.replica == 0 else b"", 4 * most + pipeline.MAX_SMALL)
     if blobs is None:
         return None
     parts: dict[str, list[np.ndarray]] = {}
@@ -554,14 +595,14 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
                 if args.keep_checkpoints:
                     gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
-    if S > 1 and timeline and grid.zero != 3:  # zero 3's per-layer lists are not the simulator's
-        report_pipeline(args, stage, grid, timeline, say)
+    if S > 1 and timeline:
+        report_pipeline(args, stage, grid, cfg, timeline, say)
     if ctx.world > 1:
         report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
         if grid.zero == 3:  # the whole parameters, gathered once on every rank, as --zero 1 keeps them
             model.unshard_params()
-        params = gather_params(stage)
+        params = gather_params(stage, cfg, grid.bounds)
         if params is not None:
             whole = model if ctx.world == 1 else gpt.Model(cfg, 0, L, 1, T, 1)
             if ctx.world > 1:
@@ -586,65 +627,105 @@ def monotonic_clock_id() -> str:
         return socket.gethostname()
 
 
-def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, timeline: list, say) -> None:
+def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, config: dict, timeline: list,
+                    say) -> None:
+    """The bubble every rank of the grid measured (the grid's, and each
+    replica's share of it) next to the simulator's for the measured op
+    costs, and with --trace every rank's op times as a Chrome trace: a
+    process per replica, a thread per stage."""
     mine = json.dumps({"clock": monotonic_clock_id(), "times": [t.tolist() for t in timeline]}).encode()
-    blobs = stage.ctx.gather_blobs(mine)
+    # the bound: every rank ran the same steps of at most this many ops, and an op's "[start, end], " is
+    # at most 64 characters (a float's repr is at most 24); the clock id is a boot id or a host name
+    most = max(map(len, grid.train_ops))
+    blobs = stage.ctx.gather_blobs(mine, 512 + len(timeline) * most * 64)
     if blobs is None:
         return
-    S = grid.stages
-    reports = [json.loads(b) for b in blobs[:S]]
+    S, D, world = grid.stages, grid.replicas, grid.stages * grid.replicas
+    reports = [json.loads(b) for b in blobs]
     if len({rep["clock"] for rep in reports}) > 1:
         # op times are CLOCK_MONOTONIC seconds (gpt.h), which count from each machine's boot: comparing
         # them across machines would make up a bubble, so across machines nothing is reported
-        say("bubble and trace: not reported: the stages run on different machines, whose monotonic clocks "
+        say("bubble and trace: not reported: the ranks run on different machines, whose monotonic clocks "
             "cannot be compared")
         return
-    # replica 0's pipeline, without the collectives that follow its backward
-    ranks_ops = [[pipeline.Op(*op) for op in grid.train_ops[r] if op[0] not in pipeline.COLLECTIVES]
-                 for r in range(S)]
-    times = [[step[:len(ranks_ops[r])] for step in rep["times"]]  # [rank][step][op] = [start, end]
-             for r, rep in enumerate(reports)]
+    ranks_ops = [[pipeline.Op(*op) for op in ops] for ops in grid.train_ops]
+    buckets = [hi - lo + 1 for lo, hi in grid.bounds]
+    pairs = pipeline.validate_grid(ranks_ops, S, args.micro_batches, buckets=buckets, zero=grid.zero).pairs
+    times = [rep["times"] for rep in reports]  # [rank][step][op] = [start, end]
     steps = range(1 if len(timeline) > 1 else 0, len(timeline))  # the first step warms up
-    pairs = pipeline.pair_messages(ranks_ops)
-    bubbles, costs, transfers = [], [[[], [], []] for _ in range(S)], []
+    # per rank and compute kind, an op's mean time, per layer under --zero 3 (part -1: the whole stage)
+    costs = [{} for _ in range(world)]
+    bubbles, transfers = [], []
+    collectives = [[[] for _ in range(n)] for n in (buckets[r % S] for r in range(world))]  # [rank][bucket]
     for k in steps:
         # the step as the simulator sees it: from when the last rank starts it (before that, a rank that
         # finished its optimizer early is waiting for the others, which is not the pipeline's bubble)
-        t0, t1 = max(t[k][0][0] for t in times), max(t[k][-1][1] for t in times)
-        busy = 0.0
-        for r in range(S):
+        t0 = max(t[k][0][0] for t in times)
+        t1 = max(end for t in times for _, end in t[k])
+        busy = [0.0] * D
+        for r in range(world):
             for i, (op, (a, b)) in enumerate(zip(ranks_ops[r], times[r][k])):
                 if op.kind in pipeline.COMPUTE:
-                    busy += max(0.0, min(b, t1) - max(a, t0))
-                    costs[r][op.kind].append(b - a)
-                else:  # a transfer starts once both sides have posted it; before that it is waiting
-                    q, j = pairs[r, i]
-                    transfers.append(b - max(a, times[q][k][j][0]))
-        bubbles.append(1.0 - busy / (S * (t1 - t0)))
-    mean = [[float(np.mean(c)) if c else 0.0 for c in per] for per in costs]
+                    busy[r // S] += max(0.0, min(b, t1) - max(a, t0))
+                    costs[r].setdefault((op.kind, op.part), []).append(b - a)
+                elif op.kind == pipeline.FREE or grid.zero == 3 and op.kind in pipeline.COLLECTIVES:
+                    continue  # --zero 3's collectives run on the comm thread: the op's time is its queueing
+                else:  # a transfer starts once every side has posted it; before that it is waiting
+                    waited = max([a] + [times[q][k][j][0] for q, j in pipeline.partners(pairs, r, i)])
+                    (collectives[r][op.part] if op.kind in pipeline.COLLECTIVES else transfers).append(b - waited)
+        bubbles.append([1.0 - busy[d] / (S * (t1 - t0)) for d in range(D)])
     comm = float(np.median(transfers)) if transfers else 0.0
+    # a bucket's collective, per rank: the mean of its measured times (zero 3's: none)
+    collective = [[float(np.mean(c)) if c else 0.0 for c in per] for per in collectives]
 
-    def bubble(comm: float) -> float:
-        return pipeline.simulate(ranks_ops, pipeline.Costs(f=[c[0] for c in mean], b=[c[1] for c in mean],
-                                                           w=[c[2] for c in mean], comm=comm)).bubble_fraction
+    def stage_cost(r: int, kind: int) -> float:  # a whole stage's: the sum of its layers' under --zero 3
+        return sum(float(np.mean(c)) for (kd, _), c in costs[r].items() if kd == kind)
+    shares = pipeline.layer_shares(config, [tuple(b) for b in grid.bounds], args.seq_len)
 
-    say(f"bubble: measured {np.mean(bubbles):.1%}, simulator {bubble(comm):.1%} for the measured op costs and "
-        f"transfer time ({comm * 1e3:.1f} ms, the median), {bubble(0.0):.1%} with free transfers")
+    def bubble(comm: float, collective: list | float) -> float:
+        model = pipeline.Costs(f=[stage_cost(r, pipeline.FWD) for r in range(world)],
+                               b=[stage_cost(r, pipeline.BWD_INPUT) for r in range(world)],
+                               w=[stage_cost(r, pipeline.BWD_WEIGHT) for r in range(world)], comm=comm,
+                               collective=collective, shares=[shares[r % S] for r in range(world)])
+        return pipeline.validate_grid(ranks_ops, S, args.micro_batches, buckets=buckets, zero=grid.zero,
+                                      costs=model).timeline.bubble_fraction
+
+    per_replica = np.mean(bubbles, axis=0)
+    replicas = f" (replicas: {', '.join(f'{b:.1%}' for b in per_replica)})" if D > 1 else ""
+    timed = f"transfer time ({comm * 1e3:.1f} ms, the median)"
+    if D > 1 and grid.zero != 3:
+        timed += f" and collective times (mean {np.mean([c for per in collective for c in per]) * 1e3:.1f} ms)"
+    elif D > 1:  # the comm thread's collectives leave no time of their own in the op times
+        timed += " and free collectives (the comm thread's are not timed)"
+    say(f"bubble: measured {np.mean(per_replica):.1%}{replicas}, simulator {bubble(comm, collective):.1%} for the "
+        f"measured op costs and {timed}, {bubble(0.0, 0.0):.1%} with free transfers")
     if args.trace:
-        t0 = min(t[0][0][0] for t in times)
-        events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{args.schedule} x{S}"}}]
-        for r in range(S):
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}})
-            for k, step_times in enumerate(times[r]):
-                for op, (a, b) in zip(ranks_ops[r], step_times):
-                    events.append({"name": pipeline.label(op), "cat": pipeline.NAMES[op.kind], "ph": "X",
-                                   "pid": 0, "tid": r, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
-                                   "args": {"step": k + 1, "micro_batch": op.mb}})
-        tmp = f"{args.trace}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-        os.replace(tmp, args.trace)
+        write_trace(args.trace, args.schedule, grid, ranks_ops, times)
         say(f"trace: {args.trace}")
+
+
+def write_trace(path: str, schedule: str, grid: GridPlan, ranks_ops: list, times: list) -> None:
+    """Every rank's op times as a Chrome trace: process d is replica d,
+    thread s its stage s (rank d*S + s), time from the first op's start."""
+    S = grid.stages
+    t0 = min(t[0][0][0] for t in times)
+    events = []
+    for r, (ops, rank_times) in enumerate(zip(ranks_ops, times)):
+        stage, replica = r % S, r // S
+        if stage == 0:
+            events.append({"name": "process_name", "ph": "M", "pid": replica,
+                           "args": {"name": f"replica {replica}: {schedule} x{S}"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": replica, "tid": stage,
+                       "args": {"name": f"stage {stage} (rank {r})"}})
+        for k, step_times in enumerate(rank_times):
+            for op, (a, b) in zip(ops, step_times):
+                events.append({"name": pipeline.label(op), "cat": pipeline.NAMES[op.kind], "ph": "X",
+                               "pid": replica, "tid": stage, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
+                               "args": {"step": k + 1, "micro_batch": op.mb, "rank": r}})
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    os.replace(tmp, path)
 
 
 def report_traffic(stage: Stage, steps: int, say) -> None:
@@ -659,7 +740,8 @@ def report_traffic(stage: Stage, steps: int, say) -> None:
     moved = stage.model.bytes_moved()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     memory = stage.model.memory_bytes()
-    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib, "memory": memory}).encode())
+    blobs = stage.ctx.gather_blobs(json.dumps({"moved": moved, "peak_mib": peak_mib, "memory": memory}).encode(),
+                                   pipeline.MAX_SMALL)  # a few named counts
     if blobs is None or steps < 1:
         return
     S = stage.ctx.stages
@@ -690,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     stages_given = args.stages is not None
     ctx, errors = None, (UsageError,)
     try:
+        check_grid_flags(args)
         gpt = load_trainer(args)
         errors = (gpt.GPTError, ValueError, OSError, TrainingError)
         env = pipeline.env_from(os.environ)

@@ -359,12 +359,32 @@ def test_bytes_moved_match_the_formulas(data_dir, tmp_path, zero):
     (["--dp", "3"], ["--batch-size 4", "--dp 3"]),
     (["--zero", "1"], ["--zero 1", "--dp 2"]),
     (["--zero", "3"], ["--zero 3", "--dp 2"]),
+    # refused before the trainer loads, so on a machine without a GPU too
+    (["--zero", "3", "--dp", "2", "--device", "cuda"], ["--zero 3 runs on the CPU trainer only", "--device cuda"]),
 ])
 def test_bad_grid_flags(data_dir, flags, words):
     r = run_train("--data-dir", data_dir, *FLAGS, "--steps", "1", *flags)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and all(w in last for w in words), r.stderr
+
+
+@pytest.mark.parametrize("model,S,D,m,zero", [("tiny", 1, 2, 1, 3), ("tiny", 2, 2, 4, 3), ("tiny", 4, 3, 2, 1),
+                                              ("d12", 4, 8, 8, 0), ("d12", 1, 4, 16, 3), ("d12", 12, 1, 24, 0)])
+def test_plan_fits_the_bound_its_receivers_set(model, S, D, m, zero):
+    """Under an outside launcher rank 0 broadcasts the grid plan's JSON and
+    the others refuse more than plan_bytes_bound: every real plan must fit,
+    and the bound must not be so loose that it bounds nothing."""
+    import argparse
+    from dataclasses import asdict
+    import json
+    import train
+    config = gpt.config_from_name(model)
+    args = argparse.Namespace(stages=S, dp=D, micro_batches=m, seq_len=64, schedule="zb-h1" if S > 1 else "1f1b",
+                              zero=zero)
+    size = len(json.dumps(asdict(train.make_grid_plan(args, config))).encode())
+    bound = train.plan_bytes_bound(args, config, S * D)
+    assert size <= bound < 20 * size + 4096, (size, bound)
 
 
 def test_world_size_must_be_stages_times_dp(data_dir):

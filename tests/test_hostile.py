@@ -5,6 +5,7 @@ runs under ASan and UBSan (build/train_gpt_asan), so a read out of bounds
 would fail the test rather than pass unseen."""
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -315,6 +316,22 @@ def test_non_finite_loss_stops_the_run_unpublished(tmp_path):
 ])
 def test_resource_flags_are_bounded(data_dir, flags, words):
     assert_fails(run_train(*data_flags(data_dir), *flags), *words)
+
+
+def test_help_states_each_default_once(capsys):
+    """-h appends argparse's "(default: X)" only where the help does not say
+    its default itself and X is what the run starts from (None means "per
+    device" or "off", which the help words say)."""
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    flags = re.split(r" (?=--[a-z])", text[text.index("--device"):])
+    assert len(flags) > 30
+    for flag in flags:
+        assert flag.count("default") <= 1 and "(default: None)" not in flag and "(default: False)" not in flag, flag
+    assert any(f.startswith("--steps") and "(default: 300)" in f for f in flags)
+    assert any(f.startswith("--model") and "(default: tiny on the CPU, d12 on the GPU)" in f for f in flags)
 
 
 @pytest.mark.parametrize("env,words", [

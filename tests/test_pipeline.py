@@ -111,6 +111,32 @@ def test_trace_is_a_chrome_trace_of_every_rank(data_dir, tmp_path):
     assert 0 < measured < 100 and 0 < free <= with_transfers < 100 and transfer_ms >= 0
 
 
+@pytest.mark.parametrize("zero", [0, 3])
+def test_trace_of_a_2x2_grid_has_every_rank(data_dir, tmp_path, zero):
+    """A 2 x 2 grid's trace: process d is replica d, thread s its stage, and
+    each of the four ranks has one event per op of its list per step (the
+    collectives and, under --zero 3, the per-layer ops and frees too); the
+    bubble is the grid's, with each replica's."""
+    trace = str(tmp_path / "trace.json")
+    r = run_train("--data-dir", data_dir, *FLAGS, "--batch-size", "8", "--steps", "2", "--stages", "2", "--dp", "2",
+                  "--zero", str(zero), "--trace", trace)
+    assert r.returncode == 0, r.stderr
+    events = json.load(open(trace))["traceEvents"]
+    bounds = pipeline.partition(gpt.config_from_name("tiny"), 2, 16)
+    ops = pipeline.grid_schedule("1f1b", 2, 2, 4, [hi - lo + 1 for lo, hi in bounds], zero)[0]
+    for rank in range(4):
+        replica, stage = divmod(rank, 2)
+        mine = [e for e in events if e["ph"] == "X" and (e["pid"], e["tid"]) == (replica, stage)]
+        assert [e["name"] for e in mine] == [pipeline.label(op) for op in ops[rank]] * 2
+        assert all(e["args"]["rank"] == rank and e["dur"] >= 0 and e["ts"] >= 0 for e in mine)
+    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert names[1, 0] == "stage 0 (rank 2)" and names[1, None].startswith("replica 1")
+    m = re.search(r"bubble: measured ([\d.]+)% \(replicas: ([\d.]+)%, ([\d.]+)%\), simulator ([\d.]+)%", r.stdout)
+    assert m, r.stdout
+    grid, first, second, simulated = map(float, m.groups())
+    assert grid == pytest.approx((first + second) / 2, abs=0.1) and 0 < simulated < 100
+
+
 # -----------------------------------------------------------------------------
 # stages in one process, one thread each (stage_run releases the GIL)
 

@@ -199,6 +199,38 @@ def test_communication_time_and_per_rank_costs():
     assert slow_last_forward.busy == 8
 
 
+def test_fsdp_layers_cost_their_share_and_gathers_run_on_the_comm_thread():
+    """1 stage x 2 replicas, --zero 3, one micro-batch, 2 layers, by hand. F
+    costs 4, B 8, W 4 for the stage, layer 0 a quarter of it and layer 1 three
+    quarters; a collective 1. The comm thread gathers the whole tensors [0,1],
+    layer 0 [1,2] and (prefetched) layer 1 [2,3]; F0.0 waits for its gather:
+    [2,3]; F0.1 [3,6]; the backward's gathers, posted at 6, run [6,7] and
+    [7,8]; B0.1 waits for layer 1's: [7,13]; B0.0 [13,15]; W0.1 [15,18], then
+    its reduce-scatter [18,19] beside W0.0 [18,19]; layer 0's [19,20], the
+    whole tensors' [20,21], which ends the step. Busy 16 of 21 per rank."""
+    ranks = P.grid_schedule("1f1b", 1, 2, 1, [3], 3)[0]
+    costs = Costs(f=4, b=8, w=4, collective=1, shares=[[0.25, 0.75]] * 2)
+    t = P.validate_grid(ranks, 1, 1, buckets=[3], zero=3, costs=costs).timeline
+    for row in t.rows:
+        assert [(P.label(s.op), s.start, s.end) for s in row] == [
+            ("AG2", 0, 1), ("AG0", 1, 2), ("AG1", 2, 3), ("F0.0", 2, 3), ("FR0", 3, 3), ("F0.1", 3, 6),
+            ("FR1", 6, 6), ("AG1", 6, 7), ("AG0", 7, 8), ("B0.1", 7, 13), ("FR1", 13, 13), ("B0.0", 13, 15),
+            ("FR0", 15, 15), ("W0.1", 15, 18), ("RS1", 18, 19), ("W0.0", 18, 19), ("RS0", 19, 20),
+            ("RS2", 20, 21), ("FR2", 19, 19)]
+    assert t.step_time == 21 and t.bubble_fraction == pytest.approx(5 / 21)
+    # free collectives and equal shares: the per-layer ops add up to the whole-stage ops, no bubble
+    free = P.validate_grid(ranks, 1, 1, buckets=[3], zero=3, costs=Costs(f=4, b=8, w=4)).timeline
+    assert free.step_time == 16 and free.bubble_fraction == 0
+
+
+def test_layer_shares_put_the_embedding_on_layer_0_and_the_head_on_the_last():
+    cfg = dict(channels=4, padded_vocab_size=64, num_layers=4)
+    embed, layer, head = P.stage_costs(cfg, 8)
+    shares = P.layer_shares(cfg, [(0, 2), (2, 4)], 8)
+    assert shares[0] == pytest.approx([(embed + layer) / (embed + 2 * layer), layer / (embed + 2 * layer)])
+    assert shares[1] == pytest.approx([layer / (2 * layer + head), (layer + head) / (2 * layer + head)])
+
+
 def test_validate_reports_the_unit_cost_timeline():
     ranks = P.schedule("zb-h1", 3, 4)
     assert P.validate(ranks, 4).timeline == P.simulate(ranks, Costs())
