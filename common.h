@@ -231,21 +231,21 @@ static Layout layout_make(GPTConfig cfg, int lo, int hi) {
 }
 
 // What stage_create checks before it allocates anything.
-static int check_stage_args(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
+static int check_stage_args(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers) {
     if (check_config(&cfg, "model config")) return -1;
     if (lo < 0 || hi > cfg.num_layers || lo >= hi)
         return fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
     if (B < 1 || T < 1 || T > cfg.max_seq_len)
         return fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
                     T, cfg.max_seq_len, B);
-    if (slots < 1) return fail("a stage needs at least one activation slot");
+    if (activation_buffers < 1) return fail("a stage needs at least one activation buffer");
     // the kernels index rows with int, and the activations' sizes must not
     // overflow (estimated in double, which cannot wrap)
     double rows = (double)B * T, floats = rows * (hi - lo + 1) * (24.0 * cfg.channels + (double)cfg.num_heads * T) +
                   rows * cfg.padded_vocab_size;
-    if (rows > INT_MAX / 4 || floats * slots > 0x1p56)
+    if (rows > INT_MAX / 4 || floats * activation_buffers > 0x1p56)
         return fail("batch %d x sequence %d: the activations (about %.3g bytes) are past what one stage can hold",
-                    B, T, 4.0 * floats * slots);
+                    B, T, 4.0 * floats * activation_buffers);
     return 0;
 }
 
@@ -947,7 +947,7 @@ static size_t transfer_step(Transfer *transfer, size_t most) {
     size_t n = off < hb ? hb - off : transfer->nbytes - off;
     if (n > most) n = most;
     ssize_t r = transfer->sending ? send(transfer->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-                           : recv(transfer->fd, p, n, MSG_DONTWAIT);
+                                  : recv(transfer->fd, p, n, MSG_DONTWAIT);
     if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
     if (r == 0 && !transfer->sending) return (size_t)-1;
     transfer->done += r;
@@ -1053,7 +1053,7 @@ static int transfers_run(const Links *links, Transfer *transfers, int n) {
             int older = 0;
             for (int j = 0; j < i; j++)
                 older |= transfers[j].fd == transfers[i].fd && transfers[j].sending == transfers[i].sending &&
-                        transfers[j].done < transfers[j].nbytes;
+                         transfers[j].done < transfers[j].nbytes;
             if (older) continue;
             if (transfers[i].sending && link_paced()) {
                 if (!transfers[i].wire) {  // the message starts: its latency, after what the wire still carries
@@ -1295,13 +1295,13 @@ void stage_bytes_moved(const Stage *s, uint64_t sent[NUM_TRAFFIC], uint64_t rece
 
 // ----------------------------------------------------------------------------
 // the executor's bookkeeping, the same for both trainers: which activation
-// slot holds which micro-batch, when it is freed, the micro-batch losses, and
-// each op's start and end
+// buffer holds which micro-batch, when it is freed, the micro-batch losses,
+// and each op's start and end
 
 typedef struct {
     int m;                   // micro-batches in this step: every rank runs one FWD per micro-batch
-    int nslots;              // activation slots the stage has (the validator's peak)
-    int *slot_of, *last_op;  // per micro-batch: its slot (-1: none), the index of its last op
+    int activation_buffers;  // the stage's activation buffers (the validator's peak)
+    int *acts_of, *last_op;  // per micro-batch: its activation buffer (-1: none), the index of its last op
     float *mb_losses;        // per micro-batch mean loss (the last stage)
     int cap;
     double *op_times;        // start and end of each op, CLOCK_MONOTONIC seconds
@@ -1333,11 +1333,11 @@ static int oprun_begin(OpRun *run, const int *ops, int nops, int nl) {
                         i, OP_NAMES[kind], mb, part, run->m, nl, nl);
     }
     if (run->m > run->cap) {
-        free(run->slot_of); free(run->last_op); free(run->mb_losses);
-        run->slot_of = (int *)malloc(run->m * sizeof(int));
+        free(run->acts_of); free(run->last_op); free(run->mb_losses);
+        run->acts_of = (int *)malloc(run->m * sizeof(int));
         run->last_op = (int *)malloc(run->m * sizeof(int));
         run->mb_losses = (float *)malloc(run->m * sizeof(float));
-        run->cap = run->slot_of && run->last_op && run->mb_losses ? run->m : 0;
+        run->cap = run->acts_of && run->last_op && run->mb_losses ? run->m : 0;
         if (!run->cap) return fail("out of memory for the op list's bookkeeping");
     }
     if (nops > run->op_times_cap) {
@@ -1346,34 +1346,35 @@ static int oprun_begin(OpRun *run, const int *ops, int nops, int nl) {
         run->op_times_cap = run->op_times ? nops : 0;
         if (!run->op_times) return fail("out of memory for the op times");
     }
-    for (int i = 0; i < run->m; i++) { run->slot_of[i] = -1; run->mb_losses[i] = 0.0f; }
-    // a micro-batch holds its slot from its first op to its last, as the
-    // validator counts it
+    for (int i = 0; i < run->m; i++) { run->acts_of[i] = -1; run->mb_losses[i] = 0.0f; }
+    // a micro-batch holds its activation buffer from its first op to its
+    // last, as the validator counts it
     for (int i = 0; i < nops; i++)
         if (!is_bucket_op(ops[OP_INTS * i])) run->last_op[ops[OP_INTS * i + 1]] = i;
     return 0;
 }
 
-// The slot of micro-batch mb, taking a free one on its first op; -1 when all are held.
-static int oprun_slot(OpRun *run, int mb, int lo, int hi) {
-    if (run->slot_of[mb] >= 0) return run->slot_of[mb];
-    for (int i = 0; i < run->nslots; i++) {
+// The activation buffer of micro-batch mb (its index), taking a free one on
+// its first op; -1 when all are held.
+static int oprun_acts_of(OpRun *run, int mb, int lo, int hi) {
+    if (run->acts_of[mb] >= 0) return run->acts_of[mb];
+    for (int i = 0; i < run->activation_buffers; i++) {
         int used = 0;
-        for (int j = 0; j < run->m; j++) used |= run->slot_of[j] == i;
-        if (!used) return run->slot_of[mb] = i;
+        for (int j = 0; j < run->m; j++) used |= run->acts_of[j] == i;
+        if (!used) return run->acts_of[mb] = i;
     }
-    return fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
-                "(the schedule holds more than the validator's peak)", lo, hi, mb, run->nslots);
+    return fail("stage [%d,%d): micro-batch %d needs an activation buffer but all %d are held "
+                "(the schedule holds more than the validator's peak)", lo, hi, mb, run->activation_buffers);
 }
 
-// Ops [i, i+n) ran from t0 to t1: record that, and free the slots of the
-// micro-batches whose last op this was.
+// Ops [i, i+n) ran from t0 to t1: record that, and free the activation
+// buffers of the micro-batches whose last op this was.
 static void oprun_done(OpRun *run, const int *ops, int i, int n, double t0, double t1) {
     for (int k = i; k < i + n; k++) {
         run->op_times[2 * k] = t0;
         run->op_times[2 * k + 1] = t1;
         const int *op = ops + OP_INTS * k;
-        if (!is_bucket_op(op[0]) && run->last_op[op[1]] == k) run->slot_of[op[1]] = -1;
+        if (!is_bucket_op(op[0]) && run->last_op[op[1]] == k) run->acts_of[op[1]] = -1;
     }
 }
 
@@ -1385,7 +1386,7 @@ static float oprun_loss_sum(const OpRun *run) {
 }
 
 static void oprun_free(OpRun *run) {
-    free(run->slot_of); free(run->last_op); free(run->mb_losses); free(run->op_times);
+    free(run->acts_of); free(run->last_op); free(run->mb_losses); free(run->op_times);
 }
 
 // ----------------------------------------------------------------------------
@@ -1396,19 +1397,20 @@ static void oprun_free(OpRun *run) {
 typedef struct {
     // readies a step of m micro-batches (training with m > 0: zero the gradients)
     int (*begin)(void *stage, int m, int training);
-    // FWD of micro-batch mb into activation slot `slot`, of the whole stage
-    // (part -1) or its layer `part`: its (B,T) tokens on the first and the
-    // last stage (NULL elsewhere); the last stage records the micro-batch's
-    // mean loss, in the OpRun's mb_losses[mb] by the time end returns; dloss is
-    // d(loss)/d(each token's loss) for a trainer that fuses it in
-    int (*forward)(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
+    // FWD of micro-batch mb into activation buffer `acts_index`, of the whole
+    // stage (part -1) or its layer `part`: its (B,T) tokens on the first and
+    // the last stage (NULL elsewhere); the last stage records the micro-batch's
+    // mean loss, in the OpRun's mb_losses[mb] by the time end returns; dloss
+    // is d(loss)/d(each token's loss) for a trainer that fuses it in
+    int (*forward)(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets, float dloss,
                    int training);
-    int (*backward_input)(void *stage, int slot, int part, float dloss);
-    int (*backward_weight)(void *stage, int slot, int part);
-    // the slot's four message buffers, indexed by kind - OP_SEND_ACT: the
-    // stage's output (SEND_ACT), its input (RECV_ACT), d(input) (SEND_GRAD),
-    // d(output) (RECV_GRAD); in the trainer's memory (the GPU's for CUDA)
-    void (*message_buffers)(void *stage, int slot, void *bufs[4]);
+    int (*backward_input)(void *stage, int acts_index, int part, float dloss);
+    int (*backward_weight)(void *stage, int acts_index, int part);
+    // the four message buffers of an activation buffer, indexed by kind -
+    // OP_SEND_ACT: the stage's output (SEND_ACT), its input (RECV_ACT),
+    // d(input) (SEND_GRAD), d(output) (RECV_GRAD); in the trainer's memory
+    // (the GPU's for CUDA)
+    void (*message_buffers)(void *stage, int acts_index, void *bufs[4]);
     // moves a group of n sends/receives, bufs[i] the buffer of op i
     int (*exchange)(void *stage, const int *ops, int n, void *const *bufs);
     // a data-parallel collective, or FREE, of a bucket
@@ -1446,25 +1448,25 @@ static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const L
             void *bufs[MAX_GROUP];
             for (int k = 0; k < n; k++) {
                 void *mine[4];
-                int slot = oprun_slot(run, ops[OP_INTS * (i + k) + 1], layout->lo, layout->hi);
-                if (slot < 0) return -1;
-                hooks->message_buffers(stage, slot, mine);
+                int acts_index = oprun_acts_of(run, ops[OP_INTS * (i + k) + 1], layout->lo, layout->hi);
+                if (acts_index < 0) return -1;
+                hooks->message_buffers(stage, acts_index, mine);
                 bufs[k] = mine[ops[OP_INTS * (i + k)] - OP_SEND_ACT];
             }
             if (hooks->exchange(stage, ops + OP_INTS * i, n, bufs)) return -1;
         } else if (is_bucket_op(kind)) {
             if (hooks->collective(stage, kind, part, training)) return -1;
         } else {
-            int slot = oprun_slot(run, mb, layout->lo, layout->hi);
-            if (slot < 0) return -1;
+            int acts_index = oprun_acts_of(run, mb, layout->lo, layout->hi);
+            if (acts_index < 0) return -1;
             if (kind == OP_FWD) {
-                if (hooks->forward(stage, slot, mb, part, layout->first ? inputs + mb * BT : NULL,
-                               layout->last ? targets + mb * BT : NULL, dloss, training))
+                if (hooks->forward(stage, acts_index, mb, part, layout->first ? inputs + mb * BT : NULL,
+                                   layout->last ? targets + mb * BT : NULL, dloss, training))
                     return -1;
             } else if (!training) {
                 return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
-            } else if (kind == OP_BWD_INPUT ? hooks->backward_input(stage, slot, part, dloss)
-                                            : hooks->backward_weight(stage, slot, part)) {
+            } else if (kind == OP_BWD_INPUT ? hooks->backward_input(stage, acts_index, part, dloss)
+                                            : hooks->backward_weight(stage, acts_index, part)) {
                 return -1;
             }
         }
@@ -1657,7 +1659,7 @@ static int parse_flags(TrainFlags *flags, int argc, char **argv) {
 // (gpt.h; in the order train_main calls it), and two calls of its own.
 typedef struct {
     const char *name;  // the binary, for the usage line
-    Stage *(*create)(GPTConfig cfg, int lo, int hi, int B, int T, int slots);
+    Stage *(*create)(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers);
     int (*load)(Stage *s, const char *path);
     void (*init)(Stage *s, uint64_t seed);
     int (*read_checkpoint)(Stage *s, const char *dir, int64_t step, TrainState *ts);

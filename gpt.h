@@ -75,9 +75,9 @@ enum { OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT,
 // Every stage function takes its Stage as `s`, as a Python method takes `self`.
 typedef struct Stage Stage;
 
-// B,T: micro-batch shape; slots: micro-batches whose activations are held at
-// once (the validator's peak for this rank's schedule).
-Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots);
+// B,T: micro-batch shape; activation_buffers: micro-batches whose activations
+// are held at once (the validator's peak for this rank's schedule).
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers);
 void stage_free(Stage *s);
 // Parameters drawn from seed; each (tensor, layer) has its own stream, so any
 // partition into stages draws the same weights.

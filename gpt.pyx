@@ -34,7 +34,7 @@ cdef extern from "gpt.h":
     int gpt_config_from_name(const char *name, GPTConfig *cfg)
     int gpt_read_config(const char *path, GPTConfig *cfg)
     size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers)
-    Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots)
+    Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers)
     void stage_free(Stage *s)
     void stage_init(Stage *s, uint64_t seed)
     int stage_load(Stage *s, const char *path)
@@ -186,15 +186,16 @@ cdef class Model:
     """One pipeline stage: layers [lo, hi) of the GPT-2 described by config."""
     cdef Stage *s
     cdef readonly dict config
-    cdef readonly int lo, hi, B, T, slots, last_nops
+    cdef readonly int lo, hi, B, T, activation_buffers, last_nops
     cdef double[:] parts
 
-    def __cinit__(self, dict config, int lo, int hi, int B, int T, int slots=1):
+    def __cinit__(self, dict config, int lo, int hi, int B, int T, int activation_buffers=1):
         cdef GPTConfig cfg = config
-        self.s = stage_create(cfg, lo, hi, B, T, slots)
+        self.s = stage_create(cfg, lo, hi, B, T, activation_buffers)
         if self.s == NULL:
             raise GPTError(gpt_last_error().decode())
-        self.config, self.lo, self.hi, self.B, self.T, self.slots = dict(config), lo, hi, B, T, slots
+        self.config, self.lo, self.hi, self.B, self.T = dict(config), lo, hi, B, T
+        self.activation_buffers = activation_buffers
         self.parts = np.zeros(NUM_PARAM_TENSORS * cfg.num_layers)
 
     def __dealloc__(self):

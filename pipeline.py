@@ -216,7 +216,7 @@ def forward_only(stages: int, micro: int) -> list[list[Op]]:
 
 @dataclass
 class ValidationResult:
-    peak_held: list[int]  # per rank: activation slots the executor must allocate
+    peak_held: list[int]  # per rank: activation buffers the executor must allocate
     timeline: "Timeline"  # the schedule played with unit costs: the order ops run in
     # per rank, --zero 3: layer buckets whose whole parameters (gathered) and
     # whole gradients are held at once, the buffers the executor allocates

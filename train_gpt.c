@@ -462,7 +462,7 @@ typedef struct {
     float *dln1, *dqkv, *dres2, *dln2, *dfch;
     float *dlnf;
     float *memory;
-} Slot;
+} Activations;
 
 // Equal buffers handed out and given back (--zero 3's layer buckets): count
 // of them, elems floats each, in one allocation.
@@ -513,11 +513,11 @@ struct Stage {
     float *params, *grads;             // stage layout (common.h)
     float *m, *v;                      // AdamW's moments: this rank's shard (optimizer_shard)
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
-    Slot *slots;
+    Activations *acts;                 // activation buffers: one per micro-batch in flight
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
-    size_t opt_elems, slot_elems;      // floats in m (and in v), in one activation slot
+    size_t opt_elems, acts_elems;      // floats in m (and in v), in one activation buffer
     // --zero 3 (FSDP): while `sharded`, params and grads above are this
     // rank's shards, packed like m and v, and a step's whole parameters and
     // gradients live in buffers, a bucket at a time (see the executor)
@@ -651,42 +651,42 @@ float *stage_wte_embed_grad(Stage *s, size_t *n) {
 }
 const double *stage_op_times(const Stage *s) { return s->run.op_times; }
 
-static int slot_alloc(Stage *s, Slot *a) {
+static int activations_alloc(Stage *s, Activations *acts) {
     size_t B = s->B, T = s->T, C = s->layout.cfg.channels, NH = s->layout.cfg.num_heads, nl = s->layout.nl;
     size_t BT = B * T, Vp = s->layout.cfg.padded_vocab_size;
     size_t last = s->layout.last;
     struct { float **p; size_t n; } bufs[] = {
-        {&a->x0, BT * C},
-        {&a->ln1, nl * BT * C}, {&a->ln1_mean, nl * BT}, {&a->ln1_rstd, nl * BT},
-        {&a->qkv, nl * BT * 3 * C}, {&a->att, nl * B * NH * T * T},
-        {&a->atty, nl * BT * C}, {&a->res2, nl * BT * C},
-        {&a->ln2, nl * BT * C}, {&a->ln2_mean, nl * BT}, {&a->ln2_rstd, nl * BT},
-        {&a->fch, nl * BT * 4 * C}, {&a->fch_gelu, nl * BT * 4 * C}, {&a->res3, nl * BT * C},
-        {&a->lnf, last * BT * C}, {&a->lnf_mean, last * BT}, {&a->lnf_rstd, last * BT},
-        {&a->probs, last * BT * Vp}, {&a->losses, last * BT},
-        {&a->dresid, (nl + 1) * BT * C}, {&a->dln1, nl * BT * C}, {&a->dqkv, nl * BT * 3 * C},
-        {&a->dres2, nl * BT * C}, {&a->dln2, nl * BT * C}, {&a->dfch, nl * BT * 4 * C},
-        {&a->dlnf, last * BT * C},
+        {&acts->x0, BT * C},
+        {&acts->ln1, nl * BT * C}, {&acts->ln1_mean, nl * BT}, {&acts->ln1_rstd, nl * BT},
+        {&acts->qkv, nl * BT * 3 * C}, {&acts->att, nl * B * NH * T * T},
+        {&acts->atty, nl * BT * C}, {&acts->res2, nl * BT * C},
+        {&acts->ln2, nl * BT * C}, {&acts->ln2_mean, nl * BT}, {&acts->ln2_rstd, nl * BT},
+        {&acts->fch, nl * BT * 4 * C}, {&acts->fch_gelu, nl * BT * 4 * C}, {&acts->res3, nl * BT * C},
+        {&acts->lnf, last * BT * C}, {&acts->lnf_mean, last * BT}, {&acts->lnf_rstd, last * BT},
+        {&acts->probs, last * BT * Vp}, {&acts->losses, last * BT},
+        {&acts->dresid, (nl + 1) * BT * C}, {&acts->dln1, nl * BT * C}, {&acts->dqkv, nl * BT * 3 * C},
+        {&acts->dres2, nl * BT * C}, {&acts->dln2, nl * BT * C}, {&acts->dfch, nl * BT * 4 * C},
+        {&acts->dlnf, last * BT * C},
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) total += bufs[i].n;
-    s->slot_elems = total;
-    a->memory = calloc_or_fail(total, sizeof(float), "the activations of one micro-batch");
-    a->inputs = calloc_or_fail(BT, sizeof(int), "a micro-batch's inputs");
-    a->targets = calloc_or_fail(BT, sizeof(int), "a micro-batch's targets");
-    if (!a->memory || !a->inputs || !a->targets) return -1;
-    float *p = a->memory;
+    s->acts_elems = total;
+    acts->memory = calloc_or_fail(total, sizeof(float), "the activations of one micro-batch");
+    acts->inputs = calloc_or_fail(BT, sizeof(int), "a micro-batch's inputs");
+    acts->targets = calloc_or_fail(BT, sizeof(int), "a micro-batch's targets");
+    if (!acts->memory || !acts->inputs || !acts->targets) return -1;
+    float *p = acts->memory;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { *bufs[i].p = p; p += bufs[i].n; }
     return 0;
 }
 
-Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers) {
+    if (check_stage_args(cfg, lo, hi, B, T, activation_buffers)) return NULL;
     if (asm_sgemm_error()) { fail("%s", asm_sgemm_error()); return NULL; }
     Stage *s = calloc_or_fail(1, sizeof(Stage), "the stage");
     if (!s) return NULL;
     s->layout = layout_make(cfg, lo, hi);
-    s->B = B; s->T = T; s->run.nslots = slots;
+    s->B = B; s->T = T; s->run.activation_buffers = activation_buffers;
     s->base.links = links_make(lo, hi);
     size_t P = s->layout.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
@@ -695,26 +695,26 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     s->m = calloc_or_fail(P, sizeof(float), "AdamW's m");
     s->v = calloc_or_fail(P, sizeof(float), "AdamW's v");
     s->dwte_embed =
-            s->layout.first ? calloc_or_fail(s->layout.sizes[P_WTE], sizeof(float), "d(wte) of the embedding") : NULL;
+        s->layout.first ? calloc_or_fail(s->layout.sizes[P_WTE], sizeof(float), "d(wte) of the embedding") : NULL;
     s->scratch_c = calloc_or_fail(BTC, sizeof(float), "the (B,T,C) scratch");
     s->scratch_4c = calloc_or_fail(4 * BTC, sizeof(float), "the (B,T,4C) scratch");
-    s->slots = calloc_or_fail(slots, sizeof(Slot), "the activation slots");
+    s->acts = calloc_or_fail(activation_buffers, sizeof(Activations), "the activation buffers");
     if (!s->params || !s->grads || !s->m || !s->v || (s->layout.first && !s->dwte_embed) ||
-        !s->scratch_c || !s->scratch_4c || !s->slots) {
+        !s->scratch_c || !s->scratch_4c || !s->acts) {
         stage_free(s);
         return NULL;
     }
-    for (int i = 0; i < slots; i++)
-        if (slot_alloc(s, &s->slots[i])) { stage_free(s); return NULL; }
+    for (int i = 0; i < activation_buffers; i++)
+        if (activations_alloc(s, &s->acts[i])) { stage_free(s); return NULL; }
     return s;
 }
 
 void stage_free(Stage *s) {
     if (!s) return;
-    for (int i = 0; s->slots && i < s->run.nslots; i++) {
-        free(s->slots[i].memory); free(s->slots[i].inputs); free(s->slots[i].targets);
+    for (int i = 0; s->acts && i < s->run.activation_buffers; i++) {
+        free(s->acts[i].memory); free(s->acts[i].inputs); free(s->acts[i].targets);
     }
-    free(s->slots);
+    free(s->acts);
     oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
@@ -741,26 +741,26 @@ void stage_init(Stage *s, uint64_t seed) {
 // with the embedding before layer 0 and the final layernorm after the last
 // ([0, nl) is the whole stage, what a whole-stage FWD runs); sampling calls it
 // with B=1 and a shorter T.
-static void stage_forward(Stage *s, Slot *a, int B, int T, int l0, int l1) {
+static void stage_forward(Stage *s, Activations *acts, int B, int T, int l0, int l1) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, NH = cfg->num_heads, N = B * T;
-    size_t BTC = (size_t)s->B * s->T * C;  // per-layer stride in the slot
+    size_t BTC = (size_t)s->B * s->T * C;  // per-layer stride in the activation buffer
     if (s->layout.first && l0 == 0)
-        encoder_forward(a->x0, a->inputs, param_of(s, P_WTE, 0), param_of(s, P_WPE, 0), B, T, C);
+        encoder_forward(acts->x0, acts->inputs, param_of(s, P_WTE, 0), param_of(s, P_WPE, 0), B, T, C);
     for (int l = l0; l < l1; l++) {
-        float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
-        float *ln1 = a->ln1 + l * BTC, *qkv = a->qkv + 3 * l * BTC, *atty = a->atty + l * BTC;
-        float *att = a->att + (size_t)l * s->B * NH * s->T * s->T;
-        float *res2 = a->res2 + l * BTC, *ln2 = a->ln2 + l * BTC;
-        float *fch = a->fch + 4 * l * BTC, *fchg = a->fch_gelu + 4 * l * BTC, *res3 = a->res3 + l * BTC;
+        float *x = l == 0 ? acts->x0 : acts->res3 + (l - 1) * BTC;
+        float *ln1 = acts->ln1 + l * BTC, *qkv = acts->qkv + 3 * l * BTC, *atty = acts->atty + l * BTC;
+        float *att = acts->att + (size_t)l * s->B * NH * s->T * s->T;
+        float *res2 = acts->res2 + l * BTC, *ln2 = acts->ln2 + l * BTC;
+        float *fch = acts->fch + 4 * l * BTC, *fchg = acts->fch_gelu + 4 * l * BTC, *res3 = acts->res3 + l * BTC;
         size_t lN = (size_t)l * s->B * s->T;
-        layernorm_forward(ln1, a->ln1_mean + lN, a->ln1_rstd + lN, x,
+        layernorm_forward(ln1, acts->ln1_mean + lN, acts->ln1_rstd + lN, x,
                           param_of(s, P_LN1W, l), param_of(s, P_LN1B, l), N, C);
         matmul_forward(qkv, ln1, param_of(s, P_QKVW, l), param_of(s, P_QKVB, l), N, C, 3 * C);
         attention_forward(atty, att, qkv, B, T, C, NH);
         matmul_forward(res2, atty, param_of(s, P_ATTPROJW, l), param_of(s, P_ATTPROJB, l), N, C, C);
         residual_add(res2, x, (size_t)N * C);
-        layernorm_forward(ln2, a->ln2_mean + lN, a->ln2_rstd + lN, res2,
+        layernorm_forward(ln2, acts->ln2_mean + lN, acts->ln2_rstd + lN, res2,
                           param_of(s, P_LN2W, l), param_of(s, P_LN2B, l), N, C);
         matmul_forward(fch, ln2, param_of(s, P_FCW, l), param_of(s, P_FCB, l), N, C, 4 * C);
         gelu_forward(fchg, fch, (size_t)N * 4 * C);
@@ -768,89 +768,89 @@ static void stage_forward(Stage *s, Slot *a, int B, int T, int l0, int l1) {
         residual_add(res3, res2, (size_t)N * C);
     }
     if (s->layout.last && l1 == s->layout.nl)
-        layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->res3 + (s->layout.nl - 1) * BTC,
+        layernorm_forward(acts->lnf, acts->lnf_mean, acts->lnf_rstd, acts->res3 + (s->layout.nl - 1) * BTC,
                           param_of(s, P_LNFW, 0), param_of(s, P_LNFB, 0), N, C);
 }
 
-static float *stage_output(Stage *s, Slot *a) {
-    return a->res3 + (size_t)(s->layout.nl - 1) * s->B * s->T * s->layout.cfg.channels;
+static float *stage_output(Stage *s, Activations *acts) {
+    return acts->res3 + (size_t)(s->layout.nl - 1) * s->B * s->T * s->layout.cfg.channels;
 }
 
 // logits, softmax and loss for a full micro-batch (last stage)
-static float stage_loss(Stage *s, Slot *a) {
+static float stage_loss(Stage *s, Activations *acts) {
     int N = s->B * s->T, C = s->layout.cfg.channels, Vp = s->layout.cfg.padded_vocab_size;
-    matmul_forward(a->probs, a->lnf, param_of(s, P_WTE, 0), NULL, N, C, Vp);
-    return crossentropy_forward(a->probs, a->losses, a->targets, N, s->layout.cfg.vocab_size, Vp);
+    matmul_forward(acts->probs, acts->lnf, param_of(s, P_WTE, 0), NULL, N, C, Vp);
+    return crossentropy_forward(acts->probs, acts->losses, acts->targets, N, s->layout.cfg.vocab_size, Vp);
 }
 
 // BWD_INPUT of layers [l0, l1), from the top down: from the loss (last
 // stage, with layer nl-1) or the received d(output) to d(input of layer l0),
 // in dresid[l0] (dresid[0]: d(stage input)), keeping what BWD_WEIGHT will need.
-static void stage_backward_input(Stage *s, Slot *a, float dloss, int l0, int l1) {
+static void stage_backward_input(Stage *s, Activations *acts, float dloss, int l0, int l1) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, NH = cfg->num_heads, B = s->B, T = s->T, N = B * T;
     size_t BTC = (size_t)N * C;
-    float *dtop = a->dresid + s->layout.nl * BTC;
+    float *dtop = acts->dresid + s->layout.nl * BTC;
     if (s->layout.last && l1 == s->layout.nl) {
-        crossentropy_backward(a->probs, a->targets, dloss, N, cfg->padded_vocab_size);
-        matmul_backward_input(a->dlnf, a->probs, param_of(s, P_WTE, 0), N, C, cfg->padded_vocab_size);
+        crossentropy_backward(acts->probs, acts->targets, dloss, N, cfg->padded_vocab_size);
+        matmul_backward_input(acts->dlnf, acts->probs, param_of(s, P_WTE, 0), N, C, cfg->padded_vocab_size);
         memset(dtop, 0, BTC * sizeof(float));
-        layernorm_backward_input(dtop, a->dlnf, stage_output(s, a), param_of(s, P_LNFW, 0),
-                                 a->lnf_mean, a->lnf_rstd, N, C);
+        layernorm_backward_input(dtop, acts->dlnf, stage_output(s, acts), param_of(s, P_LNFW, 0),
+                                 acts->lnf_mean, acts->lnf_rstd, N, C);
     }
     for (int l = l1 - 1; l >= l0; l--) {
-        float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
-        float *dout = a->dresid + (l + 1) * BTC;
-        float *dfch = a->dfch + 4 * l * BTC, *dln2 = a->dln2 + l * BTC, *dres2 = a->dres2 + l * BTC;
-        float *dqkv = a->dqkv + 3 * l * BTC, *dln1 = a->dln1 + l * BTC, *dx = a->dresid + l * BTC;
+        float *x = l == 0 ? acts->x0 : acts->res3 + (l - 1) * BTC;
+        float *dout = acts->dresid + (l + 1) * BTC;
+        float *dfch = acts->dfch + 4 * l * BTC, *dln2 = acts->dln2 + l * BTC, *dres2 = acts->dres2 + l * BTC;
+        float *dqkv = acts->dqkv + 3 * l * BTC, *dln1 = acts->dln1 + l * BTC, *dx = acts->dresid + l * BTC;
         size_t lN = (size_t)l * N;
         matmul_backward_input(s->scratch_4c, dout, param_of(s, P_FCPROJW, l), N, 4 * C, C);
-        gelu_backward(dfch, a->fch + 4 * l * BTC, s->scratch_4c, 4 * BTC);
+        gelu_backward(dfch, acts->fch + 4 * l * BTC, s->scratch_4c, 4 * BTC);
         matmul_backward_input(dln2, dfch, param_of(s, P_FCW, l), N, C, 4 * C);
         memcpy(dres2, dout, BTC * sizeof(float));
-        layernorm_backward_input(dres2, dln2, a->res2 + l * BTC, param_of(s, P_LN2W, l),
-                                 a->ln2_mean + lN, a->ln2_rstd + lN, N, C);
+        layernorm_backward_input(dres2, dln2, acts->res2 + l * BTC, param_of(s, P_LN2W, l),
+                                 acts->ln2_mean + lN, acts->ln2_rstd + lN, N, C);
         matmul_backward_input(s->scratch_c, dres2, param_of(s, P_ATTPROJW, l), N, C, C);
-        attention_backward(dqkv, s->scratch_c, a->qkv + 3 * l * BTC,
-                           a->att + (size_t)l * B * NH * T * T, B, T, C, NH);
+        attention_backward(dqkv, s->scratch_c, acts->qkv + 3 * l * BTC,
+                           acts->att + (size_t)l * B * NH * T * T, B, T, C, NH);
         matmul_backward_input(dln1, dqkv, param_of(s, P_QKVW, l), N, C, 3 * C);
         memcpy(dx, dres2, BTC * sizeof(float));
         layernorm_backward_input(dx, dln1, x, param_of(s, P_LN1W, l),
-                                 a->ln1_mean + lN, a->ln1_rstd + lN, N, C);
+                                 acts->ln1_mean + lN, acts->ln1_rstd + lN, N, C);
     }
 }
 
 // BWD_WEIGHT of layers [l0, l1): accumulate this micro-batch's parameter
 // gradients (the head's with layer nl-1, the embedding's with layer 0). Each
 // layer's gradients are its own, so the order of the layers changes no bit.
-static void stage_backward_weight(Stage *s, Slot *a, int l0, int l1) {
+static void stage_backward_weight(Stage *s, Activations *acts, int l0, int l1) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, N = s->B * s->T;
     size_t BTC = (size_t)N * C;
     if (s->layout.last && l1 == s->layout.nl) {
-        matmul_backward_weight(grad_of(s, P_WTE, 0), NULL, a->probs, a->lnf, N, C, cfg->padded_vocab_size);
-        layernorm_backward_weight(grad_of(s, P_LNFW, 0), grad_of(s, P_LNFB, 0), a->dlnf,
-                                  stage_output(s, a), a->lnf_mean, a->lnf_rstd, N, C);
+        matmul_backward_weight(grad_of(s, P_WTE, 0), NULL, acts->probs, acts->lnf, N, C, cfg->padded_vocab_size);
+        layernorm_backward_weight(grad_of(s, P_LNFW, 0), grad_of(s, P_LNFB, 0), acts->dlnf,
+                                  stage_output(s, acts), acts->lnf_mean, acts->lnf_rstd, N, C);
     }
     for (int l = l1 - 1; l >= l0; l--) {
-        float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
+        float *x = l == 0 ? acts->x0 : acts->res3 + (l - 1) * BTC;
         size_t lN = (size_t)l * N;
         layernorm_backward_weight(grad_of(s, P_LN1W, l), grad_of(s, P_LN1B, l),
-                                  a->dln1 + l * BTC, x, a->ln1_mean + lN, a->ln1_rstd + lN, N, C);
+                                  acts->dln1 + l * BTC, x, acts->ln1_mean + lN, acts->ln1_rstd + lN, N, C);
         matmul_backward_weight(grad_of(s, P_QKVW, l), grad_of(s, P_QKVB, l),
-                               a->dqkv + 3 * l * BTC, a->ln1 + l * BTC, N, C, 3 * C);
+                               acts->dqkv + 3 * l * BTC, acts->ln1 + l * BTC, N, C, 3 * C);
         matmul_backward_weight(grad_of(s, P_ATTPROJW, l), grad_of(s, P_ATTPROJB, l),
-                               a->dres2 + l * BTC, a->atty + l * BTC, N, C, C);
+                               acts->dres2 + l * BTC, acts->atty + l * BTC, N, C, C);
         layernorm_backward_weight(grad_of(s, P_LN2W, l), grad_of(s, P_LN2B, l),
-                                  a->dln2 + l * BTC, a->res2 + l * BTC, a->ln2_mean + lN,
-                                  a->ln2_rstd + lN, N, C);
+                                  acts->dln2 + l * BTC, acts->res2 + l * BTC, acts->ln2_mean + lN,
+                                  acts->ln2_rstd + lN, N, C);
         matmul_backward_weight(grad_of(s, P_FCW, l), grad_of(s, P_FCB, l),
-                               a->dfch + 4 * l * BTC, a->ln2 + l * BTC, N, C, 4 * C);
+                               acts->dfch + 4 * l * BTC, acts->ln2 + l * BTC, N, C, 4 * C);
         matmul_backward_weight(grad_of(s, P_FCPROJW, l), grad_of(s, P_FCPROJB, l),
-                               a->dresid + (l + 1) * BTC, a->fch_gelu + 4 * l * BTC, N, 4 * C, C);
+                               acts->dresid + (l + 1) * BTC, acts->fch_gelu + 4 * l * BTC, N, 4 * C, C);
     }
     if (s->layout.first && l0 == 0)
-        encoder_backward(s->dwte_embed, grad_of(s, P_WPE, 0), a->dresid, a->inputs, s->B, s->T, C);
+        encoder_backward(s->dwte_embed, grad_of(s, P_WPE, 0), acts->dresid, acts->inputs, s->B, s->T, C);
 }
 
 // ----------------------------------------------------------------------------
@@ -950,9 +950,9 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     bytes[MEMORY_OPTIMIZER] = 8 * s->opt_elems;
     bytes[MEMORY_GATHERED] = 4 * ((size_t)s->pools[0].count * s->pools[0].elems + whole);
     bytes[MEMORY_GRAD_BUFFERS] = 4 * ((size_t)s->pools[1].count * s->pools[1].elems + whole);
-    // the slots, their token ids, and the (B,T,C) and (B,T,4C) scratch
+    // the activation buffers, their token ids, and the (B,T,C) and (B,T,4C) scratch
     bytes[MEMORY_ACTIVATIONS] =
-            4 * ((size_t)s->run.nslots * (s->slot_elems + 2 * BT) + 5 * BT * s->layout.cfg.channels);
+        4 * ((size_t)s->run.activation_buffers * (s->acts_elems + 2 * BT) + 5 * BT * s->layout.cfg.channels);
 }
 
 // --zero 3 after the last step: the whole stage's parameters, gathered once,
@@ -1047,34 +1047,34 @@ static int check_gathered(Stage *s, int kind, int l0, int l1) {
     return rc;
 }
 
-static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
-                        int training) {
+static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
+                        float dloss, int training) {
     (void)dloss; (void)training;
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
+    Activations *acts = &s->acts[acts_index];
     size_t BT = (size_t)s->B * s->T;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
     if (check_gathered(s, OP_FWD, l0, l1)) return -1;
-    if (inputs && l0 == 0) memcpy(a->inputs, inputs, BT * sizeof(int));
-    stage_forward(s, a, s->B, s->T, l0, l1);
+    if (inputs && l0 == 0) memcpy(acts->inputs, inputs, BT * sizeof(int));
+    stage_forward(s, acts, s->B, s->T, l0, l1);
     if (targets && l1 == s->layout.nl) {
-        memcpy(a->targets, targets, BT * sizeof(int));
-        s->run.mb_losses[mb] = stage_loss(s, a);
+        memcpy(acts->targets, targets, BT * sizeof(int));
+        s->run.mb_losses[mb] = stage_loss(s, acts);
     }
     return 0;
 }
 
-static int hook_backward_input(void *stage, int slot, int part, float dloss) {
+static int hook_backward_input(void *stage, int acts_index, int part, float dloss) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
     if (check_gathered(s, OP_BWD_INPUT, l0, l1)) return -1;
-    stage_backward_input(s, &s->slots[slot], dloss, l0, l1);
+    stage_backward_input(s, &s->acts[acts_index], dloss, l0, l1);
     return 0;
 }
 
-static int hook_backward_weight(void *stage, int slot, int part) {
+static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
@@ -1100,17 +1100,17 @@ static int hook_backward_weight(void *stage, int slot, int part) {
         }
     }
     if (s->sharded) pthread_mutex_unlock(&s->comm.lock);
-    if (rc == 0) stage_backward_weight(s, &s->slots[slot], l0, l1);
+    if (rc == 0) stage_backward_weight(s, &s->acts[acts_index], l0, l1);
     return rc;
 }
 
-static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+static void hook_message_buffers(void *stage, int acts_index, void *bufs[4]) {
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
-    bufs[0] = stage_output(s, a);
-    bufs[1] = a->x0;
-    bufs[2] = a->dresid;
-    bufs[3] = a->dresid + (size_t)s->layout.nl * s->B * s->T * s->layout.cfg.channels;
+    Activations *acts = &s->acts[acts_index];
+    bufs[0] = stage_output(s, acts);
+    bufs[1] = acts->x0;
+    bufs[2] = acts->dresid;
+    bufs[3] = acts->dresid + (size_t)s->layout.nl * s->B * s->T * s->layout.cfg.channels;
 }
 
 static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
@@ -1271,7 +1271,7 @@ int stage_sum_wte_grads(Stage *s) {
         if (!s->dwte_embed) s->dwte_embed = malloc(n * sizeof(float));
         if (!(embed = s->dwte_embed)) return fail("out of memory for d(wte)");
         if (s->layout.first ? tied_swap(&s->base.links, embed, head, n * sizeof(float))
-                       : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
+                            : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
@@ -1405,15 +1405,15 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
     Candidate *cand = malloc(sizeof(Candidate) * top_k);
     if (!cand) return fail("out of memory for top-k");
     memcpy(out, prompt, np * sizeof(int));
-    Slot *a = &s->slots[0];
+    Activations *acts = &s->acts[0];
     uint64_t rng = seed;
     for (int len = np; len < np + n; len++) {
         // no KV cache: rerun the last T tokens (cheap at the sizes we sample)
         int T = len < s->T ? len : s->T;
-        memcpy(a->inputs, out + len - T, T * sizeof(int));
-        stage_forward(s, a, 1, T, 0, s->layout.nl);
-        matmul_forward(a->probs, a->lnf + (size_t)(T - 1) * C, param_of(s, P_WTE, 0), NULL, 1, C, Vp);
-        out[len] = sample_top_k(a->probs, V, temperature, top_k, &rng, cand);
+        memcpy(acts->inputs, out + len - T, T * sizeof(int));
+        stage_forward(s, acts, 1, T, 0, s->layout.nl);
+        matmul_forward(acts->probs, acts->lnf + (size_t)(T - 1) * C, param_of(s, P_WTE, 0), NULL, 1, C, Vp);
+        out[len] = sample_top_k(acts->probs, V, temperature, top_k, &rng, cand);
     }
     free(cand);
     return 0;

@@ -908,7 +908,7 @@ typedef struct {
 enum { ATTN_SIMPLE, ATTN_MMA_SYNC, ATTN_MMA_PIPELINED };
 #define LT_WORKSPACE (32u << 20)
 
-// One micro-batch's activations on the device, as in train_gpt.c's Slot;
+// One micro-batch's activations on the device, as in train_gpt.c's Activations;
 // per-layer buffers hold nl layers at the strides in Stage (st_*).
 typedef struct {
     int *inputs, *targets;               // (B,T)
@@ -924,7 +924,7 @@ typedef struct {
     floatX *dresid;                      // (nl+1) x (B,T,C): [l] = d(input of layer l)
     floatX *dln1, *dqkv, *dres2, *dln2, *dfch, *dlnf;
     void *mem;
-} Slot;
+} Activations;
 
 struct Stage {
     StageBase base;                      // first: its links and zero stage (common.h)
@@ -939,11 +939,11 @@ struct Stage {
     float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
     float *h_swap_send, *h_swap_recv;    // tied-embedding swap over sockets
-    Slot *slots;
+    Activations *acts;                   // activation buffers: one per micro-batch in flight
     OpRun run;                           // the executor's bookkeeping (common.h)
     float *d_mb_losses;
     int d_mb_cap;
-    size_t st_c, st_3c, st_4c, st_n, st_lse, slot_bytes;
+    size_t st_c, st_3c, st_4c, st_n, st_lse, acts_bytes;
     floatX *scratch_c, *scratch_4c;
     float *d_partials, *d_delta, *d_sample_logits, *h_sample_logits;
     // grad-norm segments
@@ -1492,66 +1492,66 @@ static int refresh_params_x(Stage *s) {
     return 0;
 }
 
-// The slot's buffers: name, element size, elements. Per-layer buffers use the
-// stage's strides so that every layer starts 256-byte aligned.
+// The pieces of an activation buffer: name, element size, elements. Per-layer
+// pieces use the stage's strides so that every layer starts 256-byte aligned.
 typedef struct { void **p; size_t elem, n; } Piece;
 
-static int slot_pieces(Stage *s, Slot *a, Piece *pc) {
+static int activations_pieces(Stage *s, Activations *acts, Piece *pc) {
     size_t nl = s->layout.nl, first = s->layout.first, last = s->layout.last, BT = (size_t)s->B * s->T;
     size_t V = s->layout.cfg.vocab_size, Vp = s->layout.cfg.padded_vocab_size, X = sizeof(floatX), F = sizeof(float);
     size_t nuniq = BT < V ? BT : V;
     int n = 0;
 #define PIECE(ptr, size, count) (pc[n].p = (void **)(ptr), pc[n].elem = (size), pc[n].n = (count), n++)
-    PIECE(&a->inputs, 4, first * BT);
-    PIECE(&a->targets, 4, last * BT);
-    PIECE(&a->bk_tok, 4, first * nuniq);
-    PIECE(&a->bk_start, 4, first * (nuniq + 1));
-    PIECE(&a->bk_pos, 4, first * BT);
-    PIECE(&a->x0, X, s->st_c);
-    PIECE(&a->ln1, X, nl * s->st_c);
-    PIECE(&a->qkv, X, nl * s->st_3c);
-    PIECE(&a->atty, X, nl * s->st_c);
-    PIECE(&a->res2, X, nl * s->st_c);
-    PIECE(&a->ln2, X, nl * s->st_c);
-    PIECE(&a->fch, X, nl * s->st_4c);
-    PIECE(&a->fchg, X, nl * s->st_4c);
-    PIECE(&a->res3, X, nl * s->st_c);
-    PIECE(&a->ln1_mean, F, nl * s->st_n);
-    PIECE(&a->ln1_rstd, F, nl * s->st_n);
-    PIECE(&a->ln2_mean, F, nl * s->st_n);
-    PIECE(&a->ln2_rstd, F, nl * s->st_n);
-    PIECE(&a->lse, F, nl * s->st_lse);
-    PIECE(&a->lnf, X, last * s->st_c);
-    PIECE(&a->lnf_mean, F, last * s->st_n);
-    PIECE(&a->lnf_rstd, F, last * s->st_n);
-    PIECE(&a->logits, X, last * BT * Vp);
-    PIECE(&a->losses, F, last * BT);
-    PIECE(&a->dresid, X, (nl + 1) * s->st_c);
-    PIECE(&a->dln1, X, nl * s->st_c);
-    PIECE(&a->dqkv, X, nl * s->st_3c);
-    PIECE(&a->dres2, X, nl * s->st_c);
-    PIECE(&a->dln2, X, nl * s->st_c);
-    PIECE(&a->dfch, X, nl * s->st_4c);
-    PIECE(&a->dlnf, X, last * s->st_c);
+    PIECE(&acts->inputs, 4, first * BT);
+    PIECE(&acts->targets, 4, last * BT);
+    PIECE(&acts->bk_tok, 4, first * nuniq);
+    PIECE(&acts->bk_start, 4, first * (nuniq + 1));
+    PIECE(&acts->bk_pos, 4, first * BT);
+    PIECE(&acts->x0, X, s->st_c);
+    PIECE(&acts->ln1, X, nl * s->st_c);
+    PIECE(&acts->qkv, X, nl * s->st_3c);
+    PIECE(&acts->atty, X, nl * s->st_c);
+    PIECE(&acts->res2, X, nl * s->st_c);
+    PIECE(&acts->ln2, X, nl * s->st_c);
+    PIECE(&acts->fch, X, nl * s->st_4c);
+    PIECE(&acts->fchg, X, nl * s->st_4c);
+    PIECE(&acts->res3, X, nl * s->st_c);
+    PIECE(&acts->ln1_mean, F, nl * s->st_n);
+    PIECE(&acts->ln1_rstd, F, nl * s->st_n);
+    PIECE(&acts->ln2_mean, F, nl * s->st_n);
+    PIECE(&acts->ln2_rstd, F, nl * s->st_n);
+    PIECE(&acts->lse, F, nl * s->st_lse);
+    PIECE(&acts->lnf, X, last * s->st_c);
+    PIECE(&acts->lnf_mean, F, last * s->st_n);
+    PIECE(&acts->lnf_rstd, F, last * s->st_n);
+    PIECE(&acts->logits, X, last * BT * Vp);
+    PIECE(&acts->losses, F, last * BT);
+    PIECE(&acts->dresid, X, (nl + 1) * s->st_c);
+    PIECE(&acts->dln1, X, nl * s->st_c);
+    PIECE(&acts->dqkv, X, nl * s->st_3c);
+    PIECE(&acts->dres2, X, nl * s->st_c);
+    PIECE(&acts->dln2, X, nl * s->st_c);
+    PIECE(&acts->dfch, X, nl * s->st_4c);
+    PIECE(&acts->dlnf, X, last * s->st_c);
 #undef PIECE
     return n;
 }
 
-static size_t slot_size(Stage *s) {
-    Slot a;
+static size_t activations_size(Stage *s) {
+    Activations acts;
     Piece pc[40];
-    int n = slot_pieces(s, &a, pc);
+    int n = activations_pieces(s, &acts, pc);
     size_t total = 0;
     for (int i = 0; i < n; i++) total += round_up(pc[i].elem * pc[i].n, 512);
     return total;
 }
 
-// points the slot's buffers into its allocation a->mem
-static int slot_partition(Stage *s, Slot *a) {
+// points the activation buffer's pieces into its allocation acts->mem
+static int activations_partition(Stage *s, Activations *acts) {
     Piece pc[40];
-    int n = slot_pieces(s, a, pc);
-    CUDA_CHECK(cudaMemsetAsync(a->mem, 0, s->slot_bytes, s->stream));
-    char *p = (char *)a->mem;
+    int n = activations_pieces(s, acts, pc);
+    CUDA_CHECK(cudaMemsetAsync(acts->mem, 0, s->acts_bytes, s->stream));
+    char *p = (char *)acts->mem;
     for (int i = 0; i < n; i++) {
         *pc[i].p = pc[i].n ? (void *)p : NULL;
         p += round_up(pc[i].elem * pc[i].n, 512);
@@ -1562,7 +1562,7 @@ static int slot_partition(Stage *s, Slot *a) {
 static double mib(size_t bytes) { return bytes / 1048576.0; }
 
 // all device allocations of the stage, counted before any is made
-typedef struct { size_t params, slot, scratch, total; } MemPlan;
+typedef struct { size_t params, acts, scratch, total; } MemPlan;
 
 static MemPlan mem_plan(Stage *s) {
     MemPlan mp;
@@ -1574,22 +1574,22 @@ static MemPlan mem_plan(Stage *s) {
 #endif
     if (s->layout.first || s->layout.last)
         mp.params += Vp * C * sizeof(float);  // d(wte) embedding share / swap scratch
-    mp.slot = s->slot_bytes;
+    mp.acts = s->acts_bytes;
     size_t rb = (size_t)colsum_blocks((int)BT);
     mp.scratch = round_up(BT * C * X, 512) + round_up(4 * BT * C * X, 512) + round_up(rb * 2 * 4 * C * 4, 512) +
                  round_up(BT * NH * 4, 512) + LT_WORKSPACE + round_up((size_t)s->norm_blocks * 8, 512) +
                  round_up((size_t)s->nsegs * sizeof(NormSeg), 512) + round_up((size_t)s->norm_blocks * 4, 512) +
                  round_up(s->layout.cfg.vocab_size * 4, 512) + 4096;
-    mp.total = mp.params + mp.slot * s->run.nslots + mp.scratch;
+    mp.total = mp.params + mp.acts * s->run.activation_buffers + mp.scratch;
     return mp;
 }
 
 static int oom_message(Stage *s, const MemPlan *mp, size_t free_b, size_t total_b) {
     return fail("out of GPU memory: stage [%d,%d) with B=%d T=%d needs %.1f MiB (parameters, gradients and AdamW "
-                "state %.1f MiB, activations %.1f MiB x %d slot(s), scratch %.1f MiB) but GPU %d has %.1f MiB free "
+                "state %.1f MiB, activations %.1f MiB x %d buffer(s), scratch %.1f MiB) but GPU %d has %.1f MiB free "
                 "of %.1f MiB; use a smaller batch (-b/--batch-size), more micro-batches or more stages",
-                s->layout.lo, s->layout.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->slot), s->run.nslots,
-                mib(mp->scratch), s->device, mib(free_b), mib(total_b));
+                s->layout.lo, s->layout.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->acts),
+                s->run.activation_buffers, mib(mp->scratch), s->device, mib(free_b), mib(total_b));
 }
 
 // cudaMalloc that reports the whole plan when the device is out of memory
@@ -1644,9 +1644,9 @@ static int stage_alloc(Stage *s) {
     DMALLOC(&s->d_segs, (size_t)s->nsegs * sizeof(NormSeg));
     DMALLOC(&s->d_block_seg, (size_t)s->norm_blocks * sizeof(int));
     if (s->layout.first && s->layout.last) DMALLOC(&s->d_sample_logits, V * sizeof(float));
-    for (int i = 0; i < s->run.nslots; i++) {
-        DMALLOC(&s->slots[i].mem, s->slot_bytes);
-        CHECK(slot_partition(s, &s->slots[i]));
+    for (int i = 0; i < s->run.activation_buffers; i++) {
+        DMALLOC(&s->acts[i].mem, s->acts_bytes);
+        CHECK(activations_partition(s, &s->acts[i]));
     }
     // grad-norm segments and their blocks
     int *block_seg = (int *)malloc((size_t)s->norm_blocks * sizeof(int));
@@ -1677,8 +1677,8 @@ static int stage_alloc(Stage *s) {
     return 0;
 }
 
-Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers) {
+    if (check_stage_args(cfg, lo, hi, B, T, activation_buffers)) return NULL;
     int hs = cfg.channels / cfg.num_heads;
     if (hs > 128) { fail("head size %d: the CUDA attention supports head sizes up to 128", hs); return NULL; }
     if ((size_t)B * T > (size_t)INT_MAX / 4 || (size_t)B * cfg.num_heads > 65535) {
@@ -1701,7 +1701,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     Stage *s = (Stage *)calloc(1, sizeof(Stage));
     if (!s) { fail("out of host memory"); return NULL; }
     s->layout = layout_make(cfg, lo, hi);
-    s->B = B; s->T = T; s->run.nslots = slots; s->device = device; s->hs = hs;
+    s->B = B; s->T = T; s->run.activation_buffers = activation_buffers; s->device = device; s->hs = hs;
     s->base.links = links_make(lo, hi);
     env = getenv("GPT_FUSE_GELU");
     s->fuse_gelu_fwd = s->fuse_gelu_bwd = !(env && strcmp(env, "0") == 0);
@@ -1719,8 +1719,8 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     size_t off = 0;
     int blocks = 0;
     s->segs = (NormSeg *)calloc(NUM_PARAM_TENSORS * (size_t)s->layout.nl, sizeof(NormSeg));
-    s->slots = (Slot *)calloc(slots, sizeof(Slot));
-    if (!s->segs || !s->slots) { fail("out of host memory"); stage_free(s); return NULL; }
+    s->acts = (Activations *)calloc(activation_buffers, sizeof(Activations));
+    if (!s->segs || !s->acts) { fail("out of host memory"); stage_free(s); return NULL; }
     int L = cfg.num_layers;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         s->dev_start[t] = off;
@@ -1746,7 +1746,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     s->st_4c = round_up(4 * BT * C, 128);
     s->st_n = round_up(BT, 128);
     s->st_lse = round_up(BT * cfg.num_heads, 128);
-    s->slot_bytes = slot_size(s);
+    s->acts_bytes = activations_size(s);
     if (stage_alloc(s)) {
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", gpt_last_error());
@@ -1767,7 +1767,7 @@ void stage_free(Stage *s) {
     if (s->nccl) ncclCommDestroy(s->nccl);
     if (s->replica_nccl) ncclCommDestroy(s->replica_nccl);
     for (int i = 0; i < s->nplans; i++) gemm_plan_free(&s->plans[i]);
-    for (int i = 0; s->slots && i < s->run.nslots; i++) cudaFree(s->slots[i].mem);
+    for (int i = 0; s->acts && i < s->run.activation_buffers; i++) cudaFree(s->acts[i].mem);
     cudaFree(s->d_params); cudaFree(s->d_grads); cudaFree(s->d_m); cudaFree(s->d_v);
 #ifndef GPT_FP32
     cudaFree(s->d_params_x);
@@ -1786,7 +1786,7 @@ void stage_free(Stage *s) {
     free(s->h_swap_send); free(s->h_swap_recv);
     free(s->h_norm_partials); free(s->h_sample_logits);
     free(s->h_counts); free(s->h_tok); free(s->h_start); free(s->h_pos);
-    free(s->segs); free(s->slots);
+    free(s->segs); free(s->acts);
     oprun_free(&s->run);
     free(s);
 }
@@ -1794,17 +1794,17 @@ void stage_free(Stage *s) {
 // ----------------------------------------------------------------------------
 // model
 
-// the slot's layer-l buffers
+// layer l of an activation buffer's per-layer piece
 #define LAYER_C(buf, l) ((buf) + (size_t)(l) * s->st_c)
 #define LAYER_3C(buf, l) ((buf) + (size_t)(l) * s->st_3c)
 #define LAYER_4C(buf, l) ((buf) + (size_t)(l) * s->st_4c)
 #define LAYER_N(buf, l) ((buf) + (size_t)(l) * s->st_n)
 
-static floatX *stage_output(Stage *s, Slot *a) { return LAYER_C(a->res3, s->layout.nl - 1); }
+static floatX *stage_output(Stage *s, Activations *acts) { return LAYER_C(acts->res3, s->layout.nl - 1); }
 
 // Uploads micro-batch tokens (checked against the vocabulary) and, for the
 // embedding gradient, the positions of each distinct token in (b,t) order.
-static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *targets, int mb) {
+static int upload_tokens(Stage *s, Activations *acts, const int *inputs, const int *targets, int mb) {
     size_t BT = (size_t)s->B * s->T;
     int V = s->layout.cfg.vocab_size;
     const int *lists[2] = {inputs, targets};
@@ -1816,7 +1816,7 @@ static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *target
                             k ? "target" : "input", lists[k][i], i, mb, V);
     }
     if (inputs) {
-        CUDA_CHECK(cudaMemcpyAsync(a->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
         // counting sort by token, stable in (b,t)
         int *cnt = s->h_counts;
         memset(cnt, 0, V * sizeof(int));
@@ -1833,13 +1833,14 @@ static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *target
         }
         s->h_start[nu] = acc;
         for (size_t i = 0; i < BT; i++) s->h_pos[cnt[inputs[i]]++] = (int)i;
-        a->nuniq = nu;
-        CUDA_CHECK(cudaMemcpyAsync(a->bk_tok, s->h_tok, nu * sizeof(int), cudaMemcpyHostToDevice, s->stream));
-        CUDA_CHECK(cudaMemcpyAsync(a->bk_start, s->h_start, (nu + 1) * sizeof(int), cudaMemcpyHostToDevice, s->stream));
-        CUDA_CHECK(cudaMemcpyAsync(a->bk_pos, s->h_pos, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        acts->nuniq = nu;
+        CUDA_CHECK(cudaMemcpyAsync(acts->bk_tok, s->h_tok, nu * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->bk_start, s->h_start, (nu + 1) * sizeof(int), cudaMemcpyHostToDevice,
+                                   s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->bk_pos, s->h_pos, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
     }
     if (targets)
-        CUDA_CHECK(cudaMemcpyAsync(a->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
     // the host arrays are reused by the next micro-batch
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
@@ -1847,31 +1848,31 @@ static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *target
 
 // The stage's forward for one micro-batch of shape (B,T) up to the final
 // layernorm; sampling calls it with B = 1.
-static int stage_forward(Stage *s, Slot *a, int B, int T) {
+static int stage_forward(Stage *s, Activations *acts, int B, int T) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, N = B * T;
     float *P = s->d_params;
     if (s->layout.first) {
         size_t n = (size_t)N * C;
         PROF(PC_ENCODER, {
-            encoder_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(a->x0, a->inputs, dparam(s, P, P_WTE, 0),
-                                                                            dparam(s, P, P_WPE, 0), T, C, n);
+            encoder_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(
+                acts->x0, acts->inputs, dparam(s, P, P_WTE, 0), dparam(s, P, P_WPE, 0), T, C, n);
             LAUNCH_CHECK();
         });
     }
     for (int l = 0; l < s->layout.nl; l++) {
-        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        floatX *ln1 = LAYER_C(a->ln1, l), *qkv = LAYER_3C(a->qkv, l), *atty = LAYER_C(a->atty, l);
-        floatX *res2 = LAYER_C(a->res2, l), *ln2 = LAYER_C(a->ln2, l), *fch = LAYER_4C(a->fch, l);
-        floatX *fchg = LAYER_4C(a->fchg, l), *res3 = LAYER_C(a->res3, l);
-        CHECK(layernorm_forward(s, ln1, LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), x,
+        floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
+        floatX *ln1 = LAYER_C(acts->ln1, l), *qkv = LAYER_3C(acts->qkv, l), *atty = LAYER_C(acts->atty, l);
+        floatX *res2 = LAYER_C(acts->res2, l), *ln2 = LAYER_C(acts->ln2, l), *fch = LAYER_4C(acts->fch, l);
+        floatX *fchg = LAYER_4C(acts->fchg, l), *res3 = LAYER_C(acts->res3, l);
+        CHECK(layernorm_forward(s, ln1, LAYER_N(acts->ln1_mean, l), LAYER_N(acts->ln1_rstd, l), x,
                                 dparam(s, P, P_LN1W, l), dparam(s, P, P_LN1B, l), N, C));
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, qkv, ln1, xparam(s, P_QKVW, l), xparam(s, P_QKVB, l), NULL, N,
                                                   C, 3 * C, NULL))));
-        CHECK(attention_forward(s, atty, a->lse + (size_t)l * s->st_lse, qkv, B, T));
+        CHECK(attention_forward(s, atty, acts->lse + (size_t)l * s->st_lse, qkv, B, T));
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res2, atty, xparam(s, P_ATTPROJW, l), xparam(s, P_ATTPROJB, l),
                                                   x, N, C, C, NULL))));
-        CHECK(layernorm_forward(s, ln2, LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), res2,
+        CHECK(layernorm_forward(s, ln2, LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), res2,
                                 dparam(s, P, P_LN2W, l), dparam(s, P, P_LN2B, l), N, C));
         int rc = 1;
         if (s->fuse_gelu_fwd) {
@@ -1889,27 +1890,28 @@ static int stage_forward(Stage *s, Slot *a, int B, int T) {
                                                   res2, N, 4 * C, C, NULL))));
     }
     if (s->layout.last)
-        CHECK(layernorm_forward(s, a->lnf, a->lnf_mean, a->lnf_rstd, stage_output(s, a), dparam(s, P, P_LNFW, 0),
-                                dparam(s, P, P_LNFB, 0), N, C));
+        CHECK(layernorm_forward(s, acts->lnf, acts->lnf_mean, acts->lnf_rstd, stage_output(s, acts),
+                                dparam(s, P, P_LNFW, 0), dparam(s, P, P_LNFB, 0), N, C));
     return 0;
 }
 
 // logits, loss (into d_mb_losses[mb]) and, when training, d(logits) in place
-static int stage_loss(Stage *s, Slot *a, int mb, float dloss, int training) {
+static int stage_loss(Stage *s, Activations *acts, int mb, float dloss, int training) {
     int N = s->B * s->T, C = s->layout.cfg.channels, V = s->layout.cfg.vocab_size, Vp = s->layout.cfg.padded_vocab_size;
-    PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, a->logits, a->lnf, xparam(s, P_WTE, 0), NULL, NULL, N, C, Vp, NULL))));
+    PROF(PC_MM_FWD,
+         CHECK(must(matmul_forward(s, acts->logits, acts->lnf, xparam(s, P_WTE, 0), NULL, NULL, N, C, Vp, NULL))));
     PROF(PC_LOSS, {
         if (s->ptx & PTX_CE) {  // Vp % 8 == 0 (ptx_select checked it)
-            floatX *logits = a->logits;
-            float *losses = a->losses;
-            int *targets = a->targets;
+            floatX *logits = acts->logits;
+            float *losses = acts->losses;
+            int *targets = acts->targets;
             void *args[] = {&logits, &losses, &targets, &V, &Vp, &dloss, &training};
             CHECK(ptx_launch(s, PK_CE, N, CE_THREADS, args));
         } else
-            crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(a->logits, a->losses, a->targets, V, Vp, dloss,
-                                                                 training);
+            crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(acts->logits, acts->losses, acts->targets, V, Vp,
+                                                                 dloss, training);
         LAUNCH_CHECK();
-        mean_kernel<<<1, 1024, 0, s->stream>>>(s->d_mb_losses + mb, a->losses, N);
+        mean_kernel<<<1, 1024, 0, s->stream>>>(s->d_mb_losses + mb, acts->losses, N);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1917,21 +1919,22 @@ static int stage_loss(Stage *s, Slot *a, int mb, float dloss, int training) {
 
 // BWD_INPUT: from d(logits) (last stage) or the received d(output) down to
 // d(stage input) in dresid[0], keeping what BWD_WEIGHT needs.
-static int stage_backward_input(Stage *s, Slot *a) {
+static int stage_backward_input(Stage *s, Activations *acts) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, B = s->B, T = s->T, N = B * T, Vp = cfg->padded_vocab_size;
     float *P = s->d_params;
-    floatX *dtop = LAYER_C(a->dresid, s->layout.nl);
+    floatX *dtop = LAYER_C(acts->dresid, s->layout.nl);
     if (s->layout.last) {
-        PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, a->dlnf, a->logits, xparam(s, P_WTE, 0), N, C, Vp, NULL))));
-        CHECK(layernorm_backward_input(s, dtop, NULL, a->dlnf, stage_output(s, a), dparam(s, P, P_LNFW, 0),
-                                       a->lnf_mean, a->lnf_rstd, N, C));
+        PROF(PC_MM_BWD_IN,
+             CHECK(must(matmul_backward_input(s, acts->dlnf, acts->logits, xparam(s, P_WTE, 0), N, C, Vp, NULL))));
+        CHECK(layernorm_backward_input(s, dtop, NULL, acts->dlnf, stage_output(s, acts), dparam(s, P, P_LNFW, 0),
+                                       acts->lnf_mean, acts->lnf_rstd, N, C));
     }
     for (int l = s->layout.nl - 1; l >= 0; l--) {
-        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        floatX *dout = LAYER_C(a->dresid, l + 1), *dfch = LAYER_4C(a->dfch, l), *dln2 = LAYER_C(a->dln2, l);
-        floatX *dres2 = LAYER_C(a->dres2, l), *dqkv = LAYER_3C(a->dqkv, l), *dln1 = LAYER_C(a->dln1, l);
-        floatX *dx = LAYER_C(a->dresid, l), *fch = LAYER_4C(a->fch, l);
+        floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
+        floatX *dout = LAYER_C(acts->dresid, l + 1), *dfch = LAYER_4C(acts->dfch, l), *dln2 = LAYER_C(acts->dln2, l);
+        floatX *dres2 = LAYER_C(acts->dres2, l), *dqkv = LAYER_3C(acts->dqkv, l), *dln1 = LAYER_C(acts->dln1, l);
+        floatX *dx = LAYER_C(acts->dresid, l), *fch = LAYER_4C(acts->fch, l);
         int rc = 1;
         if (s->fuse_gelu_bwd) {
             PROF(PC_MM_BWD_IN, rc = matmul_backward_input(s, dfch, dout, xparam(s, P_FCPROJW, l), N, 4 * C, C, fch));
@@ -1944,53 +1947,53 @@ static int stage_backward_input(Stage *s, Slot *a) {
             CHECK(gelu_backward(s, dfch, fch, s->scratch_4c, (size_t)N * 4 * C));
         }
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln2, dfch, xparam(s, P_FCW, l), N, C, 4 * C, NULL))));
-        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(a->res2, l), dparam(s, P, P_LN2W, l),
-                                       LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
+        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(acts->res2, l), dparam(s, P, P_LN2W, l),
+                                       LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), N, C));
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, s->scratch_c, dres2, xparam(s, P_ATTPROJW, l), N, C,
                                                             C, NULL))));
-        CHECK(attention_backward(s, dqkv, s->scratch_c, LAYER_3C(a->qkv, l), LAYER_C(a->atty, l),
-                                 a->lse + (size_t)l * s->st_lse, B, T));
+        CHECK(attention_backward(s, dqkv, s->scratch_c, LAYER_3C(acts->qkv, l), LAYER_C(acts->atty, l),
+                                 acts->lse + (size_t)l * s->st_lse, B, T));
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln1, dqkv, xparam(s, P_QKVW, l), N, C, 3 * C, NULL))));
-        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, dparam(s, P, P_LN1W, l), LAYER_N(a->ln1_mean, l),
-                                       LAYER_N(a->ln1_rstd, l), N, C));
+        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, dparam(s, P, P_LN1W, l), LAYER_N(acts->ln1_mean, l),
+                                       LAYER_N(acts->ln1_rstd, l), N, C));
     }
     return 0;
 }
 
 // BWD_WEIGHT: accumulate this micro-batch's parameter gradients
-static int stage_backward_weight(Stage *s, Slot *a) {
+static int stage_backward_weight(Stage *s, Activations *acts) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, N = s->B * s->T, Vp = cfg->padded_vocab_size;
     float *G = s->d_grads;
     if (s->layout.last) {
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), NULL, a->logits, a->lnf, N, C, Vp));
-        CHECK(column_sums(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), a->dlnf, stage_output(s, a),
-                          a->lnf_mean, a->lnf_rstd, N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), NULL, acts->logits, acts->lnf, N, C, Vp));
+        CHECK(column_sums(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), acts->dlnf, stage_output(s, acts),
+                          acts->lnf_mean, acts->lnf_rstd, N, C));
     }
     for (int l = 0; l < s->layout.nl; l++) {
-        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        CHECK(column_sums(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(a->dln1, l), x,
-                          LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), N, C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), dparam(s, G, P_QKVB, l), LAYER_3C(a->dqkv, l),
-                                     LAYER_C(a->ln1, l), N, C, 3 * C));
+        floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
+        CHECK(column_sums(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(acts->dln1, l), x,
+                          LAYER_N(acts->ln1_mean, l), LAYER_N(acts->ln1_rstd, l), N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), dparam(s, G, P_QKVB, l), LAYER_3C(acts->dqkv, l),
+                                     LAYER_C(acts->ln1, l), N, C, 3 * C));
         CHECK(matmul_backward_weight(s, dparam(s, G, P_ATTPROJW, l), dparam(s, G, P_ATTPROJB, l),
-                                     LAYER_C(a->dres2, l), LAYER_C(a->atty, l), N, C, C));
-        CHECK(column_sums(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(a->dln2, l),
-                          LAYER_C(a->res2, l), LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCW, l), dparam(s, G, P_FCB, l), LAYER_4C(a->dfch, l),
-                                     LAYER_C(a->ln2, l), N, C, 4 * C));
+                                     LAYER_C(acts->dres2, l), LAYER_C(acts->atty, l), N, C, C));
+        CHECK(column_sums(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(acts->dln2, l),
+                          LAYER_C(acts->res2, l), LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCW, l), dparam(s, G, P_FCB, l), LAYER_4C(acts->dfch, l),
+                                     LAYER_C(acts->ln2, l), N, C, 4 * C));
         CHECK(matmul_backward_weight(s, dparam(s, G, P_FCPROJW, l), dparam(s, G, P_FCPROJB, l),
-                                     LAYER_C(a->dresid, l + 1), LAYER_4C(a->fchg, l), N, 4 * C, C));
+                                     LAYER_C(acts->dresid, l + 1), LAYER_4C(acts->fchg, l), N, 4 * C, C));
     }
     if (s->layout.first) {
         PROF(PC_ENCODER, {
-            if (a->nuniq > 0) {
-                encoder_backward_wte_kernel<<<a->nuniq, 256, 0, s->stream>>>(s->d_dwte_embed, a->dresid, a->bk_tok,
-                                                                            a->bk_start, a->bk_pos, C);
+            if (acts->nuniq > 0) {
+                encoder_backward_wte_kernel<<<acts->nuniq, 256, 0, s->stream>>>(
+                    s->d_dwte_embed, acts->dresid, acts->bk_tok, acts->bk_start, acts->bk_pos, C);
                 LAUNCH_CHECK();
             }
             encoder_backward_wpe_kernel<<<grid_for((size_t)s->T * C, 256), 256, 0, s->stream>>>(
-                dparam(s, G, P_WPE, 0), a->dresid, s->B, s->T, C);
+                dparam(s, G, P_WPE, 0), acts->dresid, s->B, s->T, C);
             LAUNCH_CHECK();
         });
     }
@@ -2023,7 +2026,7 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     bytes[MEMORY_PARAMS] = s->P_dev * sizeof(float);
     bytes[MEMORY_GRADS] = s->P_dev * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
     bytes[MEMORY_OPTIMIZER] = 2 * s->P_dev * sizeof(float);
-    bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.nslots * s->slot_bytes;
+    bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.activation_buffers * s->acts_bytes;
 }
 
 // Waits for the stream (and the NCCL operations on it) without ever hanging:
@@ -2076,15 +2079,15 @@ static int nccl_peer(Stage *s, int to_next) {
     return p >= 0 && p < s->nccl_ranks ? p : -1;
 }
 
-// The executor's hook for the slot's message buffers (device memory), in
+// The executor's hook for an activation buffer's message buffers (device memory), in
 // common.h's order: output, input, d(input), d(output).
-static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+static void hook_message_buffers(void *stage, int acts_index, void *bufs[4]) {
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
-    bufs[0] = stage_output(s, a);
-    bufs[1] = a->x0;
-    bufs[2] = a->dresid;
-    bufs[3] = LAYER_C(a->dresid, s->layout.nl);
+    Activations *acts = &s->acts[acts_index];
+    bufs[0] = stage_output(s, acts);
+    bufs[1] = acts->x0;
+    bufs[2] = acts->dresid;
+    bufs[3] = LAYER_C(acts->dresid, s->layout.nl);
 }
 
 // The executor's hook for a group of sends/receives of device buffers dev[i]:
@@ -2243,28 +2246,28 @@ static int whole_stage(int part) {
     return part == -1 ? 0 : fail("per-layer compute ops (part %d) run on the CPU trainer only (--zero 3)", part);
 }
 
-static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
-                        int training) {
+static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
+                        float dloss, int training) {
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
+    Activations *acts = &s->acts[acts_index];
     CHECK(whole_stage(part));
-    if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, a, inputs, targets, mb)));
-    CHECK(stage_forward(s, a, s->B, s->T));
-    if (s->layout.last) CHECK(stage_loss(s, a, mb, dloss, training));
+    if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, acts, inputs, targets, mb)));
+    CHECK(stage_forward(s, acts, s->B, s->T));
+    if (s->layout.last) CHECK(stage_loss(s, acts, mb, dloss, training));
     return 0;
 }
 
-static int hook_backward_input(void *stage, int slot, int part, float dloss) {
+static int hook_backward_input(void *stage, int acts_index, int part, float dloss) {
     (void)dloss;  // stage_loss fused it into d(logits)
     Stage *s = (Stage *)stage;
     CHECK(whole_stage(part));
-    return stage_backward_input(s, &s->slots[slot]);
+    return stage_backward_input(s, &s->acts[acts_index]);
 }
 
-static int hook_backward_weight(void *stage, int slot, int part) {
+static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     CHECK(whole_stage(part));
-    return stage_backward_weight(s, &s->slots[slot]);
+    return stage_backward_weight(s, &s->acts[acts_index]);
 }
 
 // compute ops: wait for the work, so op times are the GPU's and faults surface here
@@ -2599,19 +2602,19 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
     int *window = (int *)calloc(T, sizeof(int));
     if (!cand || !window) { free(cand); free(window); return fail("out of host memory for sampling"); }
     memcpy(out, prompt, np * sizeof(int));
-    Slot *a = &s->slots[0];
+    Activations *acts = &s->acts[0];
     uint64_t rng = seed;
     int rc = -1;
     for (int len = np; len < np + n; len++) {
         int used = len < T ? len : T;
         memset(window, 0, T * sizeof(int));
         memcpy(window, out + len - used, used * sizeof(int));
-        if (cudaMemcpyAsync(a->inputs, window, T * sizeof(int), cudaMemcpyHostToDevice, s->stream) != cudaSuccess) {
+        if (cudaMemcpyAsync(acts->inputs, window, T * sizeof(int), cudaMemcpyHostToDevice, s->stream) != cudaSuccess) {
             fail("CUDA error: %s", cudaGetErrorString(cudaGetLastError()));
             goto done;
         }
-        if (stage_forward(s, a, 1, T)) goto done;
-        lm_head_row_kernel<<<(V + 7) / 8, 256, 0, s->stream>>>(s->d_sample_logits, a->lnf + (size_t)(used - 1) * C,
+        if (stage_forward(s, acts, 1, T)) goto done;
+        lm_head_row_kernel<<<(V + 7) / 8, 256, 0, s->stream>>>(s->d_sample_logits, acts->lnf + (size_t)(used - 1) * C,
                                                                xparam(s, P_WTE, 0), V, C);
         if (cudaGetLastError() != cudaSuccess ||
             cudaMemcpyAsync(s->h_sample_logits, s->d_sample_logits, V * sizeof(float), cudaMemcpyDeviceToHost,
