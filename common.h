@@ -1422,7 +1422,7 @@ typedef struct {
     int (*end)(void *stage, int m);
 } StageHooks;
 
-// Runs one step's op list for a stage of the given layout, micro-batches of B*T
+// Runs one step's op list for a stage of that layout, micro-batches of B*T
 // tokens, one of `replicas` data-parallel replicas; see stage_run in gpt.h.
 static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const Layout *layout, size_t BT, int replicas,
                        const int *ops, int nops, const int *inputs, const int *targets, int training,

@@ -950,7 +950,7 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     bytes[MEMORY_OPTIMIZER] = 8 * s->opt_elems;
     bytes[MEMORY_GATHERED] = 4 * ((size_t)s->pools[0].count * s->pools[0].elems + whole);
     bytes[MEMORY_GRAD_BUFFERS] = 4 * ((size_t)s->pools[1].count * s->pools[1].elems + whole);
-    // the activation buffers, their token ids, and the (B,T,C) and (B,T,4C) scratch
+    // the activation buffers and their token ids, the (B,T,C) and (B,T,4C) scratch
     bytes[MEMORY_ACTIVATIONS] =
         4 * ((size_t)s->run.activation_buffers * (s->acts_elems + 2 * BT) + 5 * BT * s->layout.cfg.channels);
 }
