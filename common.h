@@ -146,10 +146,10 @@ size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers) {
 }
 
 static GPTConfig make_config(int maxT, int V, int Vp, int L, int NH, int C) {
-    GPTConfig c;
-    c.max_seq_len = maxT; c.vocab_size = V; c.padded_vocab_size = Vp;
-    c.num_layers = L; c.num_heads = NH; c.channels = C;
-    return c;
+    GPTConfig cfg;
+    cfg.max_seq_len = maxT; cfg.vocab_size = V; cfg.padded_vocab_size = Vp;
+    cfg.num_layers = L; cfg.num_heads = NH; cfg.channels = C;
+    return cfg;
 }
 
 int gpt_config_from_name(const char *name, GPTConfig *cfg) {
@@ -176,27 +176,29 @@ int gpt_config_from_name(const char *name, GPTConfig *cfg) {
 #define MAX_VOCAB (1 << 24)
 
 // Every field of a model shape in range; what names where it came from.
-static int check_config(const GPTConfig *c, const char *what) {
-    if (c->max_seq_len < 1 || c->max_seq_len > MAX_SEQ_LEN || c->vocab_size < 1 || c->vocab_size > MAX_VOCAB ||
-        c->padded_vocab_size < c->vocab_size || c->padded_vocab_size > MAX_VOCAB || c->num_layers < 1 ||
-        c->num_layers > MAX_LAYERS || c->channels < 1 || c->channels > MAX_CHANNELS || c->num_heads < 1 ||
-        c->channels % c->num_heads)
+static int check_config(const GPTConfig *cfg, const char *what) {
+    if (cfg->max_seq_len < 1 || cfg->max_seq_len > MAX_SEQ_LEN || cfg->vocab_size < 1 || cfg->vocab_size > MAX_VOCAB ||
+        cfg->padded_vocab_size < cfg->vocab_size || cfg->padded_vocab_size > MAX_VOCAB || cfg->num_layers < 1 ||
+        cfg->num_layers > MAX_LAYERS || cfg->channels < 1 || cfg->channels > MAX_CHANNELS || cfg->num_heads < 1 ||
+        cfg->channels % cfg->num_heads)
         return fail("%s: implausible model shape (maxT=%d V=%d Vp=%d L=%d NH=%d C=%d; expected 1 <= maxT <= %d, "
-                    "1 <= V <= Vp <= %d, 1 <= L <= %d, 1 <= C <= %d, C a multiple of NH)", what, c->max_seq_len,
-                    c->vocab_size, c->padded_vocab_size, c->num_layers, c->num_heads, c->channels, MAX_SEQ_LEN,
-                    MAX_VOCAB, MAX_LAYERS, MAX_CHANNELS);
+                    "1 <= V <= Vp <= %d, 1 <= L <= %d, 1 <= C <= %d, C a multiple of NH)",
+                    what, cfg->max_seq_len, cfg->vocab_size, cfg->padded_vocab_size, cfg->num_layers, cfg->num_heads,
+                    cfg->channels, MAX_SEQ_LEN, MAX_VOCAB, MAX_LAYERS, MAX_CHANNELS);
     return 0;
 }
 
-static int same_config(const GPTConfig *a, const GPTConfig *b) {
-    return a->max_seq_len == b->max_seq_len && a->vocab_size == b->vocab_size &&
-           a->padded_vocab_size == b->padded_vocab_size && a->num_layers == b->num_layers &&
-           a->num_heads == b->num_heads && a->channels == b->channels;
+// Whether a model file's shape is the run's.
+static int same_config(const GPTConfig *file_cfg, const GPTConfig *run_cfg) {
+    return file_cfg->max_seq_len == run_cfg->max_seq_len && file_cfg->vocab_size == run_cfg->vocab_size &&
+           file_cfg->padded_vocab_size == run_cfg->padded_vocab_size &&
+           file_cfg->num_layers == run_cfg->num_layers && file_cfg->num_heads == run_cfg->num_heads &&
+           file_cfg->channels == run_cfg->channels;
 }
 
-static size_t model_size(const GPTConfig *c) {
+static size_t model_size(const GPTConfig *cfg) {
     size_t n = 0;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += gpt_tensor_size(c, t, c->num_layers);
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += gpt_tensor_size(cfg, t, cfg->num_layers);
     return n;
 }
 
@@ -210,54 +212,54 @@ typedef struct {
 } Layout;
 
 static Layout layout_make(GPTConfig cfg, int lo, int hi) {
-    Layout y;
-    memset(&y, 0, sizeof y);
-    y.cfg = cfg;
-    y.lo = lo; y.hi = hi; y.nl = hi - lo;
-    y.first = lo == 0; y.last = hi == cfg.num_layers;
+    Layout layout;
+    memset(&layout, 0, sizeof layout);
+    layout.cfg = cfg;
+    layout.lo = lo; layout.hi = hi; layout.nl = hi - lo;
+    layout.first = lo == 0; layout.last = hi == cfg.num_layers;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         size_t n;
-        if (is_layer_tensor(t)) n = gpt_tensor_size(&cfg, t, y.nl);
-        else if (t == P_WTE) n = (y.first || y.last) ? gpt_tensor_size(&cfg, t, 0) : 0;
-        else if (t == P_WPE) n = y.first ? gpt_tensor_size(&cfg, t, 0) : 0;
-        else n = y.last ? gpt_tensor_size(&cfg, t, 0) : 0;
-        y.sizes[t] = n;
-        y.offsets[t] = y.num_params;
-        y.num_params += n;
+        if (is_layer_tensor(t)) n = gpt_tensor_size(&cfg, t, layout.nl);
+        else if (t == P_WTE) n = (layout.first || layout.last) ? gpt_tensor_size(&cfg, t, 0) : 0;
+        else if (t == P_WPE) n = layout.first ? gpt_tensor_size(&cfg, t, 0) : 0;
+        else n = layout.last ? gpt_tensor_size(&cfg, t, 0) : 0;
+        layout.sizes[t] = n;
+        layout.offsets[t] = layout.num_params;
+        layout.num_params += n;
     }
-    return y;
+    return layout;
 }
 
 // What stage_create checks before it allocates anything.
-static int check_stage_args(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
+static int check_stage_args(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers) {
     if (check_config(&cfg, "model config")) return -1;
     if (lo < 0 || hi > cfg.num_layers || lo >= hi)
         return fail("bad layer range [%d, %d) for a %d-layer model", lo, hi, cfg.num_layers);
     if (B < 1 || T < 1 || T > cfg.max_seq_len)
         return fail("sequence length %d must be in [1, %d] (the model's context) and batch %d >= 1",
                     T, cfg.max_seq_len, B);
-    if (slots < 1) return fail("a stage needs at least one activation slot");
+    if (activation_buffers < 1) return fail("a stage needs at least one activation buffer");
     // the kernels index rows with int, and the activations' sizes must not
     // overflow (estimated in double, which cannot wrap)
     double rows = (double)B * T, floats = rows * (hi - lo + 1) * (24.0 * cfg.channels + (double)cfg.num_heads * T) +
                   rows * cfg.padded_vocab_size;
-    if (rows > INT_MAX / 4 || floats * slots > 0x1p56)
+    if (rows > INT_MAX / 4 || floats * activation_buffers > 0x1p56)
         return fail("batch %d x sequence %d: the activations (about %.3g bytes) are past what one stage can hold",
-                    B, T, 4.0 * floats * slots);
+                    B, T, 4.0 * floats * activation_buffers);
     return 0;
 }
 
 // Element offset of the stage's share of tensor t in the whole-model layout
 // (the order of llm.c's files).
-static size_t model_offset(const Layout *y, int t) {
+static size_t model_offset(const Layout *layout, int t) {
     size_t off = 0;
-    for (int i = 0; i < t; i++) off += gpt_tensor_size(&y->cfg, i, y->cfg.num_layers);
-    return off + (is_layer_tensor(t) ? y->lo * gpt_tensor_size(&y->cfg, t, 1) : 0);
+    for (int i = 0; i < t; i++) off += gpt_tensor_size(&layout->cfg, i, layout->cfg.num_layers);
+    return off + (is_layer_tensor(t) ? layout->lo * gpt_tensor_size(&layout->cfg, t, 1) : 0);
 }
 
 // wte lives on the first and the last stage; the first one speaks for it
 // (in checkpoints and in the grad norm)
-static int owns_tensor(const Layout *y, int t) { return y->sizes[t] && (t != P_WTE || y->first); }
+static int owns_tensor(const Layout *layout, int t) { return layout->sizes[t] && (t != P_WTE || layout->first); }
 
 // Chunk j of D of an n-element (tensor, layer) segment: [lo, hi), ceil(n/D)
 // elements each (the last ones shorter, maybe empty). Replica j of D
@@ -270,22 +272,22 @@ static void chunk_range(size_t n, int j, int D, size_t *lo, size_t *hi) {
 
 // Elements of one (tensor, layer) segment of tensor t, and how many segments
 // the stage has of it (its layers, or 1 for a whole tensor).
-static size_t segment_elems(const Layout *y, int t) {
-    return is_layer_tensor(t) ? gpt_tensor_size(&y->cfg, t, 1) : y->sizes[t];
+static size_t segment_elems(const Layout *layout, int t) {
+    return is_layer_tensor(t) ? gpt_tensor_size(&layout->cfg, t, 1) : layout->sizes[t];
 }
-static int segment_count(const Layout *y, int t) {
-    return !y->sizes[t] ? 0 : is_layer_tensor(t) ? y->nl : 1;
+static int segment_count(const Layout *layout, int t) {
+    return !layout->sizes[t] ? 0 : is_layer_tensor(t) ? layout->nl : 1;
 }
 
 // A shard: chunk `part` of `parts` of every (tensor, layer) segment the stage
 // has, packed segment by segment in layout order (tensor, then layer). It is
 // what one of `parts` replicas keeps of AdamW's m and v under --zero 1 and 3;
 // with parts = 1 it is the stage layout itself. Returns its elements.
-static size_t shard_elems(const Layout *y, int part, int parts) {
+static size_t shard_elems(const Layout *layout, int part, int parts) {
     size_t n = 0, lo, hi;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        chunk_range(segment_elems(y, t), part, parts, &lo, &hi);
-        n += (hi - lo) * segment_count(y, t);
+        chunk_range(segment_elems(layout, t), part, parts, &lo, &hi);
+        n += (hi - lo) * segment_count(layout, t);
     }
     return n;
 }
@@ -315,21 +317,21 @@ static void fill_normal(float *p, size_t n, float std, uint64_t seed) {
 // GPT-2's init of the stage's parameters (host memory, stage layout):
 // normal(0, 0.02), residual projections scaled by 1/sqrt(2L), layernorm
 // weights 1, biases 0, padded vocabulary rows 0.
-static void init_params(const Layout *y, float *params, uint64_t seed) {
-    const GPTConfig *c = &y->cfg;
-    float resid_std = 0.02f / sqrtf(2.0f * c->num_layers);
+static void init_params(const Layout *layout, float *params, uint64_t seed) {
+    const GPTConfig *cfg = &layout->cfg;
+    float resid_std = 0.02f / sqrtf(2.0f * cfg->num_layers);
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int t = 0; t < NUM_PARAM_TENSORS; t++)
-        for (int l = 0; l < y->nl; l++) {
-            if (!y->sizes[t] || (!is_layer_tensor(t) && l > 0)) continue;
-            size_t n = is_layer_tensor(t) ? gpt_tensor_size(c, t, 1) : y->sizes[t];
-            float *p = params + y->offsets[t] + (is_layer_tensor(t) ? l * n : 0);
-            int global_layer = is_layer_tensor(t) ? y->lo + l : 0;
+        for (int l = 0; l < layout->nl; l++) {
+            if (!layout->sizes[t] || (!is_layer_tensor(t) && l > 0)) continue;
+            size_t n = is_layer_tensor(t) ? gpt_tensor_size(cfg, t, 1) : layout->sizes[t];
+            float *p = params + layout->offsets[t] + (is_layer_tensor(t) ? l * n : 0);
+            int global_layer = is_layer_tensor(t) ? layout->lo + l : 0;
             uint64_t st = seed * 0x100000001B3ull + (uint64_t)t * 4096 + global_layer;
             uint64_t stream = splitmix64(&st);
             if (t == P_WTE) {
                 memset(p, 0, n * sizeof(float));
-                fill_normal(p, (size_t)c->vocab_size * c->channels, 0.02f, stream);
+                fill_normal(p, (size_t)cfg->vocab_size * cfg->channels, 0.02f, stream);
             } else if (t == P_ATTPROJW || t == P_FCPROJW) {
                 fill_normal(p, n, resid_std, stream);
             } else if (is_matrix(t)) {
@@ -385,48 +387,54 @@ done:
 }
 
 DataLoader *dataloader_open(const char *pattern, int B, int T) {
-    DataLoader *d = (DataLoader *)calloc_or_fail(1, sizeof(DataLoader), "the data loader");
-    if (!d) return NULL;
-    d->B = B; d->T = T;
-    if (glob(pattern, 0, NULL, &d->shards) != 0 || d->shards.gl_pathc == 0) {
+    DataLoader *loader = (DataLoader *)calloc_or_fail(1, sizeof(DataLoader), "the data loader");
+    if (!loader) return NULL;
+    loader->B = B; loader->T = T;
+    if (glob(pattern, 0, NULL, &loader->shards) != 0 || loader->shards.gl_pathc == 0) {
         fail("no token shards match '%s' (prepare the data first: python3 -m dev.data.prepare)", pattern);
-        globfree(&d->shards);
-        free(d);
+        globfree(&loader->shards);
+        free(loader);
         return NULL;
     }
     // check every shard now, so a bad one fails at start, not hours in
-    for (size_t i = 0; i < d->shards.gl_pathc; i++) {
+    for (size_t i = 0; i < loader->shards.gl_pathc; i++) {
         int64_t n;
-        if (shard_read(d->shards.gl_pathv[i], (int64_t)B * T + 1, NULL, &n)) { dataloader_free(d); return NULL; }
+        if (shard_read(loader->shards.gl_pathv[i], (int64_t)B * T + 1, NULL, &n)) {
+            dataloader_free(loader);
+            return NULL;
+        }
     }
-    if (dataloader_set_position(d, 0, 0)) { dataloader_free(d); return NULL; }
-    return d;
+    if (dataloader_set_position(loader, 0, 0)) { dataloader_free(loader); return NULL; }
+    return loader;
 }
 
-void dataloader_free(DataLoader *d) {
-    if (!d) return;
-    globfree(&d->shards);
-    free(d->tokens);
-    free(d);
+void dataloader_free(DataLoader *loader) {
+    if (!loader) return;
+    globfree(&loader->shards);
+    free(loader->tokens);
+    free(loader);
 }
 
-int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos) {
-    if (shard < 0 || (size_t)shard >= d->shards.gl_pathc)
-        return fail("data position: shard %lld of %zu", (long long)shard, d->shards.gl_pathc);
-    if (!d->tokens || (size_t)shard != d->shard)
-        if (shard_read(d->shards.gl_pathv[shard], (int64_t)d->B * d->T + 1, &d->tokens, &d->ntok)) return -1;
-    if (pos < 0 || pos > d->ntok) return fail("data position: token %lld of %lld", (long long)pos, (long long)d->ntok);
-    d->shard = shard;
-    d->pos = pos;
+int dataloader_set_position(DataLoader *loader, int64_t shard, int64_t pos) {
+    if (shard < 0 || (size_t)shard >= loader->shards.gl_pathc)
+        return fail("data position: shard %lld of %zu", (long long)shard, loader->shards.gl_pathc);
+    if (!loader->tokens || (size_t)shard != loader->shard)
+        if (shard_read(loader->shards.gl_pathv[shard], (int64_t)loader->B * loader->T + 1, &loader->tokens,
+                       &loader->ntok))
+            return -1;
+    if (pos < 0 || pos > loader->ntok)
+        return fail("data position: token %lld of %lld", (long long)pos, (long long)loader->ntok);
+    loader->shard = shard;
+    loader->pos = pos;
     return 0;
 }
 
-int dataloader_check_vocab(DataLoader *d, int vocab_size) {
+int dataloader_check_vocab(DataLoader *loader, int vocab_size) {
     uint16_t *tokens = NULL;
     int64_t n = 0;
     int rc = 0;
-    for (size_t i = 0; i < d->shards.gl_pathc && rc == 0; i++) {
-        const char *path = d->shards.gl_pathv[i];
+    for (size_t i = 0; i < loader->shards.gl_pathc && rc == 0; i++) {
+        const char *path = loader->shards.gl_pathv[i];
         if (shard_read(path, 0, &tokens, &n)) { rc = -1; break; }
         uint16_t top = 0;  // a max reduction, which the compiler vectorises
         for (int64_t k = 0; k < n; k++) top = tokens[k] > top ? tokens[k] : top;
@@ -454,18 +462,18 @@ static int check_tokens(const int *tokens, size_t n, int vocab_size, const char 
     return 0;
 }
 
-void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos) {
-    *shard = d->shard;
-    *pos = d->pos;
+void dataloader_get_position(const DataLoader *loader, int64_t *shard, int64_t *pos) {
+    *shard = loader->shard;
+    *pos = loader->pos;
 }
 
-int dataloader_next(DataLoader *d, int *inputs, int *targets) {
-    int64_t BT = (int64_t)d->B * d->T;
-    if (d->pos + BT + 1 > d->ntok)
-        if (dataloader_set_position(d, (d->shard + 1) % d->shards.gl_pathc, 0)) return -1;
-    const uint16_t *p = d->tokens + d->pos;
+int dataloader_next(DataLoader *loader, int *inputs, int *targets) {
+    int64_t BT = (int64_t)loader->B * loader->T;
+    if (loader->pos + BT + 1 > loader->ntok)
+        if (dataloader_set_position(loader, (loader->shard + 1) % loader->shards.gl_pathc, 0)) return -1;
+    const uint16_t *p = loader->tokens + loader->pos;
     for (int64_t i = 0; i < BT; i++) { inputs[i] = p[i]; targets[i] = p[i + 1]; }
-    d->pos += BT;
+    loader->pos += BT;
     return 0;
 }
 
@@ -502,7 +510,7 @@ static int check_finite(const float *p, size_t n, int nonnegative, const char *p
     return 0;
 }
 
-static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t *elem);
+static int model_file_check(int fd, const char *path, const GPTConfig *cfg, size_t *elem);
 
 int gpt_read_config(const char *path, GPTConfig *cfg) {
     int fd = open(path, O_RDONLY);
@@ -515,18 +523,19 @@ int gpt_read_config(const char *path, GPTConfig *cfg) {
     return rc;
 }
 
-// The header and size of an open model file against the run's shape c;
+// The header and size of an open model file against the run's shape cfg;
 // sets *elem to the bytes per parameter.
-static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t *elem) {
+static int model_file_check(int fd, const char *path, const GPTConfig *cfg, size_t *elem) {
     int32_t h[HEADER_INTS];
-    GPTConfig fc;
-    if (read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, &fc)) return -1;
-    if (!same_config(&fc, c))
+    GPTConfig file_cfg;
+    if (read_exact(fd, h, sizeof h, 0, path) || check_model_header(h, path, &file_cfg)) return -1;
+    if (!same_config(&file_cfg, cfg))
         return fail("%s: model is L=%d NH=%d C=%d maxT=%d V=%d, this run wants L=%d NH=%d C=%d maxT=%d V=%d", path,
-                    fc.num_layers, fc.num_heads, fc.channels, fc.max_seq_len, fc.vocab_size, c->num_layers,
-                    c->num_heads, c->channels, c->max_seq_len, c->vocab_size);
+                    file_cfg.num_layers, file_cfg.num_heads, file_cfg.channels, file_cfg.max_seq_len,
+                    file_cfg.vocab_size, cfg->num_layers, cfg->num_heads, cfg->channels, cfg->max_seq_len,
+                    cfg->vocab_size);
     *elem = h[1] == 3 ? 4 : 2;
-    int64_t expect = (int64_t)sizeof h + (int64_t)(*elem * model_size(&fc)), size = file_size(fd);
+    int64_t expect = (int64_t)sizeof h + (int64_t)(*elem * model_size(&file_cfg)), size = file_size(fd);
     if (size != expect)
         return fail("%s: model file is %lld bytes, expected %lld (truncated?)", path, (long long)size,
                     (long long)expect);
@@ -534,29 +543,29 @@ static int model_file_check(int fd, const char *path, const GPTConfig *c, size_t
 }
 
 // Reads the stage's slices of an llm.c model file into params (stage layout).
-static int model_file_read(const Layout *y, const char *path, float *params) {
+static int model_file_read(const Layout *layout, const char *path, float *params) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) return fail("%s: cannot open model file (%s)", path, strerror(errno));
     int rc = -1;
     size_t elem;
     const size_t hbytes = HEADER_INTS * 4;
-    if (model_file_check(fd, path, &y->cfg, &elem)) goto done;
+    if (model_file_check(fd, path, &layout->cfg, &elem)) goto done;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!y->sizes[t]) continue;
-        float *p = params + y->offsets[t];
-        off_t off = hbytes + elem * model_offset(y, t);
+        if (!layout->sizes[t]) continue;
+        float *p = params + layout->offsets[t];
+        off_t off = hbytes + elem * model_offset(layout, t);
         if (elem == 4) {
-            if (read_exact(fd, p, 4 * y->sizes[t], off, path)) goto done;
+            if (read_exact(fd, p, 4 * layout->sizes[t], off, path)) goto done;
         } else {  // bf16 is the top half of an fp32
-            uint16_t *tmp = (uint16_t *)malloc(2 * y->sizes[t]);
-            if (!tmp || read_exact(fd, tmp, 2 * y->sizes[t], off, path)) { free(tmp); goto done; }
-            for (size_t i = 0; i < y->sizes[t]; i++) {
+            uint16_t *tmp = (uint16_t *)malloc(2 * layout->sizes[t]);
+            if (!tmp || read_exact(fd, tmp, 2 * layout->sizes[t], off, path)) { free(tmp); goto done; }
+            for (size_t i = 0; i < layout->sizes[t]; i++) {
                 uint32_t bits = (uint32_t)tmp[i] << 16;
                 memcpy(&p[i], &bits, 4);
             }
             free(tmp);
         }
-        if (check_finite(p, y->sizes[t], 0, path, PARAM_NAMES[t])) goto done;
+        if (check_finite(p, layout->sizes[t], 0, path, PARAM_NAMES[t])) goto done;
     }
     rc = 0;
 done:
@@ -576,19 +585,19 @@ static void checkpoint_path(char *out, size_t n, const char *dir, const char *wh
 // shard_elems) into dir/{model,state}_STEP.bin.tmp: chunk `part` of `parts` of
 // every (tensor, layer) segment, so data-parallel replicas that own one chunk
 // each write one whole file between them (parts = 1: everything).
-static int checkpoint_files_write(const Layout *y, const char *dir, const TrainState *ts, const float *params,
+static int checkpoint_files_write(const Layout *layout, const char *dir, const TrainState *ts, const float *params,
                                   int params_in_shard, const float *m, const float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", ts->step, ".bin.tmp");
     checkpoint_path(spath, sizeof spath, dir, "state", ts->step, ".bin.tmp");
-    const GPTConfig *c = &y->cfg;
-    size_t P = model_size(c), shard = shard_elems(y, part, parts);
+    const GPTConfig *cfg = &layout->cfg;
+    size_t P = model_size(cfg), shard = shard_elems(layout, part, parts);
     if (ts->step < 1 || ts->step > MAX_CHECKPOINT_STEP || ts->shard < 0 || ts->pos < 0)
         return fail("%s: checkpoint of step %lld at data shard %lld token %lld: out of range", dir,
                     (long long)ts->step, (long long)ts->shard, (long long)ts->pos);
     // a checkpoint with NaN in it is never written, so never resumed from
     for (int t = 0; t < NUM_PARAM_TENSORS && !params_in_shard; t++)
-        if (check_finite(params + y->offsets[t], y->sizes[t], 0, mpath, PARAM_NAMES[t])) return -1;
+        if (check_finite(params + layout->offsets[t], layout->sizes[t], 0, mpath, PARAM_NAMES[t])) return -1;
     if ((params_in_shard && check_finite(params, shard, 0, mpath, "parameter")) || check_finite(m, shard, 0, spath, "AdamW m") || check_finite(v, shard, 1, spath, "AdamW v")) return -1;
     int mfd = open(mpath, O_WRONLY | O_CREAT, 0644);
     if (mfd < 0) return fail("%s: cannot write checkpoint (%s)", mpath, strerror(errno));
@@ -600,22 +609,23 @@ static int checkpoint_files_write(const Layout *y, const char *dir, const TrainS
         fail("%s: cannot size checkpoint (%s)", dir, strerror(errno));
         goto done;
     }
-    if (y->first && part == 0) {
-        int32_t mh[HEADER_INTS] = {MODEL_MAGIC, 3, c->max_seq_len, c->vocab_size, c->num_layers,
-                                   c->num_heads, c->channels, c->padded_vocab_size};
-        int32_t sh[HEADER_INTS] = {STATE_MAGIC, 1, c->num_layers, c->channels, c->padded_vocab_size, c->max_seq_len};
+    if (layout->first && part == 0) {
+        int32_t mh[HEADER_INTS] = {MODEL_MAGIC, 3, cfg->max_seq_len, cfg->vocab_size, cfg->num_layers,
+                                   cfg->num_heads, cfg->channels, cfg->padded_vocab_size};
+        int32_t sh[HEADER_INTS] = {STATE_MAGIC, 1, cfg->num_layers, cfg->channels, cfg->padded_vocab_size,
+                                   cfg->max_seq_len};
         memcpy(&sh[8], &ts->step, 8);
         memcpy(&sh[10], &ts->shard, 8);
         memcpy(&sh[12], &ts->pos, 8);
         if (write_exact(mfd, mh, sizeof mh, 0, mpath) || write_exact(sfd, sh, sizeof sh, 0, spath)) goto done;
     }
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t seg = segment_elems(y, t), lo, hi;
+        size_t seg = segment_elems(layout, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (int l = 0; l < segment_count(y, t); l++, at_shard += hi - lo) {
-            if (!owns_tensor(y, t)) continue;  // the last stage's copy of wte: the first one writes it
-            size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo;
-            size_t at = params_in_shard ? at_shard : y->offsets[t] + l * seg + lo;
+        for (int l = 0; l < segment_count(layout, t); l++, at_shard += hi - lo) {
+            if (!owns_tensor(layout, t)) continue;  // the last stage's copy of wte: the first one writes it
+            size_t off = model_offset(layout, t) + l * seg + lo, n = hi - lo;
+            size_t at = params_in_shard ? at_shard : layout->offsets[t] + l * seg + lo;
             if (write_exact(mfd, params + at, 4 * n, HEADER_INTS * 4 + 4 * off, mpath) ||
                 write_exact(sfd, m + at_shard, 4 * n, HEADER_INTS * 4 + 4 * off, spath) ||
                 write_exact(sfd, v + at_shard, 4 * n, HEADER_INTS * 4 + 4 * (P + off), spath))
@@ -634,15 +644,15 @@ done:
 }
 
 // The header and size of an open optimizer-state file against the run's
-// shape c and the step of its DONE marker; fills ts.
-static int state_file_check(int fd, const char *path, const GPTConfig *c, int64_t step, TrainState *ts) {
+// shape cfg and the step of its DONE marker; fills ts.
+static int state_file_check(int fd, const char *path, const GPTConfig *cfg, int64_t step, TrainState *ts) {
     int32_t h[HEADER_INTS];
-    size_t P = model_size(c);
+    size_t P = model_size(cfg);
     if (read_exact(fd, h, sizeof h, 0, path)) return -1;
     if (h[0] != STATE_MAGIC || h[1] != 1)
         return fail("%s: not an optimizer state file (magic %d version %d, expected %d version 1)", path, h[0], h[1],
                     STATE_MAGIC);
-    if (h[2] != c->num_layers || h[3] != c->channels || h[4] != c->padded_vocab_size || h[5] != c->max_seq_len)
+    if (h[2] != cfg->num_layers || h[3] != cfg->channels || h[4] != cfg->padded_vocab_size || h[5] != cfg->max_seq_len)
         return fail("%s: optimizer state is for another model shape", path);
     if (file_size(fd) != (int64_t)(sizeof h + 8 * P))
         return fail("%s: optimizer state is %lld bytes, expected %lld (truncated?)", path, (long long)file_size(fd),
@@ -663,12 +673,12 @@ static int state_file_check(int fd, const char *path, const GPTConfig *c, int64_
 // parameters (all of them, or with params_in_shard its chunks, like m and v),
 // and chunk `part` of `parts` of its AdamW moments (the shard this rank
 // keeps, whatever split wrote the files).
-static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step, TrainState *ts, float *params,
+static int checkpoint_files_read(const Layout *layout, const char *dir, int64_t step, TrainState *ts, float *params,
                                  int params_in_shard, float *m, float *v, int part, int parts) {
     char mpath[4096], spath[4096];
     checkpoint_path(mpath, sizeof mpath, dir, "model", step, ".bin");
     checkpoint_path(spath, sizeof spath, dir, "state", step, ".bin");
-    if (!params_in_shard && model_file_read(y, mpath, params)) return -1;
+    if (!params_in_shard && model_file_read(layout, mpath, params)) return -1;
     int mfd = params_in_shard ? open(mpath, O_RDONLY) : -1;
     if (params_in_shard && mfd < 0) return fail("%s: cannot open model file (%s)", mpath, strerror(errno));
     int fd = open(spath, O_RDONLY);
@@ -677,16 +687,17 @@ static int checkpoint_files_read(const Layout *y, const char *dir, int64_t step,
         return fail("%s: cannot open optimizer state (%s)", spath, strerror(errno));
     }
     int rc = -1;
-    size_t P = model_size(&y->cfg), at_shard = 0, elem = 4;
+    size_t P = model_size(&layout->cfg), at_shard = 0, elem = 4;
     const size_t hbytes = HEADER_INTS * 4;
-    if (state_file_check(fd, spath, &y->cfg, step, ts) || (mfd >= 0 && model_file_check(mfd, mpath, &y->cfg, &elem)))
+    if (state_file_check(fd, spath, &layout->cfg, step, ts) ||
+        (mfd >= 0 && model_file_check(mfd, mpath, &layout->cfg, &elem)))
         goto done;
     if (elem != 4) { fail("%s: a checkpoint's model file is fp32 (version 3)", mpath); goto done; }
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t seg = segment_elems(y, t), lo, hi;
+        size_t seg = segment_elems(layout, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (int l = 0; l < segment_count(y, t); l++, at_shard += hi - lo) {
-            size_t off = model_offset(y, t) + l * seg + lo, n = hi - lo;
+        for (int l = 0; l < segment_count(layout, t); l++, at_shard += hi - lo) {
+            size_t off = model_offset(layout, t) + l * seg + lo, n = hi - lo;
             if (read_exact(fd, m + at_shard, 4 * n, hbytes + 4 * off, spath) ||
                 read_exact(fd, v + at_shard, 4 * n, hbytes + 4 * (P + off), spath) ||
                 (mfd >= 0 && read_exact(mfd, params + at_shard, 4 * n, hbytes + 4 * off, mpath)))
@@ -905,15 +916,15 @@ typedef struct {
 } Links;
 
 static Links links_make(int lo, int hi) {
-    Links k;
-    memset(&k, 0, sizeof k);
-    k.prev_fd = k.next_fd = k.tied_fd = k.replica_prev_fd = k.replica_next_fd = -1;
-    k.replica = 0;
-    k.replicas = 1;
-    k.timeout_s = 60.0;
-    k.lo = lo;
-    k.hi = hi;
-    return k;
+    Links links;
+    memset(&links, 0, sizeof links);
+    links.prev_fd = links.next_fd = links.tied_fd = links.replica_prev_fd = links.replica_next_fd = -1;
+    links.replica = 0;
+    links.replicas = 1;
+    links.timeout_s = 60.0;
+    links.lo = lo;
+    links.hi = hi;
+    return links;
 }
 
 typedef struct {
@@ -930,16 +941,16 @@ typedef struct {
 
 // Moves what the socket takes now, at most `most` bytes; returns bytes
 // moved, or (size_t)-1 when the peer is gone.
-static size_t transfer_step(Transfer *x, size_t most) {
-    size_t hb = sizeof x->header, off = x->done;
-    char *p = off < hb ? (char *)x->header + off : x->payload + (off - hb);
-    size_t n = off < hb ? hb - off : x->nbytes - off;
+static size_t transfer_step(Transfer *transfer, size_t most) {
+    size_t hb = sizeof transfer->header, off = transfer->done;
+    char *p = off < hb ? (char *)transfer->header + off : transfer->payload + (off - hb);
+    size_t n = off < hb ? hb - off : transfer->nbytes - off;
     if (n > most) n = most;
-    ssize_t r = x->sending ? send(x->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-                           : recv(x->fd, p, n, MSG_DONTWAIT);
+    ssize_t r = transfer->sending ? send(transfer->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+                                  : recv(transfer->fd, p, n, MSG_DONTWAIT);
     if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : (size_t)-1;
-    if (r == 0 && !x->sending) return (size_t)-1;
-    x->done += r;
+    if (r == 0 && !transfer->sending) return (size_t)-1;
+    transfer->done += r;
     return r;
 }
 
@@ -949,17 +960,17 @@ static size_t transfer_step(Transfer *x, size_t most) {
 #define WIRE_REDUCE 4   // a ring step of a reduce-scatter: partial sums of one chunk
 #define WIRE_GATHER 5   // a ring step of an all-gather: finished values of one chunk
 
-static void transfer_make(Transfer *x, int fd, int sending, int32_t kind, int32_t mb, void *buf, size_t nbytes) {
-    x->fd = fd;
-    x->sending = sending;
-    x->header[0] = kind;
-    x->header[1] = mb;
-    x->header[2] = (int32_t)nbytes;
-    x->header[3] = LINK_MAGIC;
-    x->payload = (char *)buf;
-    x->nbytes = sizeof x->header + nbytes;
-    x->done = 0;
-    x->wire = NULL;
+static void transfer_make(Transfer *transfer, int fd, int sending, int32_t kind, int32_t mb, void *buf, size_t nbytes) {
+    transfer->fd = fd;
+    transfer->sending = sending;
+    transfer->header[0] = kind;
+    transfer->header[1] = mb;
+    transfer->header[2] = (int32_t)nbytes;
+    transfer->header[3] = LINK_MAGIC;
+    transfer->payload = (char *)buf;
+    transfer->nbytes = sizeof transfer->header + nbytes;
+    transfer->done = 0;
+    transfer->wire = NULL;
 }
 
 static const char *wire_name(int32_t kind) {
@@ -967,9 +978,9 @@ static const char *wire_name(int32_t kind) {
          : kind == WIRE_REDUCE ? "reduce-scatter chunk of bucket" : "all-gather chunk of bucket";
 }
 
-static const char *link_name(const Links *k, int fd) {
-    return fd == k->next_fd ? "next stage" : fd == k->prev_fd ? "previous stage" : fd == k->tied_fd ? "tied stage"
-         : fd == k->replica_next_fd ? "next replica" : "previous replica";
+static const char *link_name(const Links *links, int fd) {
+    return fd == links->next_fd ? "next stage" : fd == links->prev_fd ? "previous stage"
+         : fd == links->tied_fd ? "tied stage" : fd == links->replica_next_fd ? "next replica" : "previous replica";
 }
 
 // ----------------------------------------------------------------------------
@@ -1029,35 +1040,36 @@ static double *wire_clock(int fd, double now) {
 // Moves n transfers to completion together, checking each received header
 // against the one expected. A paced send waits for its wire (link pacing)
 // while the others move.
-static int transfers_run(const Links *k, Transfer *xs, int n) {
+static int transfers_run(const Links *links, Transfer *transfers, int n) {
     double last_progress = now_seconds();
     for (;;) {
         struct pollfd pf[MAX_GROUP];
         int idx[MAX_GROUP], np = 0, pending = 0;
         double now = now_seconds(), pace_wait = INFINITY;  // until the first paced send may go on
         for (int i = 0; i < n; i++) {
-            if (xs[i].done == xs[i].nbytes) continue;
+            if (transfers[i].done == transfers[i].nbytes) continue;
             pending++;
             // only the oldest unfinished transfer per link and direction may move
             int older = 0;
             for (int j = 0; j < i; j++)
-                older |= xs[j].fd == xs[i].fd && xs[j].sending == xs[i].sending && xs[j].done < xs[j].nbytes;
+                older |= transfers[j].fd == transfers[i].fd && transfers[j].sending == transfers[i].sending &&
+                         transfers[j].done < transfers[j].nbytes;
             if (older) continue;
-            if (xs[i].sending && link_paced()) {
-                if (!xs[i].wire) {  // the message starts: its latency, after what the wire still carries
-                    if (!(xs[i].wire = wire_clock(xs[i].fd, now)))
-                        return fail("stage [%d,%d): more than %d paced links", k->lo, k->hi, PACED_LINKS);
-                    *xs[i].wire = fmax(*xs[i].wire, now) + g_link_latency_s;
+            if (transfers[i].sending && link_paced()) {
+                if (!transfers[i].wire) {  // the message starts: its latency, after what the wire still carries
+                    if (!(transfers[i].wire = wire_clock(transfers[i].fd, now)))
+                        return fail("stage [%d,%d): more than %d paced links", links->lo, links->hi, PACED_LINKS);
+                    *transfers[i].wire = fmax(*transfers[i].wire, now) + g_link_latency_s;
                 }
-                size_t chunk = xs[i].nbytes - xs[i].done < PACE_CHUNK ? xs[i].nbytes - xs[i].done : PACE_CHUNK;
-                double ready = *xs[i].wire + (g_link_bps > 0 ? 8.0 * chunk / g_link_bps : 0.0);
+                size_t left = transfers[i].nbytes - transfers[i].done, chunk = left < PACE_CHUNK ? left : PACE_CHUNK;
+                double ready = *transfers[i].wire + (g_link_bps > 0 ? 8.0 * chunk / g_link_bps : 0.0);
                 if (ready > now) {
                     pace_wait = fmin(pace_wait, ready - now);
                     continue;
                 }
             }
-            pf[np].fd = xs[i].fd;
-            pf[np].events = xs[i].sending ? POLLOUT : POLLIN;
+            pf[np].fd = transfers[i].fd;
+            pf[np].events = transfers[i].sending ? POLLOUT : POLLIN;
             pf[np].revents = 0;
             idx[np++] = i;
         }
@@ -1071,37 +1083,39 @@ static int transfers_run(const Links *k, Transfer *xs, int n) {
             nanosleep(&ts, NULL);
         }
         for (int q = 0; q < np && r > 0; q++) {
-            Transfer *x = &xs[idx[q]];
+            Transfer *transfer = &transfers[idx[q]];
             if (!pf[q].revents) continue;
-            int32_t want[3] = {x->header[0], x->header[1], x->header[2]};
-            const char *side = link_name(k, x->fd);
-            size_t moved = transfer_step(x, x->wire ? PACE_CHUNK : SIZE_MAX);
+            int32_t want[3] = {transfer->header[0], transfer->header[1], transfer->header[2]};
+            const char *side = link_name(links, transfer->fd);
+            size_t moved = transfer_step(transfer, transfer->wire ? PACE_CHUNK : SIZE_MAX);
             if (moved == (size_t)-1)
-                return fail("stage [%d,%d): the %s closed the link during %s of %s mb %d", k->lo, k->hi,
-                            side, x->sending ? "a send" : "a receive", wire_name(want[0]), want[1]);
+                return fail("stage [%d,%d): the %s closed the link during %s of %s mb %d", links->lo, links->hi,
+                            side, transfer->sending ? "a send" : "a receive", wire_name(want[0]), want[1]);
             if (moved) last_progress = now_seconds();
-            if (x->wire && g_link_bps > 0) *x->wire += 8.0 * moved / g_link_bps;
-            if (!x->sending && moved && x->done == sizeof x->header &&
-                (x->header[3] != LINK_MAGIC || x->header[0] != want[0] || x->header[1] != want[1] ||
-                 x->header[2] != want[2]))
-                return fail("stage [%d,%d): expected %s mb %d from the %s, got %s mb %d", k->lo, k->hi,
-                            wire_name(want[0]), want[1], side, wire_name(x->header[0]), x->header[1]);
+            if (transfer->wire && g_link_bps > 0) *transfer->wire += 8.0 * moved / g_link_bps;
+            if (!transfer->sending && moved && transfer->done == sizeof transfer->header &&
+                (transfer->header[3] != LINK_MAGIC || transfer->header[0] != want[0] ||
+                 transfer->header[1] != want[1] || transfer->header[2] != want[2]))
+                return fail("stage [%d,%d): expected %s mb %d from the %s, got %s mb %d", links->lo, links->hi,
+                            wire_name(want[0]), want[1], side, wire_name(transfer->header[0]), transfer->header[1]);
         }
-        if (now_seconds() - last_progress > k->timeout_s)
-            return fail("stage [%d,%d): no progress from a neighbour for %.0f s", k->lo, k->hi, k->timeout_s);
+        if (now_seconds() - last_progress > links->timeout_s)
+            return fail("stage [%d,%d): no progress from a neighbour for %.0f s", links->lo, links->hi,
+                        links->timeout_s);
     }
 }
 
 // Counts a finished message's payload as one kind of traffic (NCCL's too).
-static void links_count(Links *k, int traffic, int sending, uint64_t payload) {
-    if (sending) k->bytes_sent[traffic] += payload;
-    else k->bytes_received[traffic] += payload;
+static void links_count(Links *links, int traffic, int sending, uint64_t payload) {
+    if (sending) links->bytes_sent[traffic] += payload;
+    else links->bytes_received[traffic] += payload;
 }
 
 // Moves a group to completion and counts its payload bytes as one kind of traffic.
-static int transfers_run_counted(Links *k, Transfer *xs, int n, int traffic) {
-    if (transfers_run(k, xs, n)) return -1;
-    for (int i = 0; i < n; i++) links_count(k, traffic, xs[i].sending, xs[i].nbytes - sizeof xs[i].header);
+static int transfers_run_counted(Links *links, Transfer *transfers, int n, int traffic) {
+    if (transfers_run(links, transfers, n)) return -1;
+    for (int i = 0; i < n; i++)
+        links_count(links, traffic, transfers[i].sending, transfers[i].nbytes - sizeof transfers[i].header);
     return 0;
 }
 
@@ -1109,30 +1123,31 @@ static int transfers_run_counted(Links *k, Transfer *xs, int n, int traffic) {
 // of op i, nbytes each. Per stage boundary and micro-batch the pipeline moves
 // one activation down (SEND_ACT) and its gradient back up (SEND_GRAD): b*T*C
 // values each way, 2*b*T*C in all, 8*b*T*C bytes in fp32 (4*b*T*C in bf16).
-static int comm_group(Links *k, const int *ops, int n, void *const *bufs, size_t nbytes) {
-    Transfer xs[MAX_GROUP];
+static int comm_group(Links *links, const int *ops, int n, void *const *bufs, size_t nbytes) {
+    Transfer transfers[MAX_GROUP];
     if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
     for (int i = 0; i < n; i++) {
         int kind = ops[OP_INTS * i], mb = ops[OP_INTS * i + 1];
         int to_next = kind == OP_SEND_ACT || kind == OP_RECV_GRAD;
-        int fd = to_next ? k->next_fd : k->prev_fd;
+        int fd = to_next ? links->next_fd : links->prev_fd;
         if (fd < 0)
-            return fail("stage [%d,%d): %s mb %d but there is no %s stage", k->lo, k->hi, OP_NAMES[kind], mb,
+            return fail("stage [%d,%d): %s mb %d but there is no %s stage", links->lo, links->hi, OP_NAMES[kind], mb,
                         to_next ? "next" : "previous");
         int wire = (kind == OP_SEND_ACT || kind == OP_RECV_ACT) ? WIRE_ACT : WIRE_GRAD;
-        transfer_make(&xs[i], fd, kind == OP_SEND_ACT || kind == OP_SEND_GRAD, wire, mb, bufs[i], nbytes);
+        transfer_make(&transfers[i], fd, kind == OP_SEND_ACT || kind == OP_SEND_GRAD, wire, mb, bufs[i], nbytes);
     }
-    return transfers_run_counted(k, xs, n, TRAFFIC_PIPELINE);
+    return transfers_run_counted(links, transfers, n, TRAFFIC_PIPELINE);
 }
 
 // The first and the last stage swap their shares of d(wte) over the tied
 // link: Vp*C values each way per step, 4*Vp*C bytes.
-static int tied_swap(Links *k, const void *send_buf, void *recv_buf, size_t nbytes) {
-    if (k->tied_fd < 0) return fail("stage [%d,%d): no link to the other end of the tied embedding", k->lo, k->hi);
-    Transfer xs[2];
-    transfer_make(&xs[0], k->tied_fd, 1, WIRE_WTE, 0, (void *)send_buf, nbytes);
-    transfer_make(&xs[1], k->tied_fd, 0, WIRE_WTE, 0, recv_buf, nbytes);
-    return transfers_run_counted(k, xs, 2, TRAFFIC_TIED);
+static int tied_swap(Links *links, const void *send_buf, void *recv_buf, size_t nbytes) {
+    if (links->tied_fd < 0)
+        return fail("stage [%d,%d): no link to the other end of the tied embedding", links->lo, links->hi);
+    Transfer transfers[2];
+    transfer_make(&transfers[0], links->tied_fd, 1, WIRE_WTE, 0, (void *)send_buf, nbytes);
+    transfer_make(&transfers[1], links->tied_fd, 0, WIRE_WTE, 0, recv_buf, nbytes);
+    return transfers_run_counted(links, transfers, 2, TRAFFIC_TIED);
 }
 
 // ----------------------------------------------------------------------------
@@ -1149,12 +1164,12 @@ static int tied_swap(Links *k, const void *send_buf, void *recv_buf, size_t nbyt
 
 
 // The (tensor, stage-local layer) segments of a bucket; returns how many (at most 12).
-static int bucket_segments(const Layout *y, int bucket, int *tensors, int *layers) {
+static int bucket_segments(const Layout *layout, int bucket, int *tensors, int *layers) {
     int n = 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        if (!y->sizes[t] || is_layer_tensor(t) != (bucket < y->nl)) continue;
+        if (!layout->sizes[t] || is_layer_tensor(t) != (bucket < layout->nl)) continue;
         tensors[n] = t;
-        layers[n++] = bucket < y->nl ? bucket : 0;
+        layers[n++] = bucket < layout->nl ? bucket : 0;
     }
     return n;
 }
@@ -1204,18 +1219,19 @@ static void chunks_unpack(const float *buf, const Segment *segs, int nseg, int j
 // when D divides n): (D-1)/D * P values, 4(D-1)/D * P bytes, for P the
 // bucket's parameters. An all-reduce is a reduce-scatter then an all-gather:
 // 2(D-1)/D * P values, 8(D-1)/D * P bytes.
-static int ring_collective(Links *k, const Segment *segs, int nseg, int bucket, int gather) {
-    int D = k->replicas, d = k->replica;
+static int ring_collective(Links *links, const Segment *segs, int nseg, int bucket, int gather) {
+    int D = links->replicas, d = links->replica;
     if (D == 1) return 0;
-    if (k->replica_prev_fd < 0 || k->replica_next_fd < 0)
-        return fail("stage [%d,%d): a data-parallel collective but no links to the other replicas", k->lo, k->hi);
+    if (links->replica_prev_fd < 0 || links->replica_next_fd < 0)
+        return fail("stage [%d,%d): a data-parallel collective but no links to the other replicas", links->lo,
+                    links->hi);
     size_t most = 0;
     for (int j = 0; j < D; j++) {
         size_t n = chunks_pack(NULL, segs, nseg, j, D);
         most = n > most ? n : most;
     }
     if (most > (size_t)INT32_MAX / sizeof(float))
-        return fail("stage [%d,%d): bucket %d's chunks are too large for one message", k->lo, k->hi, bucket);
+        return fail("stage [%d,%d): bucket %d's chunks are too large for one message", links->lo, links->hi, bucket);
     float *out = (float *)malloc((most ? most : 1) * sizeof(float));
     float *in = (float *)malloc((most ? most : 1) * sizeof(float));
     int rc = 0;
@@ -1225,10 +1241,10 @@ static int ring_collective(Links *k, const Segment *segs, int nseg, int bucket, 
         size_t nsend = chunks_pack(out, segs, nseg, send_chunk, D);
         size_t nrecv = chunks_pack(NULL, segs, nseg, recv_chunk, D);
         int32_t wire = gather ? WIRE_GATHER : WIRE_REDUCE;
-        Transfer xs[2];
-        transfer_make(&xs[0], k->replica_next_fd, 1, wire, bucket, out, nsend * sizeof(float));
-        transfer_make(&xs[1], k->replica_prev_fd, 0, wire, bucket, in, nrecv * sizeof(float));
-        rc = transfers_run_counted(k, xs, 2, TRAFFIC_DATA_PARALLEL);
+        Transfer transfers[2];
+        transfer_make(&transfers[0], links->replica_next_fd, 1, wire, bucket, out, nsend * sizeof(float));
+        transfer_make(&transfers[1], links->replica_prev_fd, 0, wire, bucket, in, nrecv * sizeof(float));
+        rc = transfers_run_counted(links, transfers, 2, TRAFFIC_DATA_PARALLEL);
         if (rc == 0) chunks_unpack(in, segs, nseg, recv_chunk, D, !gather);
     }
     free(out);
@@ -1279,13 +1295,13 @@ void stage_bytes_moved(const Stage *s, uint64_t sent[NUM_TRAFFIC], uint64_t rece
 
 // ----------------------------------------------------------------------------
 // the executor's bookkeeping, the same for both trainers: which activation
-// slot holds which micro-batch, when it is freed, the micro-batch losses, and
-// each op's start and end
+// buffer holds which micro-batch, when it is freed, the micro-batch losses,
+// and each op's start and end
 
 typedef struct {
     int m;                   // micro-batches in this step: every rank runs one FWD per micro-batch
-    int nslots;              // activation slots the stage has (the validator's peak)
-    int *slot_of, *last_op;  // per micro-batch: its slot (-1: none), the index of its last op
+    int activation_buffers;  // the stage's activation buffers (the validator's peak)
+    int *acts_of, *last_op;  // per micro-batch: its activation buffer (-1: none), the index of its last op
     float *mb_losses;        // per micro-batch mean loss (the last stage)
     int cap;
     double *op_times;        // start and end of each op, CLOCK_MONOTONIC seconds
@@ -1300,76 +1316,77 @@ static int is_bucket_op(int kind) { return kind >= OP_ALLREDUCE && kind < NUM_OP
 // Checks an op list of (kind, mb, part) triples against a stage of nl layers
 // and readies the bookkeeping for it. Each micro-batch's forward starts once:
 // with its whole-stage FWD or its layer-0 one.
-static int oprun_begin(OpRun *r, const int *ops, int nops, int nl) {
-    r->m = 0;
+static int oprun_begin(OpRun *run, const int *ops, int nops, int nl) {
+    run->m = 0;
     for (int i = 0; i < nops; i++) {
         const int *op = ops + OP_INTS * i;
         if (op[0] < 0 || op[0] >= NUM_OPS) return fail("op %d: unknown kind %d", i, op[0]);
-        r->m += op[0] == OP_FWD && op[2] <= 0;
+        run->m += op[0] == OP_FWD && op[2] <= 0;
     }
     for (int i = 0; i < nops; i++) {
         const int *op = ops + OP_INTS * i;
         int kind = op[0], mb = op[1], part = op[2];
         if (is_bucket_op(kind) ? mb != -1 || part < 0 || part > nl
-                               : mb < 0 || mb >= r->m || part < -1 || part >= nl || (is_message(kind) && part != -1))
+                               : mb < 0 || mb >= run->m || part < -1 || part >= nl || (is_message(kind) && part != -1))
             return fail("op %d: %s (mb %d, part %d) for %d micro-batch(es) and %d layer(s): expected mb -1 and a "
                         "bucket 0..%d, or a micro-batch and part -1 (a message or the whole stage) or a layer",
-                        i, OP_NAMES[kind], mb, part, r->m, nl, nl);
+                        i, OP_NAMES[kind], mb, part, run->m, nl, nl);
     }
-    if (r->m > r->cap) {
-        free(r->slot_of); free(r->last_op); free(r->mb_losses);
-        r->slot_of = (int *)malloc(r->m * sizeof(int));
-        r->last_op = (int *)malloc(r->m * sizeof(int));
-        r->mb_losses = (float *)malloc(r->m * sizeof(float));
-        r->cap = r->slot_of && r->last_op && r->mb_losses ? r->m : 0;
-        if (!r->cap) return fail("out of memory for the op list's bookkeeping");
+    if (run->m > run->cap) {
+        free(run->acts_of); free(run->last_op); free(run->mb_losses);
+        run->acts_of = (int *)malloc(run->m * sizeof(int));
+        run->last_op = (int *)malloc(run->m * sizeof(int));
+        run->mb_losses = (float *)malloc(run->m * sizeof(float));
+        run->cap = run->acts_of && run->last_op && run->mb_losses ? run->m : 0;
+        if (!run->cap) return fail("out of memory for the op list's bookkeeping");
     }
-    if (nops > r->op_times_cap) {
-        free(r->op_times);
-        r->op_times = (double *)malloc(2 * nops * sizeof(double));
-        r->op_times_cap = r->op_times ? nops : 0;
-        if (!r->op_times) return fail("out of memory for the op times");
+    if (nops > run->op_times_cap) {
+        free(run->op_times);
+        run->op_times = (double *)malloc(2 * nops * sizeof(double));
+        run->op_times_cap = run->op_times ? nops : 0;
+        if (!run->op_times) return fail("out of memory for the op times");
     }
-    for (int i = 0; i < r->m; i++) { r->slot_of[i] = -1; r->mb_losses[i] = 0.0f; }
-    // a micro-batch holds its slot from its first op to its last, as the
-    // validator counts it
+    for (int i = 0; i < run->m; i++) { run->acts_of[i] = -1; run->mb_losses[i] = 0.0f; }
+    // a micro-batch holds its activation buffer from its first op to its
+    // last, as the validator counts it
     for (int i = 0; i < nops; i++)
-        if (!is_bucket_op(ops[OP_INTS * i])) r->last_op[ops[OP_INTS * i + 1]] = i;
+        if (!is_bucket_op(ops[OP_INTS * i])) run->last_op[ops[OP_INTS * i + 1]] = i;
     return 0;
 }
 
-// The slot of micro-batch mb, taking a free one on its first op; -1 when all are held.
-static int oprun_slot(OpRun *r, int mb, int lo, int hi) {
-    if (r->slot_of[mb] >= 0) return r->slot_of[mb];
-    for (int i = 0; i < r->nslots; i++) {
+// The activation buffer of micro-batch mb (its index), taking a free one on
+// its first op; -1 when all are held.
+static int oprun_acts_of(OpRun *run, int mb, int lo, int hi) {
+    if (run->acts_of[mb] >= 0) return run->acts_of[mb];
+    for (int i = 0; i < run->activation_buffers; i++) {
         int used = 0;
-        for (int j = 0; j < r->m; j++) used |= r->slot_of[j] == i;
-        if (!used) return r->slot_of[mb] = i;
+        for (int j = 0; j < run->m; j++) used |= run->acts_of[j] == i;
+        if (!used) return run->acts_of[mb] = i;
     }
-    return fail("stage [%d,%d): micro-batch %d needs an activation slot but all %d are held "
-                "(the schedule holds more than the validator's peak)", lo, hi, mb, r->nslots);
+    return fail("stage [%d,%d): micro-batch %d needs an activation buffer but all %d are held "
+                "(the schedule holds more than the validator's peak)", lo, hi, mb, run->activation_buffers);
 }
 
-// Ops [i, i+n) ran from t0 to t1: record that, and free the slots of the
-// micro-batches whose last op this was.
-static void oprun_done(OpRun *r, const int *ops, int i, int n, double t0, double t1) {
+// Ops [i, i+n) ran from t0 to t1: record that, and free the activation
+// buffers of the micro-batches whose last op this was.
+static void oprun_done(OpRun *run, const int *ops, int i, int n, double t0, double t1) {
     for (int k = i; k < i + n; k++) {
-        r->op_times[2 * k] = t0;
-        r->op_times[2 * k + 1] = t1;
+        run->op_times[2 * k] = t0;
+        run->op_times[2 * k + 1] = t1;
         const int *op = ops + OP_INTS * k;
-        if (!is_bucket_op(op[0]) && r->last_op[op[1]] == k) r->slot_of[op[1]] = -1;
+        if (!is_bucket_op(op[0]) && run->last_op[op[1]] == k) run->acts_of[op[1]] = -1;
     }
 }
 
 // The sum of the micro-batch losses, in micro-batch order.
-static float oprun_loss_sum(const OpRun *r) {
+static float oprun_loss_sum(const OpRun *run) {
     float sum = 0.0f;
-    for (int i = 0; i < r->m; i++) sum += r->mb_losses[i];
+    for (int i = 0; i < run->m; i++) sum += run->mb_losses[i];
     return sum;
 }
 
-static void oprun_free(OpRun *r) {
-    free(r->slot_of); free(r->last_op); free(r->mb_losses); free(r->op_times);
+static void oprun_free(OpRun *run) {
+    free(run->acts_of); free(run->last_op); free(run->mb_losses); free(run->op_times);
 }
 
 // ----------------------------------------------------------------------------
@@ -1380,19 +1397,20 @@ static void oprun_free(OpRun *r) {
 typedef struct {
     // readies a step of m micro-batches (training with m > 0: zero the gradients)
     int (*begin)(void *stage, int m, int training);
-    // FWD of micro-batch mb into activation slot `slot`, of the whole stage
-    // (part -1) or its layer `part`: its (B,T) tokens on the first and the
-    // last stage (NULL elsewhere); the last stage records the micro-batch's
-    // mean loss, in r->mb_losses[mb] by the time end returns; dloss is
-    // d(loss)/d(each token's loss) for a trainer that fuses it in
-    int (*forward)(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
+    // FWD of micro-batch mb into activation buffer `acts_index`, of the whole
+    // stage (part -1) or its layer `part`: its (B,T) tokens on the first and
+    // the last stage (NULL elsewhere); the last stage records the micro-batch's
+    // mean loss, in the OpRun's mb_losses[mb] by the time end returns; dloss
+    // is d(loss)/d(each token's loss) for a trainer that fuses it in
+    int (*forward)(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets, float dloss,
                    int training);
-    int (*backward_input)(void *stage, int slot, int part, float dloss);
-    int (*backward_weight)(void *stage, int slot, int part);
-    // the slot's four message buffers, indexed by kind - OP_SEND_ACT: the
-    // stage's output (SEND_ACT), its input (RECV_ACT), d(input) (SEND_GRAD),
-    // d(output) (RECV_GRAD); in the trainer's memory (the GPU's for CUDA)
-    void (*message_buffers)(void *stage, int slot, void *bufs[4]);
+    int (*backward_input)(void *stage, int acts_index, int part, float dloss);
+    int (*backward_weight)(void *stage, int acts_index, int part);
+    // the four message buffers of an activation buffer, indexed by kind -
+    // OP_SEND_ACT: the stage's output (SEND_ACT), its input (RECV_ACT),
+    // d(input) (SEND_GRAD), d(output) (RECV_GRAD); in the trainer's memory
+    // (the GPU's for CUDA)
+    void (*message_buffers)(void *stage, int acts_index, void *bufs[4]);
     // moves a group of n sends/receives, bufs[i] the buffer of op i
     int (*exchange)(void *stage, const int *ops, int n, void *const *bufs);
     // a data-parallel collective, or FREE, of a bucket
@@ -1404,21 +1422,21 @@ typedef struct {
     int (*end)(void *stage, int m);
 } StageHooks;
 
-// Runs one step's op list for a stage of layout y, micro-batches of B*T
+// Runs one step's op list for a stage of that layout, micro-batches of B*T
 // tokens, one of `replicas` data-parallel replicas; see stage_run in gpt.h.
-static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout *y, size_t BT, int replicas,
+static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const Layout *layout, size_t BT, int replicas,
                        const int *ops, int nops, const int *inputs, const int *targets, int training,
                        float *loss_sum) {
     *loss_sum = 0.0f;
-    if (oprun_begin(r, ops, nops, y->nl)) return -1;
-    int m = r->m;
-    if (y->first && m && !inputs) return fail("the first stage needs input tokens");
-    if (y->last && m && !targets) return fail("the last stage needs target tokens");
+    if (oprun_begin(run, ops, nops, layout->nl)) return -1;
+    int m = run->m;
+    if (layout->first && m && !inputs) return fail("the first stage needs input tokens");
+    if (layout->last && m && !targets) return fail("the last stage needs target tokens");
     // the tokens index wte and the softmax: all of them checked before any op runs
-    if ((y->first && m && check_tokens(inputs, m * BT, y->cfg.vocab_size, "input")) ||
-        (y->last && m && check_tokens(targets, m * BT, y->cfg.vocab_size, "target")))
+    if ((layout->first && m && check_tokens(inputs, m * BT, layout->cfg.vocab_size, "input")) ||
+        (layout->last && m && check_tokens(targets, m * BT, layout->cfg.vocab_size, "target")))
         return -1;
-    if (h->begin(stage, m, training)) return -1;
+    if (hooks->begin(stage, m, training)) return -1;
     // the mean over the global batch: m micro-batches on each of the D replicas
     float dloss = 1.0f / (float)(BT * m * replicas);
     for (int i = 0; i < nops;) {
@@ -1430,34 +1448,34 @@ static int run_op_list(const StageHooks *h, void *stage, OpRun *r, const Layout 
             void *bufs[MAX_GROUP];
             for (int k = 0; k < n; k++) {
                 void *mine[4];
-                int slot = oprun_slot(r, ops[OP_INTS * (i + k) + 1], y->lo, y->hi);
-                if (slot < 0) return -1;
-                h->message_buffers(stage, slot, mine);
+                int acts_index = oprun_acts_of(run, ops[OP_INTS * (i + k) + 1], layout->lo, layout->hi);
+                if (acts_index < 0) return -1;
+                hooks->message_buffers(stage, acts_index, mine);
                 bufs[k] = mine[ops[OP_INTS * (i + k)] - OP_SEND_ACT];
             }
-            if (h->exchange(stage, ops + OP_INTS * i, n, bufs)) return -1;
+            if (hooks->exchange(stage, ops + OP_INTS * i, n, bufs)) return -1;
         } else if (is_bucket_op(kind)) {
-            if (h->collective(stage, kind, part, training)) return -1;
+            if (hooks->collective(stage, kind, part, training)) return -1;
         } else {
-            int slot = oprun_slot(r, mb, y->lo, y->hi);
-            if (slot < 0) return -1;
+            int acts_index = oprun_acts_of(run, mb, layout->lo, layout->hi);
+            if (acts_index < 0) return -1;
             if (kind == OP_FWD) {
-                if (h->forward(stage, slot, mb, part, y->first ? inputs + mb * BT : NULL,
-                               y->last ? targets + mb * BT : NULL, dloss, training))
+                if (hooks->forward(stage, acts_index, mb, part, layout->first ? inputs + mb * BT : NULL,
+                                   layout->last ? targets + mb * BT : NULL, dloss, training))
                     return -1;
             } else if (!training) {
                 return fail("op %d: %s in a forward-only op list", i, OP_NAMES[kind]);
-            } else if (kind == OP_BWD_INPUT ? h->backward_input(stage, slot, part, dloss)
-                                            : h->backward_weight(stage, slot, part)) {
+            } else if (kind == OP_BWD_INPUT ? hooks->backward_input(stage, acts_index, part, dloss)
+                                            : hooks->backward_weight(stage, acts_index, part)) {
                 return -1;
             }
         }
-        if (h->op_done && h->op_done(stage, kind, t_start)) return -1;
-        oprun_done(r, ops, i, n, t_start, now_seconds());
+        if (hooks->op_done && hooks->op_done(stage, kind, t_start)) return -1;
+        oprun_done(run, ops, i, n, t_start, now_seconds());
         i += n;
     }
-    if (h->end && h->end(stage, m)) return -1;
-    *loss_sum = y->last ? oprun_loss_sum(r) : 0.0f;
+    if (hooks->end && hooks->end(stage, m)) return -1;
+    *loss_sum = layout->last ? oprun_loss_sum(run) : 0.0f;
     return 0;
 }
 
@@ -1486,9 +1504,9 @@ typedef struct { float logit; int id; } Candidate;
 // What stage_sample checks before it runs, on either trainer: a whole-model
 // stage and a prompt of tokens in the vocabulary. Returns the top_k to use
 // (one outside [1, V] is all of V), or -1 with a message.
-static int sample_check(const Layout *y, const int *prompt, int np, int top_k) {
-    int V = y->cfg.vocab_size;
-    if (!(y->first && y->last)) return fail("sampling needs the whole model in one stage");
+static int sample_check(const Layout *layout, const int *prompt, int np, int top_k) {
+    int V = layout->cfg.vocab_size;
+    if (!(layout->first && layout->last)) return fail("sampling needs the whole model in one stage");
     if (np < 1) return fail("sampling needs a prompt of at least one token");
     for (int i = 0; i < np; i++)
         if (prompt[i] < 0 || prompt[i] >= V) return fail("prompt token %d is outside the vocabulary", prompt[i]);
@@ -1641,7 +1659,7 @@ static int parse_flags(TrainFlags *flags, int argc, char **argv) {
 // (gpt.h; in the order train_main calls it), and two calls of its own.
 typedef struct {
     const char *name;  // the binary, for the usage line
-    Stage *(*create)(GPTConfig cfg, int lo, int hi, int B, int T, int slots);
+    Stage *(*create)(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers);
     int (*load)(Stage *s, const char *path);
     void (*init)(Stage *s, uint64_t seed);
     int (*read_checkpoint)(Stage *s, const char *dir, int64_t step, TrainState *ts);

@@ -72,11 +72,12 @@ enum { OP_FWD, OP_BWD_INPUT, OP_BWD_WEIGHT, OP_SEND_ACT, OP_RECV_ACT,
 // ----------------------------------------------------------------------------
 // stage
 
+// Every stage function takes its Stage as `s`, as a Python method takes `self`.
 typedef struct Stage Stage;
 
-// B,T: micro-batch shape; slots: micro-batches whose activations are held at
-// once (the validator's peak for this rank's schedule).
-Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots);
+// B,T: micro-batch shape; activation_buffers: micro-batches whose activations
+// are held at once (the validator's peak for this rank's schedule).
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers);
 void stage_free(Stage *s);
 // Parameters drawn from seed; each (tensor, layer) has its own stream, so any
 // partition into stages draws the same weights.
@@ -159,14 +160,14 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature,
 
 typedef struct DataLoader DataLoader;
 DataLoader *dataloader_open(const char *pattern, int B, int T);
-void dataloader_free(DataLoader *d);
+void dataloader_free(DataLoader *loader);
 // Fills inputs/targets (B,T) and advances; wraps to the first shard at the end.
-int dataloader_next(DataLoader *d, int *inputs, int *targets);
-void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos);
-int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos);
+int dataloader_next(DataLoader *loader, int *inputs, int *targets);
+void dataloader_get_position(const DataLoader *loader, int64_t *shard, int64_t *pos);
+int dataloader_set_position(DataLoader *loader, int64_t shard, int64_t pos);
 // Checks every token of every shard against the model's vocabulary (a token
 // >= V would read outside wte); the error names the file, offset and value.
-int dataloader_check_vocab(DataLoader *d, int vocab_size);
+int dataloader_check_vocab(DataLoader *loader, int vocab_size);
 
 // ----------------------------------------------------------------------------
 // checkpoints: an llm.c model file plus our optimizer state, each stage

@@ -34,7 +34,7 @@ cdef extern from "gpt.h":
     int gpt_config_from_name(const char *name, GPTConfig *cfg)
     int gpt_read_config(const char *path, GPTConfig *cfg)
     size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers)
-    Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots)
+    Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers)
     void stage_free(Stage *s)
     void stage_init(Stage *s, uint64_t seed)
     int stage_load(Stage *s, const char *path)
@@ -65,11 +65,11 @@ cdef extern from "gpt.h":
     int stage_sample(Stage *s, const int *prompt, int n_prompt, int n, float temperature,
                      int top_k, uint64_t seed, int *out) nogil
     DataLoader *dataloader_open(const char *pattern, int B, int T)
-    void dataloader_free(DataLoader *d)
-    int dataloader_next(DataLoader *d, int *inputs, int *targets)
-    void dataloader_get_position(const DataLoader *d, int64_t *shard, int64_t *pos)
-    int dataloader_set_position(DataLoader *d, int64_t shard, int64_t pos)
-    int dataloader_check_vocab(DataLoader *d, int vocab_size)
+    void dataloader_free(DataLoader *loader)
+    int dataloader_next(DataLoader *loader, int *inputs, int *targets)
+    void dataloader_get_position(const DataLoader *loader, int64_t *shard, int64_t *pos)
+    int dataloader_set_position(DataLoader *loader, int64_t shard, int64_t pos)
+    int dataloader_check_vocab(DataLoader *loader, int vocab_size)
     int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts)
     int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts)
     int checkpoint_commit(const char *dir, int64_t step)
@@ -99,15 +99,15 @@ cdef int check(int rc) except -1:
 
 
 def config_from_name(name: str) -> dict:
-    cdef GPTConfig c
-    check(gpt_config_from_name(name.encode(), &c))
-    return c
+    cdef GPTConfig cfg
+    check(gpt_config_from_name(name.encode(), &cfg))
+    return cfg
 
 
 def read_config(path: str) -> dict:
-    cdef GPTConfig c
-    check(gpt_read_config(path.encode(), &c))
-    return c
+    cdef GPTConfig cfg
+    check(gpt_read_config(path.encode(), &cfg))
+    return cfg
 
 
 def set_threads(n: int) -> None:
@@ -152,8 +152,8 @@ def commit_checkpoint(directory: str, step: int) -> None:
 def latest_usable_checkpoint(directory: str, config: dict) -> int:
     """The newest committed checkpoint whose files fit config (-1: none); the
     newer ones passed over are named on stderr."""
-    cdef GPTConfig c = config
-    return checkpoint_latest_usable(directory.encode(), &c)
+    cdef GPTConfig cfg = config
+    return checkpoint_latest_usable(directory.encode(), &cfg)
 
 
 CLAIM_MODES = {"fresh": CKPT_FRESH, "resume": CKPT_RESUME, "overwrite": CKPT_OVERWRITE}
@@ -186,16 +186,17 @@ cdef class Model:
     """One pipeline stage: layers [lo, hi) of the GPT-2 described by config."""
     cdef Stage *s
     cdef readonly dict config
-    cdef readonly int lo, hi, B, T, slots, last_nops
+    cdef readonly int lo, hi, B, T, activation_buffers, last_nops
     cdef double[:] parts
 
-    def __cinit__(self, dict config, int lo, int hi, int B, int T, int slots=1):
-        cdef GPTConfig c = config
-        self.s = stage_create(c, lo, hi, B, T, slots)
+    def __cinit__(self, dict config, int lo, int hi, int B, int T, int activation_buffers=1):
+        cdef GPTConfig cfg = config
+        self.s = stage_create(cfg, lo, hi, B, T, activation_buffers)
         if self.s == NULL:
             raise GPTError(gpt_last_error().decode())
-        self.config, self.lo, self.hi, self.B, self.T, self.slots = dict(config), lo, hi, B, T, slots
-        self.parts = np.zeros(NUM_PARAM_TENSORS * c.num_layers)
+        self.config, self.lo, self.hi, self.B, self.T = dict(config), lo, hi, B, T
+        self.activation_buffers = activation_buffers
+        self.parts = np.zeros(NUM_PARAM_TENSORS * cfg.num_layers)
 
     def __dealloc__(self):
         stage_free(self.s)
@@ -379,33 +380,33 @@ cdef class Model:
 
 cdef class Loader:
     """llm.c token shards, read in order: next() gives (inputs, targets), (B,T) each."""
-    cdef DataLoader *d
+    cdef DataLoader *loader
     cdef readonly int B, T
 
     def __cinit__(self, pattern: str, int B, int T, int vocab_size=0):
         """With vocab_size, every token of every shard is checked against it."""
-        self.d = dataloader_open(pattern.encode(), B, T)
-        if self.d == NULL:
+        self.loader = dataloader_open(pattern.encode(), B, T)
+        if self.loader == NULL:
             raise GPTError(gpt_last_error().decode())
         self.B, self.T = B, T
         if vocab_size:
-            check(dataloader_check_vocab(self.d, vocab_size))
+            check(dataloader_check_vocab(self.loader, vocab_size))
 
     def __dealloc__(self):
-        dataloader_free(self.d)
+        dataloader_free(self.loader)
 
     def next(self):
         cdef cnp.ndarray[int, ndim=2] x = np.empty((self.B, self.T), dtype=np.intc)
         cdef cnp.ndarray[int, ndim=2] y = np.empty((self.B, self.T), dtype=np.intc)
-        check(dataloader_next(self.d, &x[0, 0], &y[0, 0]))
+        check(dataloader_next(self.loader, &x[0, 0], &y[0, 0]))
         return x, y
 
     @property
     def position(self) -> tuple:
         cdef int64_t shard, pos
-        dataloader_get_position(self.d, &shard, &pos)
+        dataloader_get_position(self.loader, &shard, &pos)
         return shard, pos
 
     @position.setter
     def position(self, value) -> None:
-        check(dataloader_set_position(self.d, value[0], value[1]))
+        check(dataloader_set_position(self.loader, value[0], value[1]))

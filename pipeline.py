@@ -216,26 +216,26 @@ def forward_only(stages: int, micro: int) -> list[list[Op]]:
 
 @dataclass
 class ValidationResult:
-    peak_held: list[int]  # per rank: activation slots the executor must allocate
+    peak_held: list[int]  # per rank: activation buffers the executor must allocate
     timeline: "Timeline"  # the schedule played with unit costs: the order ops run in
     # per rank, --zero 3: layer buckets whose whole parameters (gathered) and
     # whole gradients are held at once, the buffers the executor allocates
     peak_gathered: list[int] = field(default_factory=list)
     peak_grads: list[int] = field(default_factory=list)
-    # (rank, slot) of each message -> its partner's; of each collective -> its group's others' (a list)
+    # (rank, position) of each message -> its partner's; of each collective -> its group's others' (a list)
     pairs: dict = field(default_factory=dict)
 
 
 def _program_grid(ranks: list[list[Op]], marks: set[tuple[int, int]]) -> str:
-    """Ranks as rows, op slots (program order) as columns, marked ops in brackets."""
+    """Ranks as rows, op positions (program order) as columns, marked ops in brackets."""
     def cell(r: int, i: int, op: Op) -> str:
         text = label(op) if 0 <= op.kind < len(LABELS) else f"?{op.kind}"
         return f"[{text}]" if (r, i) in marks else f" {text} "
     cells = [[cell(r, i, op) for i, op in enumerate(ops)] for r, ops in enumerate(ranks)]
     width = max((len(c) for row in cells for c in row), default=1)
     digits = len(str(len(ranks) - 1))
-    slots = range(max(map(len, ranks), default=0))
-    lines = ["slot".ljust(5 + digits) + " |" + "".join(str(i).center(width) for i in slots)]
+    positions = range(max(map(len, ranks), default=0))
+    lines = ["pos".ljust(5 + digits) + " |" + "".join(str(i).center(width) for i in positions)]
     for r, row in enumerate(cells):
         lines.append(f"rank {r:<{digits}} |" + "".join(c.center(width) for c in row))
     return "\n".join(lines)
@@ -271,7 +271,7 @@ def _pair_link(ranks: list[list[Op]], pairs: dict, src: int, dst: int, send: int
 
 
 def pair_messages(ranks: list[list[Op]]) -> dict[tuple[int, int], tuple[int, int]]:
-    """Map (rank, slot) of every send and receive to (rank, slot) of its partner."""
+    """Map (rank, position) of every send and receive to (rank, position) of its partner."""
     S = len(ranks)
     for r, ops in enumerate(ranks):
         for i, op in enumerate(ops):
@@ -312,9 +312,10 @@ def _prerequisites(kind: int, r: int, S: int) -> tuple[int, ...]:
 
 def _peak_held(ops: list[Op]) -> int:
     # A micro-batch is held from its first op on this rank until its last (its
-    # W, or the SEND_GRAD after it), which is when the executor frees its slot.
-    # Ops of one group are in flight together, so lifetimes are measured in
-    # segments, not slots: [SEND_GRAD i, RECV_ACT i+1] needs two buffers at once.
+    # W, or the SEND_GRAD after it), which is when the executor frees its
+    # activation buffer. Ops of one group are in flight together, so lifetimes
+    # are measured in segments, not positions: [SEND_GRAD i, RECV_ACT i+1]
+    # needs two activation buffers at once.
     segments = _segments(ops)
     first, last = {}, {}
     for k, segment in enumerate(segments):
@@ -337,7 +338,7 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     for r, ops in enumerate(ranks):
         for i, op in enumerate(ops):
             if not 0 <= op.kind < len(NAMES):
-                raise _error(ranks, f"rank {r}: slot {i} has unknown op kind {op.kind}", [(r, i)])
+                raise _error(ranks, f"rank {r}: position {i} has unknown op kind {op.kind}", [(r, i)])
             if op.kind not in allowed:
                 raise _error(ranks, f"rank {r}: {op} in a forward-only schedule", [(r, i)])
             if not 0 <= op.mb < micro:
@@ -346,20 +347,20 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
     pairs = pair_messages(ranks)
 
     for r, ops in enumerate(ranks):
-        slot = {}
+        position = {}
         for i, op in enumerate(ops):
-            if op in slot:
-                raise _error(ranks, f"rank {r}: {op} appears twice", [(r, slot[op]), (r, i)])
-            slot[op] = i
+            if op in position:
+                raise _error(ranks, f"rank {r}: {op} appears twice", [(r, position[op]), (r, i)])
+            position[op] = i
         needed = [k for k in allowed if (r > 0 or k not in (RECV_ACT, SEND_GRAD))
                   and (r < S - 1 or k not in (SEND_ACT, RECV_GRAD))]
         for mb in range(micro):
             for kind in needed:
-                if Op(kind, mb) not in slot:
+                if Op(kind, mb) not in position:
                     raise _error(ranks, f"rank {r}: {Op(kind, mb)} is missing")
         for i, op in enumerate(ops):
             for before in _prerequisites(op.kind, r, S):
-                if slot[Op(before, op.mb)] > i:
+                if position[Op(before, op.mb)] > i:
                     raise _error(ranks, f"rank {r}: {op} before {Op(before, op.mb)}", [(r, i)])
         # gradients are summed over micro-batches; a fixed order keeps the sum bitwise reproducible
         for kind in (BWD_INPUT, BWD_WEIGHT):
@@ -372,10 +373,10 @@ def validate(ranks: list[list[Op]], micro: int, training: bool = True) -> Valida
                                         f"micro-batch order", [(r, i)])
                 previous = op
 
-    slots, stuck = _run(ranks, pairs, Costs())
+    spans, stuck = _run(ranks, pairs, Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(slots), pairs=pairs)
+    return ValidationResult([_peak_held(ops) for ops in ranks], _timeline(spans), pairs=pairs)
 
 # -----------------------------------------------------------------------------
 # the grid: D data-parallel replicas of an S-stage pipeline
@@ -600,10 +601,10 @@ def validate_grid(ranks: list[list[Op]], stages: int, micro: int, training: bool
                              [(q, m[0]) for q, m in zip(group, mine) if m])
             for q, (i, _) in zip(group, mine):
                 pairs[q, i] = [(p, j) for p, (j, _) in zip(group, mine) if p != q]
-    slots, stuck = _run(ranks, pairs, costs or Costs())
+    spans, stuck = _run(ranks, pairs, costs or Costs())
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return ValidationResult(peaks, _timeline(slots), gathered, grads, pairs)
+    return ValidationResult(peaks, _timeline(spans), gathered, grads, pairs)
 
 # -----------------------------------------------------------------------------
 # simulator: play the op lists against a cost model
@@ -635,7 +636,8 @@ class Costs:
         return self.collective[r][op.part] if isinstance(self.collective, list) else self.collective
 
 
-class Slot(NamedTuple):
+class OpSpan(NamedTuple):
+    """When one op of a rank's list ran."""
     op: Op
     start: float
     end: float
@@ -643,7 +645,7 @@ class Slot(NamedTuple):
 
 @dataclass
 class Timeline:
-    rows: list[list[Slot]]  # per rank, every op (messages included) in program order
+    rows: list[list[OpSpan]]  # per rank, every op (messages included) in program order
     step_time: float
 
     @property
@@ -690,7 +692,7 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
     queued = [[] for _ in ranks]  # per threaded rank, the collectives posted and not yet run, in order
     comm_free = [0.0] * S  # when each rank's comm thread is next free
     at, clock = [0] * S, [0.0] * S
-    slots = [[None] * len(ops) for ops in ranks]
+    spans = [[None] * len(ops) for ops in ranks]
 
     def run_queued(r: int) -> bool:  # the comm threads run every collective all of whose replicas have reached it
         ran = False
@@ -702,7 +704,7 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
             ready = {q: max(posted[q, segment_of[q][j]], comm_free[q]) for q, j in group}
             end = max(ready.values()) + costs.of_collective(ranks[r][i], r)
             for q, j in group:
-                slots[q][j] = Slot(ranks[q][j], ready[q], end)
+                spans[q][j] = OpSpan(ranks[q][j], ready[q], end)
                 comm_free[q] = end
                 queued[q].pop(0)
             ran = True
@@ -719,11 +721,11 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
                 if first.kind in COMPUTE or first.kind == FREE:
                     start = clock[r]
                     if seg[0] in gather_of[r]:
-                        gathered = slots[r][gather_of[r][seg[0]]]
+                        gathered = spans[r][gather_of[r][seg[0]]]
                         if gathered is None:
                             break
                         start = max(start, gathered.end)
-                    slots[r][seg[0]] = Slot(first, start, start + costs.compute(first, r, layers[r]))
+                    spans[r][seg[0]] = OpSpan(first, start, start + costs.compute(first, r, layers[r]))
                 elif threaded[r] and first.kind in COLLECTIVES:
                     posted[r, at[r]] = clock[r]
                     queued[r].append(seg[0])
@@ -740,17 +742,17 @@ def _run(ranks: list[list[Op]], pairs: dict, costs: "Costs"):
                         break
                     for i, tp in zip(seg, peers):
                         cost = costs.of_collective(ranks[r][i], r) if ranks[r][i].kind in COLLECTIVES else costs.comm
-                        slots[r][i] = Slot(ranks[r][i], t, max([t, *tp]) + cost)
-                clock[r] = max(slots[r][i].end for i in seg)
+                        spans[r][i] = OpSpan(ranks[r][i], t, max([t, *tp]) + cost)
+                clock[r] = max(spans[r][i].end for i in seg)
                 at[r] += 1
                 moved = True
     stuck = {r: segments[r][at[r]] if at[r] < len(segments[r]) else range(queued[r][0], queued[r][0] + 1)
              for r in range(S) if at[r] < len(segments[r]) or queued[r]}
-    return slots, stuck
+    return spans, stuck
 
 
 def partners(pairs: dict, r: int, i: int) -> list[tuple[int, int]]:
-    """(rank, slot) of every other side of rank r's slot i: a message's partner, a collective's group."""
+    """(rank, position) of every other side of rank r's op at position i: a message's partner, a collective's group."""
     partner = pairs[r, i]
     return partner if isinstance(partner, list) else [partner]
 
@@ -761,26 +763,26 @@ def _deadlock(ranks: list[list[Op]], pairs: dict, stuck: dict[int, range]) -> Sc
         for i in seg:
             for q, j in partners(pairs, r, i):
                 if q in stuck and j >= stuck[q].stop:  # the partner has not reached that group yet
-                    waits.append(f"rank {r} waits at slot {i} ({ranks[r][i]}) for rank {q} "
-                                 f"to reach slot {j} ({ranks[q][j]})")
+                    waits.append(f"rank {r} waits at position {i} ({ranks[r][i]}) for rank {q} "
+                                 f"to reach position {j} ({ranks[q][j]})")
                     marks.append((r, i))
     return _error(ranks, "deadlock: no rank can move. " + "; ".join(waits) + ". A rank's sends and "
                          "receives of the same moment must be adjacent so they post as one group.",
                   marks)
 
 
-def _timeline(slots: list[list[Slot]]) -> Timeline:
+def _timeline(spans: list[list[OpSpan]]) -> Timeline:
     # the last op to end may be a collective of a comm thread, not the list's last
-    return Timeline(slots, max((s.end for row in slots for s in row), default=0.0))
+    return Timeline(spans, max((s.end for row in spans for s in row), default=0.0))
 
 
 def simulate(ranks: list[list[Op]], costs: Costs = Costs()) -> Timeline:
     """When every op starts and ends under a cost model (assumes a valid schedule)."""
     pairs = pair_messages(ranks)
-    slots, stuck = _run(ranks, pairs, costs)
+    spans, stuck = _run(ranks, pairs, costs)
     if stuck:
         raise _deadlock(ranks, pairs, stuck)
-    return _timeline(slots)
+    return _timeline(spans)
 
 # -----------------------------------------------------------------------------
 # rendering: the picture from the papers, in a terminal

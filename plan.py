@@ -262,15 +262,16 @@ def tp_comm(cfg: dict, batch: Batch, cluster: Cluster, tp: int) -> float:
     return 2 * all_reduce(nbytes, tp, cluster.intra)
 
 
-def slot_bytes(cfg: dict, lo: int, hi: int, batch: Batch, precision: Precision, tp: int = 1) -> float:
-    """One micro-batch's activations on a stage, as train_gpt.cu's slot_pieces
-    lays them out: per layer 16C values kept for the backward (ln1, qkv, atty,
-    res2, ln2, fch, fch_gelu, res3) and 11C of their gradients, plus fp32
-    layernorm statistics and the attention's logsumexp; the stage's input and
-    d(output); on the first stage the input tokens and the embedding
-    backward's three index arrays (at most one int a token each); on the
-    last the final layernorm, its gradient and statistics, the logits, the
-    losses and the targets. Tensor parallelism divides it by tp (modelled)."""
+def activations_bytes(cfg: dict, lo: int, hi: int, batch: Batch, precision: Precision, tp: int = 1) -> float:
+    """One micro-batch's activation buffer on a stage, as train_gpt.cu's
+    activations_pieces lays it out: per layer 16C values kept for the backward
+    (ln1, qkv, atty, res2, ln2, fch, fch_gelu, res3) and 11C of their
+    gradients, plus fp32 layernorm statistics and the attention's logsumexp;
+    the stage's input and d(output); on the first stage the input tokens and
+    the embedding backward's three index arrays (at most one int a token
+    each); on the last the final layernorm, its gradient and statistics, the
+    logits, the losses and the targets. Tensor parallelism divides it by tp
+    (modelled)."""
     C, NH, Vp, L = cfg["channels"], cfg["num_heads"], cfg["padded_vocab_size"], cfg["num_layers"]
     BT, a = batch.micro * batch.seq_len, precision.activation
     per_layer = BT * (27 * C * a + (4 + NH) * 4)
@@ -447,7 +448,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                         + (whole + grads * layer_sizes[0]) * bytes_.gradient) / tp
         return Memory(owned[r] * bytes_.weights * part, owned[r] * bytes_.gradient * part,
                       owned[r] * bytes_.optimizer * part,
-                      peak[r] * slot_bytes(cfg, lo, hi, batch, bytes_, tp), gathered)
+                      peak[r] * activations_bytes(cfg, lo, hi, batch, bytes_, tp), gathered)
     worst = max((memory(r) for r in range(S)), key=lambda mem: mem.total)
     tokens = batch.sequences * batch.seq_len
     model_flops = 3 * tokens * pipeline.range_cost(pipeline.stage_costs(cfg, batch.seq_len), L, 0, L)

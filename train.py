@@ -9,7 +9,7 @@ C does the math.
 
 The model is cut into --stages pipeline stages, one process (rank) each, and
 --dp runs that many data-parallel replicas of the pipeline (stages x dp ranks).
-The plan (partition, op lists, activation slots) is made once, by the launcher,
+The plan (partition, op lists, activation buffers) is made once, by the launcher,
 and handed to the ranks. Per optimizer step every rank runs its op list from
 pipeline.py (forwards, backwards, the sends/receives between stages and the
 collectives between replicas) in C, the ranks agree on the global grad norm,
@@ -297,11 +297,11 @@ class GridPlan:
     bounds: list            # per stage: [lo, hi) of its layers
     # per rank: the op lists ([kind, mb, part] triples) of a training step, of
     # what follows the optimizer step, of a validation pass; its activation
-    # slots, and (--zero 3) its buffers of gathered layers and layer gradients
+    # buffers, and (--zero 3) its buffers of gathered layers and layer gradients
     train_ops: list
     after_ops: list
     val_ops: list
-    slots: list
+    activation_buffers: list
     gathered: list
     grad_buffers: list
 
@@ -371,7 +371,8 @@ def is_op(x) -> bool:
 
 
 GRID_PLAN_FIELDS = {"stages": int, "replicas": int, "zero": int, "bounds": list, "train_ops": list,
-                    "after_ops": list, "val_ops": list, "slots": list, "gathered": list, "grad_buffers": list}
+                    "after_ops": list, "val_ops": list, "activation_buffers": list, "gathered": list,
+                    "grad_buffers": list}
 
 
 def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
@@ -379,9 +380,9 @@ def grid_plan_from_json(blob: bytes, world: int) -> GridPlan:
     d = pipeline.parse_json_object(blob, GRID_PLAN_FIELDS, "plan from the launcher")
     S, D = d["stages"], d["replicas"]
     if S < 1 or D < 1 or S * D != world or len(d["bounds"]) != S or not all(map(is_pair, d["bounds"])) or \
-            any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "slots", "gathered",
+            any(len(d[k]) != world for k in ("train_ops", "after_ops", "val_ops", "activation_buffers", "gathered",
                                               "grad_buffers")) or \
-            not all(isinstance(n, int) and n >= 1 for n in d["slots"]) or \
+            not all(isinstance(n, int) and n >= 1 for n in d["activation_buffers"]) or \
             not all(isinstance(n, int) and n >= 0 for k in ("gathered", "grad_buffers") for n in d[k]) or \
             not all(isinstance(ops, list) and all(map(is_op, ops))
                     for k in ("train_ops", "after_ops", "val_ops") for ops in d[k]):
@@ -458,7 +459,7 @@ def build_stage(args: argparse.Namespace, gpt, ctx: pipeline.Rank, plan: Plan, g
     if args.device == "cuda":  # one GPU per rank while there are enough, else they share
         local = int(os.environ.get("LOCAL_RANK", r))
         os.environ.setdefault("GPT_DEVICE", str(local % gpt.device_count()))
-    model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, grid.slots[r])
+    model = gpt.Model(plan.config, lo, hi, plan.micro_batch, args.seq_len, grid.activation_buffers[r])
     model.set_peers(*ctx.fds(), args.peer_timeout)
     if grid.zero == 3 and not args.resume:  # the whole stage's parameters once, before sharding keeps this rank's chunks
         start_parameters(args, model)

@@ -462,7 +462,7 @@ typedef struct {
     float *dln1, *dqkv, *dres2, *dln2, *dfch;
     float *dlnf;
     float *memory;
-} Slot;
+} Activations;
 
 // Equal buffers handed out and given back (--zero 3's layer buckets): count
 // of them, elems floats each, in one allocation.
@@ -472,20 +472,20 @@ typedef struct {
     size_t elems;
 } BufferPool;
 
-static int pool_make(BufferPool *p, int count, size_t elems, const char *what) {
-    free(p->memory);
-    free(p->free_list);
-    memset(p, 0, sizeof *p);
-    p->memory = (float *)calloc_or_fail((size_t)count * elems, sizeof(float), what);
-    p->free_list = (float **)calloc_or_fail(count, sizeof(float *), what);
-    if (!p->memory || !p->free_list) return -1;
-    p->count = p->nfree = count;
-    p->elems = elems;
-    for (int i = 0; i < count; i++) p->free_list[i] = p->memory + (size_t)i * elems;
+static int pool_make(BufferPool *pool, int count, size_t elems, const char *what) {
+    free(pool->memory);
+    free(pool->free_list);
+    memset(pool, 0, sizeof *pool);
+    pool->memory = (float *)calloc_or_fail((size_t)count * elems, sizeof(float), what);
+    pool->free_list = (float **)calloc_or_fail(count, sizeof(float *), what);
+    if (!pool->memory || !pool->free_list) return -1;
+    pool->count = pool->nfree = count;
+    pool->elems = elems;
+    for (int i = 0; i < count; i++) pool->free_list[i] = pool->memory + (size_t)i * elems;
     return 0;
 }
 
-static void pool_free(BufferPool *p) { free(p->memory); free(p->free_list); }
+static void pool_free(BufferPool *pool) { free(pool->memory); free(pool->free_list); }
 
 // --zero 3's collectives run on a thread of their own, in op-list order, so
 // the gather of the next layer overlaps the compute of this one. The compute
@@ -508,16 +508,16 @@ typedef struct {
 
 struct Stage {
     StageBase base;                    // first: its links and zero stage (common.h)
-    Layout y;                          // which layers and tensors this stage holds
+    Layout layout;                     // which layers and tensors this stage holds
     int B, T;
     float *params, *grads;             // stage layout (common.h)
     float *m, *v;                      // AdamW's moments: this rank's shard (optimizer_shard)
     float *dwte_embed;                 // first stage: the embedding's share of d(wte)
-    Slot *slots;
+    Activations *acts;                 // activation buffers: one per micro-batch in flight
     OpRun run;                         // the executor's bookkeeping (common.h)
     float *scratch_c, *scratch_4c;     // (B,T,C), (B,T,4C): gradients used at once
     int wte_summed;                    // d(wte) = head + embedding done for this step's gradients
-    size_t opt_elems, slot_elems;      // floats in m (and in v), in one activation slot
+    size_t opt_elems, acts_elems;      // floats in m (and in v), in one activation buffer
     // --zero 3 (FSDP): while `sharded`, params and grads above are this
     // rank's shards, packed like m and v, and a step's whole parameters and
     // gradients live in buffers, a bucket at a time (see the executor)
@@ -545,79 +545,83 @@ static int grad_buffer_free(Stage *s, int arg) { (void)arg; return s->pools[1].n
 
 static void *comm_thread_main(void *stage) {
     Stage *s = (Stage *)stage;
-    CommThread *c = &s->comm;
-    pthread_mutex_lock(&c->lock);
+    CommThread *comm = &s->comm;
+    pthread_mutex_lock(&comm->lock);
     for (;;) {
-        while (!c->quit && c->head == c->tail) pthread_cond_wait(&c->changed, &c->lock);
-        if (c->quit) break;
-        int kind = c->queue[2 * c->head], bucket = c->queue[2 * c->head + 1], run = !c->failed && !c->skip;
-        pthread_mutex_unlock(&c->lock);
+        while (!comm->quit && comm->head == comm->tail) pthread_cond_wait(&comm->changed, &comm->lock);
+        if (comm->quit) break;
+        int kind = comm->queue[2 * comm->head], bucket = comm->queue[2 * comm->head + 1],
+            run = !comm->failed && !comm->skip;
+        pthread_mutex_unlock(&comm->lock);
         int rc = run ? fsdp_ring(s, kind, bucket) : 0;
-        pthread_mutex_lock(&c->lock);
+        pthread_mutex_lock(&comm->lock);
         if (rc) {
-            snprintf(c->error, sizeof c->error, "%s", gpt_last_error());
-            c->failed = 1;
+            snprintf(comm->error, sizeof comm->error, "%s", gpt_last_error());
+            comm->failed = 1;
         }
-        c->pending[kind == OP_REDUCE_SCATTER][bucket] = 0;
-        c->head++;
-        pthread_cond_broadcast(&c->changed);
+        comm->pending[kind == OP_REDUCE_SCATTER][bucket] = 0;
+        comm->head++;
+        pthread_cond_broadcast(&comm->changed);
     }
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&comm->lock);
     return NULL;
 }
 
 static int comm_start(Stage *s) {
-    CommThread *c = &s->comm;
-    c->pending[0] = (int *)calloc_or_fail(s->y.nl + 1, sizeof(int), "the pending collectives");
-    c->pending[1] = (int *)calloc_or_fail(s->y.nl + 1, sizeof(int), "the pending collectives");
-    if (!c->pending[0] || !c->pending[1]) return -1;
-    if (pthread_mutex_init(&c->lock, NULL)) return fail("cannot make the comm thread's lock");
-    if (pthread_cond_init(&c->changed, NULL)) { pthread_mutex_destroy(&c->lock); return fail("cannot make its condition"); }
-    if (pthread_create(&c->thread, NULL, comm_thread_main, s)) {
-        pthread_cond_destroy(&c->changed);
-        pthread_mutex_destroy(&c->lock);
+    CommThread *comm = &s->comm;
+    comm->pending[0] = (int *)calloc_or_fail(s->layout.nl + 1, sizeof(int), "the pending collectives");
+    comm->pending[1] = (int *)calloc_or_fail(s->layout.nl + 1, sizeof(int), "the pending collectives");
+    if (!comm->pending[0] || !comm->pending[1]) return -1;
+    if (pthread_mutex_init(&comm->lock, NULL)) return fail("cannot make the comm thread's lock");
+    if (pthread_cond_init(&comm->changed, NULL)) {
+        pthread_mutex_destroy(&comm->lock);
+        return fail("cannot make its condition");
+    }
+    if (pthread_create(&comm->thread, NULL, comm_thread_main, s)) {
+        pthread_cond_destroy(&comm->changed);
+        pthread_mutex_destroy(&comm->lock);
         return fail("cannot start the comm thread");
     }
-    c->started = 1;
+    comm->started = 1;
     return 0;
 }
 
 static void comm_stop(Stage *s) {
-    CommThread *c = &s->comm;
-    if (c->started) {
-        pthread_mutex_lock(&c->lock);
-        c->quit = 1;
-        pthread_cond_broadcast(&c->changed);
-        pthread_mutex_unlock(&c->lock);
-        pthread_join(c->thread, NULL);
-        pthread_cond_destroy(&c->changed);
-        pthread_mutex_destroy(&c->lock);
+    CommThread *comm = &s->comm;
+    if (comm->started) {
+        pthread_mutex_lock(&comm->lock);
+        comm->quit = 1;
+        pthread_cond_broadcast(&comm->changed);
+        pthread_mutex_unlock(&comm->lock);
+        pthread_join(comm->thread, NULL);
+        pthread_cond_destroy(&comm->changed);
+        pthread_mutex_destroy(&comm->lock);
     }
-    free(c->queue); free(c->pending[0]); free(c->pending[1]);
+    free(comm->queue); free(comm->pending[0]); free(comm->pending[1]);
 }
 
 // Hands a collective to the comm thread (lock held).
 static int comm_enqueue(Stage *s, int kind, int bucket) {
-    CommThread *c = &s->comm;
-    if (c->tail == c->cap) {  // the queue only grows within a list: it is emptied at every list's end
-        int cap = 2 * c->cap + 16;
-        int *grown = (int *)realloc(c->queue, 2 * (size_t)cap * sizeof(int));
+    CommThread *comm = &s->comm;
+    if (comm->tail == comm->cap) {  // the queue only grows within a list: it is emptied at every list's end
+        int cap = 2 * comm->cap + 16;
+        int *grown = (int *)realloc(comm->queue, 2 * (size_t)cap * sizeof(int));
         if (!grown) return fail("out of memory for the collectives' queue");
-        c->queue = grown;
-        c->cap = cap;
+        comm->queue = grown;
+        comm->cap = cap;
     }
-    c->queue[2 * c->tail] = kind;
-    c->queue[2 * c->tail + 1] = bucket;
-    c->tail++;
-    c->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
-    pthread_cond_broadcast(&c->changed);
+    comm->queue[2 * comm->tail] = kind;
+    comm->queue[2 * comm->tail + 1] = bucket;
+    comm->tail++;
+    comm->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
+    pthread_cond_broadcast(&comm->changed);
     return 0;
 }
 
-static float *tensor(Stage *s, float *base, int t) { return s->y.sizes[t] ? base + s->y.offsets[t] : NULL; }
+static float *tensor(Stage *s, float *base, int t) { return s->layout.sizes[t] ? base + s->layout.offsets[t] : NULL; }
 // layer l (stage-local) of per-layer tensor t
 static float *layer_tensor(Stage *s, float *base, int t, int l) {
-    return base + s->y.offsets[t] + l * gpt_tensor_size(&s->y.cfg, t, 1);
+    return base + s->layout.offsets[t] + l * gpt_tensor_size(&s->layout.cfg, t, 1);
 }
 
 // Tensor t of layer l (l is ignored for a whole tensor) as the compute sees
@@ -626,7 +630,7 @@ static float *layer_tensor(Stage *s, float *base, int t, int l) {
 static float *held_tensor(Stage *s, int grads, int t, int l) {
     if (!s->sharded) return is_layer_tensor(t) ? layer_tensor(s, grads ? s->grads : s->params, t, l)
                                                : tensor(s, grads ? s->grads : s->params, t);
-    float *buf = s->y.sizes[t] ? s->held[grads][is_layer_tensor(t) ? l : s->y.nl] : NULL;
+    float *buf = s->layout.sizes[t] ? s->held[grads][is_layer_tensor(t) ? l : s->layout.nl] : NULL;
     return buf ? buf + s->in_bucket[t] : NULL;
 }
 static float *param_of(Stage *s, int t, int l) { return held_tensor(s, 0, t, l); }
@@ -634,82 +638,83 @@ static float *grad_of(Stage *s, int t, int l) { return held_tensor(s, 1, t, l); 
 
 // the whole stage's tensors: not while they are sharded (zero 3)
 float *stage_param(Stage *s, int t, size_t *n) {
-    *n = s->sharded ? 0 : s->y.sizes[t];
+    *n = s->sharded ? 0 : s->layout.sizes[t];
     return *n ? tensor(s, s->params, t) : NULL;
 }
 float *stage_grad(Stage *s, int t, size_t *n) {
-    *n = s->sharded ? 0 : s->y.sizes[t];
+    *n = s->sharded ? 0 : s->layout.sizes[t];
     return *n ? tensor(s, s->grads, t) : NULL;
 }
 float *stage_wte_embed_grad(Stage *s, size_t *n) {
-    *n = s->y.first ? s->y.sizes[P_WTE] : 0;
+    *n = s->layout.first ? s->layout.sizes[P_WTE] : 0;
     return s->dwte_embed;
 }
 const double *stage_op_times(const Stage *s) { return s->run.op_times; }
 
-static int slot_alloc(Stage *s, Slot *a) {
-    size_t B = s->B, T = s->T, C = s->y.cfg.channels, NH = s->y.cfg.num_heads, nl = s->y.nl;
-    size_t BT = B * T, Vp = s->y.cfg.padded_vocab_size;
-    size_t last = s->y.last;
+static int activations_alloc(Stage *s, Activations *acts) {
+    size_t B = s->B, T = s->T, C = s->layout.cfg.channels, NH = s->layout.cfg.num_heads, nl = s->layout.nl;
+    size_t BT = B * T, Vp = s->layout.cfg.padded_vocab_size;
+    size_t last = s->layout.last;
     struct { float **p; size_t n; } bufs[] = {
-        {&a->x0, BT * C},
-        {&a->ln1, nl * BT * C}, {&a->ln1_mean, nl * BT}, {&a->ln1_rstd, nl * BT},
-        {&a->qkv, nl * BT * 3 * C}, {&a->att, nl * B * NH * T * T},
-        {&a->atty, nl * BT * C}, {&a->res2, nl * BT * C},
-        {&a->ln2, nl * BT * C}, {&a->ln2_mean, nl * BT}, {&a->ln2_rstd, nl * BT},
-        {&a->fch, nl * BT * 4 * C}, {&a->fch_gelu, nl * BT * 4 * C}, {&a->res3, nl * BT * C},
-        {&a->lnf, last * BT * C}, {&a->lnf_mean, last * BT}, {&a->lnf_rstd, last * BT},
-        {&a->probs, last * BT * Vp}, {&a->losses, last * BT},
-        {&a->dresid, (nl + 1) * BT * C}, {&a->dln1, nl * BT * C}, {&a->dqkv, nl * BT * 3 * C},
-        {&a->dres2, nl * BT * C}, {&a->dln2, nl * BT * C}, {&a->dfch, nl * BT * 4 * C},
-        {&a->dlnf, last * BT * C},
+        {&acts->x0, BT * C},
+        {&acts->ln1, nl * BT * C}, {&acts->ln1_mean, nl * BT}, {&acts->ln1_rstd, nl * BT},
+        {&acts->qkv, nl * BT * 3 * C}, {&acts->att, nl * B * NH * T * T},
+        {&acts->atty, nl * BT * C}, {&acts->res2, nl * BT * C},
+        {&acts->ln2, nl * BT * C}, {&acts->ln2_mean, nl * BT}, {&acts->ln2_rstd, nl * BT},
+        {&acts->fch, nl * BT * 4 * C}, {&acts->fch_gelu, nl * BT * 4 * C}, {&acts->res3, nl * BT * C},
+        {&acts->lnf, last * BT * C}, {&acts->lnf_mean, last * BT}, {&acts->lnf_rstd, last * BT},
+        {&acts->probs, last * BT * Vp}, {&acts->losses, last * BT},
+        {&acts->dresid, (nl + 1) * BT * C}, {&acts->dln1, nl * BT * C}, {&acts->dqkv, nl * BT * 3 * C},
+        {&acts->dres2, nl * BT * C}, {&acts->dln2, nl * BT * C}, {&acts->dfch, nl * BT * 4 * C},
+        {&acts->dlnf, last * BT * C},
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) total += bufs[i].n;
-    s->slot_elems = total;
-    a->memory = calloc_or_fail(total, sizeof(float), "the activations of one micro-batch");
-    a->inputs = calloc_or_fail(BT, sizeof(int), "a micro-batch's inputs");
-    a->targets = calloc_or_fail(BT, sizeof(int), "a micro-batch's targets");
-    if (!a->memory || !a->inputs || !a->targets) return -1;
-    float *p = a->memory;
+    s->acts_elems = total;
+    acts->memory = calloc_or_fail(total, sizeof(float), "the activations of one micro-batch");
+    acts->inputs = calloc_or_fail(BT, sizeof(int), "a micro-batch's inputs");
+    acts->targets = calloc_or_fail(BT, sizeof(int), "a micro-batch's targets");
+    if (!acts->memory || !acts->inputs || !acts->targets) return -1;
+    float *p = acts->memory;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { *bufs[i].p = p; p += bufs[i].n; }
     return 0;
 }
 
-Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers) {
+    if (check_stage_args(cfg, lo, hi, B, T, activation_buffers)) return NULL;
     if (asm_sgemm_error()) { fail("%s", asm_sgemm_error()); return NULL; }
     Stage *s = calloc_or_fail(1, sizeof(Stage), "the stage");
     if (!s) return NULL;
-    s->y = layout_make(cfg, lo, hi);
-    s->B = B; s->T = T; s->run.nslots = slots;
+    s->layout = layout_make(cfg, lo, hi);
+    s->B = B; s->T = T; s->run.activation_buffers = activation_buffers;
     s->base.links = links_make(lo, hi);
-    size_t P = s->y.num_params, BTC = (size_t)B * T * cfg.channels;
+    size_t P = s->layout.num_params, BTC = (size_t)B * T * cfg.channels;
     s->params = calloc_or_fail(P, sizeof(float), "the parameters");
     s->grads = calloc_or_fail(P, sizeof(float), "the gradients");
     s->opt_elems = P;
     s->m = calloc_or_fail(P, sizeof(float), "AdamW's m");
     s->v = calloc_or_fail(P, sizeof(float), "AdamW's v");
-    s->dwte_embed = s->y.first ? calloc_or_fail(s->y.sizes[P_WTE], sizeof(float), "d(wte) of the embedding") : NULL;
+    s->dwte_embed =
+        s->layout.first ? calloc_or_fail(s->layout.sizes[P_WTE], sizeof(float), "d(wte) of the embedding") : NULL;
     s->scratch_c = calloc_or_fail(BTC, sizeof(float), "the (B,T,C) scratch");
     s->scratch_4c = calloc_or_fail(4 * BTC, sizeof(float), "the (B,T,4C) scratch");
-    s->slots = calloc_or_fail(slots, sizeof(Slot), "the activation slots");
-    if (!s->params || !s->grads || !s->m || !s->v || (s->y.first && !s->dwte_embed) ||
-        !s->scratch_c || !s->scratch_4c || !s->slots) {
+    s->acts = calloc_or_fail(activation_buffers, sizeof(Activations), "the activation buffers");
+    if (!s->params || !s->grads || !s->m || !s->v || (s->layout.first && !s->dwte_embed) ||
+        !s->scratch_c || !s->scratch_4c || !s->acts) {
         stage_free(s);
         return NULL;
     }
-    for (int i = 0; i < slots; i++)
-        if (slot_alloc(s, &s->slots[i])) { stage_free(s); return NULL; }
+    for (int i = 0; i < activation_buffers; i++)
+        if (activations_alloc(s, &s->acts[i])) { stage_free(s); return NULL; }
     return s;
 }
 
 void stage_free(Stage *s) {
     if (!s) return;
-    for (int i = 0; s->slots && i < s->run.nslots; i++) {
-        free(s->slots[i].memory); free(s->slots[i].inputs); free(s->slots[i].targets);
+    for (int i = 0; s->acts && i < s->run.activation_buffers; i++) {
+        free(s->acts[i].memory); free(s->acts[i].inputs); free(s->acts[i].targets);
     }
-    free(s->slots);
+    free(s->acts);
     oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
@@ -724,10 +729,10 @@ static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack);
 // Under --zero 3 the whole stage is drawn once and only this rank's chunks
 // kept (train.py draws before it shards, so this path is for other callers).
 void stage_init(Stage *s, uint64_t seed) {
-    if (!s->sharded) { init_params(&s->y, s->params, seed); return; }
-    float *whole_stage = calloc_or_fail(s->y.num_params, sizeof(float), "the parameters, before sharding");
+    if (!s->sharded) { init_params(&s->layout, s->params, seed); return; }
+    float *whole_stage = calloc_or_fail(s->layout.num_params, sizeof(float), "the parameters, before sharding");
     if (!whole_stage) { fprintf(stderr, "error: %s\n", gpt_last_error()); exit(1); }
-    init_params(&s->y, whole_stage, seed);
+    init_params(&s->layout, whole_stage, seed);
     shard_copy(s, whole_stage, s->params, 0);
     free(whole_stage);
 }
@@ -736,116 +741,116 @@ void stage_init(Stage *s, uint64_t seed) {
 // with the embedding before layer 0 and the final layernorm after the last
 // ([0, nl) is the whole stage, what a whole-stage FWD runs); sampling calls it
 // with B=1 and a shorter T.
-static void stage_forward(Stage *s, Slot *a, int B, int T, int l0, int l1) {
-    const GPTConfig *c = &s->y.cfg;
-    int C = c->channels, NH = c->num_heads, N = B * T;
-    size_t BTC = (size_t)s->B * s->T * C;  // per-layer stride in the slot
-    if (s->y.first && l0 == 0)
-        encoder_forward(a->x0, a->inputs, param_of(s, P_WTE, 0), param_of(s, P_WPE, 0), B, T, C);
+static void stage_forward(Stage *s, Activations *acts, int B, int T, int l0, int l1) {
+    const GPTConfig *cfg = &s->layout.cfg;
+    int C = cfg->channels, NH = cfg->num_heads, N = B * T;
+    size_t BTC = (size_t)s->B * s->T * C;  // per-layer stride in the activation buffer
+    if (s->layout.first && l0 == 0)
+        encoder_forward(acts->x0, acts->inputs, param_of(s, P_WTE, 0), param_of(s, P_WPE, 0), B, T, C);
     for (int l = l0; l < l1; l++) {
-        float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
-        float *ln1 = a->ln1 + l * BTC, *qkv = a->qkv + 3 * l * BTC, *atty = a->atty + l * BTC;
-        float *att = a->att + (size_t)l * s->B * NH * s->T * s->T;
-        float *res2 = a->res2 + l * BTC, *ln2 = a->ln2 + l * BTC;
-        float *fch = a->fch + 4 * l * BTC, *fchg = a->fch_gelu + 4 * l * BTC, *res3 = a->res3 + l * BTC;
+        float *x = l == 0 ? acts->x0 : acts->res3 + (l - 1) * BTC;
+        float *ln1 = acts->ln1 + l * BTC, *qkv = acts->qkv + 3 * l * BTC, *atty = acts->atty + l * BTC;
+        float *att = acts->att + (size_t)l * s->B * NH * s->T * s->T;
+        float *res2 = acts->res2 + l * BTC, *ln2 = acts->ln2 + l * BTC;
+        float *fch = acts->fch + 4 * l * BTC, *fchg = acts->fch_gelu + 4 * l * BTC, *res3 = acts->res3 + l * BTC;
         size_t lN = (size_t)l * s->B * s->T;
-        layernorm_forward(ln1, a->ln1_mean + lN, a->ln1_rstd + lN, x,
+        layernorm_forward(ln1, acts->ln1_mean + lN, acts->ln1_rstd + lN, x,
                           param_of(s, P_LN1W, l), param_of(s, P_LN1B, l), N, C);
         matmul_forward(qkv, ln1, param_of(s, P_QKVW, l), param_of(s, P_QKVB, l), N, C, 3 * C);
         attention_forward(atty, att, qkv, B, T, C, NH);
         matmul_forward(res2, atty, param_of(s, P_ATTPROJW, l), param_of(s, P_ATTPROJB, l), N, C, C);
         residual_add(res2, x, (size_t)N * C);
-        layernorm_forward(ln2, a->ln2_mean + lN, a->ln2_rstd + lN, res2,
+        layernorm_forward(ln2, acts->ln2_mean + lN, acts->ln2_rstd + lN, res2,
                           param_of(s, P_LN2W, l), param_of(s, P_LN2B, l), N, C);
         matmul_forward(fch, ln2, param_of(s, P_FCW, l), param_of(s, P_FCB, l), N, C, 4 * C);
         gelu_forward(fchg, fch, (size_t)N * 4 * C);
         matmul_forward(res3, fchg, param_of(s, P_FCPROJW, l), param_of(s, P_FCPROJB, l), N, 4 * C, C);
         residual_add(res3, res2, (size_t)N * C);
     }
-    if (s->y.last && l1 == s->y.nl)
-        layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->res3 + (s->y.nl - 1) * BTC,
+    if (s->layout.last && l1 == s->layout.nl)
+        layernorm_forward(acts->lnf, acts->lnf_mean, acts->lnf_rstd, acts->res3 + (s->layout.nl - 1) * BTC,
                           param_of(s, P_LNFW, 0), param_of(s, P_LNFB, 0), N, C);
 }
 
-static float *stage_output(Stage *s, Slot *a) {
-    return a->res3 + (size_t)(s->y.nl - 1) * s->B * s->T * s->y.cfg.channels;
+static float *stage_output(Stage *s, Activations *acts) {
+    return acts->res3 + (size_t)(s->layout.nl - 1) * s->B * s->T * s->layout.cfg.channels;
 }
 
 // logits, softmax and loss for a full micro-batch (last stage)
-static float stage_loss(Stage *s, Slot *a) {
-    int N = s->B * s->T, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
-    matmul_forward(a->probs, a->lnf, param_of(s, P_WTE, 0), NULL, N, C, Vp);
-    return crossentropy_forward(a->probs, a->losses, a->targets, N, s->y.cfg.vocab_size, Vp);
+static float stage_loss(Stage *s, Activations *acts) {
+    int N = s->B * s->T, C = s->layout.cfg.channels, Vp = s->layout.cfg.padded_vocab_size;
+    matmul_forward(acts->probs, acts->lnf, param_of(s, P_WTE, 0), NULL, N, C, Vp);
+    return crossentropy_forward(acts->probs, acts->losses, acts->targets, N, s->layout.cfg.vocab_size, Vp);
 }
 
 // BWD_INPUT of layers [l0, l1), from the top down: from the loss (last
 // stage, with layer nl-1) or the received d(output) to d(input of layer l0),
 // in dresid[l0] (dresid[0]: d(stage input)), keeping what BWD_WEIGHT will need.
-static void stage_backward_input(Stage *s, Slot *a, float dloss, int l0, int l1) {
-    const GPTConfig *c = &s->y.cfg;
-    int C = c->channels, NH = c->num_heads, B = s->B, T = s->T, N = B * T;
+static void stage_backward_input(Stage *s, Activations *acts, float dloss, int l0, int l1) {
+    const GPTConfig *cfg = &s->layout.cfg;
+    int C = cfg->channels, NH = cfg->num_heads, B = s->B, T = s->T, N = B * T;
     size_t BTC = (size_t)N * C;
-    float *dtop = a->dresid + s->y.nl * BTC;
-    if (s->y.last && l1 == s->y.nl) {
-        crossentropy_backward(a->probs, a->targets, dloss, N, c->padded_vocab_size);
-        matmul_backward_input(a->dlnf, a->probs, param_of(s, P_WTE, 0), N, C, c->padded_vocab_size);
+    float *dtop = acts->dresid + s->layout.nl * BTC;
+    if (s->layout.last && l1 == s->layout.nl) {
+        crossentropy_backward(acts->probs, acts->targets, dloss, N, cfg->padded_vocab_size);
+        matmul_backward_input(acts->dlnf, acts->probs, param_of(s, P_WTE, 0), N, C, cfg->padded_vocab_size);
         memset(dtop, 0, BTC * sizeof(float));
-        layernorm_backward_input(dtop, a->dlnf, stage_output(s, a), param_of(s, P_LNFW, 0),
-                                 a->lnf_mean, a->lnf_rstd, N, C);
+        layernorm_backward_input(dtop, acts->dlnf, stage_output(s, acts), param_of(s, P_LNFW, 0),
+                                 acts->lnf_mean, acts->lnf_rstd, N, C);
     }
     for (int l = l1 - 1; l >= l0; l--) {
-        float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
-        float *dout = a->dresid + (l + 1) * BTC;
-        float *dfch = a->dfch + 4 * l * BTC, *dln2 = a->dln2 + l * BTC, *dres2 = a->dres2 + l * BTC;
-        float *dqkv = a->dqkv + 3 * l * BTC, *dln1 = a->dln1 + l * BTC, *dx = a->dresid + l * BTC;
+        float *x = l == 0 ? acts->x0 : acts->res3 + (l - 1) * BTC;
+        float *dout = acts->dresid + (l + 1) * BTC;
+        float *dfch = acts->dfch + 4 * l * BTC, *dln2 = acts->dln2 + l * BTC, *dres2 = acts->dres2 + l * BTC;
+        float *dqkv = acts->dqkv + 3 * l * BTC, *dln1 = acts->dln1 + l * BTC, *dx = acts->dresid + l * BTC;
         size_t lN = (size_t)l * N;
         matmul_backward_input(s->scratch_4c, dout, param_of(s, P_FCPROJW, l), N, 4 * C, C);
-        gelu_backward(dfch, a->fch + 4 * l * BTC, s->scratch_4c, 4 * BTC);
+        gelu_backward(dfch, acts->fch + 4 * l * BTC, s->scratch_4c, 4 * BTC);
         matmul_backward_input(dln2, dfch, param_of(s, P_FCW, l), N, C, 4 * C);
         memcpy(dres2, dout, BTC * sizeof(float));
-        layernorm_backward_input(dres2, dln2, a->res2 + l * BTC, param_of(s, P_LN2W, l),
-                                 a->ln2_mean + lN, a->ln2_rstd + lN, N, C);
+        layernorm_backward_input(dres2, dln2, acts->res2 + l * BTC, param_of(s, P_LN2W, l),
+                                 acts->ln2_mean + lN, acts->ln2_rstd + lN, N, C);
         matmul_backward_input(s->scratch_c, dres2, param_of(s, P_ATTPROJW, l), N, C, C);
-        attention_backward(dqkv, s->scratch_c, a->qkv + 3 * l * BTC,
-                           a->att + (size_t)l * B * NH * T * T, B, T, C, NH);
+        attention_backward(dqkv, s->scratch_c, acts->qkv + 3 * l * BTC,
+                           acts->att + (size_t)l * B * NH * T * T, B, T, C, NH);
         matmul_backward_input(dln1, dqkv, param_of(s, P_QKVW, l), N, C, 3 * C);
         memcpy(dx, dres2, BTC * sizeof(float));
         layernorm_backward_input(dx, dln1, x, param_of(s, P_LN1W, l),
-                                 a->ln1_mean + lN, a->ln1_rstd + lN, N, C);
+                                 acts->ln1_mean + lN, acts->ln1_rstd + lN, N, C);
     }
 }
 
 // BWD_WEIGHT of layers [l0, l1): accumulate this micro-batch's parameter
 // gradients (the head's with layer nl-1, the embedding's with layer 0). Each
 // layer's gradients are its own, so the order of the layers changes no bit.
-static void stage_backward_weight(Stage *s, Slot *a, int l0, int l1) {
-    const GPTConfig *c = &s->y.cfg;
-    int C = c->channels, N = s->B * s->T;
+static void stage_backward_weight(Stage *s, Activations *acts, int l0, int l1) {
+    const GPTConfig *cfg = &s->layout.cfg;
+    int C = cfg->channels, N = s->B * s->T;
     size_t BTC = (size_t)N * C;
-    if (s->y.last && l1 == s->y.nl) {
-        matmul_backward_weight(grad_of(s, P_WTE, 0), NULL, a->probs, a->lnf, N, C, c->padded_vocab_size);
-        layernorm_backward_weight(grad_of(s, P_LNFW, 0), grad_of(s, P_LNFB, 0), a->dlnf,
-                                  stage_output(s, a), a->lnf_mean, a->lnf_rstd, N, C);
+    if (s->layout.last && l1 == s->layout.nl) {
+        matmul_backward_weight(grad_of(s, P_WTE, 0), NULL, acts->probs, acts->lnf, N, C, cfg->padded_vocab_size);
+        layernorm_backward_weight(grad_of(s, P_LNFW, 0), grad_of(s, P_LNFB, 0), acts->dlnf,
+                                  stage_output(s, acts), acts->lnf_mean, acts->lnf_rstd, N, C);
     }
     for (int l = l1 - 1; l >= l0; l--) {
-        float *x = l == 0 ? a->x0 : a->res3 + (l - 1) * BTC;
+        float *x = l == 0 ? acts->x0 : acts->res3 + (l - 1) * BTC;
         size_t lN = (size_t)l * N;
         layernorm_backward_weight(grad_of(s, P_LN1W, l), grad_of(s, P_LN1B, l),
-                                  a->dln1 + l * BTC, x, a->ln1_mean + lN, a->ln1_rstd + lN, N, C);
+                                  acts->dln1 + l * BTC, x, acts->ln1_mean + lN, acts->ln1_rstd + lN, N, C);
         matmul_backward_weight(grad_of(s, P_QKVW, l), grad_of(s, P_QKVB, l),
-                               a->dqkv + 3 * l * BTC, a->ln1 + l * BTC, N, C, 3 * C);
+                               acts->dqkv + 3 * l * BTC, acts->ln1 + l * BTC, N, C, 3 * C);
         matmul_backward_weight(grad_of(s, P_ATTPROJW, l), grad_of(s, P_ATTPROJB, l),
-                               a->dres2 + l * BTC, a->atty + l * BTC, N, C, C);
+                               acts->dres2 + l * BTC, acts->atty + l * BTC, N, C, C);
         layernorm_backward_weight(grad_of(s, P_LN2W, l), grad_of(s, P_LN2B, l),
-                                  a->dln2 + l * BTC, a->res2 + l * BTC, a->ln2_mean + lN,
-                                  a->ln2_rstd + lN, N, C);
+                                  acts->dln2 + l * BTC, acts->res2 + l * BTC, acts->ln2_mean + lN,
+                                  acts->ln2_rstd + lN, N, C);
         matmul_backward_weight(grad_of(s, P_FCW, l), grad_of(s, P_FCB, l),
-                               a->dfch + 4 * l * BTC, a->ln2 + l * BTC, N, C, 4 * C);
+                               acts->dfch + 4 * l * BTC, acts->ln2 + l * BTC, N, C, 4 * C);
         matmul_backward_weight(grad_of(s, P_FCPROJW, l), grad_of(s, P_FCPROJB, l),
-                               a->dresid + (l + 1) * BTC, a->fch_gelu + 4 * l * BTC, N, 4 * C, C);
+                               acts->dresid + (l + 1) * BTC, acts->fch_gelu + 4 * l * BTC, N, 4 * C, C);
     }
-    if (s->y.first && l0 == 0)
-        encoder_backward(s->dwte_embed, grad_of(s, P_WPE, 0), a->dresid, a->inputs, s->B, s->T, C);
+    if (s->layout.first && l0 == 0)
+        encoder_backward(s->dwte_embed, grad_of(s, P_WPE, 0), acts->dresid, acts->inputs, s->B, s->T, C);
 }
 
 // ----------------------------------------------------------------------------
@@ -863,10 +868,10 @@ static void optimizer_shard(const Stage *s, int *part, int *parts) {
 // a shard (or back: unpack), where shard_at and chunk_n place them.
 static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack) {
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t seg = segment_elems(&s->y, t), lo, hi;
+        size_t seg = segment_elems(&s->layout, t), lo, hi;
         chunk_range(seg, s->base.links.replica, s->base.links.replicas, &lo, &hi);
-        for (int l = 0; l < segment_count(&s->y, t); l++) {
-            float *in_stage = whole_stage + s->y.offsets[t] + l * seg + lo;
+        for (int l = 0; l < segment_count(&s->layout, t); l++) {
+            float *in_stage = whole_stage + s->layout.offsets[t] + l * seg + lo;
             float *in_shard = shard + s->shard_at[t] + l * s->chunk_n[t];
             memcpy(unpack ? in_stage : in_shard, unpack ? in_shard : in_stage, s->chunk_n[t] * sizeof(float));
         }
@@ -874,9 +879,9 @@ static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack) {
 }
 
 // Elements of the whole-tensor bucket (wte, wpe, lnf: those the stage has).
-static size_t whole_bucket_elems(const Layout *y) {
+static size_t whole_bucket_elems(const Layout *layout) {
     size_t n = 0;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += is_layer_tensor(t) ? 0 : y->sizes[t];
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) n += is_layer_tensor(t) ? 0 : layout->sizes[t];
     return n;
 }
 
@@ -886,20 +891,20 @@ static size_t whole_bucket_elems(const Layout *y) {
 static int stage_shard(Stage *s) {
     size_t at = 0, in_layer = 0, in_whole = 0, lo, hi;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
+        chunk_range(segment_elems(&s->layout, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
         s->shard_at[t] = at;
         s->chunk_n[t] = hi - lo;
-        at += (hi - lo) * segment_count(&s->y, t);
+        at += (hi - lo) * segment_count(&s->layout, t);
         size_t *in = is_layer_tensor(t) ? &in_layer : &in_whole;
         s->in_bucket[t] = *in;
-        *in += s->y.sizes[t] ? segment_elems(&s->y, t) : 0;
+        *in += s->layout.sizes[t] ? segment_elems(&s->layout, t) : 0;
     }
     float *params = calloc_or_fail(at, sizeof(float), "the parameters' shard");
     float *grads = calloc_or_fail(at, sizeof(float), "the gradients' shard");
     s->whole[0] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gathered parameters");
     s->whole[1] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gradients");
-    s->held[0] = (float **)calloc_or_fail(s->y.nl + 1, sizeof(float *), "the held buckets");
-    s->held[1] = (float **)calloc_or_fail(s->y.nl + 1, sizeof(float *), "the held buckets");
+    s->held[0] = (float **)calloc_or_fail(s->layout.nl + 1, sizeof(float *), "the held buckets");
+    s->held[1] = (float **)calloc_or_fail(s->layout.nl + 1, sizeof(float *), "the held buckets");
     if (!params || !grads || !s->whole[0] || !s->whole[1] || !s->held[0] || !s->held[1]) {
         free(params); free(grads);
         return -1;
@@ -919,7 +924,7 @@ int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int repl
     set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
     int part, parts;
     optimizer_shard(s, &part, &parts);
-    s->opt_elems = shard_elems(&s->y, part, parts);
+    s->opt_elems = shard_elems(&s->layout, part, parts);
     free(s->m); free(s->v);
     s->m = calloc_or_fail(s->opt_elems, sizeof(float), "AdamW's m");
     s->v = calloc_or_fail(s->opt_elems, sizeof(float), "AdamW's v");
@@ -929,8 +934,8 @@ int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int repl
 
 int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
     if (!s->sharded) return fail("layer buffers are --zero 3's, and this stage is not sharded");
-    if (gathered < 0 || grads < 0 || gathered > s->y.nl || grads > s->y.nl)
-        return fail("%d gathered and %d gradient buffers for %d layers", gathered, grads, s->y.nl);
+    if (gathered < 0 || grads < 0 || gathered > s->layout.nl || grads > s->layout.nl)
+        return fail("%d gathered and %d gradient buffers for %d layers", gathered, grads, s->layout.nl);
     size_t elems = s->pools[0].elems;
     return pool_make(&s->pools[0], gathered, elems, "the gathered layers' buffers") ||
            pool_make(&s->pools[1], grads, elems, "the layers' gradient buffers") ? -1 : 0;
@@ -938,15 +943,16 @@ int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
 
 // What stage_create, stage_set_replicas and stage_set_layer_buffers allocated.
 void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
-    size_t P = s->sharded ? s->opt_elems : s->y.num_params;  // zero 3's shard is the optimizer's
-    size_t whole = s->whole[0] ? whole_bucket_elems(&s->y) : 0, BT = (size_t)s->B * s->T;
+    size_t P = s->sharded ? s->opt_elems : s->layout.num_params;  // zero 3's shard is the optimizer's
+    size_t whole = s->whole[0] ? whole_bucket_elems(&s->layout) : 0, BT = (size_t)s->B * s->T;
     bytes[MEMORY_PARAMS] = 4 * P;
-    bytes[MEMORY_GRADS] = 4 * (P + (s->dwte_embed ? s->y.sizes[P_WTE] : 0));
+    bytes[MEMORY_GRADS] = 4 * (P + (s->dwte_embed ? s->layout.sizes[P_WTE] : 0));
     bytes[MEMORY_OPTIMIZER] = 8 * s->opt_elems;
     bytes[MEMORY_GATHERED] = 4 * ((size_t)s->pools[0].count * s->pools[0].elems + whole);
     bytes[MEMORY_GRAD_BUFFERS] = 4 * ((size_t)s->pools[1].count * s->pools[1].elems + whole);
-    // the slots, their token ids, and the (B,T,C) and (B,T,4C) scratch
-    bytes[MEMORY_ACTIVATIONS] = 4 * ((size_t)s->run.nslots * (s->slot_elems + 2 * BT) + 5 * BT * s->y.cfg.channels);
+    // the activation buffers and their token ids, the (B,T,C) and (B,T,4C) scratch
+    bytes[MEMORY_ACTIVATIONS] =
+        4 * ((size_t)s->run.activation_buffers * (s->acts_elems + 2 * BT) + 5 * BT * s->layout.cfg.channels);
 }
 
 // --zero 3 after the last step: the whole stage's parameters, gathered once,
@@ -954,18 +960,18 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
 // lists work as under --zero 1.
 int stage_unshard_params(Stage *s) {
     if (!s->sharded) return 0;
-    float *params = calloc_or_fail(s->y.num_params, sizeof(float), "the gathered parameters");
-    float *grads = calloc_or_fail(s->y.num_params, sizeof(float), "the gradients");
+    float *params = calloc_or_fail(s->layout.num_params, sizeof(float), "the gathered parameters");
+    float *grads = calloc_or_fail(s->layout.num_params, sizeof(float), "the gradients");
     if (!params || !grads) { free(params); free(grads); return -1; }
     shard_copy(s, params, s->params, 1);
     int rc = 0;
-    for (int b = 0; b <= s->y.nl && rc == 0; b++) {
+    for (int b = 0; b <= s->layout.nl && rc == 0; b++) {
         int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
         Segment segs[NUM_PARAM_TENSORS];
-        int n = bucket_segments(&s->y, b, tensors, layers);
+        int n = bucket_segments(&s->layout, b, tensors, layers);
         for (int i = 0; i < n; i++) {
-            segs[i].p = params + s->y.offsets[tensors[i]] + layers[i] * segment_elems(&s->y, tensors[i]);
-            segs[i].n = segment_elems(&s->y, tensors[i]);
+            segs[i].p = params + s->layout.offsets[tensors[i]] + layers[i] * segment_elems(&s->layout, tensors[i]);
+            segs[i].n = segment_elems(&s->layout, tensors[i]);
         }
         rc = ring_collective(&s->base.links, segs, n, b, 1);
     }
@@ -999,18 +1005,18 @@ static int hook_begin(void *stage, int m, int training) {
         s->comm.head = s->comm.tail = s->comm.failed = s->comm.skip = 0;
         pthread_mutex_unlock(&s->comm.lock);
         for (int k = 0; k < 2; k++) {
-            for (int b = 0; b < s->y.nl; b++) s->held[k][b] = NULL;
+            for (int b = 0; b < s->layout.nl; b++) s->held[k][b] = NULL;
             s->pools[k].nfree = s->pools[k].count;
             for (int i = 0; i < s->pools[k].count; i++)
                 s->pools[k].free_list[i] = s->pools[k].memory + (size_t)i * s->pools[k].elems;
         }
-        s->held[0][s->y.nl] = NULL;
-        s->held[1][s->y.nl] = s->whole[1];
+        s->held[0][s->layout.nl] = NULL;
+        s->held[1][s->layout.nl] = s->whole[1];
     }
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
-        if (s->sharded) memset(s->whole[1], 0, whole_bucket_elems(&s->y) * sizeof(float));
-        else memset(s->grads, 0, s->y.num_params * sizeof(float));
-        if (s->y.first) memset(s->dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float));
+        if (s->sharded) memset(s->whole[1], 0, whole_bucket_elems(&s->layout) * sizeof(float));
+        else memset(s->grads, 0, s->layout.num_params * sizeof(float));
+        if (s->layout.first) memset(s->dwte_embed, 0, s->layout.sizes[P_WTE] * sizeof(float));
         s->wte_summed = 0;
     }
     return 0;
@@ -1019,7 +1025,7 @@ static int hook_begin(void *stage, int m, int training) {
 // The layers [l0, l1) a compute op of part `part` runs.
 static void op_layers(const Stage *s, int part, int *l0, int *l1) {
     *l0 = part < 0 ? 0 : part;
-    *l1 = part < 0 ? s->y.nl : part + 1;
+    *l1 = part < 0 ? s->layout.nl : part + 1;
 }
 
 // FWD and BWD_INPUT need the parameters of their layers, and of the whole
@@ -1027,7 +1033,7 @@ static void op_layers(const Stage *s, int part, int *l0, int *l1) {
 // (waiting for the comm thread to finish the gather if it has it queued).
 static int check_gathered(Stage *s, int kind, int l0, int l1) {
     if (!s->sharded) return 0;
-    int nl = s->y.nl, whole = (s->y.first && l0 == 0) || (s->y.last && l1 == nl), rc = 0;
+    int nl = s->layout.nl, whole = (s->layout.first && l0 == 0) || (s->layout.last && l1 == nl), rc = 0;
     pthread_mutex_lock(&s->comm.lock);
     for (int b = l0; b <= nl && rc == 0; b++) {
         if (b == l1) b = nl;
@@ -1035,40 +1041,40 @@ static int check_gathered(Stage *s, int kind, int l0, int l1) {
         rc = comm_wait(s, gathered_or_idle, b);
         if (rc == 0 && !s->held[0][b])
             rc = fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
-                      s->y.lo, s->y.hi, OP_NAMES[kind], l0, b);
+                      s->layout.lo, s->layout.hi, OP_NAMES[kind], l0, b);
     }
     pthread_mutex_unlock(&s->comm.lock);
     return rc;
 }
 
-static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
-                        int training) {
+static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
+                        float dloss, int training) {
     (void)dloss; (void)training;
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
+    Activations *acts = &s->acts[acts_index];
     size_t BT = (size_t)s->B * s->T;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
     if (check_gathered(s, OP_FWD, l0, l1)) return -1;
-    if (inputs && l0 == 0) memcpy(a->inputs, inputs, BT * sizeof(int));
-    stage_forward(s, a, s->B, s->T, l0, l1);
-    if (targets && l1 == s->y.nl) {
-        memcpy(a->targets, targets, BT * sizeof(int));
-        s->run.mb_losses[mb] = stage_loss(s, a);
+    if (inputs && l0 == 0) memcpy(acts->inputs, inputs, BT * sizeof(int));
+    stage_forward(s, acts, s->B, s->T, l0, l1);
+    if (targets && l1 == s->layout.nl) {
+        memcpy(acts->targets, targets, BT * sizeof(int));
+        s->run.mb_losses[mb] = stage_loss(s, acts);
     }
     return 0;
 }
 
-static int hook_backward_input(void *stage, int slot, int part, float dloss) {
+static int hook_backward_input(void *stage, int acts_index, int part, float dloss) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
     if (check_gathered(s, OP_BWD_INPUT, l0, l1)) return -1;
-    stage_backward_input(s, &s->slots[slot], dloss, l0, l1);
+    stage_backward_input(s, &s->acts[acts_index], dloss, l0, l1);
     return 0;
 }
 
-static int hook_backward_weight(void *stage, int slot, int part) {
+static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(s, part, &l0, &l1);
@@ -1080,12 +1086,13 @@ static int hook_backward_weight(void *stage, int slot, int part) {
     for (int l = l0; s->sharded && l < l1 && rc == 0; l++) {
         if (s->held[1][l] || s->comm.pending[1][l]) {
             if (s->comm.pending[1][l])
-                rc = fail("stage [%d,%d): BWD_WEIGHT of layer %d after its REDUCE_SCATTER", s->y.lo, s->y.hi, l);
+                rc = fail("stage [%d,%d): BWD_WEIGHT of layer %d after its REDUCE_SCATTER", s->layout.lo,
+                          s->layout.hi, l);
             continue;
         }
         if (s->pools[1].count == 0)
             rc = fail("stage [%d,%d): layer %d needs a gradient buffer but the stage has none (the op list holds "
-                      "more than the validator's peak)", s->y.lo, s->y.hi, l);
+                      "more than the validator's peak)", s->layout.lo, s->layout.hi, l);
         if (rc == 0) rc = comm_wait(s, grad_buffer_free, 0);
         if (rc == 0) {
             s->held[1][l] = s->pools[1].free_list[--s->pools[1].nfree];
@@ -1093,32 +1100,32 @@ static int hook_backward_weight(void *stage, int slot, int part) {
         }
     }
     if (s->sharded) pthread_mutex_unlock(&s->comm.lock);
-    if (rc == 0) stage_backward_weight(s, &s->slots[slot], l0, l1);
+    if (rc == 0) stage_backward_weight(s, &s->acts[acts_index], l0, l1);
     return rc;
 }
 
-static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+static void hook_message_buffers(void *stage, int acts_index, void *bufs[4]) {
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
-    bufs[0] = stage_output(s, a);
-    bufs[1] = a->x0;
-    bufs[2] = a->dresid;
-    bufs[3] = a->dresid + (size_t)s->y.nl * s->B * s->T * s->y.cfg.channels;
+    Activations *acts = &s->acts[acts_index];
+    bufs[0] = stage_output(s, acts);
+    bufs[1] = acts->x0;
+    bufs[2] = acts->dresid;
+    bufs[3] = acts->dresid + (size_t)s->layout.nl * s->B * s->T * s->layout.cfg.channels;
 }
 
 static int hook_exchange(void *stage, const int *ops, int n, void *const *bufs) {
     Stage *s = (Stage *)stage;
-    return comm_group(&s->base.links, ops, n, bufs, (size_t)s->B * s->T * s->y.cfg.channels * sizeof(float));
+    return comm_group(&s->base.links, ops, n, bufs, (size_t)s->B * s->T * s->layout.cfg.channels * sizeof(float));
 }
 
 // A bucket's (tensor, layer) segments: in the stage layout of base (params
 // or grads), or under --zero 3 in the bucket's buffer buf; sets tensors[i] too.
 static int bucket_in(Stage *s, float *base, float *buf, int bucket, Segment *segs, int *tensors) {
     int layers[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->y, bucket, tensors, layers);
+    int n = bucket_segments(&s->layout, bucket, tensors, layers);
     for (int i = 0; i < n; i++) {
         segs[i].p = buf ? buf + s->in_bucket[tensors[i]] : layer_tensor(s, base, tensors[i], layers[i]);
-        segs[i].n = segment_elems(&s->y, tensors[i]);
+        segs[i].n = segment_elems(&s->layout, tensors[i]);
     }
     return n;
 }
@@ -1146,14 +1153,14 @@ static void bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors
 // of a one-micro-batch step, 2(D-1)/D * P_b for the whole-tensor bucket, which
 // is gathered once.
 static int fsdp_ring(Stage *s, int kind, int bucket) {
-    int nl = s->y.nl, tensors[NUM_PARAM_TENSORS], gather = kind == OP_ALLGATHER;
+    int nl = s->layout.nl, tensors[NUM_PARAM_TENSORS], gather = kind == OP_ALLGATHER;
     Segment segs[NUM_PARAM_TENSORS];
     float *buf;
     pthread_mutex_lock(&s->comm.lock);
     if (gather && bucket < nl && !s->pools[0].nfree) {  // the validator's peak rules it out
         pthread_mutex_unlock(&s->comm.lock);
         return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
-                    "holds more than the validator's peak)", s->y.lo, s->y.hi, bucket, s->pools[0].count);
+                    "holds more than the validator's peak)", s->layout.lo, s->layout.hi, bucket, s->pools[0].count);
     }
     buf = !gather ? s->held[1][bucket] : bucket < nl ? s->pools[0].free_list[--s->pools[0].nfree] : s->whole[0];
     pthread_mutex_unlock(&s->comm.lock);
@@ -1162,7 +1169,7 @@ static int fsdp_ring(Stage *s, int kind, int bucket) {
         bucket_chunks_copy(s, segs, tensors, n, bucket, s->params, 0);
         if (ring_collective(&s->base.links, segs, n, bucket, 1)) return -1;
     } else {
-        if (bucket == nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
+        if (bucket == nl && s->layout.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
         if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
         bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
     }
@@ -1182,25 +1189,25 @@ static int fsdp_ring(Stage *s, int kind, int bucket) {
 // bucket's buffer back once its gather is done.
 static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
     if (kind != OP_ALLGATHER && kind != OP_FREE && (kind != OP_REDUCE_SCATTER || !training))
-        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->y.lo, s->y.hi, OP_NAMES[kind], bucket,
-                    training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
+        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->layout.lo, s->layout.hi, OP_NAMES[kind],
+                    bucket, training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
     int rc = 0;
     pthread_mutex_lock(&s->comm.lock);
     if (kind == OP_ALLGATHER) {
         rc = s->held[0][bucket] || s->comm.pending[0][bucket]
-                 ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->y.lo, s->y.hi, bucket)
+                 ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->layout.lo, s->layout.hi, bucket)
                  : comm_enqueue(s, kind, bucket);
     } else if (kind == OP_FREE) {
         rc = comm_wait(s, gathered_or_idle, bucket);
         if (rc == 0 && !s->held[0][bucket])
-            rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", s->y.lo, s->y.hi, bucket);
-        if (rc == 0 && bucket < s->y.nl) s->pools[0].free_list[s->pools[0].nfree++] = s->held[0][bucket];
+            rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", s->layout.lo, s->layout.hi, bucket);
+        if (rc == 0 && bucket < s->layout.nl) s->pools[0].free_list[s->pools[0].nfree++] = s->held[0][bucket];
         if (rc == 0) s->held[0][bucket] = NULL;
         pthread_cond_broadcast(&s->comm.changed);
     } else {
         rc = !s->held[1][bucket] || s->comm.pending[1][bucket]
-                 ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->y.lo,
-                        s->y.hi, bucket)
+                 ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->layout.lo,
+                        s->layout.hi, bucket)
                  : comm_enqueue(s, kind, bucket);
     }
     pthread_mutex_unlock(&s->comm.lock);
@@ -1219,7 +1226,7 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
         return ring_collective(&s->base.links, segs, bucket_in(s, s->params, NULL, bucket, segs, tensors), bucket, 1);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
-    if (bucket == s->y.nl && s->y.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
+    if (bucket == s->layout.nl && s->layout.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
     int n = bucket_in(s, s->grads, NULL, bucket, segs, tensors);
     if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
     return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
@@ -1241,8 +1248,8 @@ static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_inp
 
 int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *targets,
               int training, float *loss_sum) {
-    int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops, inputs,
-                         targets, training, loss_sum);
+    int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->layout, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
+                         inputs, targets, training, loss_sum);
     if (rc && s->sharded) {  // the comm thread finishes the collective it is in (a ring step times out) and no more
         pthread_mutex_lock(&s->comm.lock);
         s->comm.skip = 1;
@@ -1255,16 +1262,16 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 // optimizer
 
 int stage_sum_wte_grads(Stage *s) {
-    if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
+    if ((!s->layout.first && !s->layout.last) || s->wte_summed) return 0;
     float *head = grad_of(s, P_WTE, 0), *embed = s->dwte_embed;
-    size_t n = s->y.sizes[P_WTE];
-    if (!(s->y.first && s->y.last)) {
+    size_t n = s->layout.sizes[P_WTE];
+    if (!(s->layout.first && s->layout.last)) {
         // the first stage has the embedding's part, the last the head's: swap
         // them through the scratch of the other (the last stage's dwte_embed is unused)
         if (!s->dwte_embed) s->dwte_embed = malloc(n * sizeof(float));
         if (!(embed = s->dwte_embed)) return fail("out of memory for d(wte)");
-        if (s->y.first ? tied_swap(&s->base.links, embed, head, n * sizeof(float))
-                       : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
+        if (s->layout.first ? tied_swap(&s->base.links, embed, head, n * sizeof(float))
+                            : tied_swap(&s->base.links, head, embed, n * sizeof(float)))
             return -1;
     }
     for (size_t i = 0; i < n; i++) head[i] = head[i] + embed[i];
@@ -1301,14 +1308,14 @@ static double sum_squares(const float *p, size_t n) {
 // it when D = 1): the launcher adds the D chunks' parts in replica order, so
 // the norm is the same for every zero stage, sharded gradients or not.
 void stage_grad_norm_parts(Stage *s, double *parts) {
-    int L = s->y.cfg.num_layers;
+    int L = s->layout.cfg.num_layers;
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * L);
     for (int t = 0; t < NUM_PARAM_TENSORS; t++)
-        for (int l = 0; l < s->y.nl; l++) {
-            if (!owns_tensor(&s->y, t) || (!is_layer_tensor(t) && l > 0)) continue;
+        for (int l = 0; l < s->layout.nl; l++) {
+            if (!owns_tensor(&s->layout, t) || (!is_layer_tensor(t) && l > 0)) continue;
             size_t lo, hi;
-            chunk_range(segment_elems(&s->y, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
-            int part = t * L + (is_layer_tensor(t) ? s->y.lo + l : 0);
+            chunk_range(segment_elems(&s->layout, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
+            int part = t * L + (is_layer_tensor(t) ? s->layout.lo + l : 0);
             const float *chunk = s->sharded ? s->grads + s->shard_at[t] + l * s->chunk_n[t]
                                             : layer_tensor(s, s->grads, t, l) + lo;
             parts[part] = sum_squares(chunk, hi - lo);
@@ -1325,11 +1332,11 @@ void stage_adamw(Stage *s, float lr, float weight_decay, float grad_scale, int s
     size_t at_shard = 0;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         float wd = is_matrix(t) ? weight_decay : 0.0f;
-        size_t seg = segment_elems(&s->y, t), lo, hi;
+        size_t seg = segment_elems(&s->layout, t), lo, hi;
         chunk_range(seg, part, parts, &lo, &hi);
-        for (int l = 0; l < segment_count(&s->y, t); l++, at_shard += hi - lo) {
+        for (int l = 0; l < segment_count(&s->layout, t); l++, at_shard += hi - lo) {
             // the parameters and gradients: in place, or (zero 3) where m and v are
-            size_t at = s->sharded ? at_shard : s->y.offsets[t] + l * seg + lo;
+            size_t at = s->sharded ? at_shard : s->layout.offsets[t] + l * seg + lo;
             float *p = s->params + at, *g = s->grads + at, *m = s->m + at_shard, *v = s->v + at_shard;
             #pragma omp parallel for
             for (size_t i = 0; i < hi - lo; i++) {
@@ -1365,9 +1372,9 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 // checkpoint I/O (the file formats are in common.h)
 
 int stage_load(Stage *s, const char *path) {
-    if (!s->sharded) return model_file_read(&s->y, path, s->params);
-    float *whole_stage = calloc_or_fail(s->y.num_params, sizeof(float), "the parameters, before sharding");
-    int rc = !whole_stage || model_file_read(&s->y, path, whole_stage) ? -1 : 0;
+    if (!s->sharded) return model_file_read(&s->layout, path, s->params);
+    float *whole_stage = calloc_or_fail(s->layout.num_params, sizeof(float), "the parameters, before sharding");
+    int rc = !whole_stage || model_file_read(&s->layout, path, whole_stage) ? -1 : 0;
     if (rc == 0) shard_copy(s, whole_stage, s->params, 0);
     free(whole_stage);
     return rc;
@@ -1378,13 +1385,13 @@ int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
     int part, parts;
     optimizer_shard(s, &part, &parts);
-    return checkpoint_files_write(&s->y, dir, ts, s->params, s->sharded, s->m, s->v, part, parts);
+    return checkpoint_files_write(&s->layout, dir, ts, s->params, s->sharded, s->m, s->v, part, parts);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
     int part, parts;
     optimizer_shard(s, &part, &parts);
-    return checkpoint_files_read(&s->y, dir, step, ts, s->params, s->sharded, s->m, s->v, part, parts);
+    return checkpoint_files_read(&s->layout, dir, step, ts, s->params, s->sharded, s->m, s->v, part, parts);
 }
 
 // ----------------------------------------------------------------------------
@@ -1392,21 +1399,21 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k,
                  uint64_t seed, int *out) {
-    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
+    if ((top_k = sample_check(&s->layout, prompt, np, top_k)) < 0) return -1;
     if (s->sharded) return fail("sampling needs the whole parameters: stage_unshard_params first (--zero 3)");
-    int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, Vp = s->y.cfg.padded_vocab_size;
+    int V = s->layout.cfg.vocab_size, C = s->layout.cfg.channels, Vp = s->layout.cfg.padded_vocab_size;
     Candidate *cand = malloc(sizeof(Candidate) * top_k);
     if (!cand) return fail("out of memory for top-k");
     memcpy(out, prompt, np * sizeof(int));
-    Slot *a = &s->slots[0];
+    Activations *acts = &s->acts[0];
     uint64_t rng = seed;
     for (int len = np; len < np + n; len++) {
         // no KV cache: rerun the last T tokens (cheap at the sizes we sample)
         int T = len < s->T ? len : s->T;
-        memcpy(a->inputs, out + len - T, T * sizeof(int));
-        stage_forward(s, a, 1, T, 0, s->y.nl);
-        matmul_forward(a->probs, a->lnf + (size_t)(T - 1) * C, param_of(s, P_WTE, 0), NULL, 1, C, Vp);
-        out[len] = sample_top_k(a->probs, V, temperature, top_k, &rng, cand);
+        memcpy(acts->inputs, out + len - T, T * sizeof(int));
+        stage_forward(s, acts, 1, T, 0, s->layout.nl);
+        matmul_forward(acts->probs, acts->lnf + (size_t)(T - 1) * C, param_of(s, P_WTE, 0), NULL, 1, C, Vp);
+        out[len] = sample_top_k(acts->probs, V, temperature, top_k, &rng, cand);
     }
     free(cand);
     return 0;

@@ -908,7 +908,7 @@ typedef struct {
 enum { ATTN_SIMPLE, ATTN_MMA_SYNC, ATTN_MMA_PIPELINED };
 #define LT_WORKSPACE (32u << 20)
 
-// One micro-batch's activations on the device, as in train_gpt.c's Slot;
+// One micro-batch's activations on the device, as in train_gpt.c's Activations;
 // per-layer buffers hold nl layers at the strides in Stage (st_*).
 typedef struct {
     int *inputs, *targets;               // (B,T)
@@ -924,11 +924,11 @@ typedef struct {
     floatX *dresid;                      // (nl+1) x (B,T,C): [l] = d(input of layer l)
     floatX *dln1, *dqkv, *dres2, *dln2, *dfch, *dlnf;
     void *mem;
-} Slot;
+} Activations;
 
 struct Stage {
     StageBase base;                      // first: its links and zero stage (common.h)
-    Layout y;
+    Layout layout;
     int B, T, device, hs;
     // parameters on the device: each (tensor, layer) segment at a 512-byte
     // aligned offset (dev_start[t] + l * dev_stride[t]), the same whatever the
@@ -939,11 +939,11 @@ struct Stage {
     float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
     float *h_swap_send, *h_swap_recv;    // tied-embedding swap over sockets
-    Slot *slots;
+    Activations *acts;                   // activation buffers: one per micro-batch in flight
     OpRun run;                           // the executor's bookkeeping (common.h)
     float *d_mb_losses;
     int d_mb_cap;
-    size_t st_c, st_3c, st_4c, st_n, st_lse, slot_bytes;
+    size_t st_c, st_3c, st_4c, st_n, st_lse, acts_bytes;
     floatX *scratch_c, *scratch_4c;
     float *d_partials, *d_delta, *d_sample_logits, *h_sample_logits;
     // grad-norm segments
@@ -982,25 +982,25 @@ static int check_broken(Stage *s) {
 }
 
 static int prof_flush(Stage *s) {
-    Prof *p = &s->prof;
-    if (!p->on || p->n == 0) return 0;
-    CUDA_CHECK(cudaEventSynchronize(p->ev[2 * p->n - 1]));
-    for (int i = 0; i < p->n; i++) {
+    Prof *prof = &s->prof;
+    if (!prof->on || prof->n == 0) return 0;
+    CUDA_CHECK(cudaEventSynchronize(prof->ev[2 * prof->n - 1]));
+    for (int i = 0; i < prof->n; i++) {
         float ms = 0.0f;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, p->ev[2 * i], p->ev[2 * i + 1]));
-        p->ms[p->cat[i]] += ms;
-        p->calls[p->cat[i]]++;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, prof->ev[2 * i], prof->ev[2 * i + 1]));
+        prof->ms[prof->cat[i]] += ms;
+        prof->calls[prof->cat[i]]++;
     }
-    p->n = 0;
+    prof->n = 0;
     return 0;
 }
 static int prof_begin(Stage *s, int cat) {
-    Prof *p = &s->prof;
-    if (!p->on) return -1;
-    if (p->n == PROF_EVENTS && prof_flush(s)) return -1;
-    if (cudaEventRecord(p->ev[2 * p->n], s->stream) != cudaSuccess) return -1;
-    p->cat[p->n] = cat;
-    return p->n++;
+    Prof *prof = &s->prof;
+    if (!prof->on) return -1;
+    if (prof->n == PROF_EVENTS && prof_flush(s)) return -1;
+    if (cudaEventRecord(prof->ev[2 * prof->n], s->stream) != cudaSuccess) return -1;
+    prof->cat[prof->n] = cat;
+    return prof->n++;
 }
 static void prof_end(Stage *s, int i) {
     if (i >= 0) cudaEventRecord(s->prof.ev[2 * i + 1], s->stream);
@@ -1009,49 +1009,54 @@ static void prof_end(Stage *s, int i) {
 #define PROF(cat, ...) do { int pi_ = prof_begin(s, cat); __VA_ARGS__; prof_end(s, pi_); } while (0)
 
 static void prof_report(Stage *s) {
-    Prof *p = &s->prof;
-    if (!p->on || p->runs == 0) return;
+    Prof *prof = &s->prof;
+    if (!prof->on || prof->runs == 0) return;
     prof_flush(s);
-    int steps = p->runs > 1 ? p->runs - 1 : 1;
+    int steps = prof->runs > 1 ? prof->runs - 1 : 1;
     double total = 0.0;
-    for (int c = 0; c < NUM_PC; c++) total += p->ms[c];
-    fprintf(stderr, "GPT_PROFILE stage [%d,%d) B=%d T=%d %s: GPU time per step over %d step(s)%s\n", s->y.lo,
-            s->y.hi, s->B, s->T, PRECISION_NAME, steps, p->runs > 1 ? " (first step left out)" : "");
+    for (int c = 0; c < NUM_PC; c++) total += prof->ms[c];
+    fprintf(stderr, "GPT_PROFILE stage [%d,%d) B=%d T=%d %s: GPU time per step over %d step(s)%s\n", s->layout.lo,
+            s->layout.hi, s->B, s->T, PRECISION_NAME, steps, prof->runs > 1 ? " (first step left out)" : "");
     fprintf(stderr, "GPT_PROFILE %-34s %10s %10s %7s\n", "category", "calls", "ms", "%");
     for (int c = 0; c < NUM_PC; c++) {
-        if (!p->calls[c]) continue;
-        fprintf(stderr, "GPT_PROFILE %-34s %10.1f %10.3f %6.1f%%\n", PC_NAMES[c], (double)p->calls[c] / steps,
-                p->ms[c] / steps, total > 0 ? 100.0 * p->ms[c] / total : 0.0);
+        if (!prof->calls[c]) continue;
+        fprintf(stderr, "GPT_PROFILE %-34s %10.1f %10.3f %6.1f%%\n", PC_NAMES[c], (double)prof->calls[c] / steps,
+                prof->ms[c] / steps, total > 0 ? 100.0 * prof->ms[c] / total : 0.0);
     }
     fprintf(stderr, "GPT_PROFILE %-34s %10s %10.3f %6.1f%%\n", "total (kernels)", "", total / steps, 100.0);
-    if (p->comm_ms > 0)
-        fprintf(stderr, "GPT_PROFILE %-34s %10s %10.3f\n", "communication (host wall)", "", p->comm_ms / steps);
+    if (prof->comm_ms > 0)
+        fprintf(stderr, "GPT_PROFILE %-34s %10s %10.3f\n", "communication (host wall)", "", prof->comm_ms / steps);
 }
 
 // ----------------------------------------------------------------------------
 // cuBLASLt GEMMs: one plan per shape and epilogue, made once (cuBLASLt is
 // column-major: a row-major (R, K) matrix is a column-major (K, R) one)
 
-static int gemm_plan_make(Stage *s, GemmPlan *p, const GemmKey *k, const void *bias, const void *aux,
+static int gemm_plan_make(Stage *s, GemmPlan *plan, const GemmKey *key, const void *bias, const void *aux,
                           int64_t aux_ld) {
-    memset(p, 0, sizeof *p);
-    p->key = *k;
-    cublasOperation_t ta = k->transa ? CUBLAS_OP_T : CUBLAS_OP_N, tb = k->transb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    LT_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    cublasLtEpilogue_t epi = (cublasLtEpilogue_t)k->epi;
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    memset(plan, 0, sizeof *plan);
+    plan->key = *key;
+    cublasOperation_t ta = key->transa ? CUBLAS_OP_T : CUBLAS_OP_N, tb = key->transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    LT_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    cublasLtEpilogue_t epi = (cublasLtEpilogue_t)key->epi;
+    LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
     // the pointers set here only tell the heuristic their alignment (256 bytes,
     // as every call's); each call sets its own
-    if (bias) LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    if (bias)
+        LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     if (aux) {
-        LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux));
-        LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld));
+        LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
+                                                sizeof aux));
+        LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
+                                                sizeof aux_ld));
     }
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->la, k->ab, k->transa ? k->k : k->m, k->transa ? k->m : k->k, k->lda));
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->lb, k->ab, k->transb ? k->n : k->k, k->transb ? k->k : k->n, k->ldb));
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->ld, k->cd, k->m, k->n, k->ldd));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&plan->la, key->ab, key->transa ? key->k : key->m,
+                                        key->transa ? key->m : key->k, key->lda));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&plan->lb, key->ab, key->transb ? key->n : key->k,
+                                        key->transb ? key->k : key->n, key->ldb));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&plan->ld, key->cd, key->m, key->n, key->ldd));
     cublasLtMatmulPreference_t pref;
     LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     size_t ws = LT_WORKSPACE;
@@ -1059,23 +1064,24 @@ static int gemm_plan_make(Stage *s, GemmPlan *p, const GemmKey *k, const void *b
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
     if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulAlgoGetHeuristic(s->lt, p->desc, p->la, p->lb, p->ld, p->ld, pref, 1, &res, &found);
+        st = cublasLtMatmulAlgoGetHeuristic(s->lt, plan->desc, plan->la, plan->lb, plan->ld, plan->ld, pref, 1, &res,
+                                            &found);
     cublasLtMatmulPreferenceDestroy(pref);
     // "not supported" and no result mean: no kernel for this combination
     if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
         return fail("cuBLASLt heuristic failed: %s (m=%lld n=%lld k=%lld)", cublasGetStatusString(st),
-                    (long long)k->m, (long long)k->n, (long long)k->k);
-    p->ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS;
-    if (p->ok) p->algo = res.algo;
+                    (long long)key->m, (long long)key->n, (long long)key->k);
+    plan->ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (plan->ok) plan->algo = res.algo;
     return 0;
 }
 
-static void gemm_plan_free(GemmPlan *p) {
-    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
-    if (p->la) cublasLtMatrixLayoutDestroy(p->la);
-    if (p->lb) cublasLtMatrixLayoutDestroy(p->lb);
-    if (p->ld) cublasLtMatrixLayoutDestroy(p->ld);
-    memset(p, 0, sizeof *p);
+static void gemm_plan_free(GemmPlan *plan) {
+    if (plan->desc) cublasLtMatmulDescDestroy(plan->desc);
+    if (plan->la) cublasLtMatrixLayoutDestroy(plan->la);
+    if (plan->lb) cublasLtMatrixLayoutDestroy(plan->lb);
+    if (plan->ld) cublasLtMatrixLayoutDestroy(plan->ld);
+    memset(plan, 0, sizeof *plan);
 }
 
 // D (m x n) = op(A) op(B) [+ beta * C] [+ bias] [epilogue]. Returns 0, -1 on
@@ -1088,39 +1094,41 @@ static int gemm(Stage *s, int transa, int transb, int64_t m, int64_t n, int64_t 
     memset(&key, 0, sizeof key);
     key.transa = transa; key.transb = transb; key.m = m; key.n = n; key.k = k;
     key.lda = lda; key.ldb = ldb; key.ldd = ldd; key.ab = CUDA_X; key.cd = cd; key.epi = epi; key.beta = beta != 0.0f;
-    GemmPlan *p = NULL, tmp;
-    for (int i = 0; i < s->nplans && !p; i++)
-        if (memcmp(&s->plans[i].key, &key, sizeof key) == 0) p = &s->plans[i];
+    GemmPlan *plan = NULL, tmp;
+    for (int i = 0; i < s->nplans && !plan; i++)
+        if (memcmp(&s->plans[i].key, &key, sizeof key) == 0) plan = &s->plans[i];
     int temporary = 0;
-    if (!p) {
+    if (!plan) {
         if (s->nplans < MAX_PLANS) {
-            p = &s->plans[s->nplans];
-            if (gemm_plan_make(s, p, &key, bias, aux, aux_ld)) { gemm_plan_free(p); return -1; }
+            plan = &s->plans[s->nplans];
+            if (gemm_plan_make(s, plan, &key, bias, aux, aux_ld)) { gemm_plan_free(plan); return -1; }
             s->nplans++;
         } else {
-            p = &tmp;
+            plan = &tmp;
             temporary = 1;
-            if (gemm_plan_make(s, p, &key, bias, aux, aux_ld)) { gemm_plan_free(p); return -1; }
+            if (gemm_plan_make(s, plan, &key, bias, aux, aux_ld)) { gemm_plan_free(plan); return -1; }
         }
     }
     int rc = 1;
-    if (p->ok) {
+    if (plan->ok) {
         rc = -1;
         float alpha = 1.0f;
         cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-        if (bias) st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+        if (bias)
+            st = cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
         if (aux && st == CUBLAS_STATUS_SUCCESS)
-            st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+            st = cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
+                                                sizeof aux);
         if (st == CUBLAS_STATUS_SUCCESS)
-            st = cublasLtMatmul(s->lt, p->desc, &alpha, A, p->la, Bm, p->lb, &beta, Cm ? Cm : D, p->ld, D, p->ld,
-                                &p->algo, s->workspace, LT_WORKSPACE, s->stream);
+            st = cublasLtMatmul(s->lt, plan->desc, &alpha, A, plan->la, Bm, plan->lb, &beta, Cm ? Cm : D, plan->ld, D,
+                                plan->ld, &plan->algo, s->workspace, LT_WORKSPACE, s->stream);
         if (st != CUBLAS_STATUS_SUCCESS)
             fail("cuBLASLt matmul failed: %s (m=%lld n=%lld k=%lld epilogue %d)", cublasGetStatusString(st),
                  (long long)m, (long long)n, (long long)k, epi);
         else
             rc = 0;
     }
-    if (temporary) gemm_plan_free(p);
+    if (temporary) gemm_plan_free(plan);
     return rc;
 }
 
@@ -1201,9 +1209,9 @@ static void ptx_default(Stage *s) {
         return;
     }
     int bits = PTX_DEFAULT;
-    if (s->y.cfg.channels % 8) bits &= ~(PTX_GELU | PTX_LN_FWD | PTX_LN_BWD);
-    if (s->y.cfg.channels > 1792) bits &= ~(PTX_LN_FWD | PTX_LN_BWD);  // 7 chunks of 8 a lane at most
-    if (s->y.cfg.padded_vocab_size % 8 || s->y.cfg.padded_vocab_size > CE_PTX_MAX_VP) bits &= ~PTX_CE;
+    if (s->layout.cfg.channels % 8) bits &= ~(PTX_GELU | PTX_LN_FWD | PTX_LN_BWD);
+    if (s->layout.cfg.channels > 1792) bits &= ~(PTX_LN_FWD | PTX_LN_BWD);  // 7 chunks of 8 a lane at most
+    if (s->layout.cfg.padded_vocab_size % 8 || s->layout.cfg.padded_vocab_size > CE_PTX_MAX_VP) bits &= ~PTX_CE;
     if (bits && ptx_load() == 0) s->ptx = bits;
 #endif
 }
@@ -1239,16 +1247,16 @@ static int ptx_select(Stage *s, const char *env) {
 #ifdef GPT_FP32
     return fail("GPT_PTX=%s: the PTX kernels are for the bf16 build; this is the fp32 build", env);
 #else
-    if ((s->ptx & (PTX_GELU | PTX_LN_FWD | PTX_LN_BWD)) && s->y.cfg.channels % 8)
+    if ((s->ptx & (PTX_GELU | PTX_LN_FWD | PTX_LN_BWD)) && s->layout.cfg.channels % 8)
         return fail("GPT_PTX=%s: the PTX GELU and layernorm kernels move 8 bf16 at a time and need channels "
-                    "%% 8 == 0 (channels = %d)", env, s->y.cfg.channels);
-    if ((s->ptx & (PTX_LN_FWD | PTX_LN_BWD)) && s->y.cfg.channels > 1792)
+                    "%% 8 == 0 (channels = %d)", env, s->layout.cfg.channels);
+    if ((s->ptx & (PTX_LN_FWD | PTX_LN_BWD)) && s->layout.cfg.channels > 1792)
         return fail("GPT_PTX=%s: the PTX layernorm kernels hold a row in registers (at most 7 chunks of 8 bf16 "
-                    "a lane) and need channels <= 1792 (channels = %d)", env, s->y.cfg.channels);
-    if ((s->ptx & PTX_CE) && (s->y.cfg.padded_vocab_size % 8 || s->y.cfg.padded_vocab_size > CE_PTX_MAX_VP))
+                    "a lane) and need channels <= 1792 (channels = %d)", env, s->layout.cfg.channels);
+    if ((s->ptx & PTX_CE) && (s->layout.cfg.padded_vocab_size % 8 || s->layout.cfg.padded_vocab_size > CE_PTX_MAX_VP))
         return fail("GPT_PTX=%s: the PTX cross-entropy kernel holds a row in registers (7 chunks of 8 bf16 a "
                     "thread) and needs padded_vocab_size %% 8 == 0 and <= %d (it is %d)", env, CE_PTX_MAX_VP,
-                    s->y.cfg.padded_vocab_size);
+                    s->layout.cfg.padded_vocab_size);
     return ptx_load();
 #endif
 }
@@ -1342,7 +1350,7 @@ static int layernorm_backward_input(Stage *s, floatX *dinp, const floatX *resid,
 }
 
 static int attention_forward(Stage *s, floatX *out, float *lse, const floatX *qkv, int B, int T) {
-    int NH = s->y.cfg.num_heads, D = s->hs;
+    int NH = s->layout.cfg.num_heads, D = s->hs;
     float scale_log2 = 1.4426950408889634f / sqrtf((float)D);
     PROF(PC_ATTN_FWD, {
 #ifndef GPT_FP32
@@ -1367,7 +1375,7 @@ static int attention_forward(Stage *s, floatX *out, float *lse, const floatX *qk
 // dqkv = backward of attention_forward (out is its output, dout d(out))
 static int attention_backward(Stage *s, floatX *dqkv, const floatX *dout, const floatX *qkv, const floatX *out,
                               const float *lse, int B, int T) {
-    int NH = s->y.cfg.num_heads, D = s->hs;
+    int NH = s->layout.cfg.num_heads, D = s->hs;
     float scale = 1.0f / sqrtf((float)D), scale_log2 = 1.4426950408889634f * scale;
     PROF(PC_ATTN_BWD, {
         size_t warps = (size_t)B * T * NH;
@@ -1436,18 +1444,24 @@ static int gelu_backward(Stage *s, floatX *dinp, const floatX *inp, const floatX
 // stage layout
 
 static size_t seg_elems(const Stage *s, int t) {
-    return is_layer_tensor(t) ? gpt_tensor_size(&s->y.cfg, t, 1) : s->y.sizes[t];
+    return is_layer_tensor(t) ? gpt_tensor_size(&s->layout.cfg, t, 1) : s->layout.sizes[t];
 }
 static int seg_count(const Stage *s, int t) {
-    return !s->y.sizes[t] ? 0 : is_layer_tensor(t) ? s->y.nl : 1;
+    return !s->layout.sizes[t] ? 0 : is_layer_tensor(t) ? s->layout.nl : 1;
 }
 // layer l (stage-local; 0 for non-layer tensors) of tensor t on the device
 static float *dparam(Stage *s, float *base, int t, int l) { return base + s->dev_start[t] + l * s->dev_stride[t]; }
 static floatX *xparam(Stage *s, int t, int l) { return s->d_params_x + s->dev_start[t] + l * s->dev_stride[t]; }
-static float *hparam(Stage *s, float *base, int t, int l) { return base + s->y.offsets[t] + l * seg_elems(s, t); }
+static float *hparam(Stage *s, float *base, int t, int l) { return base + s->layout.offsets[t] + l * seg_elems(s, t); }
 
-float *stage_param(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return s->y.sizes[t] ? s->h_params + s->y.offsets[t] : NULL; }
-float *stage_grad(Stage *s, int t, size_t *n) { *n = s->y.sizes[t]; return s->y.sizes[t] ? s->h_grads + s->y.offsets[t] : NULL; }
+float *stage_param(Stage *s, int t, size_t *n) {
+    *n = s->layout.sizes[t];
+    return s->layout.sizes[t] ? s->h_params + s->layout.offsets[t] : NULL;
+}
+float *stage_grad(Stage *s, int t, size_t *n) {
+    *n = s->layout.sizes[t];
+    return s->layout.sizes[t] ? s->h_grads + s->layout.offsets[t] : NULL;
+}
 const double *stage_op_times(const Stage *s) { return s->run.op_times; }
 
 // device <-> host mirror for whole-stage parameter-shaped buffers
@@ -1478,66 +1492,66 @@ static int refresh_params_x(Stage *s) {
     return 0;
 }
 
-// The slot's buffers: name, element size, elements. Per-layer buffers use the
-// stage's strides so that every layer starts 256-byte aligned.
+// The pieces of an activation buffer: name, element size, elements. Per-layer
+// pieces use the stage's strides so that every layer starts 256-byte aligned.
 typedef struct { void **p; size_t elem, n; } Piece;
 
-static int slot_pieces(Stage *s, Slot *a, Piece *pc) {
-    size_t nl = s->y.nl, first = s->y.first, last = s->y.last, BT = (size_t)s->B * s->T;
-    size_t V = s->y.cfg.vocab_size, Vp = s->y.cfg.padded_vocab_size, X = sizeof(floatX), F = sizeof(float);
+static int activations_pieces(Stage *s, Activations *acts, Piece *pc) {
+    size_t nl = s->layout.nl, first = s->layout.first, last = s->layout.last, BT = (size_t)s->B * s->T;
+    size_t V = s->layout.cfg.vocab_size, Vp = s->layout.cfg.padded_vocab_size, X = sizeof(floatX), F = sizeof(float);
     size_t nuniq = BT < V ? BT : V;
     int n = 0;
 #define PIECE(ptr, size, count) (pc[n].p = (void **)(ptr), pc[n].elem = (size), pc[n].n = (count), n++)
-    PIECE(&a->inputs, 4, first * BT);
-    PIECE(&a->targets, 4, last * BT);
-    PIECE(&a->bk_tok, 4, first * nuniq);
-    PIECE(&a->bk_start, 4, first * (nuniq + 1));
-    PIECE(&a->bk_pos, 4, first * BT);
-    PIECE(&a->x0, X, s->st_c);
-    PIECE(&a->ln1, X, nl * s->st_c);
-    PIECE(&a->qkv, X, nl * s->st_3c);
-    PIECE(&a->atty, X, nl * s->st_c);
-    PIECE(&a->res2, X, nl * s->st_c);
-    PIECE(&a->ln2, X, nl * s->st_c);
-    PIECE(&a->fch, X, nl * s->st_4c);
-    PIECE(&a->fchg, X, nl * s->st_4c);
-    PIECE(&a->res3, X, nl * s->st_c);
-    PIECE(&a->ln1_mean, F, nl * s->st_n);
-    PIECE(&a->ln1_rstd, F, nl * s->st_n);
-    PIECE(&a->ln2_mean, F, nl * s->st_n);
-    PIECE(&a->ln2_rstd, F, nl * s->st_n);
-    PIECE(&a->lse, F, nl * s->st_lse);
-    PIECE(&a->lnf, X, last * s->st_c);
-    PIECE(&a->lnf_mean, F, last * s->st_n);
-    PIECE(&a->lnf_rstd, F, last * s->st_n);
-    PIECE(&a->logits, X, last * BT * Vp);
-    PIECE(&a->losses, F, last * BT);
-    PIECE(&a->dresid, X, (nl + 1) * s->st_c);
-    PIECE(&a->dln1, X, nl * s->st_c);
-    PIECE(&a->dqkv, X, nl * s->st_3c);
-    PIECE(&a->dres2, X, nl * s->st_c);
-    PIECE(&a->dln2, X, nl * s->st_c);
-    PIECE(&a->dfch, X, nl * s->st_4c);
-    PIECE(&a->dlnf, X, last * s->st_c);
+    PIECE(&acts->inputs, 4, first * BT);
+    PIECE(&acts->targets, 4, last * BT);
+    PIECE(&acts->bk_tok, 4, first * nuniq);
+    PIECE(&acts->bk_start, 4, first * (nuniq + 1));
+    PIECE(&acts->bk_pos, 4, first * BT);
+    PIECE(&acts->x0, X, s->st_c);
+    PIECE(&acts->ln1, X, nl * s->st_c);
+    PIECE(&acts->qkv, X, nl * s->st_3c);
+    PIECE(&acts->atty, X, nl * s->st_c);
+    PIECE(&acts->res2, X, nl * s->st_c);
+    PIECE(&acts->ln2, X, nl * s->st_c);
+    PIECE(&acts->fch, X, nl * s->st_4c);
+    PIECE(&acts->fchg, X, nl * s->st_4c);
+    PIECE(&acts->res3, X, nl * s->st_c);
+    PIECE(&acts->ln1_mean, F, nl * s->st_n);
+    PIECE(&acts->ln1_rstd, F, nl * s->st_n);
+    PIECE(&acts->ln2_mean, F, nl * s->st_n);
+    PIECE(&acts->ln2_rstd, F, nl * s->st_n);
+    PIECE(&acts->lse, F, nl * s->st_lse);
+    PIECE(&acts->lnf, X, last * s->st_c);
+    PIECE(&acts->lnf_mean, F, last * s->st_n);
+    PIECE(&acts->lnf_rstd, F, last * s->st_n);
+    PIECE(&acts->logits, X, last * BT * Vp);
+    PIECE(&acts->losses, F, last * BT);
+    PIECE(&acts->dresid, X, (nl + 1) * s->st_c);
+    PIECE(&acts->dln1, X, nl * s->st_c);
+    PIECE(&acts->dqkv, X, nl * s->st_3c);
+    PIECE(&acts->dres2, X, nl * s->st_c);
+    PIECE(&acts->dln2, X, nl * s->st_c);
+    PIECE(&acts->dfch, X, nl * s->st_4c);
+    PIECE(&acts->dlnf, X, last * s->st_c);
 #undef PIECE
     return n;
 }
 
-static size_t slot_size(Stage *s) {
-    Slot a;
+static size_t activations_size(Stage *s) {
+    Activations acts;
     Piece pc[40];
-    int n = slot_pieces(s, &a, pc);
+    int n = activations_pieces(s, &acts, pc);
     size_t total = 0;
     for (int i = 0; i < n; i++) total += round_up(pc[i].elem * pc[i].n, 512);
     return total;
 }
 
-// points the slot's buffers into its allocation a->mem
-static int slot_partition(Stage *s, Slot *a) {
+// points the activation buffer's pieces into its allocation acts->mem
+static int activations_partition(Stage *s, Activations *acts) {
     Piece pc[40];
-    int n = slot_pieces(s, a, pc);
-    CUDA_CHECK(cudaMemsetAsync(a->mem, 0, s->slot_bytes, s->stream));
-    char *p = (char *)a->mem;
+    int n = activations_pieces(s, acts, pc);
+    CUDA_CHECK(cudaMemsetAsync(acts->mem, 0, s->acts_bytes, s->stream));
+    char *p = (char *)acts->mem;
     for (int i = 0; i < n; i++) {
         *pc[i].p = pc[i].n ? (void *)p : NULL;
         p += round_up(pc[i].elem * pc[i].n, 512);
@@ -1548,33 +1562,34 @@ static int slot_partition(Stage *s, Slot *a) {
 static double mib(size_t bytes) { return bytes / 1048576.0; }
 
 // all device allocations of the stage, counted before any is made
-typedef struct { size_t params, slot, scratch, total; } MemPlan;
+typedef struct { size_t params, acts, scratch, total; } MemPlan;
 
 static MemPlan mem_plan(Stage *s) {
     MemPlan mp;
-    size_t BT = (size_t)s->B * s->T, C = s->y.cfg.channels, X = sizeof(floatX);
-    size_t Vp = s->y.cfg.padded_vocab_size, NH = s->y.cfg.num_heads;
+    size_t BT = (size_t)s->B * s->T, C = s->layout.cfg.channels, X = sizeof(floatX);
+    size_t Vp = s->layout.cfg.padded_vocab_size, NH = s->layout.cfg.num_heads;
     mp.params = s->P_dev * 4 * sizeof(float);
 #ifndef GPT_FP32
     mp.params += s->P_dev * sizeof(bf16);
 #endif
-    if (s->y.first || s->y.last) mp.params += Vp * C * sizeof(float);  // d(wte) embedding share / swap scratch
-    mp.slot = s->slot_bytes;
+    if (s->layout.first || s->layout.last)
+        mp.params += Vp * C * sizeof(float);  // d(wte) embedding share / swap scratch
+    mp.acts = s->acts_bytes;
     size_t rb = (size_t)colsum_blocks((int)BT);
     mp.scratch = round_up(BT * C * X, 512) + round_up(4 * BT * C * X, 512) + round_up(rb * 2 * 4 * C * 4, 512) +
                  round_up(BT * NH * 4, 512) + LT_WORKSPACE + round_up((size_t)s->norm_blocks * 8, 512) +
                  round_up((size_t)s->nsegs * sizeof(NormSeg), 512) + round_up((size_t)s->norm_blocks * 4, 512) +
-                 round_up(s->y.cfg.vocab_size * 4, 512) + 4096;
-    mp.total = mp.params + mp.slot * s->run.nslots + mp.scratch;
+                 round_up(s->layout.cfg.vocab_size * 4, 512) + 4096;
+    mp.total = mp.params + mp.acts * s->run.activation_buffers + mp.scratch;
     return mp;
 }
 
 static int oom_message(Stage *s, const MemPlan *mp, size_t free_b, size_t total_b) {
     return fail("out of GPU memory: stage [%d,%d) with B=%d T=%d needs %.1f MiB (parameters, gradients and AdamW "
-                "state %.1f MiB, activations %.1f MiB x %d slot(s), scratch %.1f MiB) but GPU %d has %.1f MiB free "
+                "state %.1f MiB, activations %.1f MiB x %d buffer(s), scratch %.1f MiB) but GPU %d has %.1f MiB free "
                 "of %.1f MiB; use a smaller batch (-b/--batch-size), more micro-batches or more stages",
-                s->y.lo, s->y.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->slot), s->run.nslots,
-                mib(mp->scratch), s->device, mib(free_b), mib(total_b));
+                s->layout.lo, s->layout.hi, s->B, s->T, mib(mp->total), mib(mp->params), mib(mp->acts),
+                s->run.activation_buffers, mib(mp->scratch), s->device, mib(free_b), mib(total_b));
 }
 
 // cudaMalloc that reports the whole plan when the device is out of memory
@@ -1591,9 +1606,9 @@ static int oom_message(Stage *s, const MemPlan *mp, size_t free_b, size_t total_
     } while (0)
 
 static int stage_alloc(Stage *s) {
-    const GPTConfig *c = &s->y.cfg;
-    size_t BT = (size_t)s->B * s->T, C = c->channels, X = sizeof(floatX), V = c->vocab_size;
-    size_t P = s->y.num_params, Vp = c->padded_vocab_size;
+    const GPTConfig *cfg = &s->layout.cfg;
+    size_t BT = (size_t)s->B * s->T, C = cfg->channels, X = sizeof(floatX), V = cfg->vocab_size;
+    size_t P = s->layout.num_params, Vp = cfg->padded_vocab_size;
     CUDA_CHECK(cudaSetDevice(s->device));
     CUDA_CHECK(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking));
     LT_CHECK(cublasLtCreate(&s->lt));
@@ -1616,22 +1631,22 @@ static int stage_alloc(Stage *s) {
     CUDA_CHECK(cudaMemsetAsync(s->d_m, 0, s->P_dev * sizeof(float), s->stream));
     CUDA_CHECK(cudaMemsetAsync(s->d_v, 0, s->P_dev * sizeof(float), s->stream));
     CHECK(refresh_params_x(s));
-    if (s->y.first) {
+    if (s->layout.first) {
         DMALLOC(&s->d_dwte_embed, Vp * C * sizeof(float));
         CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, Vp * C * sizeof(float), s->stream));
     }
     DMALLOC(&s->scratch_c, BT * C * X);
     DMALLOC(&s->scratch_4c, 4 * BT * C * X);
     DMALLOC(&s->d_partials, (size_t)colsum_blocks((int)BT) * 2 * 4 * C * sizeof(float));
-    DMALLOC(&s->d_delta, BT * c->num_heads * sizeof(float));
+    DMALLOC(&s->d_delta, BT * cfg->num_heads * sizeof(float));
     DMALLOC(&s->workspace, LT_WORKSPACE);
     DMALLOC(&s->d_norm_partials, (size_t)s->norm_blocks * sizeof(double));
     DMALLOC(&s->d_segs, (size_t)s->nsegs * sizeof(NormSeg));
     DMALLOC(&s->d_block_seg, (size_t)s->norm_blocks * sizeof(int));
-    if (s->y.first && s->y.last) DMALLOC(&s->d_sample_logits, V * sizeof(float));
-    for (int i = 0; i < s->run.nslots; i++) {
-        DMALLOC(&s->slots[i].mem, s->slot_bytes);
-        CHECK(slot_partition(s, &s->slots[i]));
+    if (s->layout.first && s->layout.last) DMALLOC(&s->d_sample_logits, V * sizeof(float));
+    for (int i = 0; i < s->run.activation_buffers; i++) {
+        DMALLOC(&s->acts[i].mem, s->acts_bytes);
+        CHECK(activations_partition(s, &s->acts[i]));
     }
     // grad-norm segments and their blocks
     int *block_seg = (int *)malloc((size_t)s->norm_blocks * sizeof(int));
@@ -1647,14 +1662,14 @@ static int stage_alloc(Stage *s) {
     // host
     s->h_params = (float *)calloc(P, sizeof(float));
     s->h_grads = (float *)calloc(P, sizeof(float));
-    s->h_dwte_embed = s->y.first ? (float *)calloc(Vp * C, sizeof(float)) : NULL;
+    s->h_dwte_embed = s->layout.first ? (float *)calloc(Vp * C, sizeof(float)) : NULL;
     s->h_norm_partials = (double *)malloc((size_t)s->norm_blocks * sizeof(double));
     s->h_sample_logits = (float *)malloc(V * sizeof(float));
     s->h_counts = (int *)calloc(V, sizeof(int));
     s->h_tok = (int *)malloc((BT < V ? BT : V) * sizeof(int));
     s->h_start = (int *)malloc(((BT < V ? BT : V) + 1) * sizeof(int));
     s->h_pos = (int *)malloc(BT * sizeof(int));
-    if (!s->h_params || !s->h_grads || (s->y.first && !s->h_dwte_embed) || !s->h_norm_partials ||
+    if (!s->h_params || !s->h_grads || (s->layout.first && !s->h_dwte_embed) || !s->h_norm_partials ||
         !s->h_sample_logits || !s->h_counts || !s->h_tok || !s->h_start || !s->h_pos)
         return fail("out of host memory: the stage's host copies need %.1f MiB", mib(2 * P * sizeof(float)));
     if (s->prof.on)
@@ -1662,8 +1677,8 @@ static int stage_alloc(Stage *s) {
     return 0;
 }
 
-Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
-    if (check_stage_args(cfg, lo, hi, B, T, slots)) return NULL;
+Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers) {
+    if (check_stage_args(cfg, lo, hi, B, T, activation_buffers)) return NULL;
     int hs = cfg.channels / cfg.num_heads;
     if (hs > 128) { fail("head size %d: the CUDA attention supports head sizes up to 128", hs); return NULL; }
     if ((size_t)B * T > (size_t)INT_MAX / 4 || (size_t)B * cfg.num_heads > 65535) {
@@ -1685,8 +1700,8 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     }
     Stage *s = (Stage *)calloc(1, sizeof(Stage));
     if (!s) { fail("out of host memory"); return NULL; }
-    s->y = layout_make(cfg, lo, hi);
-    s->B = B; s->T = T; s->run.nslots = slots; s->device = device; s->hs = hs;
+    s->layout = layout_make(cfg, lo, hi);
+    s->B = B; s->T = T; s->run.activation_buffers = activation_buffers; s->device = device; s->hs = hs;
     s->base.links = links_make(lo, hi);
     env = getenv("GPT_FUSE_GELU");
     s->fuse_gelu_fwd = s->fuse_gelu_bwd = !(env && strcmp(env, "0") == 0);
@@ -1703,9 +1718,9 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     // device parameter layout and grad-norm segments
     size_t off = 0;
     int blocks = 0;
-    s->segs = (NormSeg *)calloc(NUM_PARAM_TENSORS * (size_t)s->y.nl, sizeof(NormSeg));
-    s->slots = (Slot *)calloc(slots, sizeof(Slot));
-    if (!s->segs || !s->slots) { fail("out of host memory"); stage_free(s); return NULL; }
+    s->segs = (NormSeg *)calloc(NUM_PARAM_TENSORS * (size_t)s->layout.nl, sizeof(NormSeg));
+    s->acts = (Activations *)calloc(activation_buffers, sizeof(Activations));
+    if (!s->segs || !s->acts) { fail("out of host memory"); stage_free(s); return NULL; }
     int L = cfg.num_layers;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         s->dev_start[t] = off;
@@ -1713,7 +1728,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
         s->dev_len[t] = seg_count(s, t) * s->dev_stride[t];
         off += s->dev_len[t];
         for (int l = 0; l < seg_count(s, t); l++) {
-            if (!owns_tensor(&s->y, t)) continue;
+            if (!owns_tensor(&s->layout, t)) continue;
             NormSeg *sg = &s->segs[s->nsegs++];
             sg->offset = s->dev_start[t] + l * s->dev_stride[t];
             sg->n = seg_elems(s, t);
@@ -1731,7 +1746,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int slots) {
     s->st_4c = round_up(4 * BT * C, 128);
     s->st_n = round_up(BT, 128);
     s->st_lse = round_up(BT * cfg.num_heads, 128);
-    s->slot_bytes = slot_size(s);
+    s->acts_bytes = activations_size(s);
     if (stage_alloc(s)) {
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", gpt_last_error());
@@ -1752,7 +1767,7 @@ void stage_free(Stage *s) {
     if (s->nccl) ncclCommDestroy(s->nccl);
     if (s->replica_nccl) ncclCommDestroy(s->replica_nccl);
     for (int i = 0; i < s->nplans; i++) gemm_plan_free(&s->plans[i]);
-    for (int i = 0; s->slots && i < s->run.nslots; i++) cudaFree(s->slots[i].mem);
+    for (int i = 0; s->acts && i < s->run.activation_buffers; i++) cudaFree(s->acts[i].mem);
     cudaFree(s->d_params); cudaFree(s->d_grads); cudaFree(s->d_m); cudaFree(s->d_v);
 #ifndef GPT_FP32
     cudaFree(s->d_params_x);
@@ -1771,7 +1786,7 @@ void stage_free(Stage *s) {
     free(s->h_swap_send); free(s->h_swap_recv);
     free(s->h_norm_partials); free(s->h_sample_logits);
     free(s->h_counts); free(s->h_tok); free(s->h_start); free(s->h_pos);
-    free(s->segs); free(s->slots);
+    free(s->segs); free(s->acts);
     oprun_free(&s->run);
     free(s);
 }
@@ -1779,19 +1794,19 @@ void stage_free(Stage *s) {
 // ----------------------------------------------------------------------------
 // model
 
-// the slot's layer-l buffers
+// layer l of an activation buffer's per-layer piece
 #define LAYER_C(buf, l) ((buf) + (size_t)(l) * s->st_c)
 #define LAYER_3C(buf, l) ((buf) + (size_t)(l) * s->st_3c)
 #define LAYER_4C(buf, l) ((buf) + (size_t)(l) * s->st_4c)
 #define LAYER_N(buf, l) ((buf) + (size_t)(l) * s->st_n)
 
-static floatX *stage_output(Stage *s, Slot *a) { return LAYER_C(a->res3, s->y.nl - 1); }
+static floatX *stage_output(Stage *s, Activations *acts) { return LAYER_C(acts->res3, s->layout.nl - 1); }
 
 // Uploads micro-batch tokens (checked against the vocabulary) and, for the
 // embedding gradient, the positions of each distinct token in (b,t) order.
-static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *targets, int mb) {
+static int upload_tokens(Stage *s, Activations *acts, const int *inputs, const int *targets, int mb) {
     size_t BT = (size_t)s->B * s->T;
-    int V = s->y.cfg.vocab_size;
+    int V = s->layout.cfg.vocab_size;
     const int *lists[2] = {inputs, targets};
     for (int k = 0; k < 2; k++) {
         if (!lists[k]) continue;
@@ -1801,7 +1816,7 @@ static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *target
                             k ? "target" : "input", lists[k][i], i, mb, V);
     }
     if (inputs) {
-        CUDA_CHECK(cudaMemcpyAsync(a->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
         // counting sort by token, stable in (b,t)
         int *cnt = s->h_counts;
         memset(cnt, 0, V * sizeof(int));
@@ -1818,13 +1833,14 @@ static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *target
         }
         s->h_start[nu] = acc;
         for (size_t i = 0; i < BT; i++) s->h_pos[cnt[inputs[i]]++] = (int)i;
-        a->nuniq = nu;
-        CUDA_CHECK(cudaMemcpyAsync(a->bk_tok, s->h_tok, nu * sizeof(int), cudaMemcpyHostToDevice, s->stream));
-        CUDA_CHECK(cudaMemcpyAsync(a->bk_start, s->h_start, (nu + 1) * sizeof(int), cudaMemcpyHostToDevice, s->stream));
-        CUDA_CHECK(cudaMemcpyAsync(a->bk_pos, s->h_pos, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        acts->nuniq = nu;
+        CUDA_CHECK(cudaMemcpyAsync(acts->bk_tok, s->h_tok, nu * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->bk_start, s->h_start, (nu + 1) * sizeof(int), cudaMemcpyHostToDevice,
+                                   s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->bk_pos, s->h_pos, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
     }
     if (targets)
-        CUDA_CHECK(cudaMemcpyAsync(a->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+        CUDA_CHECK(cudaMemcpyAsync(acts->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, s->stream));
     // the host arrays are reused by the next micro-batch
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
@@ -1832,31 +1848,31 @@ static int upload_tokens(Stage *s, Slot *a, const int *inputs, const int *target
 
 // The stage's forward for one micro-batch of shape (B,T) up to the final
 // layernorm; sampling calls it with B = 1.
-static int stage_forward(Stage *s, Slot *a, int B, int T) {
-    const GPTConfig *c = &s->y.cfg;
-    int C = c->channels, N = B * T;
+static int stage_forward(Stage *s, Activations *acts, int B, int T) {
+    const GPTConfig *cfg = &s->layout.cfg;
+    int C = cfg->channels, N = B * T;
     float *P = s->d_params;
-    if (s->y.first) {
+    if (s->layout.first) {
         size_t n = (size_t)N * C;
         PROF(PC_ENCODER, {
-            encoder_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(a->x0, a->inputs, dparam(s, P, P_WTE, 0),
-                                                                            dparam(s, P, P_WPE, 0), T, C, n);
+            encoder_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(
+                acts->x0, acts->inputs, dparam(s, P, P_WTE, 0), dparam(s, P, P_WPE, 0), T, C, n);
             LAUNCH_CHECK();
         });
     }
-    for (int l = 0; l < s->y.nl; l++) {
-        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        floatX *ln1 = LAYER_C(a->ln1, l), *qkv = LAYER_3C(a->qkv, l), *atty = LAYER_C(a->atty, l);
-        floatX *res2 = LAYER_C(a->res2, l), *ln2 = LAYER_C(a->ln2, l), *fch = LAYER_4C(a->fch, l);
-        floatX *fchg = LAYER_4C(a->fchg, l), *res3 = LAYER_C(a->res3, l);
-        CHECK(layernorm_forward(s, ln1, LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), x,
+    for (int l = 0; l < s->layout.nl; l++) {
+        floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
+        floatX *ln1 = LAYER_C(acts->ln1, l), *qkv = LAYER_3C(acts->qkv, l), *atty = LAYER_C(acts->atty, l);
+        floatX *res2 = LAYER_C(acts->res2, l), *ln2 = LAYER_C(acts->ln2, l), *fch = LAYER_4C(acts->fch, l);
+        floatX *fchg = LAYER_4C(acts->fchg, l), *res3 = LAYER_C(acts->res3, l);
+        CHECK(layernorm_forward(s, ln1, LAYER_N(acts->ln1_mean, l), LAYER_N(acts->ln1_rstd, l), x,
                                 dparam(s, P, P_LN1W, l), dparam(s, P, P_LN1B, l), N, C));
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, qkv, ln1, xparam(s, P_QKVW, l), xparam(s, P_QKVB, l), NULL, N,
                                                   C, 3 * C, NULL))));
-        CHECK(attention_forward(s, atty, a->lse + (size_t)l * s->st_lse, qkv, B, T));
+        CHECK(attention_forward(s, atty, acts->lse + (size_t)l * s->st_lse, qkv, B, T));
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res2, atty, xparam(s, P_ATTPROJW, l), xparam(s, P_ATTPROJB, l),
                                                   x, N, C, C, NULL))));
-        CHECK(layernorm_forward(s, ln2, LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), res2,
+        CHECK(layernorm_forward(s, ln2, LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), res2,
                                 dparam(s, P, P_LN2W, l), dparam(s, P, P_LN2B, l), N, C));
         int rc = 1;
         if (s->fuse_gelu_fwd) {
@@ -1873,28 +1889,29 @@ static int stage_forward(Stage *s, Slot *a, int B, int T) {
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res3, fchg, xparam(s, P_FCPROJW, l), xparam(s, P_FCPROJB, l),
                                                   res2, N, 4 * C, C, NULL))));
     }
-    if (s->y.last)
-        CHECK(layernorm_forward(s, a->lnf, a->lnf_mean, a->lnf_rstd, stage_output(s, a), dparam(s, P, P_LNFW, 0),
-                                dparam(s, P, P_LNFB, 0), N, C));
+    if (s->layout.last)
+        CHECK(layernorm_forward(s, acts->lnf, acts->lnf_mean, acts->lnf_rstd, stage_output(s, acts),
+                                dparam(s, P, P_LNFW, 0), dparam(s, P, P_LNFB, 0), N, C));
     return 0;
 }
 
 // logits, loss (into d_mb_losses[mb]) and, when training, d(logits) in place
-static int stage_loss(Stage *s, Slot *a, int mb, float dloss, int training) {
-    int N = s->B * s->T, C = s->y.cfg.channels, V = s->y.cfg.vocab_size, Vp = s->y.cfg.padded_vocab_size;
-    PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, a->logits, a->lnf, xparam(s, P_WTE, 0), NULL, NULL, N, C, Vp, NULL))));
+static int stage_loss(Stage *s, Activations *acts, int mb, float dloss, int training) {
+    int N = s->B * s->T, C = s->layout.cfg.channels, V = s->layout.cfg.vocab_size, Vp = s->layout.cfg.padded_vocab_size;
+    PROF(PC_MM_FWD,
+         CHECK(must(matmul_forward(s, acts->logits, acts->lnf, xparam(s, P_WTE, 0), NULL, NULL, N, C, Vp, NULL))));
     PROF(PC_LOSS, {
         if (s->ptx & PTX_CE) {  // Vp % 8 == 0 (ptx_select checked it)
-            floatX *logits = a->logits;
-            float *losses = a->losses;
-            int *targets = a->targets;
+            floatX *logits = acts->logits;
+            float *losses = acts->losses;
+            int *targets = acts->targets;
             void *args[] = {&logits, &losses, &targets, &V, &Vp, &dloss, &training};
             CHECK(ptx_launch(s, PK_CE, N, CE_THREADS, args));
         } else
-            crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(a->logits, a->losses, a->targets, V, Vp, dloss,
-                                                                 training);
+            crossentropy_kernel<<<N, CE_THREADS, 0, s->stream>>>(acts->logits, acts->losses, acts->targets, V, Vp,
+                                                                 dloss, training);
         LAUNCH_CHECK();
-        mean_kernel<<<1, 1024, 0, s->stream>>>(s->d_mb_losses + mb, a->losses, N);
+        mean_kernel<<<1, 1024, 0, s->stream>>>(s->d_mb_losses + mb, acts->losses, N);
         LAUNCH_CHECK();
     });
     return 0;
@@ -1902,21 +1919,22 @@ static int stage_loss(Stage *s, Slot *a, int mb, float dloss, int training) {
 
 // BWD_INPUT: from d(logits) (last stage) or the received d(output) down to
 // d(stage input) in dresid[0], keeping what BWD_WEIGHT needs.
-static int stage_backward_input(Stage *s, Slot *a) {
-    const GPTConfig *c = &s->y.cfg;
-    int C = c->channels, B = s->B, T = s->T, N = B * T, Vp = c->padded_vocab_size;
+static int stage_backward_input(Stage *s, Activations *acts) {
+    const GPTConfig *cfg = &s->layout.cfg;
+    int C = cfg->channels, B = s->B, T = s->T, N = B * T, Vp = cfg->padded_vocab_size;
     float *P = s->d_params;
-    floatX *dtop = LAYER_C(a->dresid, s->y.nl);
-    if (s->y.last) {
-        PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, a->dlnf, a->logits, xparam(s, P_WTE, 0), N, C, Vp, NULL))));
-        CHECK(layernorm_backward_input(s, dtop, NULL, a->dlnf, stage_output(s, a), dparam(s, P, P_LNFW, 0),
-                                       a->lnf_mean, a->lnf_rstd, N, C));
+    floatX *dtop = LAYER_C(acts->dresid, s->layout.nl);
+    if (s->layout.last) {
+        PROF(PC_MM_BWD_IN,
+             CHECK(must(matmul_backward_input(s, acts->dlnf, acts->logits, xparam(s, P_WTE, 0), N, C, Vp, NULL))));
+        CHECK(layernorm_backward_input(s, dtop, NULL, acts->dlnf, stage_output(s, acts), dparam(s, P, P_LNFW, 0),
+                                       acts->lnf_mean, acts->lnf_rstd, N, C));
     }
-    for (int l = s->y.nl - 1; l >= 0; l--) {
-        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        floatX *dout = LAYER_C(a->dresid, l + 1), *dfch = LAYER_4C(a->dfch, l), *dln2 = LAYER_C(a->dln2, l);
-        floatX *dres2 = LAYER_C(a->dres2, l), *dqkv = LAYER_3C(a->dqkv, l), *dln1 = LAYER_C(a->dln1, l);
-        floatX *dx = LAYER_C(a->dresid, l), *fch = LAYER_4C(a->fch, l);
+    for (int l = s->layout.nl - 1; l >= 0; l--) {
+        floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
+        floatX *dout = LAYER_C(acts->dresid, l + 1), *dfch = LAYER_4C(acts->dfch, l), *dln2 = LAYER_C(acts->dln2, l);
+        floatX *dres2 = LAYER_C(acts->dres2, l), *dqkv = LAYER_3C(acts->dqkv, l), *dln1 = LAYER_C(acts->dln1, l);
+        floatX *dx = LAYER_C(acts->dresid, l), *fch = LAYER_4C(acts->fch, l);
         int rc = 1;
         if (s->fuse_gelu_bwd) {
             PROF(PC_MM_BWD_IN, rc = matmul_backward_input(s, dfch, dout, xparam(s, P_FCPROJW, l), N, 4 * C, C, fch));
@@ -1929,53 +1947,53 @@ static int stage_backward_input(Stage *s, Slot *a) {
             CHECK(gelu_backward(s, dfch, fch, s->scratch_4c, (size_t)N * 4 * C));
         }
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln2, dfch, xparam(s, P_FCW, l), N, C, 4 * C, NULL))));
-        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(a->res2, l), dparam(s, P, P_LN2W, l),
-                                       LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
+        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(acts->res2, l), dparam(s, P, P_LN2W, l),
+                                       LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), N, C));
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, s->scratch_c, dres2, xparam(s, P_ATTPROJW, l), N, C,
                                                             C, NULL))));
-        CHECK(attention_backward(s, dqkv, s->scratch_c, LAYER_3C(a->qkv, l), LAYER_C(a->atty, l),
-                                 a->lse + (size_t)l * s->st_lse, B, T));
+        CHECK(attention_backward(s, dqkv, s->scratch_c, LAYER_3C(acts->qkv, l), LAYER_C(acts->atty, l),
+                                 acts->lse + (size_t)l * s->st_lse, B, T));
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln1, dqkv, xparam(s, P_QKVW, l), N, C, 3 * C, NULL))));
-        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, dparam(s, P, P_LN1W, l), LAYER_N(a->ln1_mean, l),
-                                       LAYER_N(a->ln1_rstd, l), N, C));
+        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, dparam(s, P, P_LN1W, l), LAYER_N(acts->ln1_mean, l),
+                                       LAYER_N(acts->ln1_rstd, l), N, C));
     }
     return 0;
 }
 
 // BWD_WEIGHT: accumulate this micro-batch's parameter gradients
-static int stage_backward_weight(Stage *s, Slot *a) {
-    const GPTConfig *c = &s->y.cfg;
-    int C = c->channels, N = s->B * s->T, Vp = c->padded_vocab_size;
+static int stage_backward_weight(Stage *s, Activations *acts) {
+    const GPTConfig *cfg = &s->layout.cfg;
+    int C = cfg->channels, N = s->B * s->T, Vp = cfg->padded_vocab_size;
     float *G = s->d_grads;
-    if (s->y.last) {
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), NULL, a->logits, a->lnf, N, C, Vp));
-        CHECK(column_sums(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), a->dlnf, stage_output(s, a),
-                          a->lnf_mean, a->lnf_rstd, N, C));
+    if (s->layout.last) {
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), NULL, acts->logits, acts->lnf, N, C, Vp));
+        CHECK(column_sums(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), acts->dlnf, stage_output(s, acts),
+                          acts->lnf_mean, acts->lnf_rstd, N, C));
     }
-    for (int l = 0; l < s->y.nl; l++) {
-        floatX *x = l == 0 ? a->x0 : LAYER_C(a->res3, l - 1);
-        CHECK(column_sums(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(a->dln1, l), x,
-                          LAYER_N(a->ln1_mean, l), LAYER_N(a->ln1_rstd, l), N, C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), dparam(s, G, P_QKVB, l), LAYER_3C(a->dqkv, l),
-                                     LAYER_C(a->ln1, l), N, C, 3 * C));
+    for (int l = 0; l < s->layout.nl; l++) {
+        floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
+        CHECK(column_sums(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(acts->dln1, l), x,
+                          LAYER_N(acts->ln1_mean, l), LAYER_N(acts->ln1_rstd, l), N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), dparam(s, G, P_QKVB, l), LAYER_3C(acts->dqkv, l),
+                                     LAYER_C(acts->ln1, l), N, C, 3 * C));
         CHECK(matmul_backward_weight(s, dparam(s, G, P_ATTPROJW, l), dparam(s, G, P_ATTPROJB, l),
-                                     LAYER_C(a->dres2, l), LAYER_C(a->atty, l), N, C, C));
-        CHECK(column_sums(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(a->dln2, l),
-                          LAYER_C(a->res2, l), LAYER_N(a->ln2_mean, l), LAYER_N(a->ln2_rstd, l), N, C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCW, l), dparam(s, G, P_FCB, l), LAYER_4C(a->dfch, l),
-                                     LAYER_C(a->ln2, l), N, C, 4 * C));
+                                     LAYER_C(acts->dres2, l), LAYER_C(acts->atty, l), N, C, C));
+        CHECK(column_sums(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(acts->dln2, l),
+                          LAYER_C(acts->res2, l), LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), N, C));
+        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCW, l), dparam(s, G, P_FCB, l), LAYER_4C(acts->dfch, l),
+                                     LAYER_C(acts->ln2, l), N, C, 4 * C));
         CHECK(matmul_backward_weight(s, dparam(s, G, P_FCPROJW, l), dparam(s, G, P_FCPROJB, l),
-                                     LAYER_C(a->dresid, l + 1), LAYER_4C(a->fchg, l), N, 4 * C, C));
+                                     LAYER_C(acts->dresid, l + 1), LAYER_4C(acts->fchg, l), N, 4 * C, C));
     }
-    if (s->y.first) {
+    if (s->layout.first) {
         PROF(PC_ENCODER, {
-            if (a->nuniq > 0) {
-                encoder_backward_wte_kernel<<<a->nuniq, 256, 0, s->stream>>>(s->d_dwte_embed, a->dresid, a->bk_tok,
-                                                                            a->bk_start, a->bk_pos, C);
+            if (acts->nuniq > 0) {
+                encoder_backward_wte_kernel<<<acts->nuniq, 256, 0, s->stream>>>(
+                    s->d_dwte_embed, acts->dresid, acts->bk_tok, acts->bk_start, acts->bk_pos, C);
                 LAUNCH_CHECK();
             }
             encoder_backward_wpe_kernel<<<grid_for((size_t)s->T * C, 256), 256, 0, s->stream>>>(
-                dparam(s, G, P_WPE, 0), a->dresid, s->B, s->T, C);
+                dparam(s, G, P_WPE, 0), acts->dresid, s->B, s->T, C);
             LAUNCH_CHECK();
         });
     }
@@ -2006,9 +2024,9 @@ int stage_unshard_params(Stage *s) {
 void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     memset(bytes, 0, NUM_MEMORY * sizeof(uint64_t));
     bytes[MEMORY_PARAMS] = s->P_dev * sizeof(float);
-    bytes[MEMORY_GRADS] = s->P_dev * sizeof(float) + (s->y.first ? s->y.sizes[P_WTE] * sizeof(float) : 0);
+    bytes[MEMORY_GRADS] = s->P_dev * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
     bytes[MEMORY_OPTIMIZER] = 2 * s->P_dev * sizeof(float);
-    bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.nslots * s->slot_bytes;
+    bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.activation_buffers * s->acts_bytes;
 }
 
 // Waits for the stream (and the NCCL operations on it) without ever hanging:
@@ -2025,13 +2043,14 @@ static int nccl_wait(Stage *s, ncclComm_t *comm, const char *what) {
         if (ar != ncclSuccess && ar != ncclInProgress) {
             ncclCommAbort(*comm);
             *comm = NULL;
-            return fail("stage [%d,%d): NCCL failed during %s: %s", s->y.lo, s->y.hi, what, ncclGetErrorString(ar));
+            return fail("stage [%d,%d): NCCL failed during %s: %s", s->layout.lo, s->layout.hi, what,
+                        ncclGetErrorString(ar));
         }
         if (now_seconds() - start > s->base.links.timeout_s) {
             ncclCommAbort(*comm);
             *comm = NULL;
-            return fail("stage [%d,%d): no progress from a peer for %.0f s during %s over NCCL", s->y.lo,
-                        s->y.hi, s->base.links.timeout_s, what);
+            return fail("stage [%d,%d): no progress from a peer for %.0f s during %s over NCCL", s->layout.lo,
+                        s->layout.hi, s->base.links.timeout_s, what);
         }
         usleep(50);
     }
@@ -2040,7 +2059,7 @@ static int nccl_wait(Stage *s, ncclComm_t *comm, const char *what) {
 // n sends/receives as one NCCL group: peers[i] the rank, counts of dtype
 static int nccl_exchange(Stage *s, int n, const int *sending, const int *peers, void *const *bufs, size_t count,
                          ncclDataType_t dtype, const char *what) {
-    if (!s->nccl) return fail("stage [%d,%d): NCCL is not set up", s->y.lo, s->y.hi);
+    if (!s->nccl) return fail("stage [%d,%d): NCCL is not set up", s->layout.lo, s->layout.hi);
     NCCL_CHECK(ncclGroupStart());
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++)
@@ -2060,22 +2079,22 @@ static int nccl_peer(Stage *s, int to_next) {
     return p >= 0 && p < s->nccl_ranks ? p : -1;
 }
 
-// The executor's hook for the slot's message buffers (device memory), in
+// The executor's hook for an activation buffer's message buffers (device memory), in
 // common.h's order: output, input, d(input), d(output).
-static void hook_message_buffers(void *stage, int slot, void *bufs[4]) {
+static void hook_message_buffers(void *stage, int acts_index, void *bufs[4]) {
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
-    bufs[0] = stage_output(s, a);
-    bufs[1] = a->x0;
-    bufs[2] = a->dresid;
-    bufs[3] = LAYER_C(a->dresid, s->y.nl);
+    Activations *acts = &s->acts[acts_index];
+    bufs[0] = stage_output(s, acts);
+    bufs[1] = acts->x0;
+    bufs[2] = acts->dresid;
+    bufs[3] = LAYER_C(acts->dresid, s->layout.nl);
 }
 
 // The executor's hook for a group of sends/receives of device buffers dev[i]:
 // NCCL, or the sockets staged through pinned host memory.
 static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
     Stage *s = (Stage *)stage;
-    size_t BTC = (size_t)s->B * s->T * s->y.cfg.channels, nbytes = BTC * sizeof(floatX);
+    size_t BTC = (size_t)s->B * s->T * s->layout.cfg.channels, nbytes = BTC * sizeof(floatX);
     if (s->nccl) {
         int sending[MAX_GROUP] = {0}, peers[MAX_GROUP] = {0};
         for (int i = 0; i < n; i++) {
@@ -2083,8 +2102,8 @@ static int hook_exchange(void *stage, const int *ops, int n, void *const *dev) {
             sending[i] = kind == OP_SEND_ACT || kind == OP_SEND_GRAD;
             peers[i] = nccl_peer(s, to_next);
             if (peers[i] < 0)
-                return fail("stage [%d,%d): %s mb %d but there is no %s stage", s->y.lo, s->y.hi, OP_NAMES[kind],
-                            ops[OP_INTS * i + 1], to_next ? "next" : "previous");
+                return fail("stage [%d,%d): %s mb %d but there is no %s stage", s->layout.lo, s->layout.hi,
+                            OP_NAMES[kind], ops[OP_INTS * i + 1], to_next ? "next" : "previous");
         }
         CHECK(nccl_exchange(s, n, sending, peers, dev, BTC, NCCL_X, "activation/gradient exchange"));
         for (int i = 0; i < n; i++) links_count(&s->base.links, TRAFFIC_PIPELINE, sending[i], nbytes);
@@ -2151,7 +2170,7 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 // (they cannot see NCCL's wire).
 static int nccl_allreduce_bucket(Stage *s, int bucket) {
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->y, bucket, tensors, layers), D = s->base.links.replicas;
+    int n = bucket_segments(&s->layout, bucket, tensors, layers), D = s->base.links.replicas;
     NCCL_CHECK(ncclGroupStart());
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++) {
@@ -2182,11 +2201,11 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
     if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
     if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
-    if (bucket == s->y.nl && s->y.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
+    if (bucket == s->layout.nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
     if (s->replica_nccl) return nccl_allreduce_bucket(s, bucket);
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->y, bucket, tensors, layers);
+    int n = bucket_segments(&s->layout, bucket, tensors, layers);
     for (int i = 0; i < n; i++) {
         segs[i].p = hparam(s, s->h_grads, tensors[i], layers[i]);
         segs[i].n = seg_elems(s, tensors[i]);
@@ -2216,8 +2235,8 @@ static int hook_begin(void *stage, int m, int training) {
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
         s->wte_summed = 0;
         CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
-        if (s->y.first)
-            CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->y.sizes[P_WTE] * sizeof(float), s->stream));
+        if (s->layout.first)
+            CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->layout.sizes[P_WTE] * sizeof(float), s->stream));
     }
     return 0;
 }
@@ -2227,28 +2246,28 @@ static int whole_stage(int part) {
     return part == -1 ? 0 : fail("per-layer compute ops (part %d) run on the CPU trainer only (--zero 3)", part);
 }
 
-static int hook_forward(void *stage, int slot, int mb, int part, const int *inputs, const int *targets, float dloss,
-                        int training) {
+static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
+                        float dloss, int training) {
     Stage *s = (Stage *)stage;
-    Slot *a = &s->slots[slot];
+    Activations *acts = &s->acts[acts_index];
     CHECK(whole_stage(part));
-    if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, a, inputs, targets, mb)));
-    CHECK(stage_forward(s, a, s->B, s->T));
-    if (s->y.last) CHECK(stage_loss(s, a, mb, dloss, training));
+    if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, acts, inputs, targets, mb)));
+    CHECK(stage_forward(s, acts, s->B, s->T));
+    if (s->layout.last) CHECK(stage_loss(s, acts, mb, dloss, training));
     return 0;
 }
 
-static int hook_backward_input(void *stage, int slot, int part, float dloss) {
+static int hook_backward_input(void *stage, int acts_index, int part, float dloss) {
     (void)dloss;  // stage_loss fused it into d(logits)
     Stage *s = (Stage *)stage;
     CHECK(whole_stage(part));
-    return stage_backward_input(s, &s->slots[slot]);
+    return stage_backward_input(s, &s->acts[acts_index]);
 }
 
-static int hook_backward_weight(void *stage, int slot, int part) {
+static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     CHECK(whole_stage(part));
-    return stage_backward_weight(s, &s->slots[slot]);
+    return stage_backward_weight(s, &s->acts[acts_index]);
 }
 
 // compute ops: wait for the work, so op times are the GPU's and faults surface here
@@ -2287,7 +2306,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
             s->prof.comm_ms = 0.0;
         }
     }
-    int rc = run_op_list(&CUDA_HOOKS, s, &s->run, &s->y, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
+    int rc = run_op_list(&CUDA_HOOKS, s, &s->run, &s->layout, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
                          inputs, targets, training, loss_sum);
     if (rc) cudaStreamSynchronize(s->stream);  // leave nothing in flight on failure
     return rc;
@@ -2299,18 +2318,18 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
 int stage_sum_wte_grads(Stage *s) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    if ((!s->y.first && !s->y.last) || s->wte_summed) return 0;
-    size_t n = s->y.sizes[P_WTE];
+    if ((!s->layout.first && !s->layout.last) || s->wte_summed) return 0;
+    size_t n = s->layout.sizes[P_WTE];
     float *head = dparam(s, s->d_grads, P_WTE, 0);
-    if (!(s->y.first && s->y.last)) {
+    if (!(s->layout.first && s->layout.last)) {
         // the first stage has the embedding's part, the last the head's: swap
         // them (the last stage receives into its d_dwte_embed scratch)
         if (!s->d_dwte_embed) CUDA_CHECK(cudaMalloc(&s->d_dwte_embed, n * sizeof(float)));
-        float *send = s->y.first ? s->d_dwte_embed : head, *recv = s->y.first ? head : s->d_dwte_embed;
+        float *send = s->layout.first ? s->d_dwte_embed : head, *recv = s->layout.first ? head : s->d_dwte_embed;
         if (s->nccl) {
             // the other end of this replica's pipeline: ranks are replica * S + stage
             int S = s->nccl_ranks / s->base.links.replicas;
-            int peer = S == 1 ? s->nccl_rank : s->y.first ? s->nccl_rank + S - 1 : s->nccl_rank - (S - 1);
+            int peer = S == 1 ? s->nccl_rank : s->layout.first ? s->nccl_rank + S - 1 : s->nccl_rank - (S - 1);
             int sending[2] = {1, 0}, peers[2] = {peer, peer};
             void *bufs[2] = {send, recv};
             // fp32 on the wire: both ends must add the very same numbers
@@ -2359,7 +2378,7 @@ static int grad_norm_parts(Stage *s, double *parts) {
 
 // With zero 0 every replica holds the same summed gradients: replica 0 speaks for them.
 void stage_grad_norm_parts(Stage *s, double *parts) {
-    memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->y.cfg.num_layers);
+    memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->layout.cfg.num_layers);
     if (s->base.links.replica > 0) return;
     if (grad_norm_parts(s, parts)) mark_broken(s);
 }
@@ -2416,8 +2435,8 @@ static int sync_to_host(Stage *s) {
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(download_params(s, s->h_params, s->d_params));
     CHECK(download_params(s, s->h_grads, s->d_grads));
-    if (s->y.first) {
-        CUDA_CHECK(cudaMemcpyAsync(s->h_dwte_embed, s->d_dwte_embed, s->y.sizes[P_WTE] * sizeof(float),
+    if (s->layout.first) {
+        CUDA_CHECK(cudaMemcpyAsync(s->h_dwte_embed, s->d_dwte_embed, s->layout.sizes[P_WTE] * sizeof(float),
                                    cudaMemcpyDeviceToHost, s->stream));
         CUDA_CHECK(cudaStreamSynchronize(s->stream));
     }
@@ -2436,8 +2455,8 @@ static int sync_to_device(Stage *s) {
 void stage_sync_to_device(Stage *s) { if (sync_to_device(s)) mark_broken(s); }
 
 float *stage_wte_embed_grad(Stage *s, size_t *n) {
-    *n = s->y.first ? s->y.sizes[P_WTE] : 0;
-    if (!s->y.first) return NULL;
+    *n = s->layout.first ? s->layout.sizes[P_WTE] : 0;
+    if (!s->layout.first) return NULL;
     // the binding reads this without a sync first: refresh it here
     if (cudaSetDevice(s->device) != cudaSuccess ||
         cudaMemcpyAsync(s->h_dwte_embed, s->d_dwte_embed, *n * sizeof(float), cudaMemcpyDeviceToHost,
@@ -2450,7 +2469,7 @@ float *stage_wte_embed_grad(Stage *s, size_t *n) {
 }
 
 void stage_init(Stage *s, uint64_t seed) {
-    init_params(&s->y, s->h_params, seed);
+    init_params(&s->layout, s->h_params, seed);
     stage_sync_to_device(s);
 }
 
@@ -2538,13 +2557,13 @@ done:
 // checkpoint I/O (the file formats are in common.h), through the host mirrors
 
 int stage_load(Stage *s, const char *path) {
-    CHECK(model_file_read(&s->y, path, s->h_params));
+    CHECK(model_file_read(&s->layout, path, s->h_params));
     return sync_to_device(s);
 }
 
 static int ensure_moment_mirrors(Stage *s) {
-    if (!s->h_m) s->h_m = (float *)calloc(s->y.num_params, sizeof(float));
-    if (!s->h_v) s->h_v = (float *)calloc(s->y.num_params, sizeof(float));
+    if (!s->h_m) s->h_m = (float *)calloc(s->layout.num_params, sizeof(float));
+    if (!s->h_v) s->h_v = (float *)calloc(s->layout.num_params, sizeof(float));
     return s->h_m && s->h_v ? 0 : fail("out of host memory for the AdamW state");
 }
 
@@ -2556,14 +2575,14 @@ int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(download_params(s, s->h_params, s->d_params));
     CHECK(download_params(s, s->h_m, s->d_m));
     CHECK(download_params(s, s->h_v, s->d_v));
-    return checkpoint_files_write(&s->y, dir, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1);
+    return checkpoint_files_write(&s->layout, dir, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1);
 }
 
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
-    CHECK(checkpoint_files_read(&s->y, dir, step, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1));
+    CHECK(checkpoint_files_read(&s->layout, dir, step, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1));
     CHECK(upload_params(s, s->d_m, s->h_m));
     CHECK(upload_params(s, s->d_v, s->h_v));
     return sync_to_device(s);
@@ -2575,27 +2594,27 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 // last real position in fp32, top-k on the host
 
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed, int *out) {
-    if ((top_k = sample_check(&s->y, prompt, np, top_k)) < 0) return -1;
+    if ((top_k = sample_check(&s->layout, prompt, np, top_k)) < 0) return -1;
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    int V = s->y.cfg.vocab_size, C = s->y.cfg.channels, T = s->T;
+    int V = s->layout.cfg.vocab_size, C = s->layout.cfg.channels, T = s->T;
     Candidate *cand = (Candidate *)malloc(sizeof(Candidate) * top_k);
     int *window = (int *)calloc(T, sizeof(int));
     if (!cand || !window) { free(cand); free(window); return fail("out of host memory for sampling"); }
     memcpy(out, prompt, np * sizeof(int));
-    Slot *a = &s->slots[0];
+    Activations *acts = &s->acts[0];
     uint64_t rng = seed;
     int rc = -1;
     for (int len = np; len < np + n; len++) {
         int used = len < T ? len : T;
         memset(window, 0, T * sizeof(int));
         memcpy(window, out + len - used, used * sizeof(int));
-        if (cudaMemcpyAsync(a->inputs, window, T * sizeof(int), cudaMemcpyHostToDevice, s->stream) != cudaSuccess) {
+        if (cudaMemcpyAsync(acts->inputs, window, T * sizeof(int), cudaMemcpyHostToDevice, s->stream) != cudaSuccess) {
             fail("CUDA error: %s", cudaGetErrorString(cudaGetLastError()));
             goto done;
         }
-        if (stage_forward(s, a, 1, T)) goto done;
-        lm_head_row_kernel<<<(V + 7) / 8, 256, 0, s->stream>>>(s->d_sample_logits, a->lnf + (size_t)(used - 1) * C,
+        if (stage_forward(s, acts, 1, T)) goto done;
+        lm_head_row_kernel<<<(V + 7) / 8, 256, 0, s->stream>>>(s->d_sample_logits, acts->lnf + (size_t)(used - 1) * C,
                                                                xparam(s, P_WTE, 0), V, C);
         if (cudaGetLastError() != cudaSuccess ||
             cudaMemcpyAsync(s->h_sample_logits, s->d_sample_logits, V * sizeof(float), cudaMemcpyDeviceToHost,

@@ -76,22 +76,22 @@ typedef struct {
 } PtxBench;
 
 template <typename T>
-static int pb_alloc(PtxBench *b, T **p, size_t n, unsigned seed, float scale, float offset) {
+static int pb_alloc(PtxBench *bench, T **p, size_t n, unsigned seed, float scale, float offset) {
     CUDA_CHECK(cudaMalloc((void **)p, n * sizeof(T) + 16));
-    b->bufs[b->nb++] = *p;
-    ptxb_fill_kernel<T><<<1024, 256, 0, b->s->stream>>>(*p, n, seed, scale, offset);
+    bench->bufs[bench->nb++] = *p;
+    ptxb_fill_kernel<T><<<1024, 256, 0, bench->s->stream>>>(*p, n, seed, scale, offset);
     LAUNCH_CHECK();
     return 0;
 }
 
 template <typename T>
-static int pb_compare(PtxBench *b, const T *a, const T *c, size_t n, double *res) {
+static int pb_compare(PtxBench *bench, const T *a, const T *c, size_t n, double *res) {
     unsigned st[3];
-    CUDA_CHECK(cudaMemsetAsync(b->d_st, 0, 3 * sizeof(unsigned), b->s->stream));
-    ptxb_compare_kernel<T><<<1024, 256, 0, b->s->stream>>>(a, c, n, b->d_st);
+    CUDA_CHECK(cudaMemsetAsync(bench->d_st, 0, 3 * sizeof(unsigned), bench->s->stream));
+    ptxb_compare_kernel<T><<<1024, 256, 0, bench->s->stream>>>(a, c, n, bench->d_st);
     LAUNCH_CHECK();
-    CUDA_CHECK(cudaMemcpyAsync(st, b->d_st, sizeof st, cudaMemcpyDeviceToHost, b->s->stream));
-    CUDA_CHECK(cudaStreamSynchronize(b->s->stream));
+    CUDA_CHECK(cudaMemcpyAsync(st, bench->d_st, sizeof st, cudaMemcpyDeviceToHost, bench->s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(bench->s->stream));
     float dmax, amax;
     memcpy(&dmax, &st[1], 4);
     memcpy(&amax, &st[2], 4);
@@ -104,22 +104,22 @@ static int pb_compare(PtxBench *b, const T *a, const T *c, size_t n, double *res
 
 // res[k] = ms per call of launch(k), k = 0 (the reference) and 1 (the PTX kernel), after one warmup call
 template <typename Launch>
-static int pb_time(PtxBench *b, Launch launch, int iters, double *res) {
+static int pb_time(PtxBench *bench, Launch launch, int iters, double *res) {
     for (int k = 0; iters > 0 && k < 2; k++) {
         CHECK(launch(k));
-        CUDA_CHECK(cudaEventRecord(b->e0, b->s->stream));
+        CUDA_CHECK(cudaEventRecord(bench->e0, bench->s->stream));
         for (int i = 0; i < iters; i++) CHECK(launch(k));
-        CUDA_CHECK(cudaEventRecord(b->e1, b->s->stream));
-        CUDA_CHECK(cudaEventSynchronize(b->e1));
+        CUDA_CHECK(cudaEventRecord(bench->e1, bench->s->stream));
+        CUDA_CHECK(cudaEventSynchronize(bench->e1));
         float ms = 0.0f;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, b->e0, b->e1));
+        CUDA_CHECK(cudaEventElapsedTime(&ms, bench->e0, bench->e1));
         res[k] = ms / iters;
     }
     return 0;
 }
 
-static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, double *res) {
-    Stage *s = b->s;
+static int ptx_bench_run(PtxBench *bench, int kernel, size_t n, int C, int iters, double *res) {
+    Stage *s = bench->s;
     float *p[2] = {}, *m[2] = {}, *v[2] = {}, *g = NULL, *w = NULL, *bb = NULL, *mean[2] = {}, *rstd[2] = {};
     floatX *px[2] = {}, *x = NULL, *dout = NULL, *resid = NULL, *y[2] = {};
     unsigned char *cp[2] = {};
@@ -164,36 +164,36 @@ static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, do
     switch (kernel) {
     case 0:
         if (n % 4) return fail("ptx bench: AdamW needs n %% 4 == 0");
-        CHECK(pb_alloc(b, &g, n, 1, 1e-2f, 0.0f));
+        CHECK(pb_alloc(bench, &g, n, 1, 1e-2f, 0.0f));
         for (int k = 0; k < 2; k++) {  // the same starting state for both variants
-            CHECK(pb_alloc(b, &p[k], n, 2, 0.1f, 0.0f));
-            CHECK(pb_alloc(b, &m[k], n, 3, 1e-3f, 0.0f));
-            CHECK(pb_alloc(b, &v[k], n, 4, 0.5e-5f, 0.5e-5f));
-            CHECK(pb_alloc(b, &px[k], n, 5, 0.0f, 0.0f));
+            CHECK(pb_alloc(bench, &p[k], n, 2, 0.1f, 0.0f));
+            CHECK(pb_alloc(bench, &m[k], n, 3, 1e-3f, 0.0f));
+            CHECK(pb_alloc(bench, &v[k], n, 4, 0.5e-5f, 0.5e-5f));
+            CHECK(pb_alloc(bench, &px[k], n, 5, 0.0f, 0.0f));
         }
         res[2] = 30.0 * n;  // read p, g, m, v; write p, m, v and the bf16 copy
         break;
     case 1:
     case 2:
         if (n % 8) return fail("ptx bench: GELU needs n %% 8 == 0");
-        CHECK(pb_alloc(b, &x, n, 6, 4.0f, 0.0f));
-        CHECK(pb_alloc(b, &dout, n, 7, 1.0f, 0.0f));
-        for (int k = 0; k < 2; k++) CHECK(pb_alloc(b, &y[k], n, 8, 0.0f, 0.0f));
+        CHECK(pb_alloc(bench, &x, n, 6, 4.0f, 0.0f));
+        CHECK(pb_alloc(bench, &dout, n, 7, 1.0f, 0.0f));
+        for (int k = 0; k < 2; k++) CHECK(pb_alloc(bench, &y[k], n, 8, 0.0f, 0.0f));
         res[2] = (kernel == 1 ? 4.0 : 6.0) * n;
         break;
     case 3:
     case 4:
         if (C <= 0 || C % 8 || n < 1 || n > INT_MAX) return fail("ptx bench: layernorm needs C %% 8 == 0 and 1 <= N");
         nv = n * C;
-        CHECK(pb_alloc(b, &x, nv, 9, 2.0f, 0.3f));
-        CHECK(pb_alloc(b, &dout, nv, 10, 1.0f, 0.0f));
-        CHECK(pb_alloc(b, &resid, nv, 11, 1.0f, 0.0f));
-        CHECK(pb_alloc(b, &w, (size_t)C, 12, 0.2f, 1.0f));
-        CHECK(pb_alloc(b, &bb, (size_t)C, 13, 0.1f, 0.0f));
+        CHECK(pb_alloc(bench, &x, nv, 9, 2.0f, 0.3f));
+        CHECK(pb_alloc(bench, &dout, nv, 10, 1.0f, 0.0f));
+        CHECK(pb_alloc(bench, &resid, nv, 11, 1.0f, 0.0f));
+        CHECK(pb_alloc(bench, &w, (size_t)C, 12, 0.2f, 1.0f));
+        CHECK(pb_alloc(bench, &bb, (size_t)C, 13, 0.1f, 0.0f));
         for (int k = 0; k < 2; k++) {
-            CHECK(pb_alloc(b, &y[k], nv, 14, 0.0f, 0.0f));
-            CHECK(pb_alloc(b, &mean[k], n, 15, 0.0f, 0.0f));
-            CHECK(pb_alloc(b, &rstd[k], n, 16, 0.0f, 0.0f));
+            CHECK(pb_alloc(bench, &y[k], nv, 14, 0.0f, 0.0f));
+            CHECK(pb_alloc(bench, &mean[k], n, 15, 0.0f, 0.0f));
+            CHECK(pb_alloc(bench, &rstd[k], n, 16, 0.0f, 0.0f));
         }
         if (kernel == 4) {  // the statistics the backward pass reads, from the CUDA C forward
             s->ptx = 0;
@@ -206,10 +206,10 @@ static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, do
             return fail("ptx bench: cross-entropy needs 1 <= V, padded V <= %d and n <= INT_MAX rows", CE_PTX_MAX_VP);
         nv = n * Vp;
         for (int k = 0; k < 2; k++) {  // the same logits for both (each variant overwrites its copy)
-            CHECK(pb_alloc(b, &y[k], nv, 19, 4.0f, 0.0f));
-            CHECK(pb_alloc(b, &p[k], n, 20, 0.0f, 0.0f));
+            CHECK(pb_alloc(bench, &y[k], nv, 19, 4.0f, 0.0f));
+            CHECK(pb_alloc(bench, &p[k], n, 20, 0.0f, 0.0f));
         }
-        CHECK(pb_alloc(b, &tg, n, 21, 0.0f, 0.0f));
+        CHECK(pb_alloc(bench, &tg, n, 21, 0.0f, 0.0f));
         int *h = (int *)malloc(n * sizeof(int));
         if (!h) return fail("out of host memory");
         for (size_t i = 0; i < n; i++) h[i] = (int)((i * 2654435761u + 12345u) % (unsigned)C);
@@ -221,8 +221,8 @@ static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, do
         break;
     }
     case 5:
-        CHECK(pb_alloc(b, &cp[0], n, 17, 0.0f, 0.0f));
-        CHECK(pb_alloc(b, &cp[1], n, 18, 0.0f, 0.0f));
+        CHECK(pb_alloc(bench, &cp[0], n, 17, 0.0f, 0.0f));
+        CHECK(pb_alloc(bench, &cp[1], n, 18, 0.0f, 0.0f));
         res[2] = 2.0 * n;
         break;
     default:
@@ -234,20 +234,20 @@ static int ptx_bench_run(PtxBench *b, int kernel, size_t n, int C, int iters, do
         for (int k = 0; k < 2; k++) CHECK(launch(k));
         CUDA_CHECK(cudaStreamSynchronize(s->stream));
         if (kernel == 0) {
-            CHECK(pb_compare(b, p[0], p[1], n, res));
-            CHECK(pb_compare(b, m[0], m[1], n, res));
-            CHECK(pb_compare(b, v[0], v[1], n, res));
-            CHECK(pb_compare(b, px[0], px[1], n, res));
+            CHECK(pb_compare(bench, p[0], p[1], n, res));
+            CHECK(pb_compare(bench, m[0], m[1], n, res));
+            CHECK(pb_compare(bench, v[0], v[1], n, res));
+            CHECK(pb_compare(bench, px[0], px[1], n, res));
         } else {
-            CHECK(pb_compare(b, y[0], y[1], nv, res));
+            CHECK(pb_compare(bench, y[0], y[1], nv, res));
             if (kernel == 3) {
-                CHECK(pb_compare(b, mean[0], mean[1], n, res));
-                CHECK(pb_compare(b, rstd[0], rstd[1], n, res));
+                CHECK(pb_compare(bench, mean[0], mean[1], n, res));
+                CHECK(pb_compare(bench, rstd[0], rstd[1], n, res));
             }
-            if (kernel == 6) CHECK(pb_compare(b, p[0], p[1], n, res));  // the losses
+            if (kernel == 6) CHECK(pb_compare(bench, p[0], p[1], n, res));  // the losses
         }
     }
-    CHECK(pb_time(b, launch, iters, res));
+    CHECK(pb_time(bench, launch, iters, res));
     return 0;
 }
 
@@ -296,13 +296,13 @@ static int ptx_gemm(Stage *s, floatX *out, const floatX *A, const floatX *B, int
 
 // res[0], res[1]: ms per call of cuBLASLt and of the PTX GEMM (iters > 0);
 // res[3] outputs whose bits differ, res[4] the largest difference / the largest |out|
-static int gemm_bench_run(PtxBench *b, int M, int N, int K, int iters, double *res) {
-    Stage *s = b->s;
+static int gemm_bench_run(PtxBench *bench, int M, int N, int K, int iters, double *res) {
+    Stage *s = bench->s;
     floatX *A = NULL, *B = NULL, *out[2] = {};
     size_t nout = (size_t)M * N;
-    CHECK(pb_alloc(b, &A, (size_t)M * K, 31, 1.0f, 0.0f));
-    CHECK(pb_alloc(b, &B, (size_t)N * K, 32, 1.0f, 0.0f));
-    for (int k = 0; k < 2; k++) CHECK(pb_alloc(b, &out[k], nout, 33, 0.0f, 0.0f));
+    CHECK(pb_alloc(bench, &A, (size_t)M * K, 31, 1.0f, 0.0f));
+    CHECK(pb_alloc(bench, &B, (size_t)N * K, 32, 1.0f, 0.0f));
+    for (int k = 0; k < 2; k++) CHECK(pb_alloc(bench, &out[k], nout, 33, 0.0f, 0.0f));
     auto launch = [&](int k) -> int {
         if (k) return ptx_gemm(s, out[1], A, B, M, N, K);
         CHECK(must(matmul_forward(s, out[0], A, B, NULL, NULL, M, K, N, NULL)));
@@ -310,52 +310,52 @@ static int gemm_bench_run(PtxBench *b, int M, int N, int K, int iters, double *r
     };
     for (int k = 0; k < 2; k++) CHECK(launch(k));
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    CHECK(pb_compare(b, out[0], out[1], nout, res));
-    CHECK(pb_time(b, launch, iters, res));
+    CHECK(pb_compare(bench, out[0], out[1], nout, res));
+    CHECK(pb_time(bench, launch, iters, res));
     res[2] = 2.0 * M * N * (double)K;  // flops
     return 0;
 }
 
 // a benchmark's scratch stage (a stream, cuBLASLt for the GEMM's reference),
-// events and buffers, around body(&b)
+// events and buffers, around body(&bench)
 template <typename Body>
 static int ptx_bench(Body body) {
     if (gpt_device_count() < 1) return fail("no CUDA device");
     CUDA_CHECK(cudaSetDevice(0));
     CHECK(ptx_load());
-    PtxBench b;
-    memset(&b, 0, sizeof b);
-    b.s = (Stage *)calloc(1, sizeof(Stage));
-    if (!b.s) return fail("out of host memory");
+    PtxBench bench;
+    memset(&bench, 0, sizeof bench);
+    bench.s = (Stage *)calloc(1, sizeof(Stage));
+    if (!bench.s) return fail("out of host memory");
     int rc = -1;
-    if (cudaStreamCreate(&b.s->stream) != cudaSuccess || cudaEventCreate(&b.e0) != cudaSuccess ||
-        cudaEventCreate(&b.e1) != cudaSuccess || cudaMalloc((void **)&b.d_st, 16) != cudaSuccess ||
-        cudaMalloc(&b.s->workspace, LT_WORKSPACE) != cudaSuccess)
+    if (cudaStreamCreate(&bench.s->stream) != cudaSuccess || cudaEventCreate(&bench.e0) != cudaSuccess ||
+        cudaEventCreate(&bench.e1) != cudaSuccess || cudaMalloc((void **)&bench.d_st, 16) != cudaSuccess ||
+        cudaMalloc(&bench.s->workspace, LT_WORKSPACE) != cudaSuccess)
         fail("CUDA setup failed: %s", cudaGetErrorString(cudaGetLastError()));
-    else if (cublasLtCreate(&b.s->lt) != CUBLAS_STATUS_SUCCESS)
+    else if (cublasLtCreate(&bench.s->lt) != CUBLAS_STATUS_SUCCESS)
         fail("cublasLtCreate failed");
     else
-        rc = body(&b);
-    if (b.s->stream) cudaStreamSynchronize(b.s->stream);
-    for (int i = 0; i < b.nb; i++) cudaFree(b.bufs[i]);
-    for (int i = 0; i < b.s->nplans; i++) gemm_plan_free(&b.s->plans[i]);
-    if (b.s->lt) cublasLtDestroy(b.s->lt);
-    if (b.s->workspace) cudaFree(b.s->workspace);
-    if (b.d_st) cudaFree(b.d_st);
-    if (b.e0) cudaEventDestroy(b.e0);
-    if (b.e1) cudaEventDestroy(b.e1);
-    if (b.s->stream) cudaStreamDestroy(b.s->stream);
-    free(b.s);
+        rc = body(&bench);
+    if (bench.s->stream) cudaStreamSynchronize(bench.s->stream);
+    for (int i = 0; i < bench.nb; i++) cudaFree(bench.bufs[i]);
+    for (int i = 0; i < bench.s->nplans; i++) gemm_plan_free(&bench.s->plans[i]);
+    if (bench.s->lt) cublasLtDestroy(bench.s->lt);
+    if (bench.s->workspace) cudaFree(bench.s->workspace);
+    if (bench.d_st) cudaFree(bench.d_st);
+    if (bench.e0) cudaEventDestroy(bench.e0);
+    if (bench.e1) cudaEventDestroy(bench.e1);
+    if (bench.s->stream) cudaStreamDestroy(bench.s->stream);
+    free(bench.s);
     return rc;
 }
 
 extern "C" int gpt_cuda_ptx_bench(int kernel, long long n, int C, int iters, double *res) {
     for (int i = 0; i < 8; i++) res[i] = 0.0;
     if (n < 1) return fail("ptx bench: n must be positive");
-    return ptx_bench([&](PtxBench *b) { return ptx_bench_run(b, kernel, (size_t)n, C, iters, res); });
+    return ptx_bench([&](PtxBench *bench) { return ptx_bench_run(bench, kernel, (size_t)n, C, iters, res); });
 }
 
 extern "C" int gpt_cuda_gemm_bench(int M, int N, int K, int iters, double *res) {
     for (int i = 0; i < 8; i++) res[i] = 0.0;
-    return ptx_bench([&](PtxBench *b) { return gemm_bench_run(b, M, N, K, iters, res); });
+    return ptx_bench([&](PtxBench *bench) { return gemm_bench_run(bench, M, N, K, iters, res); });
 }

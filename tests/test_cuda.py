@@ -92,8 +92,8 @@ def gentle_params(seed: int, rcfg) -> dict:
     return rough_params(seed, rcfg, noise=0.05, scale=3.0)
 
 
-def model(mod, params, cfg=CFG, b=B, t=T, slots=1, lo=0, hi=None):
-    m = mod.Model(cfg, lo, cfg["num_layers"] if hi is None else hi, b, t, slots)
+def model(mod, params, cfg=CFG, b=B, t=T, activation_buffers=1, lo=0, hi=None):
+    m = mod.Model(cfg, lo, cfg["num_layers"] if hi is None else hi, b, t, activation_buffers)
     if params is not None:
         m.set_params(params)
     return m
@@ -378,8 +378,8 @@ def run_pipeline(mod, cfg, splits, params, data, steps, m, b, t, schedule, lr=3e
     S, L = len(splits), cfg["num_layers"]
     ranks, held = schedule(mod, S, m)
     stages = []
-    for (lo, hi), slots in zip(splits, held):
-        st = mod.Model(cfg, lo, hi, b, t, max(1, slots))
+    for (lo, hi), activation_buffers in zip(splits, held):
+        st = mod.Model(cfg, lo, hi, b, t, max(1, activation_buffers))
         names = st.params().keys()
         st.set_params({k: v if k in ("wte", "wpe", "lnfw", "lnfb") else v[lo:hi]
                        for k, v in params.items() if k in names})

@@ -168,7 +168,7 @@ def test_grid_validator_checks_collectives_like_sends():
     pipe = pipeline.schedule("1f1b", S, m)
     ar = pipeline.Op(AR, -1, 0)
     cycle = [[ar] + pipe[0], pipe[1] + [ar], pipe[0] + [ar], [ar] + pipe[1]]
-    fails(cycle, "deadlock", "rank 0 waits at slot 0 (ALLREDUCE bucket 0) for rank 2")
+    fails(cycle, "deadlock", "rank 0 waits at position 0 (ALLREDUCE bucket 0) for rank 2")
     one = pipeline.grid_schedule("1f1b", S, 1, m, [3, 3], 0)[0]
     fails([ops + [ar] for ops in one], "ALLREDUCE bucket 0 but the stage has no other replica")
 

@@ -39,8 +39,8 @@ def rough_params(seed: int, rcfg: ref.Config = RCFG, noise: float = 0.1, scale: 
     return params
 
 
-def c_model(params: dict, slots: int = 1) -> gpt.Model:
-    model = gpt.Model(CFG, 0, CFG["num_layers"], B, T, slots)
+def c_model(params: dict, activation_buffers: int = 1) -> gpt.Model:
+    model = gpt.Model(CFG, 0, CFG["num_layers"], B, T, activation_buffers)
     model.set_params(params)
     return model
 

@@ -156,7 +156,7 @@ def test_memory_per_gpu_is_the_sum_of_its_parts(layout):
             whole = P - (hi - lo) * layer
             grads = hi - lo if m > 1 else 1
             gathered = (whole + 2 * layer) * 2 + (whole + grads * layer) * 4
-        totals.append(18 * P * share + peak[r] * plan.slot_bytes(CFG, lo, hi, batch, plan.GPU_BYTES) + gathered)
+        totals.append(18 * P * share + peak[r] * plan.activations_bytes(CFG, lo, hi, batch, plan.GPU_BYTES) + gathered)
     assert mem.total == pytest.approx(max(totals), rel=1e-12)
     assert got.fits == (mem.total <= 80 * 2**30)
 

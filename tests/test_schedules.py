@@ -136,8 +136,8 @@ def test_deadlock_between_groups_that_receive_first():
     rank1 = ops("<a0 F0 <a1 F1 B0 W0 >g0 B1 W1 >g1")
     message = rejected([ops("F0 >a0 F1 <g0 B0 W0 >a1 <g1 B1 W1"), rank1], 2)
     assert message.startswith("deadlock")
-    assert "rank 0 waits at slot 3 (RECV_GRAD mb 0) for rank 1 to reach slot 6" in message
-    assert "rank 1 waits at slot 2 (RECV_ACT mb 1) for rank 0 to reach slot 6" in message
+    assert "rank 0 waits at position 3 (RECV_GRAD mb 0) for rank 1 to reach position 6" in message
+    assert "rank 1 waits at position 2 (RECV_ACT mb 1) for rank 0 to reach position 6" in message
     assert "[<g0]" in message and "[<a1]" in message
     # the same messages, but rank 0 posts its send and its receive as one group
     P.validate([ops("F0 >a0 F1 >a1 <g0 B0 W0 <g1 B1 W1"), rank1], 2)
