@@ -47,7 +47,10 @@
 // independent ymm FMAs (the clock varies: at the limit); whole GEMMs on the
 // nine GPT-2 products at B*T = 256, one core: 93-105 GFLOP/s, 1.00-1.13x
 // numpy's OpenBLAS and 1.7-10.3x the C twin (train_gpt.c's gemm_nt /
-// gemm_nn, auto-vectorised for AVX-512 here).
+// gemm_nn, auto-vectorised for AVX-512 here). On a real AVX2-only chip, an
+// AMD EPYC Zen 1 (128-bit FMA pipes): whole GEMMs 28-34 GFLOP/s on one
+// core, 76-92% of its 36.9-38.8 FMA limit, 1.00x numpy on the nine
+// products; d12 end to end 4.3x the portable C path.
 
 #if defined(__x86_64__) && defined(__ELF__)
 
