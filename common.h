@@ -1306,6 +1306,7 @@ typedef struct {
     int cap;
     double *op_times;        // start and end of each op, CLOCK_MONOTONIC seconds
     int op_times_cap;
+    int op;                  // the index of the op whose hook runs (one that queues its work records it)
 } OpRun;
 
 // pipeline sends and receives: consecutive ones run as one group
@@ -1442,6 +1443,7 @@ static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const L
     for (int i = 0; i < nops;) {
         int kind = ops[OP_INTS * i], mb = ops[OP_INTS * i + 1], part = ops[OP_INTS * i + 2], n = 1;
         double t_start = now_seconds();
+        run->op = i;
         if (is_message(kind)) {
             while (i + n < nops && is_message(ops[OP_INTS * (i + n)])) n++;
             if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);

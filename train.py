@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write every rank's measured op times as a Chrome trace (Perfetto, chrome://tracing): "
-                        "a process per replica, a thread per stage; needs --stages 2 or more")
+                        "a process per replica, a thread per stage (and per comm thread under --zero 3); "
+                        "needs --stages 2 or more, or --dp 2 or more")
     p.add_argument("--link-gbps", type=float, default=None, metavar="G",
                    help="pace every socket link to G Gb/s, so one machine behaves like ranks on slower links")
     p.add_argument("--link-latency-us", type=float, default=None, metavar="U",
@@ -397,8 +398,8 @@ def check_link_pace(args: argparse.Namespace, gpt) -> None:
 
 
 def check_trace_path(args: argparse.Namespace) -> None:
-    if args.stages < 2:
-        raise UsageError("--trace: the timeline is of a pipeline; it needs --stages 2 or more")
+    if args.stages * args.dp < 2:
+        raise UsageError("--trace: the timeline is of the ranks; it needs --stages 2 or more, or --dp 2 or more")
     probe = f"{args.trace}.{os.getpid()}.tmp"  # the launcher and every rank check it, at once
     try:
         with open(probe, "w"):
@@ -596,8 +597,8 @@ def train(args: argparse.Namespace, gpt, ctx: pipeline.Rank) -> None:
                 if args.keep_checkpoints:
                     gpt.prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
             ctx.barrier()
-    if S > 1 and timeline:
-        report_pipeline(args, stage, grid, cfg, timeline, say)
+    if ctx.world > 1 and timeline:
+        report_timeline(args, stage, grid, cfg, timeline, say)
     if ctx.world > 1:
         report_traffic(stage, args.steps - start, say)
     if args.sample_tokens:
@@ -628,12 +629,13 @@ def monotonic_clock_id() -> str:
         return socket.gethostname()
 
 
-def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, config: dict, timeline: list,
+def report_timeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, config: dict, timeline: list,
                     say) -> None:
     """The bubble every rank of the grid measured (the grid's, and each
     replica's share of it) next to the simulator's for the measured op
     costs, and with --trace every rank's op times as a Chrome trace: a
-    process per replica, a thread per stage."""
+    process per replica, a thread per stage. With one stage the bubble is
+    the time the compute waits for the collectives."""
     mine = json.dumps({"clock": monotonic_clock_id(), "times": [t.tolist() for t in timeline]}).encode()
     # the bound: every rank ran the same steps of at most this many ops, and an op's "[start, end], " is
     # at most 64 characters (a float's repr is at most 24); the clock id is a boot id or a host name
@@ -669,14 +671,15 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, conf
                 if op.kind in pipeline.COMPUTE:
                     busy[r // S] += max(0.0, min(b, t1) - max(a, t0))
                     costs[r].setdefault((op.kind, op.part), []).append(b - a)
-                elif op.kind == pipeline.FREE or grid.zero == 3 and op.kind in pipeline.COLLECTIVES:
-                    continue  # --zero 3's collectives run on the comm thread: the op's time is its queueing
-                else:  # a transfer starts once every side has posted it; before that it is waiting
+                elif op.kind == pipeline.FREE:
+                    continue
+                else:  # a transfer starts once every side has posted it (--zero 3: its comm thread has
+                    # reached it); before that it is waiting
                     waited = max([a] + [times[q][k][j][0] for q, j in pipeline.partners(pairs, r, i)])
                     (collectives[r][op.part] if op.kind in pipeline.COLLECTIVES else transfers).append(b - waited)
         bubbles.append([1.0 - busy[d] / (S * (t1 - t0)) for d in range(D)])
     comm = float(np.median(transfers)) if transfers else 0.0
-    # a bucket's collective, per rank: the mean of its measured times (zero 3's: none)
+    # a bucket's collective, per rank: the mean of its measured times
     collective = [[float(np.mean(c)) if c else 0.0 for c in per] for per in collectives]
 
     def stage_cost(r: int, kind: int) -> float:  # a whole stage's: the sum of its layers' under --zero 3
@@ -693,13 +696,13 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, conf
 
     per_replica = np.mean(bubbles, axis=0)
     replicas = f" (replicas: {', '.join(f'{b:.1%}' for b in per_replica)})" if D > 1 else ""
-    timed = f"transfer time ({comm * 1e3:.1f} ms, the median)"
-    if D > 1 and grid.zero != 3:
-        timed += f" and collective times (mean {np.mean([c for per in collective for c in per]) * 1e3:.1f} ms)"
-    elif D > 1:  # the comm thread's collectives leave no time of their own in the op times
-        timed += " and free collectives (the comm thread's are not timed)"
-    say(f"bubble: measured {np.mean(per_replica):.1%}{replicas}, simulator {bubble(comm, collective):.1%} for the "
-        f"measured op costs and {timed}, {bubble(0.0, 0.0):.1%} with free transfers")
+    timed = [f"transfer time ({comm * 1e3:.1f} ms, the median)"] if S > 1 else []
+    if D > 1:
+        where = ", on the comm thread" if grid.zero == 3 else ""
+        timed.append(f"collective times (mean {np.mean([c for per in collective for c in per]) * 1e3:.1f} ms{where})")
+    what = "bubble" if S > 1 else "bubble (the compute waiting on the collectives)"
+    say(f"{what}: measured {np.mean(per_replica):.1%}{replicas}, simulator {bubble(comm, collective):.1%} for the "
+        f"measured op costs and {' and '.join(timed)}, {bubble(0.0, 0.0):.1%} with free transfers")
     if args.trace:
         write_trace(args.trace, args.schedule, grid, ranks_ops, times)
         say(f"trace: {args.trace}")
@@ -707,21 +710,28 @@ def report_pipeline(args: argparse.Namespace, stage: Stage, grid: GridPlan, conf
 
 def write_trace(path: str, schedule: str, grid: GridPlan, ranks_ops: list, times: list) -> None:
     """Every rank's op times as a Chrome trace: process d is replica d,
-    thread s its stage s (rank d*S + s), time from the first op's start."""
+    thread s its stage s (rank d*S + s), and under --zero 3 thread S + s
+    that stage's comm thread, which runs its collectives; time from the
+    first op's start."""
     S = grid.stages
     t0 = min(t[0][0][0] for t in times)
     events = []
     for r, (ops, rank_times) in enumerate(zip(ranks_ops, times)):
         stage, replica = r % S, r // S
         if stage == 0:
+            layout = f"{schedule} x{S}" if S > 1 else "1 stage"
             events.append({"name": "process_name", "ph": "M", "pid": replica,
-                           "args": {"name": f"replica {replica}: {schedule} x{S}"}})
+                           "args": {"name": f"replica {replica}: {layout}, zero {grid.zero}"}})
         events.append({"name": "thread_name", "ph": "M", "pid": replica, "tid": stage,
                        "args": {"name": f"stage {stage} (rank {r})"}})
+        if grid.zero == 3:
+            events.append({"name": "thread_name", "ph": "M", "pid": replica, "tid": S + stage,
+                           "args": {"name": f"stage {stage} comm thread (rank {r})"}})
         for k, step_times in enumerate(rank_times):
             for op, (a, b) in zip(ops, step_times):
+                tid = S + stage if grid.zero == 3 and op.kind in pipeline.COLLECTIVES else stage
                 events.append({"name": pipeline.label(op), "cat": pipeline.NAMES[op.kind], "ph": "X",
-                               "pid": replica, "tid": stage, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
+                               "pid": replica, "tid": tid, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
                                "args": {"step": k + 1, "micro_batch": op.mb, "rank": r}})
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -496,11 +496,17 @@ static void pool_free(BufferPool *pool) { free(pool->memory); free(pool->free_li
 // ends. The link pacing clocks (g_wires) are per thread: the comm thread
 // paces the replica ring, the compute thread the pipeline.
 typedef struct {
+    int kind, bucket, op;  // a collective of the op list, and its index there
+    double start, end;     // when the comm thread ran it, CLOCK_MONOTONIC seconds
+} QueuedCollective;
+
+typedef struct {
     pthread_t thread;
     int started, quit;
     pthread_mutex_t lock;
     pthread_cond_t changed;              // the queue, a bucket or a buffer changed
-    int *queue, head, tail, cap;         // (kind, bucket) pairs to run, [head, tail)
+    QueuedCollective *queue;             // the list's collectives so far; [head, tail) still to run
+    int head, tail, cap;
     int *pending[2];                     // per bucket: its ALLGATHER [0], REDUCE_SCATTER [1] is queued or running
     int failed, skip;                    // a collective failed (error holds why); the list failed: run no more
     char error[1024];
@@ -550,16 +556,21 @@ static void *comm_thread_main(void *stage) {
     for (;;) {
         while (!comm->quit && comm->head == comm->tail) pthread_cond_wait(&comm->changed, &comm->lock);
         if (comm->quit) break;
-        int kind = comm->queue[2 * comm->head], bucket = comm->queue[2 * comm->head + 1],
-            run = !comm->failed && !comm->skip;
+        // a copy: the compute thread may grow (move) the queue while this runs
+        QueuedCollective job = comm->queue[comm->head];
+        int run = !comm->failed && !comm->skip;
         pthread_mutex_unlock(&comm->lock);
-        int rc = run ? fsdp_ring(s, kind, bucket) : 0;
+        double start = now_seconds();
+        int rc = run ? fsdp_ring(s, job.kind, job.bucket) : 0;
+        double end = now_seconds();
         pthread_mutex_lock(&comm->lock);
+        comm->queue[comm->head].start = start;
+        comm->queue[comm->head].end = end;
         if (rc) {
             snprintf(comm->error, sizeof comm->error, "%s", gpt_last_error());
             comm->failed = 1;
         }
-        comm->pending[kind == OP_REDUCE_SCATTER][bucket] = 0;
+        comm->pending[job.kind == OP_REDUCE_SCATTER][job.bucket] = 0;
         comm->head++;
         pthread_cond_broadcast(&comm->changed);
     }
@@ -600,19 +611,17 @@ static void comm_stop(Stage *s) {
     free(comm->queue); free(comm->pending[0]); free(comm->pending[1]);
 }
 
-// Hands a collective to the comm thread (lock held).
-static int comm_enqueue(Stage *s, int kind, int bucket) {
+// Hands the collective of op `op` to the comm thread (lock held).
+static int comm_enqueue(Stage *s, int kind, int bucket, int op) {
     CommThread *comm = &s->comm;
     if (comm->tail == comm->cap) {  // the queue only grows within a list: it is emptied at every list's end
         int cap = 2 * comm->cap + 16;
-        int *grown = (int *)realloc(comm->queue, 2 * (size_t)cap * sizeof(int));
+        QueuedCollective *grown = (QueuedCollective *)realloc(comm->queue, (size_t)cap * sizeof(QueuedCollective));
         if (!grown) return fail("out of memory for the collectives' queue");
         comm->queue = grown;
         comm->cap = cap;
     }
-    comm->queue[2 * comm->tail] = kind;
-    comm->queue[2 * comm->tail + 1] = bucket;
-    comm->tail++;
+    comm->queue[comm->tail++] = (QueuedCollective){kind, bucket, op, 0.0, 0.0};
     comm->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
     pthread_cond_broadcast(&comm->changed);
     return 0;
@@ -1196,7 +1205,7 @@ static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
     if (kind == OP_ALLGATHER) {
         rc = s->held[0][bucket] || s->comm.pending[0][bucket]
                  ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->layout.lo, s->layout.hi, bucket)
-                 : comm_enqueue(s, kind, bucket);
+                 : comm_enqueue(s, kind, bucket, s->run.op);
     } else if (kind == OP_FREE) {
         rc = comm_wait(s, gathered_or_idle, bucket);
         if (rc == 0 && !s->held[0][bucket])
@@ -1208,7 +1217,7 @@ static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
         rc = !s->held[1][bucket] || s->comm.pending[1][bucket]
                  ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->layout.lo,
                         s->layout.hi, bucket)
-                 : comm_enqueue(s, kind, bucket);
+                 : comm_enqueue(s, kind, bucket, s->run.op);
     }
     pthread_mutex_unlock(&s->comm.lock);
     return rc;
@@ -1232,13 +1241,20 @@ static int hook_collective(void *stage, int kind, int bucket, int training) {
     return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
 }
 
-// --zero 3: the list is done when its last collective is
+// --zero 3: the list is done when its last collective is. A collective's
+// op time is then the comm thread's, when the ring ran, rather than the
+// moment the compute thread queued it: what a trace and the bubble want.
 static int hook_end(void *stage, int m) {
     (void)m;
     Stage *s = (Stage *)stage;
     if (!s->sharded) return 0;
     pthread_mutex_lock(&s->comm.lock);
     int rc = comm_wait(s, queue_empty, 0);
+    for (int i = 0; i < s->comm.tail && rc == 0; i++) {
+        const QueuedCollective *job = &s->comm.queue[i];
+        s->run.op_times[2 * job->op] = job->start;
+        s->run.op_times[2 * job->op + 1] = job->end;
+    }
     pthread_mutex_unlock(&s->comm.lock);
     return rc;
 }

@@ -126,15 +126,50 @@ def test_trace_of_a_2x2_grid_has_every_rank(data_dir, tmp_path, zero):
     ops = pipeline.grid_schedule("1f1b", 2, 2, 4, [hi - lo + 1 for lo, hi in bounds], zero)[0]
     for rank in range(4):
         replica, stage = divmod(rank, 2)
-        mine = [e for e in events if e["ph"] == "X" and (e["pid"], e["tid"]) == (replica, stage)]
+        mine = [e for e in events if e["ph"] == "X" and e["pid"] == replica and e["tid"] in (stage, 2 + stage)]
         assert [e["name"] for e in mine] == [pipeline.label(op) for op in ops[rank]] * 2
         assert all(e["args"]["rank"] == rank and e["dur"] >= 0 and e["ts"] >= 0 for e in mine)
+        # --zero 3's collectives are on the track of the stage's comm thread, which runs them
+        threaded = [e["tid"] == 2 + stage for e in mine]
+        assert threaded == [zero == 3 and op.kind in pipeline.COLLECTIVES for op in ops[rank]] * 2
     names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e["ph"] == "M"}
     assert names[1, 0] == "stage 0 (rank 2)" and names[1, None].startswith("replica 1")
+    assert (names.get((1, 3)) == "stage 1 comm thread (rank 3)") == (zero == 3)
     m = re.search(r"bubble: measured ([\d.]+)% \(replicas: ([\d.]+)%, ([\d.]+)%\), simulator ([\d.]+)%", r.stdout)
     assert m, r.stdout
     grid, first, second, simulated = map(float, m.groups())
     assert grid == pytest.approx((first + second) / 2, abs=0.1) and 0 < simulated < 100
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_trace_of_data_parallel_runs_times_the_collectives(data_dir, tmp_path, zero):
+    """One stage on two replicas (DP, FSDP) has a trace and a bubble too: the
+    time its compute waits on the collectives. A collective's times are when
+    its ring ran (under --zero 3 on the comm thread, not when the compute
+    queued it), so no rank finishes a collective before its partner has
+    started it: a ring step needs both."""
+    trace = str(tmp_path / "trace.json")
+    r = run_train("--data-dir", data_dir, *FLAGS, "--micro-batches", "1", "--steps", "2", "--dp", "2",
+                  "--zero", str(zero), "--trace", trace)
+    assert r.returncode == 0, r.stderr
+    events = [e for e in json.load(open(trace))["traceEvents"] if e["ph"] == "X"]
+    ops = pipeline.grid_schedule("1f1b", 1, 2, 1, [gpt.config_from_name("tiny")["num_layers"] + 1], zero)[0]
+    spans = {}
+    for rank in (0, 1):
+        mine = [e for e in events if e["pid"] == rank]
+        assert [e["name"] for e in mine] == [pipeline.label(op) for op in ops[rank]] * 2
+        for position, (e, op) in enumerate(zip(mine, ops[rank] * 2)):
+            assert e["tid"] == (1 if zero == 3 and op.kind in pipeline.COLLECTIVES else 0)
+            if op.kind in pipeline.COLLECTIVES:  # both ranks list the same collectives in the same order
+                spans.setdefault(position, []).append((e["ts"], e["ts"] + e["dur"]))
+    assert spans and all(len(both) == 2 for both in spans.values())
+    for (a0, a1), (b0, b1) in spans.values():
+        assert a1 >= b0 and b1 >= a0
+    m = re.search(r"bubble \(the compute waiting on the collectives\): measured ([\d.]+)% \(replicas: [\d.]+%, "
+                  r"[\d.]+%\), simulator ([\d.]+)% .*collective times \(mean ([\d.]+) ms", r.stdout)
+    assert m, r.stdout
+    measured, simulated, collective_ms = map(float, m.groups())
+    assert 0 < measured < 100 and 0 < simulated < 100 and collective_ms > 0
 
 
 # -----------------------------------------------------------------------------
