@@ -1307,6 +1307,7 @@ typedef struct {
     double *op_times;        // start and end of each op, CLOCK_MONOTONIC seconds
     int op_times_cap;
     int op;                  // the index of the op whose hook runs (one that queues its work records it)
+    double op_start;         // when it started: a hook that first waits for another thread moves it past the wait
 } OpRun;
 
 // pipeline sends and receives: consecutive ones run as one group
@@ -1442,8 +1443,8 @@ static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const L
     float dloss = 1.0f / (float)(BT * m * replicas);
     for (int i = 0; i < nops;) {
         int kind = ops[OP_INTS * i], mb = ops[OP_INTS * i + 1], part = ops[OP_INTS * i + 2], n = 1;
-        double t_start = now_seconds();
         run->op = i;
+        run->op_start = now_seconds();
         if (is_message(kind)) {
             while (i + n < nops && is_message(ops[OP_INTS * (i + n)])) n++;
             if (n > MAX_GROUP) return fail("a group of %d sends/receives is more than %d", n, MAX_GROUP);
@@ -1472,8 +1473,8 @@ static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const L
                 return -1;
             }
         }
-        if (hooks->op_done && hooks->op_done(stage, kind, t_start)) return -1;
-        oprun_done(run, ops, i, n, t_start, now_seconds());
+        if (hooks->op_done && hooks->op_done(stage, kind, run->op_start)) return -1;
+        oprun_done(run, ops, i, n, run->op_start, now_seconds());
         i += n;
     }
     if (hooks->end && hooks->end(stage, m)) return -1;

@@ -1040,6 +1040,8 @@ static void op_layers(const Stage *s, int part, int *l0, int *l1) {
 // FWD and BWD_INPUT need the parameters of their layers, and of the whole
 // tensors when they run the embedding or the head: under --zero 3, gathered
 // (waiting for the comm thread to finish the gather if it has it queued).
+// The op's time starts after the wait, so that it is the compute's alone and
+// the wait shows as the bubble it is.
 static int check_gathered(Stage *s, int kind, int l0, int l1) {
     if (!s->sharded) return 0;
     int nl = s->layout.nl, whole = (s->layout.first && l0 == 0) || (s->layout.last && l1 == nl), rc = 0;
@@ -1053,6 +1055,7 @@ static int check_gathered(Stage *s, int kind, int l0, int l1) {
                       s->layout.lo, s->layout.hi, OP_NAMES[kind], l0, b);
     }
     pthread_mutex_unlock(&s->comm.lock);
+    s->run.op_start = now_seconds();
     return rc;
 }
 
@@ -1109,6 +1112,7 @@ static int hook_backward_weight(void *stage, int acts_index, int part) {
         }
     }
     if (s->sharded) pthread_mutex_unlock(&s->comm.lock);
+    s->run.op_start = now_seconds();  // past any wait for a buffer, as check_gathered's
     if (rc == 0) stage_backward_weight(s, &s->acts[acts_index], l0, l1);
     return rc;
 }
