@@ -14,21 +14,16 @@ work shared them, load average 3.7-4.8; most of it the 0.1 Gb/s runs.)
 Every run is 2 ranks with 1 thread each on the 2 cores, a global batch of 8
 sequences of 64 tokens: the pipeline (2 stages, 1F1B) in 8 micro-batches of
 1; data parallel (--zero 0) and FSDP (--zero 3) 2 replicas of one
-micro-batch of 4. plan is given the op costs of the measured pipeline run
-at the same speed, from its trace: the executor's time for each forward,
-input backward and weight backward (per sequence: a layer's from the first
-stage, the head's from what the last stage has beyond its layers), so that
-the check is of the model of the step (bubble, transfers, the tied
-embedding's swap, the gathers, the optimizer) rather than of how busy the
-cores were during another run; data parallel and FSDP, whose runs have no
-trace, take the same per-sequence costs (their micro-batch of 4 runs the
-same matmuls on 4x the rows). AdamW's time per parameter is measured
-in-process. The links are given plan at the speed the trainer's transport
-delivered at that pace just before the runs (transport_gbps), and the
-column "at the pace" is plan with the nominal speed. plan models the
-collectives as the executor runs them (plan.EXECUTOR_OVERLAP). Other work
-sharing the cores moves every figure: each is the least of the steps after
-the first.
+micro-batch of 4. plan is given each run's own op costs, from its trace:
+the executor's time for each forward, input backward and weight backward,
+per sequence (traced_costs), so that the check is of the model of the step
+(bubble, transfers, the tied embedding's swap, the gathers and
+reduce-scatters, the optimizer) rather than of how busy the cores were
+during another run. AdamW's time per parameter is measured in-process. The
+links are given plan at the speed the trainer's transport delivered at that
+pace just before the runs (transport_gbps). plan models the collectives as
+the executor runs them (plan.EXECUTOR_OVERLAP). Other work sharing the
+cores moves every figure: each is the least of the steps after the first.
 """
 
 import argparse
@@ -52,6 +47,7 @@ import plan  # noqa: E402
 
 SPEEDS = (None, 10.0, 1.0, 0.1)  # Gb/s; None: unpaced
 SEQUENCES, T = 8, 64
+MICRO = SEQUENCES // 2  # a replica's micro-batch under data parallelism and FSDP
 
 
 # -----------------------------------------------------------------------------
@@ -73,21 +69,38 @@ def optimizer_seconds_per_param(cfg: dict) -> float:
     return min(times) / plan.model_params(dict(cfg, tied=True))
 
 
-def traced_costs(cfg: dict, trace: str, step: int, optimizer: float) -> plan.OpCosts:
-    """Per-sequence op costs of one step of a pipeline run (whose micro-batches are one sequence
-    each), from its trace: the first stage's
-    layers give a layer's F/B/W, the last stage's rest is the head's (the embedding's few ms
-    count as layers)."""
-    events = [e for e in json.load(open(trace))["traceEvents"] if e["ph"] == "X" and e["args"]["step"] == step]
-    mean = {(e["tid"], e["cat"]): [] for e in events}
+def traced_costs(cfg: dict, layout: str, trace: str, step: int, optimizer: float) -> plan.OpCosts:
+    """Per-sequence op costs of one step of a run, from its trace (every compute op's time is the
+    compute's alone: under --zero 3 it starts once its gather is in). The pipeline (micro-batches
+    of one sequence): the first stage's layers give a layer's F/B/W, the last stage's rest is the
+    head's (the embedding's few ms count as layers). FSDP (a replica's micro-batch of 4, a layer
+    per op, the embedding with layer 0 and the head with the last): the middle layers give a
+    layer's, the ends the embedding's and the head's. Data parallel (whole-stage ops): each
+    kind's total split as the FLOPs split (pipeline.stage_costs): only its sum matters to its
+    step, whose all-reduces block the compute."""
+    events = [e for e in json.load(open(trace))["traceEvents"]
+              if e["ph"] == "X" and e["args"]["step"] == step and e["cat"] in ("FWD", "BWD_INPUT", "BWD_WEIGHT")]
+    L = cfg["num_layers"]
+    times = {}  # (stage, kind, layer or -1) -> seconds, over every replica
     for e in events:
-        mean[e["tid"], e["cat"]].append(e["dur"] * 1e-6)
-    bounds = pipeline.partition(cfg, 2, T)
+        part = int(e["name"].split(".")[1]) if "." in e["name"] else -1
+        times.setdefault((e["tid"], e["cat"], part), []).append(e["dur"] * 1e-6)
+    mean = {key: float(np.mean(v)) for key, v in times.items()}
     costs = []
     for kind in ("FWD", "BWD_INPUT", "BWD_WEIGHT"):
-        first, last = (float(np.mean(mean[r, kind])) for r in (0, 1))
-        layer = first / (bounds[0][1] - bounds[0][0])
-        costs.append((0.0, layer, last - layer * (bounds[1][1] - bounds[1][0])))
+        if layout == "pp":
+            bounds = pipeline.partition(cfg, 2, T)
+            first, last = mean[0, kind, -1], mean[1, kind, -1]
+            layer = first / (bounds[0][1] - bounds[0][0])
+            costs.append((0.0, layer, last - layer * (bounds[1][1] - bounds[1][0])))
+        elif layout == "fsdp":
+            per = [mean[0, kind, l] / MICRO for l in range(L)]
+            layer = float(np.mean(per[1:-1]))
+            costs.append((max(0.0, per[0] - layer), layer, max(0.0, per[-1] - layer)))
+        else:
+            flops = pipeline.stage_costs(cfg, T)
+            total = mean[0, kind, -1] / MICRO / pipeline.range_cost(flops, L, 0, L)
+            costs.append(tuple(total * c for c in flops))
     return plan.OpCosts(*costs, optimizer)
 
 
@@ -125,17 +138,16 @@ def transport_gbps(gbps: float | None) -> float:
 # the runs
 
 
-def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str | None = None) -> tuple[float, int]:
+def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str) -> tuple[float, int]:
     """Least seconds per step of train.py after the first step (which warms up; a 1-step run's
     only step), and which step: other work shares these cores, and the least is the step it
-    disturbed least. A pipeline
-    run's timeline goes to trace (train.py writes one only for a pipeline)."""
+    disturbed least. The run's timeline goes to trace."""
     flags = {"pp": ["--stages", "2", "--schedule", "1f1b", "--micro-batches", str(SEQUENCES)],
              "dp": ["--stages", "1", "--dp", "2", "--zero", "0", "--micro-batches", "1"],
              "fsdp": ["--stages", "1", "--dp", "2", "--zero", "3", "--micro-batches", "1"]}[layout]
     cmd = [sys.executable, "train.py", "--model", model, "--batch-size", str(SEQUENCES), "--seq-len", str(T),
            "--steps", str(steps), "--eval-every", "0", "--sample-tokens", "0", "--threads", "1",
-           *flags, *(["--trace", trace] if trace else [])]
+           *flags, "--trace", trace]
     if gbps is not None:
         cmd += ["--link-gbps", str(gbps)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -148,13 +160,12 @@ def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str 
 
 def predict(cfg: dict, layout: str, gbps: float, costs: plan.OpCosts) -> float:
     """plan's step: 2 ranks on one node, links of gbps, collectives overlapping compute as
-    the CPU executor runs them (plan.EXECUTOR_OVERLAP). Costs are per sequence, so the
-    pipeline's micro-batch of 1 and a replica's of 4 share them."""
+    the CPU executor runs them (plan.EXECUTOR_OVERLAP). Costs are per sequence."""
     wire = plan.link(gbps, 0.0)
     cluster = plan.Cluster(2, 2, wire, wire, flops=1.0, achieved=1.0, memory=float("inf"), hbm=1.0,
                            overlap=plan.EXECUTOR_OVERLAP, precision=plan.CPU_BYTES)
-    layout_, micro = {"pp": (plan.Layout(2, 1, 0, "1f1b"), 1), "dp": (plan.Layout(1, 2, 0), SEQUENCES // 2),
-                      "fsdp": (plan.Layout(1, 2, 3), SEQUENCES // 2)}[layout]
+    layout_, micro = {"pp": (plan.Layout(2, 1, 0, "1f1b"), 1), "dp": (plan.Layout(1, 2, 0), MICRO),
+                      "fsdp": (plan.Layout(1, 2, 3), MICRO)}[layout]
     return plan.evaluate(cfg, cluster, plan.Batch(SEQUENCES, micro, T), layout_, costs).step
 
 
@@ -196,47 +207,33 @@ def main() -> None:
         loop = delivered[None]
         print(f"{model}: AdamW and the grad norm {optimizer * 1e9:.1f} ns/parameter; the transport delivers "
               + ", ".join(f"{delivered[g]:.2f} Gb/s {'unpaced' if g is None else f'at {g:g}'}" for g in SPEEDS))
-        costs, least = {}, None
+        costs, least = {}, {}  # (layout, speed) -> its op costs; layout -> the least disturbed run's
         for gbps in SPEEDS:
             speed = loop if gbps is None else gbps
             steps = args.steps if speed > 1.0 else args.slow_steps
-            points[model, "pp", speed], step = measure(model, "pp", gbps, steps, trace)
-            costs[speed] = traced_costs(cfg, trace, step, optimizer)
-            for layout in ("dp", "fsdp"):
-                points[model, layout, speed] = measure(model, layout, gbps, steps)[0]
-            load = sum(costs[speed].f) + sum(costs[speed].b) + sum(costs[speed].w)
-            if least is None or load < least[0]:  # the pipeline's curve: from the run other work disturbed least
-                least = (load, costs[speed])
+            for layout in ("pp", "dp", "fsdp"):
+                points[model, layout, speed], step = measure(model, layout, gbps, steps, trace)
+                c = costs[layout, speed] = traced_costs(cfg, layout, trace, step, optimizer)
+                load = sum(c.f) + sum(c.b) + sum(c.w)
+                if layout not in least or load < least[layout][0]:  # its curve: from the least disturbed run
+                    least[layout] = (load, c)
             print(f"  measured at {'unpaced' if gbps is None else f'{gbps:g} Gb/s'}: " + ", ".join(
                 f"{layout} {points[model, layout, speed]:.2f} s" for layout in ("pp", "dp", "fsdp")), flush=True)
-        # DP and FSDP have no trace: plan from the pipeline's op costs, and from their own unpaced step
-        # plus plan's communication (its growth from the unpaced speed to this one, every transfer
-        # exposed: with idle op costs there is no compute to hide it, so this column ignores overlap)
-        idle = plan.OpCosts((0.0,) * 3, (0.0,) * 3, (0.0,) * 3, 0.0)
-
-        def own(layout: str, gbps: float) -> float:
-            return points[model, layout, loop] - predict(cfg, layout, loop, idle) + predict(cfg, layout, gbps, idle)
-        print(f"  {'link':>11} {'layout':>6} {'measured s':>11} {'plan s':>8} {'ratio':>6} {'own unpaced':>12} "
-              f"{'ratio':>6}   plan from the pipeline run's op costs per sequence; own: from its unpaced step")
+        print(f"  {'link':>11} {'layout':>6} {'measured s':>11} {'plan s':>8} {'ratio':>6}   "
+              f"plan from the run's own op costs per sequence: layer F/B/W, head F/B/W")
         for gbps in SPEEDS:
             speed = loop if gbps is None else gbps
-            c = costs[speed]
             for layout in ("pp", "dp", "fsdp"):
+                c = costs[layout, speed]
                 measured = points[model, layout, speed]
                 got = predict(cfg, layout, delivered[gbps], c)
-                line = f"  {'unpaced' if gbps is None else f'{gbps:g} Gb/s':>11} {layout:>6} {measured:11.2f} " \
-                       f"{got:8.2f} {got / measured:6.2f}"
-                if layout == "pp":
-                    line += f" {'-':>12} {'-':>6}   layer F/B/W {c.f[1] * 1e3:.0f}/{c.b[1] * 1e3:.0f}/" \
-                            f"{c.w[1] * 1e3:.0f} ms, head {c.f[2] * 1e3:.0f}/{c.b[2] * 1e3:.0f}/{c.w[2] * 1e3:.0f} ms"
-                else:
-                    mine = own(layout, delivered[gbps])
-                    line += f" {mine:12.2f} {mine / measured:6.2f}"
-                print(line)
+                print(f"  {'unpaced' if gbps is None else f'{gbps:g} Gb/s':>11} {layout:>6} {measured:11.2f} "
+                      f"{got:8.2f} {got / measured:6.2f}   {c.f[1] * 1e3:.1f}/{c.b[1] * 1e3:.1f}/{c.w[1] * 1e3:.1f} "
+                      f"ms, {c.f[2] * 1e3:.1f}/{c.b[2] * 1e3:.1f}/{c.w[2] * 1e3:.1f} ms")
         # the curves and the chart against the speed the link delivered (the 10 Gb/s pace delivers
         # about what the unpaced transport does here)
-        for layout in ("pp", "dp", "fsdp"):  # one calibration for all: the least disturbed run's op costs
-            curves[model, layout] = np.array([predict(cfg, layout, g, least[1]) for g in grid])
+        for layout in ("pp", "dp", "fsdp"):
+            curves[model, layout] = np.array([predict(cfg, layout, g, least[layout][1]) for g in grid])
         order = sorted(SPEEDS, key=lambda g: delivered[g])
         xs = np.array([delivered[g] for g in order])
         for layout in ("pp", "dp", "fsdp"):
