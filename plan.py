@@ -20,7 +20,8 @@ The step is the executor's, played on a model of the machine:
   all-reduce per bucket after the backward, FSDP's gathers and
   reduce-scatters where pipeline.fsdp_ops puts them (fsdp_comm), hidden
   behind compute or not (Cluster.overlap: a GPU's collectives have their own
-  stream, the CPU executor a comm thread: EXECUTOR_OVERLAP);
+  stream; the CPU executor runs --zero 3's on a comm thread and the rest in
+  the op list: EXECUTOR_OVERLAP);
 - then, as in train.py, the tied embedding's gradients swap between the
   first and the last stage, every rank agrees on the grad norm (a barrier),
   and AdamW runs on what each rank owns.
@@ -143,7 +144,7 @@ class Cluster:
     achieved: float         # the fraction of it the matmuls reach
     memory: float           # bytes per GPU
     hbm: float              # bytes/s per GPU, for the optimizer step
-    overlap: bool = True    # collectives overlap compute (own stream); False: they block the rank (fsdp_comm)
+    overlap: str = "all"    # which collectives overlap compute: one of OVERLAPS
     precision: Precision = GPU_BYTES
 
 
@@ -354,7 +355,7 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
     layer's after its last weight backward, the whole one last), since the
     full gradients accumulate over the step's micro-batches.
 
-    overlap (Cluster.overlap) says how the executor runs them. False: every
+    overlap says how the executor runs them. False: every
     collective blocks its rank, so all of it is exposed (the CPU executor
     before its comm thread). True, a prefetch (EXECUTOR_OVERLAP): the gather of
     the next layer runs during the compute of this one (up in the forward,
@@ -373,12 +374,18 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
     return FsdpComm(fwd, bwd, once + scattered)
 
 
-# How the CPU executor (train_gpt.c) runs --zero 3's collectives: on a comm
+# Which collectives run beside the compute (Cluster.overlap). "all": each has
+# a stream of its own, as NCCL's on a GPU cluster, so data parallelism's
+# all-reduce hides behind the last weight backward and FSDP prefetches.
+# "fsdp": the CPU executor (train_gpt.c), which runs --zero 3's on a comm
 # thread per rank, in op-list order, with each layer's gather placed one layer
 # early (pipeline.fsdp_ops), so the compute waits only for its own layer's
-# gather. False before that thread. The bench (dev/bench/bench_crossover.py)
-# models this machine with it.
-EXECUTOR_OVERLAP = True
+# gather; its --zero 0 all-reduces run in the op list, after the whole-stage
+# backward that makes every bucket's gradient at once, so they hide behind
+# nothing. "none": every collective blocks its rank. The bench
+# (dev/bench/bench_crossover.py) models this machine with EXECUTOR_OVERLAP.
+OVERLAPS = ("all", "fsdp", "none")
+EXECUTOR_OVERLAP = "fsdp"
 
 
 def fsdp_buffers(layers: int, micro_batches: int, overlap: bool) -> tuple[int, int]:
@@ -416,12 +423,12 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                 layer_sizes, whole = stage_buckets(cfg, lo, hi)
                 layers = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro))
                           for l, p in zip(range(lo, hi), layer_sizes)]
-                exposed = fsdp_comm(layers, whole / tp, dp_link, D, bytes_, cluster.overlap)
+                exposed = fsdp_comm(layers, whole / tp, dp_link, D, bytes_, cluster.overlap != "none")
                 fr, br, extra = fr + exposed.f, br + exposed.b, exposed.step
             if not free and layout.zero == 0 and D > 1:  # an all-reduce per bucket (layer, whole), after the backward
                 layer_sizes, whole = stage_buckets(cfg, lo, hi)
                 t = sum(all_reduce(p / tp * bytes_.gradient, D, dp_link) for p in [*layer_sizes, whole])
-                extra = max(0.0, t - wr) if cluster.overlap else t  # hidden by the last weight backward
+                extra = max(0.0, t - wr) if cluster.overlap == "all" else t  # hidden by the last weight backward
             f.append(fr), b.append(br), w.append(wr), once.append(extra)
         act = batch.micro * batch.seq_len * cfg["channels"] * bytes_.activation / tp
         ends = []
@@ -443,7 +450,7 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
         gathered = 0.0
         if layout.zero == 3 and D > 1:  # the whole bucket and the layers gathered, their whole gradients
             layer_sizes, whole = stage_buckets(cfg, lo, hi)
-            params, grads = fsdp_buffers(hi - lo, m, cluster.overlap)
+            params, grads = fsdp_buffers(hi - lo, m, cluster.overlap != "none")
             gathered = ((whole + params * layer_sizes[0]) * bytes_.gathered
                         + (whole + grads * layer_sizes[0]) * bytes_.gradient) / tp
         return Memory(owned[r] * bytes_.weights * part, owned[r] * bytes_.gradient * part,
@@ -468,6 +475,8 @@ def check_layout(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout) -> i
     if batch.sequences % (D * batch.micro):
         raise PlanError(f"--batch {batch.sequences}: does not divide into {D} replicas x micro-batches of "
                         f"{batch.micro}")
+    if cluster.overlap not in OVERLAPS:
+        raise PlanError(f"overlap {cluster.overlap!r}: expected one of {', '.join(OVERLAPS)}")
     if layout.zero not in (0, 3) or layout.schedule not in pipeline.SCHEDULES:
         raise PlanError(f"zero {layout.zero}, schedule {layout.schedule}: expected zero 0 or 3 and one of "
                         f"{', '.join(pipeline.SCHEDULES)}")

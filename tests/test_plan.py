@@ -18,7 +18,7 @@ CFG = dict(plan.model_config("d12"))
 FREE = plan.Link(float("inf"), 0.0)
 
 
-def cluster(gpus: int, via: plan.Link = FREE, overlap: bool = True, per_node: int = 8) -> plan.Cluster:
+def cluster(gpus: int, via: plan.Link = FREE, overlap: str = "all", per_node: int = 8) -> plan.Cluster:
     return plan.Cluster(gpus, per_node, via, via, flops=1e15, achieved=0.5, memory=80 * 2**30, hbm=3e12,
                         overlap=overlap)
 
@@ -89,7 +89,7 @@ def test_fsdp_communication_without_overlap_is_the_executors_collectives(m, prec
     # micro-batch two gathers of each layer, once per step the whole bucket's gather and
     # every bucket's reduce-scatter. By hand, for 12 layers: 24 m + 1 gathers, 13 reduce-scatters.
     via = plan.Link(25e9, 5e-6)
-    blocking = replace(cluster(D_FSDP, via, overlap=False), precision=precision)
+    blocking = replace(cluster(D_FSDP, via, overlap="none"), precision=precision)
     got = plan.evaluate(CFG, blocking, plan.Batch(D_FSDP * m, 1, 64), plan.Layout(1, D_FSDP, 3),
                         layer_costs(1.0, 1.0, 1.0))
     assert got.comm == pytest.approx(executor_fsdp_seconds(m, precision, 25e9, 5e-6), rel=1e-12)
@@ -113,12 +113,25 @@ def test_fsdp_overlap_hides_all_but_the_first_gathers_and_the_last_reduce_scatte
 
 def test_data_parallel_all_reduce_after_the_last_backward():
     D, via = 8, plan.Link(50e9, 2e-6)
-    got = plan.evaluate(CFG, cluster(D, via, overlap=False), plan.Batch(D, 1, 64), plan.Layout(1, D, 0),
+    got = plan.evaluate(CFG, cluster(D, via, overlap="none"), plan.Batch(D, 1, 64), plan.Layout(1, D, 0),
                         layer_costs(1.0, 1.0, 1.0))
     P = plan.model_params(CFG)
     buckets = len(pipeline.data_parallel_ops(CFG["num_layers"] + 1, 0)[0])  # an all-reduce per layer, and the rest
     assert buckets == 13
     assert got.comm == pytest.approx(2 * (D - 1) / D * 4 * P / 50e9 + buckets * 2 * (D - 1) * 2e-6, rel=1e-12)
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_the_cpu_executor_overlaps_only_fsdp(zero):
+    # EXECUTOR_OVERLAP: --zero 3's collectives hide as a stream of their own would hide them;
+    # --zero 0's all-reduces, in the op list after the whole-stage backward, block as with none
+    D, via = 4, plan.Link(25e9, 5e-6)
+    got = {overlap: plan.evaluate(CFG, cluster(D, via, overlap), plan.Batch(D, 1, 64), plan.Layout(1, D, zero),
+                                  layer_costs(10.0, 10.0, 10.0)).comm for overlap in plan.OVERLAPS}
+    assert got["fsdp"] == got["all" if zero == 3 else "none"] and got["all"] < got["none"]
+    with pytest.raises(plan.PlanError, match="overlap 'some': expected one of all, fsdp, none"):
+        plan.evaluate(CFG, cluster(D, via, "some"), plan.Batch(D, 1, 64), plan.Layout(1, D, zero),
+                      layer_costs(1.0, 1.0, 1.0))
 
 
 def trainer_params(cfg: dict, lo: int, hi: int) -> int:
