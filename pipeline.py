@@ -494,9 +494,13 @@ def _fsdp_buffers(ranks: list[list[Op]], r: int, layers: int, training: bool) ->
     FREE only of a held bucket, a bucket is not gathered twice at once, a
     layer's BWD_WEIGHT comes before its REDUCE_SCATTER, every bucket is
     reduce-scattered once per step and nothing is held at the end. Returns
-    the peaks of gathered layers and of layers' whole gradients held at once."""
+    the peaks of gathered layers and of layers' whole gradients held at once.
+    A layer's reduce-scatter runs on the comm thread while the compute goes
+    on, so its gradient buffer counts as held through the next compute op
+    too: with one micro-batch, two, so that the weight backward of layer l-1
+    overlaps the reduce-scatter of layer l instead of waiting for its buffer."""
     whole = layers
-    held, grads, reduced = set(), set(), set()
+    held, grads, reduced, draining = set(), set(), set(), set()
     peak_gathered = peak_grads = 0
     for i, op in enumerate(ranks[r]):
         def fail(message: str) -> ScheduleError:
@@ -518,6 +522,8 @@ def _fsdp_buffers(ranks: list[list[Op]], r: int, layers: int, training: bool) ->
                 raise fail("no BWD_WEIGHT of the layer came before it")
             reduced.add(op.part)
             grads.discard(op.part)
+            if op.part != whole:
+                draining.add(op.part)
         elif op.kind in COMPUTE:
             mine = range(layers) if op.part == -1 else [op.part]
             if op.kind == BWD_WEIGHT:
@@ -529,7 +535,9 @@ def _fsdp_buffers(ranks: list[list[Op]], r: int, layers: int, training: bool) ->
                 if missing:
                     raise fail(f"bucket {missing[0]} is not gathered (compute runs only on gathered layers)")
         peak_gathered = max(peak_gathered, len(held - {whole}))
-        peak_grads = max(peak_grads, len(grads))
+        peak_grads = max(peak_grads, len(grads | draining))
+        if op.kind in COMPUTE:
+            draining.clear()
     if held:
         raise _error(ranks, f"rank {r}: bucket {min(held)} is still gathered at the end of the list (FREE it)")
     if training and len(reduced) != layers + 1:

@@ -146,6 +146,10 @@ class Cluster:
     hbm: float              # bytes/s per GPU, for the optimizer step
     overlap: str = "all"    # which collectives overlap compute: one of OVERLAPS
     precision: Precision = GPU_BYTES
+    # the share of a collective's time that its copies take from the compute
+    # it overlaps: 0 where a NIC or NVLink moves the bytes; on the CPU executor,
+    # whose socket copies run on the cores that compute, up to 1 (fsdp_comm)
+    comm_cpu: float = 0.0
 
 
 # Datasheet figures: dense bf16 peak, memory, HBM bandwidth, NVLink per direction.
@@ -344,8 +348,15 @@ class FsdpComm(NamedTuple):
     step: float
 
 
+def beside_compute(t: float, compute: float, comm_cpu: float) -> float:
+    """What a transfer of t seconds run beside compute of `compute` seconds
+    adds to the step: what sticks out, and the share of the core its copies
+    take from the compute (Cluster.comm_cpu)."""
+    return max(0.0, t - compute) + comm_cpu * min(t, compute)
+
+
 def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, link: Link, D: int,
-              precision: Precision, overlap: bool) -> FsdpComm:
+              precision: Precision, overlap: bool, comm_cpu: float = 0.0) -> FsdpComm:
     """The executor's --zero 3 step (pipeline.fsdp_ops), layers = (params, f,
     b, w) of each of the stage's layers in forward order, whole = the whole
     tensors' bucket: per micro-batch every layer is gathered before its
@@ -361,16 +372,18 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
     the next layer runs during the compute of this one (up in the forward,
     down in the input backward), and a layer's reduce-scatter during the weight
     backward of the layer below it; the first gather of each pass, the last
-    reduce-scatter and the whole bucket have nothing to hide behind."""
+    reduce-scatter and the whole bucket have nothing to hide behind. A
+    transfer of t seconds hidden behind compute of c still costs the compute
+    comm_cpu * min(t, c): the share of it that its copies take of the core."""
     gather = [all_gather(p * precision.gathered, D, link) for p, *_ in layers]
     scatter = [reduce_scatter(p * precision.gradient, D, link) for p, *_ in layers]
     once = all_gather(whole * precision.gathered, D, link) + reduce_scatter(whole * precision.gradient, D, link)
     if not overlap:
         return FsdpComm(sum(gather), sum(gather), once + sum(scatter))
     n = len(layers)
-    fwd = gather[0] + sum(max(0.0, gather[i + 1] - layers[i][1]) for i in range(n - 1))
-    bwd = gather[-1] + sum(max(0.0, gather[i - 1] - layers[i][2]) for i in range(1, n))
-    scattered = scatter[0] + sum(max(0.0, scatter[i] - layers[i - 1][3]) for i in range(1, n))
+    fwd = gather[0] + sum(beside_compute(gather[i + 1], layers[i][1], comm_cpu) for i in range(n - 1))
+    bwd = gather[-1] + sum(beside_compute(gather[i - 1], layers[i][2], comm_cpu) for i in range(1, n))
+    scattered = scatter[0] + sum(beside_compute(scatter[i], layers[i - 1][3], comm_cpu) for i in range(1, n))
     return FsdpComm(fwd, bwd, once + scattered)
 
 
@@ -393,8 +406,11 @@ def fsdp_buffers(layers: int, micro_batches: int, overlap: bool) -> tuple[int, i
     at once beside the whole bucket (the validator's peak_gathered and
     peak_grads): one gathered layer, two with a prefetch; a layer's full
     gradient lives from its first weight backward to its reduce-scatter after
-    the last, so with more than one micro-batch every layer's at once."""
-    return min(layers, 2 if overlap else 1), layers if micro_batches > 1 else 1
+    the last, so with more than one micro-batch every layer's at once, and
+    with one, two when the reduce-scatter of a layer overlaps the weight
+    backward of the next."""
+    one = min(layers, 2 if overlap else 1)
+    return one, layers if micro_batches > 1 else one
 
 
 def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: OpCosts) -> StepPlan:
@@ -423,12 +439,14 @@ def evaluate(cfg: dict, cluster: Cluster, batch: Batch, layout: Layout, costs: O
                 layer_sizes, whole = stage_buckets(cfg, lo, hi)
                 layers = [(p / tp, *costs.stage(cfg, l, l + 1, batch.micro))
                           for l, p in zip(range(lo, hi), layer_sizes)]
-                exposed = fsdp_comm(layers, whole / tp, dp_link, D, bytes_, cluster.overlap != "none")
+                exposed = fsdp_comm(layers, whole / tp, dp_link, D, bytes_, cluster.overlap != "none",
+                                    cluster.comm_cpu)
                 fr, br, extra = fr + exposed.f, br + exposed.b, exposed.step
             if not free and layout.zero == 0 and D > 1:  # an all-reduce per bucket (layer, whole), after the backward
                 layer_sizes, whole = stage_buckets(cfg, lo, hi)
                 t = sum(all_reduce(p / tp * bytes_.gradient, D, dp_link) for p in [*layer_sizes, whole])
-                extra = max(0.0, t - wr) if cluster.overlap == "all" else t  # hidden by the last weight backward
+                # hidden by the last weight backward
+                extra = beside_compute(t, wr, cluster.comm_cpu) if cluster.overlap == "all" else t
             f.append(fr), b.append(br), w.append(wr), once.append(extra)
         act = batch.micro * batch.seq_len * cfg["channels"] * bytes_.activation / tp
         ends = []

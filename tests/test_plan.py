@@ -177,13 +177,15 @@ def test_memory_per_gpu_is_the_sum_of_its_parts(layout):
 @pytest.mark.parametrize("S,m,schedule", [(1, 1, "1f1b"), (1, 4, "1f1b"), (2, 4, "zb-h1")])
 def test_fsdp_buffers_are_the_validators_peaks(S, m, schedule):
     # the executor allocates the validator's peaks of gathered layers and layers' full gradients;
-    # a prefetch (plan.EXECUTOR_OVERLAP) holds two layers gathered
+    # a prefetch (plan.EXECUTOR_OVERLAP) holds two layers gathered, and two layers' gradients
+    # when one is reduce-scattered during the next one's weight backward
     bounds = pipeline.partition(CFG, S, 64)
     buckets = [hi - lo + 1 for lo, hi in bounds]
     train, _ = pipeline.grid_schedule(schedule, S, 2, m, buckets, 3)
     got = pipeline.validate_grid(train, S, m, buckets=buckets, zero=3)
     for r, (lo, hi) in enumerate(bounds):
-        assert plan.fsdp_buffers(hi - lo, m, plan.EXECUTOR_OVERLAP) == (got.peak_gathered[r], got.peak_grads[r])
+        assert plan.fsdp_buffers(hi - lo, m, plan.EXECUTOR_OVERLAP != "none") == \
+            (got.peak_gathered[r], got.peak_grads[r])
 
 
 def plan_cli(*flags: str) -> subprocess.CompletedProcess:
@@ -212,3 +214,16 @@ def test_a_layout_the_batch_does_not_divide_says_so_in_its_row():
     rows = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines()[3:]}
     assert "--batch 12: does not divide into 8 replicas" in rows["DP"], r.stdout
     assert "<- best" in r.stdout
+
+
+@pytest.mark.parametrize("comm_cpu", [0.0, 0.3, 1.0])
+def test_fsdp_overlap_on_shared_cores_costs_the_copies_share(comm_cpu):
+    # a prefetch whose transfers all hide behind compute (each layer's 10 s against ms of
+    # transfer) still costs the compute comm_cpu of every hidden transfer: 0 is the overlap
+    # of a NIC, 1 no overlap at all (the copies run on the cores that compute)
+    D, m, via = 4, 1, plan.Link(25e9, 5e-6)
+    batch, layout, costs = plan.Batch(D * m, 1, 64), plan.Layout(1, D, 3), layer_costs(10.0, 10.0, 10.0)
+    comm = {c: plan.evaluate(CFG, replace(cluster(D, via), comm_cpu=c), batch, layout, costs).comm
+            for c in (0.0, comm_cpu)}
+    blocking = plan.evaluate(CFG, cluster(D, via, "none"), batch, layout, costs).comm
+    assert comm[comm_cpu] == pytest.approx(comm[0.0] + comm_cpu * (blocking - comm[0.0]), rel=1e-12)

@@ -19,7 +19,9 @@ the executor's time for each forward, input backward and weight backward,
 per sequence (traced_costs), so that the check is of the model of the step
 (bubble, transfers, the tied embedding's swap, the gathers and
 reduce-scatters, the optimizer) rather than of how busy the cores were
-during another run. AdamW's time per parameter is measured in-process. The
+during another run; FSDP, whose comm thread's copies share the cores with
+its compute, is given DP's compute and the share of the cores the copies
+take (plan.Cluster.comm_cpu), and its own traced costs are printed beside. AdamW's time per parameter is measured in-process. The
 links are given plan at the speed the trainer's transport delivered at that
 pace just before the runs (transport_gbps). plan models the collectives as
 the executor runs them (plan.EXECUTOR_OVERLAP). Other work sharing the
@@ -158,12 +160,14 @@ def measure(model: str, layout: str, gbps: float | None, steps: int, trace: str)
     return ms[best] / 1e3, best + 1
 
 
-def predict(cfg: dict, layout: str, gbps: float, costs: plan.OpCosts) -> float:
+def predict(cfg: dict, layout: str, gbps: float, costs: plan.OpCosts, comm_cpu: float) -> float:
     """plan's step: 2 ranks on one node, links of gbps, collectives overlapping compute as
-    the CPU executor runs them (plan.EXECUTOR_OVERLAP). Costs are per sequence."""
+    the CPU executor runs them (plan.EXECUTOR_OVERLAP), a hidden transfer costing the compute
+    comm_cpu of its time (the socket copies run on the cores that compute). Costs are per
+    sequence."""
     wire = plan.link(gbps, 0.0)
     cluster = plan.Cluster(2, 2, wire, wire, flops=1.0, achieved=1.0, memory=float("inf"), hbm=1.0,
-                           overlap=plan.EXECUTOR_OVERLAP, precision=plan.CPU_BYTES)
+                           overlap=plan.EXECUTOR_OVERLAP, precision=plan.CPU_BYTES, comm_cpu=comm_cpu)
     layout_, micro = {"pp": (plan.Layout(2, 1, 0, "1f1b"), 1), "dp": (plan.Layout(1, 2, 0), MICRO),
                       "fsdp": (plan.Layout(1, 2, 3), MICRO)}[layout]
     return plan.evaluate(cfg, cluster, plan.Batch(SEQUENCES, micro, T), layout_, costs).step
@@ -219,21 +223,30 @@ def main() -> None:
                     least[layout] = (load, c)
             print(f"  measured at {'unpaced' if gbps is None else f'{gbps:g} Gb/s'}: " + ", ".join(
                 f"{layout} {points[model, layout, speed]:.2f} s" for layout in ("pp", "dp", "fsdp")), flush=True)
+        # FSDP's compute is DP's (the same matmuls on the same micro-batch): its own trace's is
+        # slower by what its comm thread's copies take of the cores, which plan models as
+        # comm_cpu: the unpaced transport is bound by the cores' copying, so a transfer at a
+        # delivered g Gb/s spends g / unpaced of its time copying
+        def comm_cpu(g: float) -> float:
+            return min(1.0, g / loop)
         print(f"  {'link':>11} {'layout':>6} {'measured s':>11} {'plan s':>8} {'ratio':>6}   "
-              f"plan from the run's own op costs per sequence: layer F/B/W, head F/B/W")
+              f"op costs per sequence, layer F/B/W and head F/B/W: the run's own (FSDP: DP's; then its own)")
         for gbps in SPEEDS:
             speed = loop if gbps is None else gbps
             for layout in ("pp", "dp", "fsdp"):
-                c = costs[layout, speed]
+                c = costs["dp" if layout == "fsdp" else layout, speed]
                 measured = points[model, layout, speed]
-                got = predict(cfg, layout, delivered[gbps], c)
+                got = predict(cfg, layout, delivered[gbps], c, comm_cpu(delivered[gbps]))
+                shown = [c] + ([costs["fsdp", speed]] if layout == "fsdp" else [])
                 print(f"  {'unpaced' if gbps is None else f'{gbps:g} Gb/s':>11} {layout:>6} {measured:11.2f} "
-                      f"{got:8.2f} {got / measured:6.2f}   {c.f[1] * 1e3:.1f}/{c.b[1] * 1e3:.1f}/{c.w[1] * 1e3:.1f} "
-                      f"ms, {c.f[2] * 1e3:.1f}/{c.b[2] * 1e3:.1f}/{c.w[2] * 1e3:.1f} ms")
+                      f"{got:8.2f} {got / measured:6.2f}   " + "; ".join(
+                          f"{k.f[1] * 1e3:.1f}/{k.b[1] * 1e3:.1f}/{k.w[1] * 1e3:.1f} ms, "
+                          f"{k.f[2] * 1e3:.1f}/{k.b[2] * 1e3:.1f}/{k.w[2] * 1e3:.1f} ms" for k in shown))
         # the curves and the chart against the speed the link delivered (the 10 Gb/s pace delivers
         # about what the unpaced transport does here)
         for layout in ("pp", "dp", "fsdp"):
-            curves[model, layout] = np.array([predict(cfg, layout, g, least[layout][1]) for g in grid])
+            calibration = least["dp" if layout == "fsdp" else layout][1]
+            curves[model, layout] = np.array([predict(cfg, layout, g, calibration, comm_cpu(g)) for g in grid])
         order = sorted(SPEEDS, key=lambda g: delivered[g])
         xs = np.array([delivered[g] for g in order])
         for layout in ("pp", "dp", "fsdp"):
