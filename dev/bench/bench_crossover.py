@@ -47,7 +47,7 @@ import gpt  # noqa: E402
 import pipeline  # noqa: E402
 import plan  # noqa: E402
 
-SPEEDS = (None, 10.0, 1.0, 0.1)  # Gb/s; None: unpaced
+SPEEDS = (None, 10.0, 3.0, 1.0, 0.1)  # Gb/s; None: unpaced. 3: where the crossovers fell in an earlier run
 SEQUENCES, T = 8, 64
 MICRO = SEQUENCES // 2  # a replica's micro-batch under data parallelism and FSDP
 
@@ -283,7 +283,7 @@ def draw(path: str, models: list[str], grid, curves: dict, series: dict, loop: f
     ax.axvline(loop, color="k", lw=0.6, ls=":")
     ax.text(loop, ax.get_ylim()[1] * 0.9, " the unpaced transport", fontsize=8)
     ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xlabel("link speed delivered (Gb/s, each direction; paced to 0.1, 1, 10 and unpaced)")
+    ax.set_xlabel("link speed delivered (Gb/s, each direction; paced to 0.1, 1, 3, 10 and unpaced)")
     ax.set_ylabel("seconds per step")
     title = f"2 ranks x 1 thread on 2 CPU cores, batch {SEQUENCES} x {T} tokens"
     ax.set_title(title, fontsize=10)
