@@ -1715,7 +1715,8 @@ static int stage_alloc(Stage *s) {
     s->h_tok = (int *)malloc((BT < V ? BT : V) * sizeof(int));
     s->h_start = (int *)malloc(((BT < V ? BT : V) + 1) * sizeof(int));
     s->h_pos = (int *)malloc(BT * sizeof(int));
-    if (!s->h_params || !s->h_grads || (s->layout.first && !s->h_dwte_embed) || !s->h_sample_logits || !s->h_counts || !s->h_tok || !s->h_start || !s->h_pos)
+    if (!s->h_params || !s->h_grads || (s->layout.first && !s->h_dwte_embed) || !s->h_sample_logits || !s->h_counts ||
+        !s->h_tok || !s->h_start || !s->h_pos)
         return fail("out of host memory: the stage's host copies need %.1f MiB", mib(2 * P * sizeof(float)));
     if (s->prof.on)
         for (int i = 0; i < 2 * PROF_EVENTS; i++) CUDA_CHECK(cudaEventCreate(&s->prof.ev[i]));
@@ -2079,7 +2080,8 @@ static int collective_buffer_make(Stage *s) {
 // read). The grad-norm segments become this replica's chunks for any D > 1.
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     if (zero != 0 && zero != 1 && zero != 3) return fail("--zero %d: expected 0, 1 or 3", zero);
-    if (zero == 3) return fail("--zero 3 runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0 and 1");
+    if (zero == 3)
+        return fail("--zero 3 runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0 and 1");
     if (s->base.zero || s->base.links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
     if (replicas < 1 || replica < 0 || replica >= replicas)
         return fail("replica %d of %d replicas is out of range", replica, replicas);
@@ -2336,8 +2338,8 @@ static int bucket_slot_copy(Stage *s, float *base, const int *tensors, const int
 // record (they cannot see NCCL's wire); NCCL picks its own order of the sums.
 static int nccl_shard_collective(Stage *s, int kind, int bucket) {
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->layout, bucket, tensors, layers), D = s->base.links.replicas, d = s->base.links.replica;
-    int gather = kind == OP_ALLGATHER;
+    int n = bucket_segments(&s->layout, bucket, tensors, layers);
+    int D = s->base.links.replicas, d = s->base.links.replica, gather = kind == OP_ALLGATHER;
     size_t slot = bucket_slot_elems(s, bucket);
     if (!s->d_collective || (size_t)D * slot > s->collective_elems)
         return fail("stage [%d,%d): %s of bucket %d over NCCL but no packed buffer for it (--zero 1 sets it up)",
@@ -2389,12 +2391,14 @@ static int bucket_host_copy(Stage *s, float *dev, const Segment *segs, const int
 // ring's sums are canonical, so over sockets --zero 1 is bitwise zero 0.
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
-    if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free (the CPU trainer's)", bucket);
+    if (kind == OP_FREE)
+        return fail("FREE of bucket %d: only --zero 3 gathers buckets to free (the CPU trainer's)", bucket);
     int gather = kind == OP_ALLGATHER, D = s->base.links.replicas, d = s->base.links.replica;
     if (!gather && !training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
     if (!gather && bucket == s->layout.nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
-    if (s->replica_nccl) return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, bucket) : nccl_shard_collective(s, kind, bucket);
+    if (s->replica_nccl)
+        return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, bucket) : nccl_shard_collective(s, kind, bucket);
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
     int n = bucket_segments(&s->layout, bucket, tensors, layers);
@@ -2810,8 +2814,9 @@ static int moments_copy(Stage *s, int to_host) {
                        : upload_params(s, s->d_m, s->h_m) || upload_params(s, s->d_v, s->h_v);
     cudaMemcpyKind dir = to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
     size_t bytes = s->opt_elems * sizeof(float);
-    CUDA_CHECK(cudaMemcpyAsync(to_host ? (void *)s->h_m : s->d_m, to_host ? (void *)s->d_m : s->h_m, bytes, dir, s->stream));
-    CUDA_CHECK(cudaMemcpyAsync(to_host ? (void *)s->h_v : s->d_v, to_host ? (void *)s->d_v : s->h_v, bytes, dir, s->stream));
+    float *host[2] = {s->h_m, s->h_v}, *dev[2] = {s->d_m, s->d_v};
+    for (int i = 0; i < 2; i++)
+        CUDA_CHECK(cudaMemcpyAsync(to_host ? host[i] : dev[i], to_host ? dev[i] : host[i], bytes, dir, s->stream));
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
 }

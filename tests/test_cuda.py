@@ -567,6 +567,44 @@ def test_nccl_executor_loopback_matches_plain_run():
         assert np.array_equal(gp[name], gl[name]), name
 
 
+@needs_gpu
+def test_zero1_over_one_rank_nccl_matches_plain_run():
+    """--zero 1's NCCL path (each bucket packed into its slots, reduce-scattered
+    and all-gathered in place) on a one-rank communicator, the one that one
+    GPU allows: two steps equal a plain run's bitwise (gradients, norms,
+    parameters; the sharded AdamW is the CUDA C kernel, the plain one may be
+    its PTX twin, which is bitwise the same)."""
+    params = gentle_params(41, RCFG64)
+    data = batches(42, 2, CFG64, B64, T64)
+    buckets = CFG64["num_layers"] + 1
+    compute = np.hstack([step_ops(gpt_cuda, 1), np.full((3, 1), -1)])
+    scatter = np.vstack([compute, [(gpt_cuda.REDUCE_SCATTER, -1, b) for b in range(buckets)]])
+    gather = np.array([(gpt_cuda.ALLGATHER, -1, b) for b in range(buckets)])
+    plain = model(gpt_cuda, params, CFG64, B64, T64)
+    sharded = model(gpt_cuda, params, CFG64, B64, T64)
+    sharded.set_replicas(-1, -1, 0, 1, 1)
+    sharded.set_replica_nccl(gpt_cuda.nccl_unique_id(), 1, 0)
+    assert sharded.memory_bytes()["grad_buffers"] > 0, "the packed buffer is counted"
+    for step in range(2):
+        x, y = stack(data[step:step + 1])
+        losses = [plain.run(compute, x, y), sharded.run(scatter, x, y)]
+        norms = []
+        for st in (plain, sharded):
+            st.sum_wte_grads()
+            norms.append(gpt_cuda.norm_from_parts(st.grad_norm_parts(), CFG64["num_layers"]))
+        print(f"step {step + 1}: losses {losses} norms {norms}")
+        assert losses[1] == losses[0] and norms[1] == norms[0]
+        gp, gs = plain.grads(), sharded.grads()
+        for name in gp:
+            assert np.array_equal(gs[name], gp[name]), f"step {step + 1}: d{name}"
+        for st in (plain, sharded):
+            st.adamw(3e-3, 0.1, 1.0 / norms[0] if norms[0] > 1.0 else 1.0, step + 1)
+        sharded.run(gather, None, None, False)
+        pp, ps = plain.params(), sharded.params()
+        for name in pp:
+            assert np.array_equal(ps[name], pp[name]), f"step {step + 1}: {name}"
+
+
 # -----------------------------------------------------------------------------
 # determinism and bad input
 
