@@ -941,8 +941,8 @@ struct Stage {
     // mirrors h_m, h_v and the checkpoint code lay them out
     size_t opt_elems;
     // --zero 1 over NCCL: a bucket packed for ncclReduceScatter/ncclAllGather,
-    // D slots of collective_slot[bucket] elements (slot j: chunk j of each of
-    // its segments, back to back); collective_elems, the largest bucket's D slots
+    // D slots of bucket_slot_elems(bucket) elements (slot j: chunk j of each
+    // of its segments, back to back); collective_elems: the largest bucket's
     float *d_collective;
     size_t collective_elems;
     floatX *d_params_x;                  // the matmuls' copy (== d_params in the fp32 build)
