@@ -935,6 +935,16 @@ struct Stage {
     // stage split; zero padding between segments
     size_t dev_start[NUM_PARAM_TENSORS], dev_stride[NUM_PARAM_TENSORS], dev_len[NUM_PARAM_TENSORS], P_dev;
     float *d_params, *d_grads, *d_m, *d_v;
+    // AdamW's m and v: opt_elems each, in the device layout above under zero 0,
+    // or under --zero 1 this replica's shard packed as common.h's shard_elems
+    // (chunk d of every segment, back to back), which is also how the host
+    // mirrors h_m, h_v and the checkpoint code lay them out
+    size_t opt_elems;
+    // --zero 1 over NCCL: a bucket packed for ncclReduceScatter/ncclAllGather,
+    // D slots of bucket_slot_elems(bucket) elements (slot j: chunk j of each
+    // of its segments, back to back); collective_elems: the largest bucket's
+    float *d_collective;
+    size_t collective_elems;
     floatX *d_params_x;                  // the matmuls' copy (== d_params in the fp32 build)
     float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
@@ -1561,6 +1571,54 @@ static int activations_partition(Stage *s, Activations *acts) {
 
 static double mib(size_t bytes) { return bytes / 1048576.0; }
 
+// The grad-norm segments: each (tensor, layer) segment the stage owns, or
+// with D > 1 replicas this replica's chunk of it, as the CPU trainer sums
+// them: the launcher adds the D chunks' parts in replica order, so zero 0 and
+// --zero 1 (whose replica d has summed gradients in chunk d only) add the
+// same numbers in the same order. A block sums NORM_CHUNK elements.
+static void norm_segments_plan(Stage *s) {
+    int L = s->layout.cfg.num_layers, blocks = 0;
+    s->nsegs = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (!owns_tensor(&s->layout, t)) continue;
+        size_t lo, hi;
+        chunk_range(seg_elems(s, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
+        for (int l = 0; l < seg_count(s, t); l++) {
+            NormSeg *sg = &s->segs[s->nsegs++];
+            sg->offset = s->dev_start[t] + l * s->dev_stride[t] + lo;
+            sg->n = hi - lo;
+            sg->first_block = blocks;
+            sg->nblocks = (int)((sg->n + NORM_CHUNK - 1) / NORM_CHUNK);
+            sg->part = t * L + (is_layer_tensor(t) ? s->layout.lo + l : 0);
+            blocks += sg->nblocks;
+        }
+    }
+    s->norm_blocks = blocks;
+}
+
+// (Re)makes the grad-norm kernel's tables on the device for the segments
+// norm_segments_plan chose, and the partial sums' buffers.
+static int norm_segments_upload(Stage *s) {
+    CUDA_CHECK(cudaFree(s->d_norm_partials)); CUDA_CHECK(cudaFree(s->d_segs)); CUDA_CHECK(cudaFree(s->d_block_seg));
+    s->d_norm_partials = NULL; s->d_segs = NULL; s->d_block_seg = NULL;
+    free(s->h_norm_partials);
+    size_t blocks = s->norm_blocks > 0 ? (size_t)s->norm_blocks : 1, segs = s->nsegs > 0 ? (size_t)s->nsegs : 1;
+    CUDA_CHECK(cudaMalloc((void **)&s->d_norm_partials, blocks * sizeof(double)));
+    CUDA_CHECK(cudaMalloc((void **)&s->d_segs, segs * sizeof(NormSeg)));
+    CUDA_CHECK(cudaMalloc((void **)&s->d_block_seg, blocks * sizeof(int)));
+    s->h_norm_partials = (double *)malloc(blocks * sizeof(double));
+    int *block_seg = (int *)malloc(blocks * sizeof(int));
+    if (!s->h_norm_partials || !block_seg) { free(block_seg); return fail("out of host memory"); }
+    for (int i = 0; i < s->nsegs; i++)
+        for (int b = 0; b < s->segs[i].nblocks; b++) block_seg[s->segs[i].first_block + b] = i;
+    cudaError_t e1 = cudaMemcpy(s->d_segs, s->segs, segs * sizeof(NormSeg), cudaMemcpyHostToDevice);
+    cudaError_t e2 = cudaMemcpy(s->d_block_seg, block_seg, blocks * sizeof(int), cudaMemcpyHostToDevice);
+    free(block_seg);
+    CUDA_CHECK(e1);
+    CUDA_CHECK(e2);
+    return 0;
+}
+
 // all device allocations of the stage, counted before any is made
 typedef struct { size_t params, acts, scratch, total; } MemPlan;
 
@@ -1619,6 +1677,7 @@ static int stage_alloc(Stage *s) {
     // device
     DMALLOC(&s->d_params, s->P_dev * sizeof(float));
     DMALLOC(&s->d_grads, s->P_dev * sizeof(float));
+    s->opt_elems = s->P_dev;  // zero 0 until stage_set_replicas says otherwise
     DMALLOC(&s->d_m, s->P_dev * sizeof(float));
     DMALLOC(&s->d_v, s->P_dev * sizeof(float));
 #ifdef GPT_FP32
@@ -1640,37 +1699,24 @@ static int stage_alloc(Stage *s) {
     DMALLOC(&s->d_partials, (size_t)colsum_blocks((int)BT) * 2 * 4 * C * sizeof(float));
     DMALLOC(&s->d_delta, BT * cfg->num_heads * sizeof(float));
     DMALLOC(&s->workspace, LT_WORKSPACE);
-    DMALLOC(&s->d_norm_partials, (size_t)s->norm_blocks * sizeof(double));
-    DMALLOC(&s->d_segs, (size_t)s->nsegs * sizeof(NormSeg));
-    DMALLOC(&s->d_block_seg, (size_t)s->norm_blocks * sizeof(int));
     if (s->layout.first && s->layout.last) DMALLOC(&s->d_sample_logits, V * sizeof(float));
     for (int i = 0; i < s->run.activation_buffers; i++) {
         DMALLOC(&s->acts[i].mem, s->acts_bytes);
         CHECK(activations_partition(s, &s->acts[i]));
     }
-    // grad-norm segments and their blocks
-    int *block_seg = (int *)malloc((size_t)s->norm_blocks * sizeof(int));
-    if (!block_seg) return fail("out of host memory");
-    for (int i = 0; i < s->nsegs; i++)
-        for (int b = 0; b < s->segs[i].nblocks; b++) block_seg[s->segs[i].first_block + b] = i;
-    cudaError_t e1 = cudaMemcpy(s->d_segs, s->segs, (size_t)s->nsegs * sizeof(NormSeg), cudaMemcpyHostToDevice);
-    cudaError_t e2 = cudaMemcpy(s->d_block_seg, block_seg, (size_t)s->norm_blocks * sizeof(int), cudaMemcpyHostToDevice);
-    free(block_seg);
-    CUDA_CHECK(e1);
-    CUDA_CHECK(e2);
+    CHECK(norm_segments_upload(s));
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     // host
     s->h_params = (float *)calloc(P, sizeof(float));
     s->h_grads = (float *)calloc(P, sizeof(float));
     s->h_dwte_embed = s->layout.first ? (float *)calloc(Vp * C, sizeof(float)) : NULL;
-    s->h_norm_partials = (double *)malloc((size_t)s->norm_blocks * sizeof(double));
     s->h_sample_logits = (float *)malloc(V * sizeof(float));
     s->h_counts = (int *)calloc(V, sizeof(int));
     s->h_tok = (int *)malloc((BT < V ? BT : V) * sizeof(int));
     s->h_start = (int *)malloc(((BT < V ? BT : V) + 1) * sizeof(int));
     s->h_pos = (int *)malloc(BT * sizeof(int));
-    if (!s->h_params || !s->h_grads || (s->layout.first && !s->h_dwte_embed) || !s->h_norm_partials ||
-        !s->h_sample_logits || !s->h_counts || !s->h_tok || !s->h_start || !s->h_pos)
+    if (!s->h_params || !s->h_grads || (s->layout.first && !s->h_dwte_embed) || !s->h_sample_logits || !s->h_counts ||
+        !s->h_tok || !s->h_start || !s->h_pos)
         return fail("out of host memory: the stage's host copies need %.1f MiB", mib(2 * P * sizeof(float)));
     if (s->prof.on)
         for (int i = 0; i < 2 * PROF_EVENTS; i++) CUDA_CHECK(cudaEventCreate(&s->prof.ev[i]));
@@ -1717,29 +1763,17 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_
     if (ptx_select(s, getenv("GPT_PTX"))) { stage_free(s); return NULL; }
     // device parameter layout and grad-norm segments
     size_t off = 0;
-    int blocks = 0;
     s->segs = (NormSeg *)calloc(NUM_PARAM_TENSORS * (size_t)s->layout.nl, sizeof(NormSeg));
     s->acts = (Activations *)calloc(activation_buffers, sizeof(Activations));
     if (!s->segs || !s->acts) { fail("out of host memory"); stage_free(s); return NULL; }
-    int L = cfg.num_layers;
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         s->dev_start[t] = off;
         s->dev_stride[t] = round_up(seg_elems(s, t), 128);
         s->dev_len[t] = seg_count(s, t) * s->dev_stride[t];
         off += s->dev_len[t];
-        for (int l = 0; l < seg_count(s, t); l++) {
-            if (!owns_tensor(&s->layout, t)) continue;
-            NormSeg *sg = &s->segs[s->nsegs++];
-            sg->offset = s->dev_start[t] + l * s->dev_stride[t];
-            sg->n = seg_elems(s, t);
-            sg->first_block = blocks;
-            sg->nblocks = (int)((sg->n + NORM_CHUNK - 1) / NORM_CHUNK);
-            sg->part = t * L + (is_layer_tensor(t) ? lo + l : 0);
-            blocks += sg->nblocks;
-        }
     }
     s->P_dev = off;
-    s->norm_blocks = blocks;
+    norm_segments_plan(s);
     size_t BT = (size_t)B * T, C = cfg.channels;
     s->st_c = round_up(BT * C, 128);
     s->st_3c = round_up(3 * BT * C, 128);
@@ -1775,7 +1809,7 @@ void stage_free(Stage *s) {
     cudaFree(s->d_dwte_embed); cudaFree(s->d_mb_losses);
     cudaFree(s->scratch_c); cudaFree(s->scratch_4c); cudaFree(s->d_partials); cudaFree(s->d_delta);
     cudaFree(s->workspace); cudaFree(s->d_norm_partials); cudaFree(s->d_segs); cudaFree(s->d_block_seg);
-    cudaFree(s->d_sample_logits);
+    cudaFree(s->d_sample_logits); cudaFree(s->d_collective);
     if (s->pinned) cudaFreeHost(s->pinned);
     if (s->prof.on)
         for (int i = 0; i < 2 * PROF_EVENTS; i++)
@@ -2004,11 +2038,73 @@ static int stage_backward_weight(Stage *s, Activations *acts) {
 // transport: NCCL when set (ranks on separate GPUs), else the sockets of
 // common.h with the device buffers staged through pinned host memory
 
-// Refused before step 1: the GPU trainer keeps every replica's optimizer state whole.
-int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
-    if (zero > 0) return fail("--zero %d runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0", zero);
-    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
+// The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
+// under --zero 1, the whole stage under zero 0 (train_gpt.c's twin).
+static void optimizer_shard(const Stage *s, int *part, int *parts) {
+    *part = s->base.zero > 0 ? s->base.links.replica : 0;
+    *parts = s->base.zero > 0 ? s->base.links.replicas : 1;
+}
+
+// Elements of one of the D slots of bucket's packed buffer (--zero 1 over
+// NCCL): chunk 0 of each of its segments, the largest chunk (chunk_range).
+static size_t bucket_slot_elems(const Stage *s, int bucket) {
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->layout, bucket, tensors, layers);
+    size_t slot = 0, lo, hi;
+    for (int i = 0; i < n; i++) {
+        chunk_range(seg_elems(s, tensors[i]), 0, s->base.links.replicas, &lo, &hi);
+        slot += hi - lo;
+    }
+    return slot;
+}
+
+// --zero 1 over NCCL: the packed buffer for the largest bucket, made once
+// both the ring (stage_set_replicas) and the communicator are known.
+static int collective_buffer_make(Stage *s) {
+    if (s->base.zero == 0 || !s->replica_nccl || s->d_collective) return 0;
+    size_t D = (size_t)s->base.links.replicas, most = 0;
+    for (int bucket = 0; bucket <= s->layout.nl; bucket++) {
+        size_t slot = bucket_slot_elems(s, bucket);
+        most = slot > most ? slot : most;
+    }
+    if (most > SIZE_MAX / sizeof(float) / D)
+        return fail("stage [%d,%d): a bucket's %zu x %zu packed values overflow", s->layout.lo, s->layout.hi, D, most);
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CUDA_CHECK(cudaMalloc((void **)&s->d_collective, (D * most > 0 ? D * most : 1) * sizeof(float)));
+    s->collective_elems = D * most;
     return 0;
+}
+
+// zero 0 keeps every replica's optimizer state whole; --zero 1 swaps m and v
+// for this replica's shard (zeroed: call it before any step or checkpoint
+// read). The grad-norm segments become this replica's chunks for any D > 1.
+int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
+    if (zero != 0 && zero != 1 && zero != 3) return fail("--zero %d: expected 0, 1 or 3", zero);
+    if (zero == 3)
+        return fail("--zero 3 runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0 and 1");
+    if (s->base.zero || s->base.links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
+    if (replicas < 1 || replica < 0 || replica >= replicas)
+        return fail("replica %d of %d replicas is out of range", replica, replicas);
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
+    norm_segments_plan(s);
+    CHECK(norm_segments_upload(s));
+    if (zero == 0) return 0;
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    CUDA_CHECK(cudaFree(s->d_m)); CUDA_CHECK(cudaFree(s->d_v));
+    s->d_m = s->d_v = NULL;
+    free(s->h_m); free(s->h_v);  // ensure_moment_mirrors makes them shard-sized
+    s->h_m = s->h_v = NULL;
+    s->opt_elems = shard_elems(&s->layout, part, parts);
+    size_t bytes = (s->opt_elems > 0 ? s->opt_elems : 1) * sizeof(float);
+    CUDA_CHECK(cudaMalloc((void **)&s->d_m, bytes));
+    CUDA_CHECK(cudaMalloc((void **)&s->d_v, bytes));
+    CUDA_CHECK(cudaMemsetAsync(s->d_m, 0, bytes, s->stream));
+    CUDA_CHECK(cudaMemsetAsync(s->d_v, 0, bytes, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return collective_buffer_make(s);
 }
 
 int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
@@ -2016,16 +2112,20 @@ int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
     return fail("--zero 3 runs on the CPU trainer only (--device cpu)");
 }
 
+// The GPU trainer never shards the parameters (it has no --zero 3): every
+// replica holds them whole already.
 int stage_unshard_params(Stage *s) {
     (void)s;
-    return fail("--zero 3 runs on the CPU trainer only (--device cpu)");
+    return 0;
 }
 
 void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     memset(bytes, 0, NUM_MEMORY * sizeof(uint64_t));
     bytes[MEMORY_PARAMS] = s->P_dev * sizeof(float);
     bytes[MEMORY_GRADS] = s->P_dev * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
-    bytes[MEMORY_OPTIMIZER] = 2 * s->P_dev * sizeof(float);
+    bytes[MEMORY_OPTIMIZER] = 2 * s->opt_elems * sizeof(float);
+    // --zero 1 over NCCL: the packed bucket (gradients for the reduce-scatter, parameters for the all-gather)
+    bytes[MEMORY_GRAD_BUFFERS] = s->collective_elems * sizeof(float);
     bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.activation_buffers * s->acts_bytes;
 }
 
@@ -2159,7 +2259,11 @@ int stage_set_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int nran
 }
 
 int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], int replicas, int replica) {
-    return nccl_comm_init(s, &s->replica_nccl, id, replicas, replica);
+    if (s->base.zero > 0 && (replicas != s->base.links.replicas || replica != s->base.links.replica))
+        return fail("NCCL: replica %d of %d, but the ring has this stage as replica %d of %d", replica, replicas,
+                    s->base.links.replica, s->base.links.replicas);
+    CHECK(nccl_comm_init(s, &s->replica_nccl, id, replicas, replica));
+    return collective_buffer_make(s);
 }
 
 // ALLREDUCE of a bucket over NCCL: one ncclAllReduce per (tensor, layer)
@@ -2189,36 +2293,131 @@ static int nccl_allreduce_bucket(Stage *s, int bucket) {
     return 0;
 }
 
+// The bf16 copy of a bucket's parameters, after an all-gather replaced them.
+static int bucket_params_x_refresh(Stage *s, const int *tensors, const int *layers, int n) {
+#ifdef GPT_FP32
+    (void)s; (void)tensors; (void)layers; (void)n;
+#else
+    for (int i = 0; i < n; i++) {
+        size_t elems = seg_elems(s, tensors[i]);
+        to_floatx_kernel<<<grid_for(elems, 256), 256, 0, s->stream>>>(xparam(s, tensors[i], layers[i]),
+                                                                      dparam(s, s->d_params, tensors[i], layers[i]),
+                                                                      elems);
+        LAUNCH_CHECK();
+    }
+#endif
+    return 0;
+}
+
+// --zero 1 over NCCL: chunk j of each of a bucket's segments of base
+// (d_params or d_grads) into slot j of the packed buffer (to_slot), or back.
+// Packing zeroes the slot's tail past the chunks, so the reduction never
+// reads memory nothing wrote.
+static int bucket_slot_copy(Stage *s, float *base, const int *tensors, const int *layers, int n, int j, size_t slot,
+                            int to_slot) {
+    float *buf = s->d_collective + (size_t)j * slot;
+    size_t at = 0, lo, hi;
+    for (int i = 0; i < n; i++) {
+        chunk_range(seg_elems(s, tensors[i]), j, s->base.links.replicas, &lo, &hi);
+        float *chunk = dparam(s, base, tensors[i], layers[i]) + lo;
+        CUDA_CHECK(cudaMemcpyAsync(to_slot ? buf + at : chunk, to_slot ? chunk : buf + at, (hi - lo) * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, s->stream));
+        at += hi - lo;
+    }
+    if (to_slot && at < slot) CUDA_CHECK(cudaMemsetAsync(buf + at, 0, (slot - at) * sizeof(float), s->stream));
+    return 0;
+}
+
+// --zero 1's REDUCE_SCATTER (of d_grads) or ALLGATHER (of d_params) of a
+// bucket over NCCL, in place on the packed buffer of D slots: the
+// reduce-scatter packs every chunk j into slot j and leaves the sum of slot
+// d, which goes back into chunk d; the all-gather packs chunk d into slot d
+// and unpacks every slot. On the stage's stream, waited for as the sends are.
+// Each moves (D-1) slots each way (4(D-1) * slot bytes in fp32, a little
+// over (D-1)/D of the bucket for the padding), which the byte counters
+// record (they cannot see NCCL's wire); NCCL picks its own order of the sums.
+static int nccl_shard_collective(Stage *s, int kind, int bucket) {
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    int n = bucket_segments(&s->layout, bucket, tensors, layers);
+    int D = s->base.links.replicas, d = s->base.links.replica, gather = kind == OP_ALLGATHER;
+    size_t slot = bucket_slot_elems(s, bucket);
+    if (!s->d_collective || (size_t)D * slot > s->collective_elems)
+        return fail("stage [%d,%d): %s of bucket %d over NCCL but no packed buffer for it (--zero 1 sets it up)",
+                    s->layout.lo, s->layout.hi, OP_NAMES[kind], bucket);
+    float *base = gather ? s->d_params : s->d_grads, *mine = s->d_collective + (size_t)d * slot;
+    for (int j = 0; j < D; j++)
+        if (!gather || j == d) CHECK(bucket_slot_copy(s, base, tensors, layers, n, j, slot, 1));
+    ncclResult_t r = gather ? ncclAllGather(mine, s->d_collective, slot, ncclFloat, s->replica_nccl, s->stream)
+                            : ncclReduceScatter(s->d_collective, mine, slot, ncclFloat, ncclSum, s->replica_nccl,
+                                                s->stream);
+    if (r != ncclSuccess)
+        return fail("NCCL error in the %s of bucket %d: %s", gather ? "all-gather" : "reduce-scatter", bucket,
+                    ncclGetErrorString(r));
+    CHECK(nccl_wait(s, &s->replica_nccl, gather ? "a data-parallel all-gather" : "a data-parallel reduce-scatter"));
+    for (int j = 0; j < D; j++)
+        if (gather ? j != d : j == d) CHECK(bucket_slot_copy(s, base, tensors, layers, n, j, slot, 0));
+    if (gather) CHECK(bucket_params_x_refresh(s, tensors, layers, n));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    uint64_t bytes = (uint64_t)(D - 1) * slot * sizeof(float);
+    links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 1, bytes);
+    links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 0, bytes);
+    return 0;
+}
+
+// Chunk `part` of `parts` of each of a bucket's segments between the device
+// array dev (d_params or d_grads) and the host mirror segs, then waits.
+static int bucket_host_copy(Stage *s, float *dev, const Segment *segs, const int *tensors, const int *layers, int n,
+                            int part, int parts, int to_host) {
+    size_t lo, hi;
+    for (int i = 0; i < n; i++) {
+        chunk_range(segs[i].n, part, parts, &lo, &hi);
+        float *d = dparam(s, dev, tensors[i], layers[i]) + lo, *h = segs[i].p + lo;
+        CUDA_CHECK(cudaMemcpyAsync(to_host ? h : d, to_host ? d : h, (hi - lo) * sizeof(float),
+                                   to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, s->stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
 // ----------------------------------------------------------------------------
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks (the message ones are
 // with the transport above).
 
-// ALLREDUCE of a bucket's gradients (the GPU trainer has --zero 0 only):
-// NCCL when the replicas have GPUs of their own, else common.h's socket ring
-// with the bucket staged through the host mirrors.
+// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
+// parameters (--zero 1, after AdamW updated chunk d): NCCL when the replicas
+// have GPUs of their own, else common.h's socket ring with the bucket staged
+// through the host mirrors, copying only what the ring reads or changed. The
+// ring's sums are canonical, so over sockets --zero 1 is bitwise zero 0.
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
-    if (kind != OP_ALLREDUCE) return fail("%s: the GPU trainer only all-reduces so far", OP_NAMES[kind]);
-    if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
-    if (bucket == s->layout.nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
-    if (s->replica_nccl) return nccl_allreduce_bucket(s, bucket);
+    if (kind == OP_FREE)
+        return fail("FREE of bucket %d: only --zero 3 gathers buckets to free (the CPU trainer's)", bucket);
+    int gather = kind == OP_ALLGATHER, D = s->base.links.replicas, d = s->base.links.replica;
+    if (!gather && !training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
+    // the replicas sum the whole d(wte), so each first completes its own
+    if (!gather && bucket == s->layout.nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
+    if (s->replica_nccl)
+        return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, bucket) : nccl_shard_collective(s, kind, bucket);
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
     int n = bucket_segments(&s->layout, bucket, tensors, layers);
+    float *dev = gather ? s->d_params : s->d_grads;
     for (int i = 0; i < n; i++) {
-        segs[i].p = hparam(s, s->h_grads, tensors[i], layers[i]);
+        segs[i].p = hparam(s, gather ? s->h_params : s->h_grads, tensors[i], layers[i]);
         segs[i].n = seg_elems(s, tensors[i]);
-        CUDA_CHECK(cudaMemcpyAsync(segs[i].p, dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].n * sizeof(float),
-                                   cudaMemcpyDeviceToHost, s->stream));
     }
-    CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    CHECK(ring_collective(&s->base.links, segs, n, bucket, 0));
-    CHECK(ring_collective(&s->base.links, segs, n, bucket, 1));
-    for (int i = 0; i < n; i++)
-        CUDA_CHECK(cudaMemcpyAsync(dparam(s, s->d_grads, tensors[i], layers[i]), segs[i].p, segs[i].n * sizeof(float),
-                                   cudaMemcpyHostToDevice, s->stream));
-    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    // down: the whole gradients, or the parameters' chunk d that the all-gather starts from
+    CHECK(bucket_host_copy(s, dev, segs, tensors, layers, n, gather ? d : 0, gather ? D : 1, 1));
+    if (!gather) CHECK(ring_collective(&s->base.links, segs, n, bucket, 0));
+    if (kind != OP_REDUCE_SCATTER) CHECK(ring_collective(&s->base.links, segs, n, bucket, 1));
+    // up: after a reduce-scatter only chunk d is summed; the rest are partial sums
+    int scattered = kind == OP_REDUCE_SCATTER;
+    CHECK(bucket_host_copy(s, dev, segs, tensors, layers, n, scattered ? d : 0, scattered ? D : 1, 0));
+    if (gather) {
+        CHECK(bucket_params_x_refresh(s, tensors, layers, n));
+        CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    }
     return 0;
 }
 
@@ -2376,11 +2575,45 @@ static int grad_norm_parts(Stage *s, double *parts) {
     return 0;
 }
 
-// With zero 0 every replica holds the same summed gradients: replica 0 speaks for them.
+// Each (tensor, layer) part over this replica's chunk of the segment (all of
+// it when D = 1; see norm_segments_plan): the launcher adds the D chunks'
+// parts in replica order.
 void stage_grad_norm_parts(Stage *s, double *parts) {
     memset(parts, 0, sizeof(double) * NUM_PARAM_TENSORS * s->layout.cfg.num_layers);
-    if (s->base.links.replica > 0) return;
     if (grad_norm_parts(s, parts)) mark_broken(s);
+}
+
+// --zero 1: AdamW on chunk d of each segment, its m and v packed in the shard
+// (ALLGATHER spreads the other chunks after the step). A chunk starts
+// anywhere in its segment, so the CUDA C kernel runs (the PTX twin wants
+// whole padded segments); the two are bitwise the same.
+static int adamw_shard(Stage *s, float lr, float weight_decay, float grad_scale, float b1, float b2, float bc1,
+                       float bc2, float eps) {
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    size_t at_shard = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        float wd = is_matrix(t) ? weight_decay : 0.0f;
+        size_t lo, hi;
+        chunk_range(seg_elems(s, t), part, parts, &lo, &hi);
+        for (int l = 0; l < seg_count(s, t) && hi > lo; l++, at_shard += hi - lo) {
+            size_t o = s->dev_start[t] + l * s->dev_stride[t] + lo;
+#ifdef GPT_FP32
+            floatX *px = NULL;
+#else
+            floatX *px = s->d_params_x + o;
+#endif
+            PROF(PC_ADAMW, {
+                adamw_kernel<<<grid_for(hi - lo, 256), 256, 0, s->stream>>>(s->d_params + o, px, s->d_grads + o,
+                                                                           s->d_m + at_shard, s->d_v + at_shard,
+                                                                           hi - lo, lr, b1, b2, bc1, bc2, eps, wd,
+                                                                           grad_scale);
+                LAUNCH_CHECK();
+            });
+        }
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
 }
 
 static int adamw(Stage *s, float lr, float weight_decay, float grad_scale, int step) {
@@ -2388,6 +2621,7 @@ static int adamw(Stage *s, float lr, float weight_decay, float grad_scale, int s
     CUDA_CHECK(cudaSetDevice(s->device));
     const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
     float bc1 = 1.0f - powf(b1, (float)step), bc2 = 1.0f - powf(b2, (float)step);
+    if (s->base.zero > 0) return adamw_shard(s, lr, weight_decay, grad_scale, b1, b2, bc1, bc2, eps);
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         size_t n = s->dev_len[t], o = s->dev_start[t];
         if (!n) continue;
@@ -2561,30 +2795,57 @@ int stage_load(Stage *s, const char *path) {
     return sync_to_device(s);
 }
 
+// The host mirrors of m and v hold the optimizer shard (shard_elems), which
+// is the stage layout under zero 0 (part 0 of 1).
 static int ensure_moment_mirrors(Stage *s) {
-    if (!s->h_m) s->h_m = (float *)calloc(s->layout.num_params, sizeof(float));
-    if (!s->h_v) s->h_v = (float *)calloc(s->layout.num_params, sizeof(float));
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    size_t n = shard_elems(&s->layout, part, parts);
+    if (!s->h_m) s->h_m = (float *)calloc(n > 0 ? n : 1, sizeof(float));
+    if (!s->h_v) s->h_v = (float *)calloc(n > 0 ? n : 1, sizeof(float));
     return s->h_m && s->h_v ? 0 : fail("out of host memory for the AdamW state");
 }
 
+// m and v between the device and their host mirrors: zero 0's are in the
+// padded device layout, --zero 1's shard is packed alike on both sides.
+static int moments_copy(Stage *s, int to_host) {
+    if (s->base.zero == 0)
+        return to_host ? download_params(s, s->h_m, s->d_m) || download_params(s, s->h_v, s->d_v)
+                       : upload_params(s, s->d_m, s->h_m) || upload_params(s, s->d_v, s->h_v);
+    cudaMemcpyKind dir = to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+    size_t bytes = s->opt_elems * sizeof(float);
+    float *host[2] = {s->h_m, s->h_v}, *dev[2] = {s->d_m, s->d_v};
+    for (int i = 0; i < 2; i++)
+        CUDA_CHECK(cudaMemcpyAsync(to_host ? host[i] : dev[i], to_host ? dev[i] : host[i], bytes, dir, s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+// zero 0: replica 0 writes what every replica holds alike; --zero 1: replica
+// d writes chunk d of every segment, parameters and moments, so the D
+// replicas write one whole llm.c model file and state file between them.
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(check_broken(s));
-    if (s->base.links.replica > 0) return 0;  // zero 0: replica 0 writes what every replica holds alike
+    if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
     CHECK(download_params(s, s->h_params, s->d_params));
-    CHECK(download_params(s, s->h_m, s->d_m));
-    CHECK(download_params(s, s->h_v, s->d_v));
-    return checkpoint_files_write(&s->layout, dir, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1);
+    CHECK(moments_copy(s, 1));
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    return checkpoint_files_write(&s->layout, dir, ts, s->h_params, 0, s->h_m, s->h_v, part, parts);
 }
 
+// Every replica reads the whole parameters and its shard of m and v
+// (whatever split wrote them).
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
-    CHECK(checkpoint_files_read(&s->layout, dir, step, ts, s->h_params, 0, s->h_m, s->h_v, 0, 1));
-    CHECK(upload_params(s, s->d_m, s->h_m));
-    CHECK(upload_params(s, s->d_v, s->h_v));
+    int part, parts;
+    optimizer_shard(s, &part, &parts);
+    CHECK(checkpoint_files_read(&s->layout, dir, step, ts, s->h_params, 0, s->h_m, s->h_v, part, parts));
+    CHECK(moments_copy(s, 0));
     return sync_to_device(s);
 }
 

@@ -19,6 +19,8 @@ Tolerances:
 - bf16 d12 (GPT-2 124M) over 20 steps at B=4 T=64 vs the fp32 CPU trainer:
   every step's loss within 0.1 absolute, the last within 3% relative.
 - S-stage pipelines (socket transport, one GPU) vs 1 stage, determinism: bitwise.
+- --zero 1 vs zero 0, D = 2 replicas over the socket ring on one GPU: bitwise
+  (losses, norms, parameters, checkpoint files).
 """
 
 import ctypes
@@ -487,6 +489,54 @@ def test_fp32_replicas_over_sockets_match_cpu_replicas():
 
 
 @needs_gpu
+@pytest.mark.parametrize("build", ["fp32", "bf16"])
+def test_zero1_replicas_over_sockets_are_bitwise_zero0(build, tmp_path):
+    """--zero 1 on the GPU (gradients reduce-scattered over the socket ring,
+    AdamW on each replica's shard, parameters all-gathered) against zero 0 for
+    the same D = 2: the ring's sums are canonical and the grad-norm parts are
+    per replica chunk in both, so losses, norms, parameters and the
+    checkpoint files (each replica writing its chunks under zero 1) are
+    bitwise the same; the ring moves as many bytes, and m and v are half."""
+    from tests.test_data_parallel import train_replicas
+    mod = gpt_cuda_fp32 if build == "fp32" else gpt_cuda
+    params = rough_params(7)
+    steps, m, D = 3, 1, 2
+    data = batches(8, steps * m * D)
+    runs = {zero: train_replicas(params, data, steps, m, 1e-2, D, zero, trainer=mod) for zero in (0, 1)}
+    (base, hist0), (got, hist1) = runs[0], runs[1]
+    print(f"{build} zero 0: {hist0}\n{build} zero 1: {hist1}")
+    assert hist1 == hist0, "losses or grad norms differ"
+    for name, v in base[0].params().items():
+        for d in range(D):
+            assert np.array_equal(got[d].params()[name], v), f"replica {d}: {name} differs"
+    assert got[0].bytes_moved()["data_parallel"] == base[0].bytes_moved()["data_parallel"]
+    P = sum(v.size for v in base[0].params().values())
+    shard = got[0].memory_bytes()["optimizer"]
+    assert shard < base[0].memory_bytes()["optimizer"] and shard >= 8 * P // D, shard
+    files = {}
+    for zero, (models, _) in runs.items():
+        ckpt = str(tmp_path / f"zero{zero}")
+        os.makedirs(ckpt)
+        for model in models:
+            model.write_checkpoint(ckpt, steps, 0, 0)
+        mod.commit_checkpoint(ckpt, steps)
+        files[zero] = [Path(ckpt, f"{kind}_{steps:08d}.bin").read_bytes() for kind in ("model", "state")]
+    assert files[1][0] == files[0][0], "the model files differ"
+    assert files[1][1] == files[0][1], "the optimizer state files differ"
+    # each replica reads back the whole parameters and its own shard of m and v
+    from tests.test_data_parallel import ring_of
+    from tests.test_model import CFG as DCFG, B as DB, T as DT
+    fresh = [mod.Model(DCFG, 0, DCFG["num_layers"], DB, DT, 1) for _ in range(D)]
+    keep = ring_of(fresh, 1)
+    for model in fresh:
+        assert model.read_checkpoint(str(tmp_path / "zero1"), steps)[0] == steps
+    for d in range(D):
+        for name, v in base[0].params().items():
+            assert np.array_equal(fresh[d].params()[name], v), f"replica {d}: {name} after the read"
+    del keep
+
+
+@needs_gpu
 def test_nccl_send_recv_to_self():
     """A one-rank communicator: the grouped ncclSend/ncclRecv of the executor, fp32 and bf16,
     then ncclAllReduce, ncclReduceScatter and ncclAllGather, the data-parallel collectives."""
@@ -515,6 +565,44 @@ def test_nccl_executor_loopback_matches_plain_run():
     gp, gl = plain.grads(), loop.grads()
     for name in gp:
         assert np.array_equal(gp[name], gl[name]), name
+
+
+@needs_gpu
+def test_zero1_over_one_rank_nccl_matches_plain_run():
+    """--zero 1's NCCL path (each bucket packed into its slots, reduce-scattered
+    and all-gathered in place) on a one-rank communicator, the one that one
+    GPU allows: two steps equal a plain run's bitwise (gradients, norms,
+    parameters; the sharded AdamW is the CUDA C kernel, the plain one may be
+    its PTX twin, which is bitwise the same)."""
+    params = gentle_params(41, RCFG64)
+    data = batches(42, 2, CFG64, B64, T64)
+    buckets = CFG64["num_layers"] + 1
+    compute = np.hstack([step_ops(gpt_cuda, 1), np.full((3, 1), -1)])
+    scatter = np.vstack([compute, [(gpt_cuda.REDUCE_SCATTER, -1, b) for b in range(buckets)]])
+    gather = np.array([(gpt_cuda.ALLGATHER, -1, b) for b in range(buckets)])
+    plain = model(gpt_cuda, params, CFG64, B64, T64)
+    sharded = model(gpt_cuda, params, CFG64, B64, T64)
+    sharded.set_replicas(-1, -1, 0, 1, 1)
+    sharded.set_replica_nccl(gpt_cuda.nccl_unique_id(), 1, 0)
+    assert sharded.memory_bytes()["grad_buffers"] > 0, "the packed buffer is counted"
+    for step in range(2):
+        x, y = stack(data[step:step + 1])
+        losses = [plain.run(compute, x, y), sharded.run(scatter, x, y)]
+        norms = []
+        for st in (plain, sharded):
+            st.sum_wte_grads()
+            norms.append(gpt_cuda.norm_from_parts(st.grad_norm_parts(), CFG64["num_layers"]))
+        print(f"step {step + 1}: losses {losses} norms {norms}")
+        assert losses[1] == losses[0] and norms[1] == norms[0]
+        gp, gs = plain.grads(), sharded.grads()
+        for name in gp:
+            assert np.array_equal(gs[name], gp[name]), f"step {step + 1}: d{name}"
+        for st in (plain, sharded):
+            st.adamw(3e-3, 0.1, 1.0 / norms[0] if norms[0] > 1.0 else 1.0, step + 1)
+        sharded.run(gather, None, None, False)
+        pp, ps = plain.params(), sharded.params()
+        for name in pp:
+            assert np.array_equal(ps[name], pp[name]), f"step {step + 1}: {name}"
 
 
 # -----------------------------------------------------------------------------
@@ -703,6 +791,14 @@ def step_lines(out: str) -> list[str]:
     return [re.sub(r" \| \d+ ms \| \d+ tok/s", "", l) for l in out.splitlines() if l.startswith(("step ", "val"))]
 
 
+def test_train_py_flags_allow_zero1_and_refuse_zero3_on_cuda():
+    """Before any GPU is needed: --device cuda takes --zero 1 and still refuses --zero 3."""
+    import train
+    train.check_grid_flags(train.parse_args(["--device", "cuda", "--dp", "2", "--zero", "1"]))
+    with pytest.raises(train.UsageError, match="--zero 3 runs on the CPU trainer only"):
+        train.check_grid_flags(train.parse_args(["--device", "cuda", "--dp", "2", "--zero", "3"]))
+
+
 @needs_gpu
 def test_train_py_defaults_to_gpt2_on_the_gpu():
     r = run_train_py("--steps", "12", "--eval-every", "12", "--sample-tokens", "16")
@@ -720,3 +816,18 @@ def test_train_py_stages_sharing_one_gpu_match_one_stage():
     two = run_train_py(*flags, "--stages", "2", "--schedule", "zb-h1")
     assert step_lines(two.stdout) == step_lines(one.stdout)
     assert "bubble: measured" in two.stdout
+
+
+@needs_gpu
+def test_train_py_zero1_replicas_sharing_one_gpu_match_zero0(tmp_path):
+    """Two replicas on one GPU (sockets: NCCL refuses two ranks on one GPU):
+    --zero 1's step lines and final checkpoint are bitwise --zero 0's."""
+    flags = ["--model", "d6", "--batch-size", "8", "--seq-len", "128", "--micro-batches", "2", "--steps", "3",
+             "--eval-every", "3", "--sample-tokens", "0", "--dp", "2"]
+    runs = {}
+    for zero in (0, 1):
+        ckpt = tmp_path / f"zero{zero}"
+        r = run_train_py(*flags, "--zero", str(zero), "--checkpoint-dir", str(ckpt))
+        runs[zero] = (step_lines(r.stdout), (ckpt / "model_00000003.bin").read_bytes(),
+                      (ckpt / "state_00000003.bin").read_bytes())
+    assert runs[1] == runs[0]
