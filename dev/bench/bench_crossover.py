@@ -8,8 +8,8 @@ matplotlib: pip install matplotlib).
 
     python3 dev/bench/bench_crossover.py [--models d12 d24] [--steps 3] [--slow-steps 2]
 
-(28 minutes for d12 and d24 with --slow-steps 1 on the 2 cores while other
-work shared them, load average 3.7-4.8; most of it the 0.1 Gb/s runs.)
+(26 minutes for d12 and d24 on the 2 cores of an AVX-512 Xeon with no other
+jobs; most of it the 0.1 Gb/s runs.)
 
 Every run is 2 ranks with 1 thread each on the 2 cores, a global batch of 8
 sequences of 64 tokens: the pipeline (2 stages, 1F1B) in 8 micro-batches of
