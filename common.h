@@ -1366,6 +1366,14 @@ static void pool_reset(BufferPool *pool) {
     for (int i = 0; i < pool->count; i++) pool->free_list[i] = pool->memory + (size_t)i * pool->elems;
 }
 
+// The bytes of count buffers of elems floats (checked for overflow).
+static int pool_bytes(int count, size_t elems, const char *what, size_t *bytes) {
+    if (count && elems > SIZE_MAX / sizeof(float) / count)
+        return fail("%s: %d x %zu floats overflow", what, count, elems);
+    *bytes = (size_t)count * elems * sizeof(float);
+    return 0;
+}
+
 // The pool over memory, all free; the free list is the pool's own.
 static int pool_init(BufferPool *pool, float *memory, int count, size_t elems, const char *what) {
     pool->free_list = (float **)calloc_or_fail(count, sizeof(float *), what);

@@ -472,8 +472,9 @@ static void pool_free(BufferPool *pool) {
 }
 static int pool_make(BufferPool *pool, int count, size_t elems, const char *what) {
     pool_free(pool);
-    if (count && elems > SIZE_MAX / sizeof(float) / count) return fail("%s: %d x %zu floats overflow", what, count, elems);
-    float *memory = (float *)calloc_or_fail((size_t)count * elems, sizeof(float), what);
+    size_t bytes = 0;
+    if (pool_bytes(count, elems, what, &bytes)) return -1;
+    float *memory = (float *)calloc_or_fail(bytes, 1, what);
     if (!memory) return -1;
     if (pool_init(pool, memory, count, elems, what)) { free(memory); return -1; }
     return 0;

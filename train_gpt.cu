@@ -2246,8 +2246,8 @@ static int device_pool_make(Stage *s, BufferPool *pool, int count, size_t elems,
     CUDA_CHECK(cudaFree(pool->memory));
     free(pool->free_list);
     memset(pool, 0, sizeof *pool);
-    if (count && elems > SIZE_MAX / sizeof(float) / count) return fail("%s: %d x %zu floats overflow", what, count, elems);
-    size_t bytes = (size_t)count * elems * sizeof(float);
+    size_t bytes = 0;
+    if (pool_bytes(count, elems, what, &bytes)) return -1;
     float *memory = NULL;
     CUDA_CHECK(cudaMalloc((void **)&memory, bytes ? bytes : 1));
     if (pool_init(pool, memory, count, elems, what)) { cudaFree(memory); return -1; }

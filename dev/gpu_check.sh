@@ -70,7 +70,8 @@ part "build" 150 130 make -k -j"$JOBS" all
 # spoils every later call in its process) cannot hide the other groups'
 # results. The benchmark keeps 95 s of the budget whatever happens here.
 PYTEST="$PYTHON -m pytest tests/test_cuda.py -v -rA -p no:cacheprovider"
-part "tests: no device, fp32 build vs CPU" 60 95 $PYTEST -k "no_device or (fp32 and not pipeline and not zero1 and not zero3)"
+part "tests: no device, fp32 build vs CPU" 60 95 \
+    $PYTEST -k "no_device or (fp32 and not pipeline and not zero1 and not zero3)"
 part "tests: bf16 build vs CPU, attention kernels" 60 95 $PYTEST -k "bf16_one_step or tensor_core or odd_shape"
 part "tests: pipelines over sockets, NCCL" 75 95 $PYTEST -k "(pipeline or nccl) and not zero1 and not zero3"
 # --zero 1 over the socket ring (two replicas on the one GPU) against zero 0, bitwise

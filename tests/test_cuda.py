@@ -714,7 +714,8 @@ def test_zero3_over_one_rank_nccl_matches_plain_run():
     params = gentle_params(41, RCFG64)
     data = batches(42, 2, CFG64, B64, T64)
     L = CFG64["num_layers"]
-    ranks = pipeline.grid_schedule("1f1b", 1, 1, 1, [L + 1], 3)[0]
+    # replica 0's list of two (the validator wants a ring): one replica's is the same
+    ranks = pipeline.grid_schedule("1f1b", 1, 2, 1, [L + 1], 3)[0]
     peaks = pipeline.validate_grid(ranks, 1, 1, buckets=[L + 1], zero=3)
     fsdp = np.array([(op.kind, op.mb, op.part) for op in ranks[0]])
     compute = np.hstack([step_ops(gpt_cuda, 1), np.full((3, 1), -1)])
