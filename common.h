@@ -292,6 +292,35 @@ static size_t shard_elems(const Layout *layout, int part, int parts) {
     return n;
 }
 
+// Where a shard (chunk `part` of `parts` of every segment, as shard_elems
+// packs it) keeps each (tensor, layer) chunk: chunk_n[t] elements at
+// shard_at[t] + l * chunk_n[t]. Returns the shard's elements.
+static size_t shard_offsets(const Layout *layout, int part, int parts, size_t shard_at[NUM_PARAM_TENSORS],
+                            size_t chunk_n[NUM_PARAM_TENSORS]) {
+    size_t at = 0, lo, hi;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        chunk_range(segment_elems(layout, t), part, parts, &lo, &hi);
+        shard_at[t] = at;
+        chunk_n[t] = hi - lo;
+        at += (hi - lo) * segment_count(layout, t);
+    }
+    return at;
+}
+
+// --zero 3's bucket buffers: where tensor t starts in its bucket's buffer (a
+// layer's 12 tensors, or the whole tensors the stage has), each segment
+// padded to a multiple of align elements (the GPU keeps its 512-byte
+// alignment); the elements of a layer's buffer and of the whole tensors'.
+static void bucket_offsets(const Layout *layout, size_t align, size_t in_bucket[NUM_PARAM_TENSORS],
+                           size_t *layer_elems, size_t *whole_elems) {
+    *layer_elems = *whole_elems = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t *in = is_layer_tensor(t) ? layer_elems : whole_elems;
+        in_bucket[t] = *in;
+        *in += layout->sizes[t] ? (segment_elems(layout, t) + align - 1) / align * align : 0;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // init: every (tensor, layer) draws from a stream of its own, so any partition
 // into stages, and the CPU and the GPU, start from the same weights
@@ -1174,7 +1203,25 @@ static int bucket_segments(const Layout *layout, int bucket, int *tensors, int *
     return n;
 }
 
-typedef struct { float *p; size_t n; } Segment;  // host memory of one (tensor, layer) segment
+typedef struct { float *p; size_t n; } Segment;  // memory of one (tensor, layer) segment (the host's, or the GPU's)
+
+// --zero 3: the copies that move replica `part` of `parts`'s chunk of each of
+// a bucket's n segments into the shard (to_shard), or from it into the
+// segments; the shard keeps chunks where shard_offsets placed them.
+typedef struct { float *dst; const float *src; size_t count; } ChunkCopy;
+static void bucket_chunk_copies(const Segment *segs, const int *tensors, int n, int bucket, int part, int parts,
+                                float *shard, const size_t *shard_at, const size_t *chunk_n, int to_shard,
+                                ChunkCopy *copies) {
+    for (int i = 0; i < n; i++) {
+        int t = tensors[i];
+        size_t lo, hi;
+        chunk_range(segs[i].n, part, parts, &lo, &hi);
+        float *chunk = shard + shard_at[t] + (is_layer_tensor(t) ? bucket : 0) * chunk_n[t];
+        copies[i].dst = to_shard ? chunk : segs[i].p + lo;
+        copies[i].src = to_shard ? segs[i].p + lo : chunk;
+        copies[i].count = hi - lo;
+    }
+}
 
 // Chunk j of every segment, back to back in buf (or from buf: add = 1 sums
 // buf + segment into the segment, add = 0 copies buf into it). Returns the
@@ -1287,10 +1334,73 @@ static void set_replica_ring(Stage *s, int prev_fd, int next_fd, int replica, in
     base->zero = zero;
 }
 
+// The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
+// under --zero 1 and 3, the whole stage under zero 0.
+static void optimizer_shard(const Stage *s, int *part, int *parts) {
+    const StageBase *base = (const StageBase *)s;
+    *part = base->zero > 0 ? base->links.replica : 0;
+    *parts = base->zero > 0 ? base->links.replicas : 1;
+}
+
 void stage_bytes_moved(const Stage *s, uint64_t sent[NUM_TRAFFIC], uint64_t received[NUM_TRAFFIC]) {
     const Links *links = &((const StageBase *)s)->links;
     memcpy(sent, links->bytes_sent, sizeof links->bytes_sent);
     memcpy(received, links->bytes_received, sizeof links->bytes_received);
+}
+
+// ----------------------------------------------------------------------------
+// --zero 3's pools of layer buffers: equal buffers handed out and given back,
+// count of them, elems floats each, in one allocation that the trainer makes
+// (host memory on the CPU, device memory on the GPU); the bookkeeping here
+// is the host's alike
+
+typedef struct {
+    float *memory, **free_list;
+    int count, nfree;
+    size_t elems;
+} BufferPool;
+
+// Every buffer free again (a step's list starts holding none).
+static void pool_reset(BufferPool *pool) {
+    pool->nfree = pool->count;
+    for (int i = 0; i < pool->count; i++) pool->free_list[i] = pool->memory + (size_t)i * pool->elems;
+}
+
+// The bytes of count buffers of elems floats (checked for overflow).
+static int pool_bytes(int count, size_t elems, const char *what, size_t *bytes) {
+    if (count && elems > SIZE_MAX / sizeof(float) / count)
+        return fail("%s: %d x %zu floats overflow", what, count, elems);
+    *bytes = (size_t)count * elems * sizeof(float);
+    return 0;
+}
+
+// The pool over memory, all free; the free list is the pool's own.
+static int pool_init(BufferPool *pool, float *memory, int count, size_t elems, const char *what) {
+    pool->free_list = (float **)calloc_or_fail(count, sizeof(float *), what);
+    if (!pool->free_list) return -1;
+    pool->memory = memory;
+    pool->count = count;
+    pool->elems = elems;
+    pool_reset(pool);
+    return 0;
+}
+
+// A free buffer, or NULL when the list holds all of them.
+static float *pool_take(BufferPool *pool) { return pool->nfree ? pool->free_list[--pool->nfree] : NULL; }
+static void pool_give(BufferPool *pool, float *buf) { pool->free_list[pool->nfree++] = buf; }
+
+// held[k][b]: the buffer bucket b of a stage of nl layers holds, of its whole
+// parameters (k = 0) or gradients (k = 1), from pools[k] or the whole
+// tensors' own (bucket nl). A list starts holding none (a failed one may have
+// left some out) but the whole tensors' gradient buffer, which every list
+// holds from its start to its end.
+static void buckets_release(float **held[2], BufferPool pools[2], int nl, float *whole_grads) {
+    for (int k = 0; k < 2; k++) {
+        for (int b = 0; b < nl; b++) held[k][b] = NULL;
+        pool_reset(&pools[k]);
+    }
+    held[0][nl] = NULL;
+    held[1][nl] = whole_grads;
 }
 
 // ----------------------------------------------------------------------------
@@ -1395,6 +1505,12 @@ static void oprun_free(OpRun *run) {
 // the op-list executor, written once for both trainers. A trainer hands it its
 // compute and its buffers as function pointers (common.h calls nothing a
 // trainer defines); `stage` is the trainer's own Stage, passed back to each.
+
+// The layers [l0, l1) a compute op of part `part` runs (part -1: the whole stage).
+static void op_layers(const Layout *layout, int part, int *l0, int *l1) {
+    *l0 = part < 0 ? 0 : part;
+    *l1 = part < 0 ? layout->nl : part + 1;
+}
 
 typedef struct {
     // readies a step of m micro-batches (training with m > 0: zero the gradients)

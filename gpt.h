@@ -103,7 +103,7 @@ void stage_set_peers(Stage *s, int prev_fd, int next_fd, int tied_fd, double tim
 // call it once, before the optimizer state is read or trained: it starts
 // afresh). 3 keeps only chunk d of the parameters and gradients too (the
 // chunks of the parameters the stage holds now). Every D > 1 sums its
-// grad-norm part over chunk d. The GPU trainer refuses zero 3.
+// grad-norm part over chunk d.
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero);
 // --zero 3: the buffers for gathered layer parameters and for layers' whole
 // gradients, the validator's peaks for this rank's op lists (the whole-tensor

@@ -116,14 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data-parallel replicas of the pipeline, each reading its slice of every batch")
     p.add_argument("--zero", type=int, choices=[0, 1, 3], default=0,
                    help="with --dp: 0 all-reduces gradients; 1 shards AdamW over the replicas "
-                        "(gradients reduce-scattered, parameters all-gathered); 3 (FSDP, CPU trainer) "
+                        "(gradients reduce-scattered, parameters all-gathered); 3 (FSDP) "
                         "shards parameters, gradients and AdamW, gathering each layer for its compute")
     p.add_argument("--transport", choices=["auto", "socket", "nccl"], default="auto",
                    help="between GPU stages: NCCL when every rank has a GPU of its own, else sockets")
     p.add_argument("--schedule", choices=sorted(pipeline.SCHEDULES), default="1f1b", help="pipeline schedule")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write every rank's measured op times as a Chrome trace (Perfetto, chrome://tracing): "
-                        "a process per replica, a thread per stage (and per comm thread under --zero 3); "
+                        "a process per replica, a thread per stage (and under --zero 3 one for its collectives); "
                         "needs --stages 2 or more, or --dp 2 or more")
     p.add_argument("--link-gbps", type=float, default=None, metavar="G",
                    help="pace every socket link to G Gb/s, so one machine behaves like ranks on slower links")
@@ -218,13 +218,10 @@ class Plan:
 
 
 def check_grid_flags(args: argparse.Namespace) -> None:
-    """--dp and --zero against each other and the device: before the
-    trainer loads (so --device cuda is refused where no GPU is), and again
-    once --device auto has become the device it names."""
+    """--dp and --zero against each other: before the trainer loads, and
+    again once --device auto has become the device it names."""
     if args.zero and args.dp == 1:
         raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
-    if args.zero == 3 and args.device not in ("cpu", "auto"):
-        raise UsageError(f"--zero 3 runs on the CPU trainer only (--device cpu, not --device {args.device})")
 
 
 def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:

@@ -464,28 +464,21 @@ typedef struct {
     float *memory;
 } Activations;
 
-// Equal buffers handed out and given back (--zero 3's layer buckets): count
-// of them, elems floats each, in one allocation.
-typedef struct {
-    float *memory, **free_list;
-    int count, nfree;
-    size_t elems;
-} BufferPool;
-
-static int pool_make(BufferPool *pool, int count, size_t elems, const char *what) {
+// A pool (common.h) of count buffers of elems floats in host memory.
+static void pool_free(BufferPool *pool) {
     free(pool->memory);
     free(pool->free_list);
     memset(pool, 0, sizeof *pool);
-    pool->memory = (float *)calloc_or_fail((size_t)count * elems, sizeof(float), what);
-    pool->free_list = (float **)calloc_or_fail(count, sizeof(float *), what);
-    if (!pool->memory || !pool->free_list) return -1;
-    pool->count = pool->nfree = count;
-    pool->elems = elems;
-    for (int i = 0; i < count; i++) pool->free_list[i] = pool->memory + (size_t)i * elems;
+}
+static int pool_make(BufferPool *pool, int count, size_t elems, const char *what) {
+    pool_free(pool);
+    size_t bytes = 0;
+    if (pool_bytes(count, elems, what, &bytes)) return -1;
+    float *memory = (float *)calloc_or_fail(bytes, 1, what);
+    if (!memory) return -1;
+    if (pool_init(pool, memory, count, elems, what)) { free(memory); return -1; }
     return 0;
 }
-
-static void pool_free(BufferPool *pool) { free(pool->memory); free(pool->free_list); }
 
 // --zero 3's collectives run on a thread of their own, in op-list order, so
 // the gather of the next layer overlaps the compute of this one. The compute
@@ -866,13 +859,6 @@ static void stage_backward_weight(Stage *s, Activations *acts, int l0, int l1) {
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks.
 
-// The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
-// under --zero 1 and 3, the whole stage under zero 0.
-static void optimizer_shard(const Stage *s, int *part, int *parts) {
-    *part = s->base.zero > 0 ? s->base.links.replica : 0;
-    *parts = s->base.zero > 0 ? s->base.links.replicas : 1;
-}
-
 // This rank's chunk of every segment, from an array in the stage layout into
 // a shard (or back: unpack), where shard_at and chunk_n place them.
 static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack) {
@@ -898,16 +884,9 @@ static size_t whole_bucket_elems(const Layout *layout) {
 // buffer, and params and grads cut down to their shards (keeping the chunks
 // of the parameters the stage holds now).
 static int stage_shard(Stage *s) {
-    size_t at = 0, in_layer = 0, in_whole = 0, lo, hi;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        chunk_range(segment_elems(&s->layout, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
-        s->shard_at[t] = at;
-        s->chunk_n[t] = hi - lo;
-        at += (hi - lo) * segment_count(&s->layout, t);
-        size_t *in = is_layer_tensor(t) ? &in_layer : &in_whole;
-        s->in_bucket[t] = *in;
-        *in += s->layout.sizes[t] ? segment_elems(&s->layout, t) : 0;
-    }
+    size_t at = shard_offsets(&s->layout, s->base.links.replica, s->base.links.replicas, s->shard_at, s->chunk_n);
+    size_t in_layer, in_whole;
+    bucket_offsets(&s->layout, 1, s->in_bucket, &in_layer, &in_whole);
     float *params = calloc_or_fail(at, sizeof(float), "the parameters' shard");
     float *grads = calloc_or_fail(at, sizeof(float), "the gradients' shard");
     s->whole[0] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gathered parameters");
@@ -1013,14 +992,7 @@ static int hook_begin(void *stage, int m, int training) {
         while (!queue_empty(s, 0)) pthread_cond_wait(&s->comm.changed, &s->comm.lock);  // a failed list's rest is skipped
         s->comm.head = s->comm.tail = s->comm.failed = s->comm.skip = 0;
         pthread_mutex_unlock(&s->comm.lock);
-        for (int k = 0; k < 2; k++) {
-            for (int b = 0; b < s->layout.nl; b++) s->held[k][b] = NULL;
-            s->pools[k].nfree = s->pools[k].count;
-            for (int i = 0; i < s->pools[k].count; i++)
-                s->pools[k].free_list[i] = s->pools[k].memory + (size_t)i * s->pools[k].elems;
-        }
-        s->held[0][s->layout.nl] = NULL;
-        s->held[1][s->layout.nl] = s->whole[1];
+        buckets_release(s->held, s->pools, s->layout.nl, s->whole[1]);
     }
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
         if (s->sharded) memset(s->whole[1], 0, whole_bucket_elems(&s->layout) * sizeof(float));
@@ -1029,12 +1001,6 @@ static int hook_begin(void *stage, int m, int training) {
         s->wte_summed = 0;
     }
     return 0;
-}
-
-// The layers [l0, l1) a compute op of part `part` runs.
-static void op_layers(const Stage *s, int part, int *l0, int *l1) {
-    *l0 = part < 0 ? 0 : part;
-    *l1 = part < 0 ? s->layout.nl : part + 1;
 }
 
 // FWD and BWD_INPUT need the parameters of their layers, and of the whole
@@ -1066,7 +1032,7 @@ static int hook_forward(void *stage, int acts_index, int mb, int part, const int
     Activations *acts = &s->acts[acts_index];
     size_t BT = (size_t)s->B * s->T;
     int l0, l1;
-    op_layers(s, part, &l0, &l1);
+    op_layers(&s->layout, part, &l0, &l1);
     if (check_gathered(s, OP_FWD, l0, l1)) return -1;
     if (inputs && l0 == 0) memcpy(acts->inputs, inputs, BT * sizeof(int));
     stage_forward(s, acts, s->B, s->T, l0, l1);
@@ -1080,7 +1046,7 @@ static int hook_forward(void *stage, int acts_index, int mb, int part, const int
 static int hook_backward_input(void *stage, int acts_index, int part, float dloss) {
     Stage *s = (Stage *)stage;
     int l0, l1;
-    op_layers(s, part, &l0, &l1);
+    op_layers(&s->layout, part, &l0, &l1);
     if (check_gathered(s, OP_BWD_INPUT, l0, l1)) return -1;
     stage_backward_input(s, &s->acts[acts_index], dloss, l0, l1);
     return 0;
@@ -1089,7 +1055,7 @@ static int hook_backward_input(void *stage, int acts_index, int part, float dlos
 static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     int l0, l1;
-    op_layers(s, part, &l0, &l1);
+    op_layers(&s->layout, part, &l0, &l1);
     // a layer's first backward of the step takes a gradient buffer: one the
     // validator counted free, once the comm thread has reduce-scattered
     // what held it (its reduce-scatters lag the list, never block on us)
@@ -1107,7 +1073,7 @@ static int hook_backward_weight(void *stage, int acts_index, int part) {
                       "more than the validator's peak)", s->layout.lo, s->layout.hi, l);
         if (rc == 0) rc = comm_wait(s, grad_buffer_free, 0);
         if (rc == 0) {
-            s->held[1][l] = s->pools[1].free_list[--s->pools[1].nfree];
+            s->held[1][l] = pool_take(&s->pools[1]);
             memset(s->held[1][l], 0, s->pools[1].elems * sizeof(float));
         }
     }
@@ -1148,13 +1114,10 @@ static int bucket_in(Stage *s, float *base, float *buf, int bucket, Segment *seg
 // after a reduce-scatter.
 static void bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors, int n, int bucket, float *shard,
                                int to_shard) {
-    for (int i = 0; i < n; i++) {
-        int t = tensors[i];
-        size_t lo, hi;
-        chunk_range(segs[i].n, s->base.links.replica, s->base.links.replicas, &lo, &hi);
-        float *chunk = shard + s->shard_at[t] + (is_layer_tensor(t) ? bucket : 0) * s->chunk_n[t];
-        memcpy(to_shard ? chunk : segs[i].p + lo, to_shard ? segs[i].p + lo : chunk, (hi - lo) * sizeof(float));
-    }
+    ChunkCopy copies[NUM_PARAM_TENSORS];
+    bucket_chunk_copies(segs, tensors, n, bucket, s->base.links.replica, s->base.links.replicas, shard, s->shard_at,
+                        s->chunk_n, to_shard, copies);
+    for (int i = 0; i < n; i++) memcpy(copies[i].dst, copies[i].src, copies[i].count * sizeof(float));
 }
 
 // The ring half of --zero 3's ALLGATHER and REDUCE_SCATTER of a bucket, on
@@ -1175,7 +1138,7 @@ static int fsdp_ring(Stage *s, int kind, int bucket) {
         return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
                     "holds more than the validator's peak)", s->layout.lo, s->layout.hi, bucket, s->pools[0].count);
     }
-    buf = !gather ? s->held[1][bucket] : bucket < nl ? s->pools[0].free_list[--s->pools[0].nfree] : s->whole[0];
+    buf = !gather ? s->held[1][bucket] : bucket < nl ? pool_take(&s->pools[0]) : s->whole[0];
     pthread_mutex_unlock(&s->comm.lock);
     int n = bucket_in(s, NULL, buf, bucket, segs, tensors);
     if (gather) {
@@ -1190,7 +1153,7 @@ static int fsdp_ring(Stage *s, int kind, int bucket) {
     if (gather) {
         s->held[0][bucket] = buf;
     } else if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
-        s->pools[1].free_list[s->pools[1].nfree++] = buf;
+        pool_give(&s->pools[1], buf);
         s->held[1][bucket] = NULL;
     }
     pthread_mutex_unlock(&s->comm.lock);
@@ -1214,7 +1177,7 @@ static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
         rc = comm_wait(s, gathered_or_idle, bucket);
         if (rc == 0 && !s->held[0][bucket])
             rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", s->layout.lo, s->layout.hi, bucket);
-        if (rc == 0 && bucket < s->layout.nl) s->pools[0].free_list[s->pools[0].nfree++] = s->held[0][bucket];
+        if (rc == 0 && bucket < s->layout.nl) pool_give(&s->pools[0], s->held[0][bucket]);
         if (rc == 0) s->held[0][bucket] = NULL;
         pthread_cond_broadcast(&s->comm.changed);
     } else {

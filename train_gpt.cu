@@ -936,18 +936,30 @@ struct Stage {
     size_t dev_start[NUM_PARAM_TENSORS], dev_stride[NUM_PARAM_TENSORS], dev_len[NUM_PARAM_TENSORS], P_dev;
     float *d_params, *d_grads, *d_m, *d_v;
     // AdamW's m and v: opt_elems each, in the device layout above under zero 0,
-    // or under --zero 1 this replica's shard packed as common.h's shard_elems
+    // or under --zero 1 and 3 this replica's shard packed as common.h's shard_elems
     // (chunk d of every segment, back to back), which is also how the host
     // mirrors h_m, h_v and the checkpoint code lay them out
     size_t opt_elems;
-    // --zero 1 over NCCL: a bucket packed for ncclReduceScatter/ncclAllGather,
+    // --zero 1 and 3 over NCCL: a bucket packed for ncclReduceScatter/ncclAllGather,
     // D slots of bucket_slot_elems(bucket) elements (slot j: chunk j of each
     // of its segments, back to back); collective_elems: the largest bucket's
     float *d_collective;
     size_t collective_elems;
     floatX *d_params_x;                  // the matmuls' copy (== d_params in the fp32 build)
+    // --zero 3 (FSDP): while `sharded`, d_params and d_grads are this
+    // replica's shards, packed like d_m and d_v, with no matmuls' copy; a
+    // step's whole parameters and gradients live in device buffers, a bucket
+    // at a time (see the executor), each tensor at in_bucket[t]
+    int sharded;
+    size_t shard_at[NUM_PARAM_TENSORS], chunk_n[NUM_PARAM_TENSORS];  // (t, l)'s chunk: shard_at[t] + l * chunk_n[t]
+    size_t in_bucket[NUM_PARAM_TENSORS], whole_elems;  // 512-byte aligned offsets; the whole tensors' buffer size
+    float **held[2];                     // per bucket: the buffer of its whole parameters [0], gradients [1]; or NULL
+    BufferPool pools[2];                 // layer buckets' device buffers (common.h): gathered parameters, gradients
+    float *whole[2];                     // the whole-tensor bucket's, held from a step's start to its end
+    floatX *gathered_x, *whole_x;        // the matmuls' copies of pools[0]'s buffers and of whole[0], alike laid out
     float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
+    float *h_shard;                      // --zero 3: the parameters' shard, for checkpoints
     float *h_swap_send, *h_swap_recv;    // tied-embedding swap over sockets
     Activations *acts;                   // activation buffers: one per micro-batch in flight
     OpRun run;                           // the executor's bookkeeping (common.h)
@@ -1461,16 +1473,34 @@ static int seg_count(const Stage *s, int t) {
 }
 // layer l (stage-local; 0 for non-layer tensors) of tensor t on the device
 static float *dparam(Stage *s, float *base, int t, int l) { return base + s->dev_start[t] + l * s->dev_stride[t]; }
-static floatX *xparam(Stage *s, int t, int l) { return s->d_params_x + s->dev_start[t] + l * s->dev_stride[t]; }
 static float *hparam(Stage *s, float *base, int t, int l) { return base + s->layout.offsets[t] + l * seg_elems(s, t); }
 
+// Tensor t of layer l (l is ignored for a whole tensor) as the compute sees
+// it: in the device layout, or under --zero 3 in the buffer its bucket holds
+// this step (the executor checks that it holds one before the compute runs).
+static float *held_tensor(Stage *s, int grads, int t, int l) {
+    if (!s->sharded) return dparam(s, grads ? s->d_grads : s->d_params, t, l);
+    return s->held[grads][is_layer_tensor(t) ? l : s->layout.nl] + s->in_bucket[t];
+}
+static float *param_of(Stage *s, int t, int l) { return held_tensor(s, 0, t, l); }
+static float *grad_of(Stage *s, int t, int l) { return held_tensor(s, 1, t, l); }
+// the matmuls' copy of a gathered buffer of parameters (--zero 3) or of the stage's
+static floatX *params_x_of(Stage *s, const float *buf) {
+    return buf == s->whole[0] ? s->whole_x : s->gathered_x + (buf - s->pools[0].memory);
+}
+static floatX *xparam(Stage *s, int t, int l) {
+    if (!s->sharded) return s->d_params_x + s->dev_start[t] + l * s->dev_stride[t];
+    return params_x_of(s, s->held[0][is_layer_tensor(t) ? l : s->layout.nl]) + s->in_bucket[t];
+}
+
+// the whole stage's tensors (host copies): not while they are sharded (zero 3)
 float *stage_param(Stage *s, int t, size_t *n) {
-    *n = s->layout.sizes[t];
-    return s->layout.sizes[t] ? s->h_params + s->layout.offsets[t] : NULL;
+    *n = s->sharded ? 0 : s->layout.sizes[t];
+    return *n ? s->h_params + s->layout.offsets[t] : NULL;
 }
 float *stage_grad(Stage *s, int t, size_t *n) {
-    *n = s->layout.sizes[t];
-    return s->layout.sizes[t] ? s->h_grads + s->layout.offsets[t] : NULL;
+    *n = s->sharded ? 0 : s->layout.sizes[t];
+    return *n ? s->h_grads + s->layout.offsets[t] : NULL;
 }
 const double *stage_op_times(const Stage *s) { return s->run.op_times; }
 
@@ -1575,7 +1605,8 @@ static double mib(size_t bytes) { return bytes / 1048576.0; }
 // with D > 1 replicas this replica's chunk of it, as the CPU trainer sums
 // them: the launcher adds the D chunks' parts in replica order, so zero 0 and
 // --zero 1 (whose replica d has summed gradients in chunk d only) add the
-// same numbers in the same order. A block sums NORM_CHUNK elements.
+// same numbers in the same order (under --zero 3 the chunks are the shard's).
+// A block sums NORM_CHUNK elements.
 static void norm_segments_plan(Stage *s) {
     int L = s->layout.cfg.num_layers, blocks = 0;
     s->nsegs = 0;
@@ -1585,7 +1616,7 @@ static void norm_segments_plan(Stage *s) {
         chunk_range(seg_elems(s, t), s->base.links.replica, s->base.links.replicas, &lo, &hi);
         for (int l = 0; l < seg_count(s, t); l++) {
             NormSeg *sg = &s->segs[s->nsegs++];
-            sg->offset = s->dev_start[t] + l * s->dev_stride[t] + lo;
+            sg->offset = s->sharded ? s->shard_at[t] + l * s->chunk_n[t] : s->dev_start[t] + l * s->dev_stride[t] + lo;
             sg->n = hi - lo;
             sg->first_block = blocks;
             sg->nblocks = (int)((sg->n + NORM_CHUNK - 1) / NORM_CHUNK);
@@ -1810,13 +1841,19 @@ void stage_free(Stage *s) {
     cudaFree(s->scratch_c); cudaFree(s->scratch_4c); cudaFree(s->d_partials); cudaFree(s->d_delta);
     cudaFree(s->workspace); cudaFree(s->d_norm_partials); cudaFree(s->d_segs); cudaFree(s->d_block_seg);
     cudaFree(s->d_sample_logits); cudaFree(s->d_collective);
+    for (int k = 0; k < 2; k++) {
+        cudaFree(s->pools[k].memory); free(s->pools[k].free_list); cudaFree(s->whole[k]); free(s->held[k]);
+    }
+#ifndef GPT_FP32
+    cudaFree(s->gathered_x); cudaFree(s->whole_x);
+#endif
     if (s->pinned) cudaFreeHost(s->pinned);
     if (s->prof.on)
         for (int i = 0; i < 2 * PROF_EVENTS; i++)
             if (s->prof.ev[i]) cudaEventDestroy(s->prof.ev[i]);
     if (s->lt) cublasLtDestroy(s->lt);
     if (s->stream) cudaStreamDestroy(s->stream);
-    free(s->h_params); free(s->h_grads); free(s->h_m); free(s->h_v); free(s->h_dwte_embed);
+    free(s->h_params); free(s->h_grads); free(s->h_m); free(s->h_v); free(s->h_dwte_embed); free(s->h_shard);
     free(s->h_swap_send); free(s->h_swap_recv);
     free(s->h_norm_partials); free(s->h_sample_logits);
     free(s->h_counts); free(s->h_tok); free(s->h_start); free(s->h_pos);
@@ -1880,34 +1917,35 @@ static int upload_tokens(Stage *s, Activations *acts, const int *inputs, const i
     return 0;
 }
 
-// The stage's forward for one micro-batch of shape (B,T) up to the final
-// layernorm; sampling calls it with B = 1.
-static int stage_forward(Stage *s, Activations *acts, int B, int T) {
+// The stage's forward of layers [l0, l1) for one micro-batch of shape (B,T),
+// with the embedding before layer 0 and the final layernorm after the last
+// ([0, nl) is the whole stage, what a whole-stage FWD runs); sampling calls
+// it with B = 1.
+static int stage_forward(Stage *s, Activations *acts, int B, int T, int l0, int l1) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, N = B * T;
-    float *P = s->d_params;
-    if (s->layout.first) {
+    if (s->layout.first && l0 == 0) {
         size_t n = (size_t)N * C;
         PROF(PC_ENCODER, {
             encoder_forward_kernel<<<grid_for(n, 256), 256, 0, s->stream>>>(
-                acts->x0, acts->inputs, dparam(s, P, P_WTE, 0), dparam(s, P, P_WPE, 0), T, C, n);
+                acts->x0, acts->inputs, param_of(s, P_WTE, 0), param_of(s, P_WPE, 0), T, C, n);
             LAUNCH_CHECK();
         });
     }
-    for (int l = 0; l < s->layout.nl; l++) {
+    for (int l = l0; l < l1; l++) {
         floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
         floatX *ln1 = LAYER_C(acts->ln1, l), *qkv = LAYER_3C(acts->qkv, l), *atty = LAYER_C(acts->atty, l);
         floatX *res2 = LAYER_C(acts->res2, l), *ln2 = LAYER_C(acts->ln2, l), *fch = LAYER_4C(acts->fch, l);
         floatX *fchg = LAYER_4C(acts->fchg, l), *res3 = LAYER_C(acts->res3, l);
         CHECK(layernorm_forward(s, ln1, LAYER_N(acts->ln1_mean, l), LAYER_N(acts->ln1_rstd, l), x,
-                                dparam(s, P, P_LN1W, l), dparam(s, P, P_LN1B, l), N, C));
+                                param_of(s, P_LN1W, l), param_of(s, P_LN1B, l), N, C));
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, qkv, ln1, xparam(s, P_QKVW, l), xparam(s, P_QKVB, l), NULL, N,
                                                   C, 3 * C, NULL))));
         CHECK(attention_forward(s, atty, acts->lse + (size_t)l * s->st_lse, qkv, B, T));
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res2, atty, xparam(s, P_ATTPROJW, l), xparam(s, P_ATTPROJB, l),
                                                   x, N, C, C, NULL))));
         CHECK(layernorm_forward(s, ln2, LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), res2,
-                                dparam(s, P, P_LN2W, l), dparam(s, P, P_LN2B, l), N, C));
+                                param_of(s, P_LN2W, l), param_of(s, P_LN2B, l), N, C));
         int rc = 1;
         if (s->fuse_gelu_fwd) {
             PROF(PC_MM_FWD, rc = matmul_forward(s, fchg, ln2, xparam(s, P_FCW, l), xparam(s, P_FCB, l), NULL, N, C,
@@ -1923,9 +1961,9 @@ static int stage_forward(Stage *s, Activations *acts, int B, int T) {
         PROF(PC_MM_FWD, CHECK(must(matmul_forward(s, res3, fchg, xparam(s, P_FCPROJW, l), xparam(s, P_FCPROJB, l),
                                                   res2, N, 4 * C, C, NULL))));
     }
-    if (s->layout.last)
+    if (s->layout.last && l1 == s->layout.nl)
         CHECK(layernorm_forward(s, acts->lnf, acts->lnf_mean, acts->lnf_rstd, stage_output(s, acts),
-                                dparam(s, P, P_LNFW, 0), dparam(s, P, P_LNFB, 0), N, C));
+                                param_of(s, P_LNFW, 0), param_of(s, P_LNFB, 0), N, C));
     return 0;
 }
 
@@ -1951,20 +1989,20 @@ static int stage_loss(Stage *s, Activations *acts, int mb, float dloss, int trai
     return 0;
 }
 
-// BWD_INPUT: from d(logits) (last stage) or the received d(output) down to
-// d(stage input) in dresid[0], keeping what BWD_WEIGHT needs.
-static int stage_backward_input(Stage *s, Activations *acts) {
+// BWD_INPUT of layers [l0, l1), from the top down: from d(logits) (last
+// stage, with layer nl-1) or the received d(output) to d(input of layer l0)
+// in dresid[l0] (dresid[0]: d(stage input)), keeping what BWD_WEIGHT needs.
+static int stage_backward_input(Stage *s, Activations *acts, int l0, int l1) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, B = s->B, T = s->T, N = B * T, Vp = cfg->padded_vocab_size;
-    float *P = s->d_params;
     floatX *dtop = LAYER_C(acts->dresid, s->layout.nl);
-    if (s->layout.last) {
+    if (s->layout.last && l1 == s->layout.nl) {
         PROF(PC_MM_BWD_IN,
              CHECK(must(matmul_backward_input(s, acts->dlnf, acts->logits, xparam(s, P_WTE, 0), N, C, Vp, NULL))));
-        CHECK(layernorm_backward_input(s, dtop, NULL, acts->dlnf, stage_output(s, acts), dparam(s, P, P_LNFW, 0),
+        CHECK(layernorm_backward_input(s, dtop, NULL, acts->dlnf, stage_output(s, acts), param_of(s, P_LNFW, 0),
                                        acts->lnf_mean, acts->lnf_rstd, N, C));
     }
-    for (int l = s->layout.nl - 1; l >= 0; l--) {
+    for (int l = l1 - 1; l >= l0; l--) {
         floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
         floatX *dout = LAYER_C(acts->dresid, l + 1), *dfch = LAYER_4C(acts->dfch, l), *dln2 = LAYER_C(acts->dln2, l);
         floatX *dres2 = LAYER_C(acts->dres2, l), *dqkv = LAYER_3C(acts->dqkv, l), *dln1 = LAYER_C(acts->dln1, l);
@@ -1981,45 +2019,46 @@ static int stage_backward_input(Stage *s, Activations *acts) {
             CHECK(gelu_backward(s, dfch, fch, s->scratch_4c, (size_t)N * 4 * C));
         }
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln2, dfch, xparam(s, P_FCW, l), N, C, 4 * C, NULL))));
-        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(acts->res2, l), dparam(s, P, P_LN2W, l),
+        CHECK(layernorm_backward_input(s, dres2, dout, dln2, LAYER_C(acts->res2, l), param_of(s, P_LN2W, l),
                                        LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), N, C));
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, s->scratch_c, dres2, xparam(s, P_ATTPROJW, l), N, C,
                                                             C, NULL))));
         CHECK(attention_backward(s, dqkv, s->scratch_c, LAYER_3C(acts->qkv, l), LAYER_C(acts->atty, l),
                                  acts->lse + (size_t)l * s->st_lse, B, T));
         PROF(PC_MM_BWD_IN, CHECK(must(matmul_backward_input(s, dln1, dqkv, xparam(s, P_QKVW, l), N, C, 3 * C, NULL))));
-        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, dparam(s, P, P_LN1W, l), LAYER_N(acts->ln1_mean, l),
+        CHECK(layernorm_backward_input(s, dx, dres2, dln1, x, param_of(s, P_LN1W, l), LAYER_N(acts->ln1_mean, l),
                                        LAYER_N(acts->ln1_rstd, l), N, C));
     }
     return 0;
 }
 
-// BWD_WEIGHT: accumulate this micro-batch's parameter gradients
-static int stage_backward_weight(Stage *s, Activations *acts) {
+// BWD_WEIGHT of layers [l0, l1): accumulate this micro-batch's parameter
+// gradients (the head's with layer nl-1, the embedding's with layer 0). Each
+// layer's gradients are its own, so the order of the layers changes no bit.
+static int stage_backward_weight(Stage *s, Activations *acts, int l0, int l1) {
     const GPTConfig *cfg = &s->layout.cfg;
     int C = cfg->channels, N = s->B * s->T, Vp = cfg->padded_vocab_size;
-    float *G = s->d_grads;
-    if (s->layout.last) {
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_WTE, 0), NULL, acts->logits, acts->lnf, N, C, Vp));
-        CHECK(column_sums(s, dparam(s, G, P_LNFW, 0), dparam(s, G, P_LNFB, 0), acts->dlnf, stage_output(s, acts),
+    if (s->layout.last && l1 == s->layout.nl) {
+        CHECK(matmul_backward_weight(s, grad_of(s, P_WTE, 0), NULL, acts->logits, acts->lnf, N, C, Vp));
+        CHECK(column_sums(s, grad_of(s, P_LNFW, 0), grad_of(s, P_LNFB, 0), acts->dlnf, stage_output(s, acts),
                           acts->lnf_mean, acts->lnf_rstd, N, C));
     }
-    for (int l = 0; l < s->layout.nl; l++) {
+    for (int l = l0; l < l1; l++) {
         floatX *x = l == 0 ? acts->x0 : LAYER_C(acts->res3, l - 1);
-        CHECK(column_sums(s, dparam(s, G, P_LN1W, l), dparam(s, G, P_LN1B, l), LAYER_C(acts->dln1, l), x,
+        CHECK(column_sums(s, grad_of(s, P_LN1W, l), grad_of(s, P_LN1B, l), LAYER_C(acts->dln1, l), x,
                           LAYER_N(acts->ln1_mean, l), LAYER_N(acts->ln1_rstd, l), N, C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_QKVW, l), dparam(s, G, P_QKVB, l), LAYER_3C(acts->dqkv, l),
+        CHECK(matmul_backward_weight(s, grad_of(s, P_QKVW, l), grad_of(s, P_QKVB, l), LAYER_3C(acts->dqkv, l),
                                      LAYER_C(acts->ln1, l), N, C, 3 * C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_ATTPROJW, l), dparam(s, G, P_ATTPROJB, l),
+        CHECK(matmul_backward_weight(s, grad_of(s, P_ATTPROJW, l), grad_of(s, P_ATTPROJB, l),
                                      LAYER_C(acts->dres2, l), LAYER_C(acts->atty, l), N, C, C));
-        CHECK(column_sums(s, dparam(s, G, P_LN2W, l), dparam(s, G, P_LN2B, l), LAYER_C(acts->dln2, l),
+        CHECK(column_sums(s, grad_of(s, P_LN2W, l), grad_of(s, P_LN2B, l), LAYER_C(acts->dln2, l),
                           LAYER_C(acts->res2, l), LAYER_N(acts->ln2_mean, l), LAYER_N(acts->ln2_rstd, l), N, C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCW, l), dparam(s, G, P_FCB, l), LAYER_4C(acts->dfch, l),
+        CHECK(matmul_backward_weight(s, grad_of(s, P_FCW, l), grad_of(s, P_FCB, l), LAYER_4C(acts->dfch, l),
                                      LAYER_C(acts->ln2, l), N, C, 4 * C));
-        CHECK(matmul_backward_weight(s, dparam(s, G, P_FCPROJW, l), dparam(s, G, P_FCPROJB, l),
+        CHECK(matmul_backward_weight(s, grad_of(s, P_FCPROJW, l), grad_of(s, P_FCPROJB, l),
                                      LAYER_C(acts->dresid, l + 1), LAYER_4C(acts->fchg, l), N, 4 * C, C));
     }
-    if (s->layout.first) {
+    if (s->layout.first && l0 == 0) {
         PROF(PC_ENCODER, {
             if (acts->nuniq > 0) {
                 encoder_backward_wte_kernel<<<acts->nuniq, 256, 0, s->stream>>>(
@@ -2027,7 +2066,7 @@ static int stage_backward_weight(Stage *s, Activations *acts) {
                 LAUNCH_CHECK();
             }
             encoder_backward_wpe_kernel<<<grid_for((size_t)s->T * C, 256), 256, 0, s->stream>>>(
-                dparam(s, G, P_WPE, 0), acts->dresid, s->B, s->T, C);
+                grad_of(s, P_WPE, 0), acts->dresid, s->B, s->T, C);
             LAUNCH_CHECK();
         });
     }
@@ -2038,15 +2077,8 @@ static int stage_backward_weight(Stage *s, Activations *acts) {
 // transport: NCCL when set (ranks on separate GPUs), else the sockets of
 // common.h with the device buffers staged through pinned host memory
 
-// The shard of AdamW's state this rank keeps (see shard_elems): chunk d of D
-// under --zero 1, the whole stage under zero 0 (train_gpt.c's twin).
-static void optimizer_shard(const Stage *s, int *part, int *parts) {
-    *part = s->base.zero > 0 ? s->base.links.replica : 0;
-    *parts = s->base.zero > 0 ? s->base.links.replicas : 1;
-}
-
-// Elements of one of the D slots of bucket's packed buffer (--zero 1 over
-// NCCL): chunk 0 of each of its segments, the largest chunk (chunk_range).
+// Elements of one of the D slots of bucket's packed buffer (--zero 1 and 3
+// over NCCL): chunk 0 of each of its segments, the largest chunk (chunk_range).
 static size_t bucket_slot_elems(const Stage *s, int bucket) {
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     int n = bucket_segments(&s->layout, bucket, tensors, layers);
@@ -2058,7 +2090,7 @@ static size_t bucket_slot_elems(const Stage *s, int bucket) {
     return slot;
 }
 
-// --zero 1 over NCCL: the packed buffer for the largest bucket, made once
+// --zero 1 and 3 over NCCL: the packed buffer for the largest bucket, made once
 // both the ring (stage_set_replicas) and the communicator are known.
 static int collective_buffer_make(Stage *s) {
     if (s->base.zero == 0 || !s->replica_nccl || s->d_collective) return 0;
@@ -2075,19 +2107,121 @@ static int collective_buffer_make(Stage *s) {
     return 0;
 }
 
+// Where a bucket's segments are: a whole-stage array in the device layout
+// (d_params, d_grads), one in the host mirrors' (h_params, h_grads), or under
+// --zero 3 the bucket's own buffer (each tensor at in_bucket[t]).
+enum { IN_DEVICE_LAYOUT, IN_HOST_LAYOUT, IN_BUCKET_BUFFER };
+
+// A bucket's (tensor, layer) segments in `at`, laid out as `where` says; sets
+// tensors[i] and layers[i] too. Returns how many.
+static int bucket_in(Stage *s, int where, float *at, int bucket, Segment *segs, int *tensors, int *layers) {
+    int n = bucket_segments(&s->layout, bucket, tensors, layers);
+    for (int i = 0; i < n; i++) {
+        int t = tensors[i], l = layers[i];
+        segs[i].p = where == IN_BUCKET_BUFFER ? at + s->in_bucket[t]
+                  : where == IN_HOST_LAYOUT   ? hparam(s, at, t, l)
+                                              : dparam(s, at, t, l);
+        segs[i].n = seg_elems(s, t);
+    }
+    return n;
+}
+
+// --zero 3: this replica's chunk of each of a bucket's segments (device or
+// host memory: cudaMemcpyDefault tells them apart) into the shard
+// (to_shard), or from it; queued on the stream.
+static int bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors, int n, int bucket, float *shard,
+                              int to_shard) {
+    ChunkCopy copies[NUM_PARAM_TENSORS];
+    bucket_chunk_copies(segs, tensors, n, bucket, s->base.links.replica, s->base.links.replicas, shard, s->shard_at,
+                        s->chunk_n, to_shard, copies);
+    for (int i = 0; i < n; i++)
+        CUDA_CHECK(cudaMemcpyAsync(copies[i].dst, copies[i].src, copies[i].count * sizeof(float), cudaMemcpyDefault,
+                                   s->stream));
+    return 0;
+}
+
+// The same for every bucket of a whole-stage array `at` (laid out as `where` says).
+static int stage_chunks_copy(Stage *s, int where, float *at, float *shard, int to_shard) {
+    for (int b = 0; b <= s->layout.nl; b++) {
+        int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+        Segment segs[NUM_PARAM_TENSORS];
+        int n = bucket_in(s, where, at, b, segs, tensors, layers);
+        CHECK(bucket_chunks_copy(s, segs, tensors, n, b, shard, to_shard));
+    }
+    return 0;
+}
+
+// d_grads made anew as `bytes`, zeroed (its old values are spent).
+static int grads_remake(Stage *s, size_t bytes) {
+    CUDA_CHECK(cudaFree(s->d_grads));
+    s->d_grads = NULL;
+    CUDA_CHECK(cudaMalloc((void **)&s->d_grads, bytes));
+    CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, bytes, s->stream));
+    return 0;
+}
+
+// --zero 3: d_params from the device layout into a shard of `bytes`
+// (to_shard), or from the shard into the zeroed layout, this replica's
+// chunks copied; d_grads as large. The new parameters are made in the
+// gradients' place and then swap with the old, so every allocation stays
+// the stage's (stage_free frees it) whatever call fails.
+static int params_relayout(Stage *s, size_t bytes, int to_shard) {
+    CHECK(grads_remake(s, bytes));
+    CHECK(to_shard ? stage_chunks_copy(s, IN_DEVICE_LAYOUT, s->d_params, s->d_grads, 1)
+                   : stage_chunks_copy(s, IN_DEVICE_LAYOUT, s->d_grads, s->d_params, 0));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    float *params = s->d_grads;
+    s->d_grads = s->d_params;
+    s->d_params = params;
+    return grads_remake(s, bytes);
+}
+
+// --zero 3: the shard's offsets, where each tensor sits in its bucket's
+// buffer, d_params cut down to its shard (the chunks of the parameters the
+// stage holds now), d_grads to a zeroed one, no matmuls' copy of the whole
+// stage, and the whole tensors' two buffers (with the gathered one's copy).
+static int stage_shard(Stage *s) {
+    size_t n = shard_offsets(&s->layout, s->base.links.replica, s->base.links.replicas, s->shard_at, s->chunk_n);
+    size_t layer, bytes = (n ? n : 1) * sizeof(float);
+    bucket_offsets(&s->layout, 128, s->in_bucket, &layer, &s->whole_elems);
+    size_t whole = s->whole_elems ? s->whole_elems : 1;
+    CHECK(params_relayout(s, bytes, 1));
+#ifdef GPT_FP32
+    s->d_params_x = NULL;
+#else
+    CUDA_CHECK(cudaFree(s->d_params_x));
+    s->d_params_x = NULL;
+    CUDA_CHECK(cudaMalloc((void **)&s->whole_x, whole * sizeof(floatX)));
+#endif
+    for (int k = 0; k < 2; k++) {
+        CUDA_CHECK(cudaMalloc((void **)&s->whole[k], whole * sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(s->whole[k], 0, whole * sizeof(float), s->stream));
+        s->held[k] = (float **)calloc_or_fail(s->layout.nl + 1, sizeof(float *), "the held buckets");
+        if (!s->held[k]) return -1;
+    }
+#ifdef GPT_FP32
+    s->whole_x = s->whole[0];
+#endif
+    s->pools[0].elems = s->pools[1].elems = layer;
+    s->sharded = 1;
+    buckets_release(s->held, s->pools, s->layout.nl, s->whole[1]);  // the d(wte) sum may come before any list
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
 // zero 0 keeps every replica's optimizer state whole; --zero 1 swaps m and v
 // for this replica's shard (zeroed: call it before any step or checkpoint
-// read). The grad-norm segments become this replica's chunks for any D > 1.
+// read), and --zero 3 the parameters and gradients too (stage_shard). The
+// grad-norm segments become this replica's chunks for any D > 1.
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
     if (zero != 0 && zero != 1 && zero != 3) return fail("--zero %d: expected 0, 1 or 3", zero);
-    if (zero == 3)
-        return fail("--zero 3 runs on the CPU trainer only (--device cpu); the GPU trainer has --zero 0 and 1");
     if (s->base.zero || s->base.links.replicas > 1) return fail("stage_set_replicas: the replicas are set once");
     if (replicas < 1 || replica < 0 || replica >= replicas)
         return fail("replica %d of %d replicas is out of range", replica, replicas);
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     set_replica_ring(s, prev_fd, next_fd, replica, replicas, zero);
+    if (zero == 3) CHECK(stage_shard(s));
     norm_segments_plan(s);
     CHECK(norm_segments_upload(s));
     if (zero == 0) return 0;
@@ -2107,25 +2241,57 @@ int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int repl
     return collective_buffer_make(s);
 }
 
-int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
-    (void)s; (void)gathered; (void)grads;
-    return fail("--zero 3 runs on the CPU trainer only (--device cpu)");
-}
-
-// The GPU trainer never shards the parameters (it has no --zero 3): every
-// replica holds them whole already.
-int stage_unshard_params(Stage *s) {
-    (void)s;
+// A pool (common.h) of count zeroed buffers of elems floats in device memory.
+static int device_pool_make(Stage *s, BufferPool *pool, int count, size_t elems, const char *what) {
+    CUDA_CHECK(cudaFree(pool->memory));
+    free(pool->free_list);
+    memset(pool, 0, sizeof *pool);
+    size_t bytes = 0;
+    if (pool_bytes(count, elems, what, &bytes)) return -1;
+    float *memory = NULL;
+    CUDA_CHECK(cudaMalloc((void **)&memory, bytes ? bytes : 1));
+    if (pool_init(pool, memory, count, elems, what)) { cudaFree(memory); return -1; }
+    CUDA_CHECK(cudaMemsetAsync(memory, 0, bytes, s->stream));
     return 0;
 }
 
+// --zero 3: the device buffers for gathered layer parameters (each with its
+// matmuls' copy, laid out alike in gathered_x) and for layers' whole
+// gradients, the validator's peaks for this rank's op lists.
+int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
+    if (!s->sharded) return fail("layer buffers are --zero 3's, and this stage is not sharded");
+    if (gathered < 0 || grads < 0 || gathered > s->layout.nl || grads > s->layout.nl)
+        return fail("%d gathered and %d gradient buffers for %d layers", gathered, grads, s->layout.nl);
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    size_t elems = s->pools[0].elems;
+    CHECK(device_pool_make(s, &s->pools[0], gathered, elems, "the gathered layers' buffers"));
+    CHECK(device_pool_make(s, &s->pools[1], grads, elems, "the layers' gradient buffers"));
+#ifdef GPT_FP32
+    s->gathered_x = s->pools[0].memory;
+#else
+    CUDA_CHECK(cudaFree(s->gathered_x));
+    s->gathered_x = NULL;
+    CUDA_CHECK(cudaMalloc((void **)&s->gathered_x, ((size_t)gathered * elems + 1) * sizeof(floatX)));
+#endif
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
+
+// What the stage holds on the device, by kind; under --zero 3 the
+// parameters and gradients are the shard (the optimizer's).
 void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     memset(bytes, 0, NUM_MEMORY * sizeof(uint64_t));
-    bytes[MEMORY_PARAMS] = s->P_dev * sizeof(float);
-    bytes[MEMORY_GRADS] = s->P_dev * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
+    size_t P = s->sharded ? s->opt_elems : s->P_dev;
+    size_t gathered = (size_t)s->pools[0].count * s->pools[0].elems + (s->whole[0] ? s->whole_elems : 0);
+    size_t grad_buffers = (size_t)s->pools[1].count * s->pools[1].elems + (s->whole[1] ? s->whole_elems : 0);
+    bytes[MEMORY_PARAMS] = P * sizeof(float);
+    bytes[MEMORY_GRADS] = P * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
     bytes[MEMORY_OPTIMIZER] = 2 * s->opt_elems * sizeof(float);
-    // --zero 1 over NCCL: the packed bucket (gradients for the reduce-scatter, parameters for the all-gather)
-    bytes[MEMORY_GRAD_BUFFERS] = s->collective_elems * sizeof(float);
+    // --zero 3's gathered parameters, with their matmuls' copies in the bf16 build
+    bytes[MEMORY_GATHERED] = gathered * (sizeof(float) + (sizeof(floatX) < sizeof(float) ? sizeof(floatX) : 0));
+    // --zero 3's gradient buffers, and over NCCL (--zero 1 and 3) the packed bucket
+    bytes[MEMORY_GRAD_BUFFERS] = (grad_buffers + s->collective_elems) * sizeof(float);
     bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.activation_buffers * s->acts_bytes;
 }
 
@@ -2266,60 +2432,56 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
     return collective_buffer_make(s);
 }
 
-// ALLREDUCE of a bucket over NCCL: one ncclAllReduce per (tensor, layer)
-// segment, in one group, on the stage's stream, waited for as the sends are.
-// NCCL picks its own algorithm and order of the sums (not the sockets'
-// canonical one), and its ring moves 2(D-1)/D * n values per segment each
-// way (8(D-1)/D * n bytes in fp32), which is what the byte counters record
-// (they cannot see NCCL's wire).
-static int nccl_allreduce_bucket(Stage *s, int bucket) {
-    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->layout, bucket, tensors, layers), D = s->base.links.replicas;
+// ALLREDUCE of a bucket's device segments over NCCL: one ncclAllReduce per
+// (tensor, layer) segment, in one group, on the stage's stream, waited for as
+// the sends are. NCCL picks its own algorithm and order of the sums (not the
+// sockets' canonical one), and its ring moves 2(D-1)/D * n values per segment
+// each way (8(D-1)/D * n bytes in fp32), which is what the byte counters
+// record (they cannot see NCCL's wire).
+static int nccl_allreduce_bucket(Stage *s, const Segment *segs, int n, int bucket) {
+    int D = s->base.links.replicas;
     NCCL_CHECK(ncclGroupStart());
     ncclResult_t r = ncclSuccess;
-    for (int i = 0; i < n && r == ncclSuccess; i++) {
-        float *g = dparam(s, s->d_grads, tensors[i], layers[i]);
-        r = ncclAllReduce(g, g, seg_elems(s, tensors[i]), ncclFloat, ncclSum, s->replica_nccl, s->stream);
-    }
+    for (int i = 0; i < n && r == ncclSuccess; i++)
+        r = ncclAllReduce(segs[i].p, segs[i].p, segs[i].n, ncclFloat, ncclSum, s->replica_nccl, s->stream);
     ncclResult_t r2 = ncclGroupEnd();
     if (r != ncclSuccess || r2 != ncclSuccess)
         return fail("NCCL error in the all-reduce of bucket %d: %s", bucket, ncclGetErrorString(r != ncclSuccess ? r : r2));
     CHECK(nccl_wait(s, &s->replica_nccl, "a data-parallel all-reduce"));
     for (int i = 0; i < n; i++) {
-        uint64_t bytes = 2 * (uint64_t)(D - 1) * seg_elems(s, tensors[i]) / D * sizeof(float);
+        uint64_t bytes = 2 * (uint64_t)(D - 1) * segs[i].n / D * sizeof(float);
         links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 1, bytes);
         links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 0, bytes);
     }
     return 0;
 }
 
-// The bf16 copy of a bucket's parameters, after an all-gather replaced them.
-static int bucket_params_x_refresh(Stage *s, const int *tensors, const int *layers, int n) {
+// The matmuls' copy of a bucket's parameters after an all-gather replaced
+// them: each segment at its own offset in the copy xbase of the array base
+// it lies in (d_params, or under --zero 3 the gathered buffer), then waits.
+static int params_x_refresh(Stage *s, const Segment *segs, int n, const float *base, floatX *xbase) {
 #ifdef GPT_FP32
-    (void)s; (void)tensors; (void)layers; (void)n;
+    (void)segs; (void)n; (void)base; (void)xbase;
 #else
     for (int i = 0; i < n; i++) {
-        size_t elems = seg_elems(s, tensors[i]);
-        to_floatx_kernel<<<grid_for(elems, 256), 256, 0, s->stream>>>(xparam(s, tensors[i], layers[i]),
-                                                                      dparam(s, s->d_params, tensors[i], layers[i]),
-                                                                      elems);
+        to_floatx_kernel<<<grid_for(segs[i].n, 256), 256, 0, s->stream>>>(xbase + (segs[i].p - base), segs[i].p,
+                                                                          segs[i].n);
         LAUNCH_CHECK();
     }
 #endif
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
 }
 
-// --zero 1 over NCCL: chunk j of each of a bucket's segments of base
-// (d_params or d_grads) into slot j of the packed buffer (to_slot), or back.
-// Packing zeroes the slot's tail past the chunks, so the reduction never
-// reads memory nothing wrote.
-static int bucket_slot_copy(Stage *s, float *base, const int *tensors, const int *layers, int n, int j, size_t slot,
-                            int to_slot) {
+// Over NCCL (--zero 1 and 3): chunk j of each of a bucket's device segments
+// into slot j of the packed buffer (to_slot), or back. Packing zeroes the
+// slot's tail past the chunks, so the reduction never reads memory nothing wrote.
+static int bucket_slot_copy(Stage *s, const Segment *segs, int n, int j, size_t slot, int to_slot) {
     float *buf = s->d_collective + (size_t)j * slot;
     size_t at = 0, lo, hi;
     for (int i = 0; i < n; i++) {
-        chunk_range(seg_elems(s, tensors[i]), j, s->base.links.replicas, &lo, &hi);
-        float *chunk = dparam(s, base, tensors[i], layers[i]) + lo;
+        chunk_range(segs[i].n, j, s->base.links.replicas, &lo, &hi);
+        float *chunk = segs[i].p + lo;
         CUDA_CHECK(cudaMemcpyAsync(to_slot ? buf + at : chunk, to_slot ? chunk : buf + at, (hi - lo) * sizeof(float),
                                    cudaMemcpyDeviceToDevice, s->stream));
         at += hi - lo;
@@ -2328,25 +2490,23 @@ static int bucket_slot_copy(Stage *s, float *base, const int *tensors, const int
     return 0;
 }
 
-// --zero 1's REDUCE_SCATTER (of d_grads) or ALLGATHER (of d_params) of a
-// bucket over NCCL, in place on the packed buffer of D slots: the
+// REDUCE_SCATTER (of gradients) or ALLGATHER (of parameters) of a bucket's
+// device segments over NCCL, in place on the packed buffer of D slots: the
 // reduce-scatter packs every chunk j into slot j and leaves the sum of slot
 // d, which goes back into chunk d; the all-gather packs chunk d into slot d
 // and unpacks every slot. On the stage's stream, waited for as the sends are.
 // Each moves (D-1) slots each way (4(D-1) * slot bytes in fp32, a little
 // over (D-1)/D of the bucket for the padding), which the byte counters
 // record (they cannot see NCCL's wire); NCCL picks its own order of the sums.
-static int nccl_shard_collective(Stage *s, int kind, int bucket) {
-    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->layout, bucket, tensors, layers);
-    int D = s->base.links.replicas, d = s->base.links.replica, gather = kind == OP_ALLGATHER;
+static int nccl_shard_collective(Stage *s, int gather, const Segment *segs, int n, int bucket) {
+    int D = s->base.links.replicas, d = s->base.links.replica;
     size_t slot = bucket_slot_elems(s, bucket);
     if (!s->d_collective || (size_t)D * slot > s->collective_elems)
-        return fail("stage [%d,%d): %s of bucket %d over NCCL but no packed buffer for it (--zero 1 sets it up)",
-                    s->layout.lo, s->layout.hi, OP_NAMES[kind], bucket);
-    float *base = gather ? s->d_params : s->d_grads, *mine = s->d_collective + (size_t)d * slot;
+        return fail("stage [%d,%d): %s of bucket %d over NCCL but no packed buffer for it (--zero 1 and 3 set it up)",
+                    s->layout.lo, s->layout.hi, gather ? "ALLGATHER" : "REDUCE_SCATTER", bucket);
+    float *mine = s->d_collective + (size_t)d * slot;
     for (int j = 0; j < D; j++)
-        if (!gather || j == d) CHECK(bucket_slot_copy(s, base, tensors, layers, n, j, slot, 1));
+        if (!gather || j == d) CHECK(bucket_slot_copy(s, segs, n, j, slot, 1));
     ncclResult_t r = gather ? ncclAllGather(mine, s->d_collective, slot, ncclFloat, s->replica_nccl, s->stream)
                             : ncclReduceScatter(s->d_collective, mine, slot, ncclFloat, ncclSum, s->replica_nccl,
                                                 s->stream);
@@ -2355,8 +2515,7 @@ static int nccl_shard_collective(Stage *s, int kind, int bucket) {
                     ncclGetErrorString(r));
     CHECK(nccl_wait(s, &s->replica_nccl, gather ? "a data-parallel all-gather" : "a data-parallel reduce-scatter"));
     for (int j = 0; j < D; j++)
-        if (gather ? j != d : j == d) CHECK(bucket_slot_copy(s, base, tensors, layers, n, j, slot, 0));
-    if (gather) CHECK(bucket_params_x_refresh(s, tensors, layers, n));
+        if (gather ? j != d : j == d) CHECK(bucket_slot_copy(s, segs, n, j, slot, 0));
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     uint64_t bytes = (uint64_t)(D - 1) * slot * sizeof(float);
     links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 1, bytes);
@@ -2365,13 +2524,13 @@ static int nccl_shard_collective(Stage *s, int kind, int bucket) {
 }
 
 // Chunk `part` of `parts` of each of a bucket's segments between the device
-// array dev (d_params or d_grads) and the host mirror segs, then waits.
-static int bucket_host_copy(Stage *s, float *dev, const Segment *segs, const int *tensors, const int *layers, int n,
-                            int part, int parts, int to_host) {
+// (dev) and the host mirror (host), then waits.
+static int bucket_host_copy(Stage *s, const Segment *dev, const Segment *host, int n, int part, int parts,
+                            int to_host) {
     size_t lo, hi;
     for (int i = 0; i < n; i++) {
-        chunk_range(segs[i].n, part, parts, &lo, &hi);
-        float *d = dparam(s, dev, tensors[i], layers[i]) + lo, *h = segs[i].p + lo;
+        chunk_range(dev[i].n, part, parts, &lo, &hi);
+        float *d = dev[i].p + lo, *h = host[i].p + lo;
         CUDA_CHECK(cudaMemcpyAsync(to_host ? h : d, to_host ? d : h, (hi - lo) * sizeof(float),
                                    to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, s->stream));
     }
@@ -2379,46 +2538,132 @@ static int bucket_host_copy(Stage *s, float *dev, const Segment *segs, const int
     return 0;
 }
 
+// ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
+// parameters, on its device segments dev (in the stage's arrays, or under
+// --zero 3 in the bucket's buffer): NCCL when the replicas have GPUs of
+// their own, else common.h's socket ring with the bucket staged through the
+// host mirrors, copying only what the ring reads or changed. The ring's sums
+// are canonical, so over sockets --zero 1 and 3 are bitwise zero 0.
+static int bucket_collective(Stage *s, int kind, const Segment *dev, int n, int bucket) {
+    int gather = kind == OP_ALLGATHER, D = s->base.links.replicas, d = s->base.links.replica;
+    if (s->replica_nccl)
+        return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, dev, n, bucket)
+                                    : nccl_shard_collective(s, gather, dev, n, bucket);
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    Segment host[NUM_PARAM_TENSORS];
+    bucket_in(s, IN_HOST_LAYOUT, gather ? s->h_params : s->h_grads, bucket, host, tensors, layers);
+    // down: the whole gradients, or the parameters' chunk d that the all-gather starts from
+    CHECK(bucket_host_copy(s, dev, host, n, gather ? d : 0, gather ? D : 1, 1));
+    if (!gather) CHECK(ring_collective(&s->base.links, host, n, bucket, 0));
+    if (kind != OP_REDUCE_SCATTER) CHECK(ring_collective(&s->base.links, host, n, bucket, 1));
+    // up: after a reduce-scatter only chunk d is summed; the rest are partial sums
+    int scattered = kind == OP_REDUCE_SCATTER;
+    return bucket_host_copy(s, dev, host, n, scattered ? d : 0, scattered ? D : 1, 0);
+}
+
 // ----------------------------------------------------------------------------
 // executor: one rank's op list for one step, with no Python in the loop. The
 // loop is common.h's run_op_list; these are its hooks (the message ones are
 // with the transport above).
+//
+// --zero 3 (FSDP), as train_gpt.c runs it: the stage keeps chunk d of every
+// segment of its parameters, gradients and AdamW state. In a step, a layer's
+// whole parameters exist only from its ALLGATHER to its FREE, in a device
+// buffer of the gathered pool (with the matmuls' copy, refreshed after the
+// gather), and its whole gradient from its first BWD_WEIGHT to its
+// REDUCE_SCATTER, in a buffer of the gradient pool; both pools have what the
+// validator counted as this rank's peak. The micro-batches' gradients sum in
+// the buffer, then over the ring: zero 0's order, so over the sockets zero 3
+// is bitwise zero 0. The whole-tensor bucket (wte, wpe, lnf) has its own two
+// buffers, gathered at the start of the step and held to its end. Unlike the
+// CPU trainer, which runs them on a comm thread, the GPU runs the
+// collectives on the compute thread in op-list order: a layer's gather waits
+// for the compute before it instead of overlapping it.
+
+// ALLGATHER, FREE and REDUCE_SCATTER of a bucket under --zero 3.
+static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
+    int nl = s->layout.nl, gather = kind == OP_ALLGATHER, tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+    if (kind != OP_ALLGATHER && kind != OP_FREE && (kind != OP_REDUCE_SCATTER || !training))
+        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->layout.lo, s->layout.hi, OP_NAMES[kind],
+                    bucket, training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
+    if (kind == OP_FREE) {
+        if (!s->held[0][bucket])
+            return fail("stage [%d,%d): FREE of bucket %d, which is not held", s->layout.lo, s->layout.hi, bucket);
+        if (bucket < nl) pool_give(&s->pools[0], s->held[0][bucket]);
+        s->held[0][bucket] = NULL;
+        return 0;
+    }
+    if (gather && s->held[0][bucket])
+        return fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->layout.lo, s->layout.hi, bucket);
+    if (!gather && !s->held[1][bucket])
+        return fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->layout.lo,
+                    s->layout.hi, bucket);
+    float *buf = !gather ? s->held[1][bucket] : bucket < nl ? pool_take(&s->pools[0]) : s->whole[0];
+    if (!buf)
+        return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
+                    "holds more than the validator's peak)", s->layout.lo, s->layout.hi, bucket, s->pools[0].count);
+    Segment segs[NUM_PARAM_TENSORS];
+    int n = bucket_in(s, IN_BUCKET_BUFFER, buf, bucket, segs, tensors, layers);
+    if (gather) {  // this replica's chunks, then the others' from the ring
+        s->held[0][bucket] = buf;
+        CHECK(bucket_chunks_copy(s, segs, tensors, n, bucket, s->d_params, 0));
+        CHECK(bucket_collective(s, kind, segs, n, bucket));
+        return params_x_refresh(s, segs, n, buf, params_x_of(s, buf));
+    }
+    // the replicas sum the whole d(wte), so each first completes its own
+    if (bucket == nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
+    CHECK(bucket_collective(s, kind, segs, n, bucket));
+    CHECK(bucket_chunks_copy(s, segs, tensors, n, bucket, s->d_grads, 1));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
+        pool_give(&s->pools[1], buf);
+        s->held[1][bucket] = NULL;
+    }
+    return 0;
+}
+
+// --zero 3 after the last step: the whole stage's parameters, gathered once
+// into the device layout (with the matmuls' copy, and zeroed gradients), so
+// sampling and forward-only lists work as under --zero 1.
+int stage_unshard_params(Stage *s) {
+    if (!s->sharded) return 0;
+    CHECK(check_broken(s));
+    CUDA_CHECK(cudaSetDevice(s->device));
+    CHECK(params_relayout(s, s->P_dev * sizeof(float), 0));
+#ifdef GPT_FP32
+    s->d_params_x = s->d_params;
+#else
+    CUDA_CHECK(cudaMalloc((void **)&s->d_params_x, s->P_dev * sizeof(bf16)));
+#endif
+    s->sharded = 0;
+    for (int b = 0; b <= s->layout.nl; b++) {
+        int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
+        Segment segs[NUM_PARAM_TENSORS];
+        int n = bucket_in(s, IN_DEVICE_LAYOUT, s->d_params, b, segs, tensors, layers);
+        CHECK(bucket_collective(s, OP_ALLGATHER, segs, n, b));
+    }
+    CHECK(refresh_params_x(s));
+    norm_segments_plan(s);
+    CHECK(norm_segments_upload(s));
+    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return 0;
+}
 
 // ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
-// parameters (--zero 1, after AdamW updated chunk d): NCCL when the replicas
-// have GPUs of their own, else common.h's socket ring with the bucket staged
-// through the host mirrors, copying only what the ring reads or changed. The
-// ring's sums are canonical, so over sockets --zero 1 is bitwise zero 0.
+// parameters (--zero 1, after AdamW updated chunk d), in the stage's own
+// arrays; --zero 3's above.
 static int hook_collective(void *stage, int kind, int bucket, int training) {
     Stage *s = (Stage *)stage;
-    if (kind == OP_FREE)
-        return fail("FREE of bucket %d: only --zero 3 gathers buckets to free (the CPU trainer's)", bucket);
-    int gather = kind == OP_ALLGATHER, D = s->base.links.replicas, d = s->base.links.replica;
+    if (s->sharded) return fsdp_collective(s, kind, bucket, training);
+    if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free", bucket);
+    int gather = kind == OP_ALLGATHER, tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     if (!gather && !training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
     // the replicas sum the whole d(wte), so each first completes its own
     if (!gather && bucket == s->layout.nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
-    if (s->replica_nccl)
-        return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, bucket) : nccl_shard_collective(s, kind, bucket);
-    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
-    int n = bucket_segments(&s->layout, bucket, tensors, layers);
-    float *dev = gather ? s->d_params : s->d_grads;
-    for (int i = 0; i < n; i++) {
-        segs[i].p = hparam(s, gather ? s->h_params : s->h_grads, tensors[i], layers[i]);
-        segs[i].n = seg_elems(s, tensors[i]);
-    }
-    // down: the whole gradients, or the parameters' chunk d that the all-gather starts from
-    CHECK(bucket_host_copy(s, dev, segs, tensors, layers, n, gather ? d : 0, gather ? D : 1, 1));
-    if (!gather) CHECK(ring_collective(&s->base.links, segs, n, bucket, 0));
-    if (kind != OP_REDUCE_SCATTER) CHECK(ring_collective(&s->base.links, segs, n, bucket, 1));
-    // up: after a reduce-scatter only chunk d is summed; the rest are partial sums
-    int scattered = kind == OP_REDUCE_SCATTER;
-    CHECK(bucket_host_copy(s, dev, segs, tensors, layers, n, scattered ? d : 0, scattered ? D : 1, 0));
-    if (gather) {
-        CHECK(bucket_params_x_refresh(s, tensors, layers, n));
-        CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    }
-    return 0;
+    int n = bucket_in(s, IN_DEVICE_LAYOUT, gather ? s->d_params : s->d_grads, bucket, segs, tensors, layers);
+    CHECK(bucket_collective(s, kind, segs, n, bucket));
+    return gather ? params_x_refresh(s, segs, n, s->d_params, s->d_params_x) : 0;
 }
 
 static int hook_begin(void *stage, int m, int training) {
@@ -2431,42 +2676,74 @@ static int hook_begin(void *stage, int m, int training) {
         s->d_mb_cap = m;
     }
     if (m) CUDA_CHECK(cudaMemsetAsync(s->d_mb_losses, 0, m * sizeof(float), s->stream));
+    if (s->sharded) buckets_release(s->held, s->pools, s->layout.nl, s->whole[1]);
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
         s->wte_summed = 0;
-        CUDA_CHECK(cudaMemsetAsync(s->d_grads, 0, s->P_dev * sizeof(float), s->stream));
+        // under --zero 3 a layer's gradient buffer is zeroed when a list takes it
+        float *grads = s->sharded ? s->whole[1] : s->d_grads;
+        CUDA_CHECK(cudaMemsetAsync(grads, 0, (s->sharded ? s->whole_elems : s->P_dev) * sizeof(float), s->stream));
         if (s->layout.first)
             CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->layout.sizes[P_WTE] * sizeof(float), s->stream));
     }
     return 0;
 }
 
-// The GPU runs whole stages: per-layer ops are --zero 3's, which it refuses.
-static int whole_stage(int part) {
-    return part == -1 ? 0 : fail("per-layer compute ops (part %d) run on the CPU trainer only (--zero 3)", part);
+// FWD and BWD_INPUT need the parameters of their layers, and of the whole
+// tensors when they run the embedding or the head: under --zero 3, gathered
+// by an ALLGATHER earlier in the list (which has run: the collectives run in
+// list order here).
+static int check_gathered(Stage *s, int kind, int l0, int l1) {
+    if (!s->sharded) return 0;
+    int nl = s->layout.nl, whole = (s->layout.first && l0 == 0) || (s->layout.last && l1 == nl);
+    for (int b = l0; b <= nl; b++) {
+        if (b == l1) b = nl;
+        if (b == nl && !whole) break;
+        if (!s->held[0][b])
+            return fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
+                        s->layout.lo, s->layout.hi, OP_NAMES[kind], l0, b);
+    }
+    return 0;
 }
 
 static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
                         float dloss, int training) {
     Stage *s = (Stage *)stage;
     Activations *acts = &s->acts[acts_index];
-    CHECK(whole_stage(part));
+    int l0, l1, nl = s->layout.nl;
+    op_layers(&s->layout, part, &l0, &l1);
+    CHECK(check_gathered(s, OP_FWD, l0, l1));
+    // the inputs with layer 0 (the embedding), the targets with the last (the loss)
+    inputs = l0 == 0 ? inputs : NULL;
+    targets = l1 == nl ? targets : NULL;
     if (inputs || targets) PROF(PC_COPY, CHECK(upload_tokens(s, acts, inputs, targets, mb)));
-    CHECK(stage_forward(s, acts, s->B, s->T));
-    if (s->layout.last) CHECK(stage_loss(s, acts, mb, dloss, training));
+    CHECK(stage_forward(s, acts, s->B, s->T, l0, l1));
+    if (s->layout.last && l1 == nl) CHECK(stage_loss(s, acts, mb, dloss, training));
     return 0;
 }
 
 static int hook_backward_input(void *stage, int acts_index, int part, float dloss) {
     (void)dloss;  // stage_loss fused it into d(logits)
     Stage *s = (Stage *)stage;
-    CHECK(whole_stage(part));
-    return stage_backward_input(s, &s->acts[acts_index]);
+    int l0, l1;
+    op_layers(&s->layout, part, &l0, &l1);
+    CHECK(check_gathered(s, OP_BWD_INPUT, l0, l1));
+    return stage_backward_input(s, &s->acts[acts_index], l0, l1);
 }
 
 static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
-    CHECK(whole_stage(part));
-    return stage_backward_weight(s, &s->acts[acts_index]);
+    int l0, l1;
+    op_layers(&s->layout, part, &l0, &l1);
+    // under --zero 3 a layer's first backward of the step takes a gradient
+    // buffer, one the validator counted free, zeroed: the micro-batches sum into it
+    for (int l = l0; s->sharded && l < l1; l++) {
+        if (s->held[1][l]) continue;
+        if (!(s->held[1][l] = pool_take(&s->pools[1])))
+            return fail("stage [%d,%d): layer %d needs a gradient buffer but all %d are held (the op list holds "
+                        "more than the validator's peak)", s->layout.lo, s->layout.hi, l, s->pools[1].count);
+        CUDA_CHECK(cudaMemsetAsync(s->held[1][l], 0, s->pools[1].elems * sizeof(float), s->stream));
+    }
+    return stage_backward_weight(s, &s->acts[acts_index], l0, l1);
 }
 
 // compute ops: wait for the work, so op times are the GPU's and faults surface here
@@ -2519,7 +2796,7 @@ int stage_sum_wte_grads(Stage *s) {
     CUDA_CHECK(cudaSetDevice(s->device));
     if ((!s->layout.first && !s->layout.last) || s->wte_summed) return 0;
     size_t n = s->layout.sizes[P_WTE];
-    float *head = dparam(s, s->d_grads, P_WTE, 0);
+    float *head = grad_of(s, P_WTE, 0);
     if (!(s->layout.first && s->layout.last)) {
         // the first stage has the embedding's part, the last the head's: swap
         // them (the last stage receives into its d_dwte_embed scratch)
@@ -2583,8 +2860,10 @@ void stage_grad_norm_parts(Stage *s, double *parts) {
     if (grad_norm_parts(s, parts)) mark_broken(s);
 }
 
-// --zero 1: AdamW on chunk d of each segment, its m and v packed in the shard
-// (ALLGATHER spreads the other chunks after the step). A chunk starts
+// --zero 1 and 3: AdamW on chunk d of each segment, its m and v packed in the
+// shard (zero 1's ALLGATHER spreads the other chunks after the step; zero 3
+// keeps the parameters and gradients packed there too, and its gathers make
+// the matmuls' copies). A chunk starts
 // anywhere in its segment, so the CUDA C kernel runs (the PTX twin wants
 // whole padded segments); the two are bitwise the same.
 static int adamw_shard(Stage *s, float lr, float weight_decay, float grad_scale, float b1, float b2, float bc1,
@@ -2597,11 +2876,11 @@ static int adamw_shard(Stage *s, float lr, float weight_decay, float grad_scale,
         size_t lo, hi;
         chunk_range(seg_elems(s, t), part, parts, &lo, &hi);
         for (int l = 0; l < seg_count(s, t) && hi > lo; l++, at_shard += hi - lo) {
-            size_t o = s->dev_start[t] + l * s->dev_stride[t] + lo;
+            size_t o = s->sharded ? at_shard : s->dev_start[t] + l * s->dev_stride[t] + lo;
 #ifdef GPT_FP32
             floatX *px = NULL;
 #else
-            floatX *px = s->d_params_x + o;
+            floatX *px = s->sharded ? NULL : s->d_params_x + o;
 #endif
             PROF(PC_ADAMW, {
                 adamw_kernel<<<grid_for(hi - lo, 256), 256, 0, s->stream>>>(s->d_params + o, px, s->d_grads + o,
@@ -2664,11 +2943,14 @@ int gpt_device_count(void) {
     return n;
 }
 
+// (under --zero 3 the stage has no whole tensors to show: d(wte)'s embedding part only)
 static int sync_to_host(Stage *s) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    CHECK(download_params(s, s->h_params, s->d_params));
-    CHECK(download_params(s, s->h_grads, s->d_grads));
+    if (!s->sharded) {
+        CHECK(download_params(s, s->h_params, s->d_params));
+        CHECK(download_params(s, s->h_grads, s->d_grads));
+    }
     if (s->layout.first) {
         CUDA_CHECK(cudaMemcpyAsync(s->h_dwte_embed, s->d_dwte_embed, s->layout.sizes[P_WTE] * sizeof(float),
                                    cudaMemcpyDeviceToHost, s->stream));
@@ -2678,11 +2960,17 @@ static int sync_to_host(Stage *s) {
 }
 void stage_sync_to_host(Stage *s) { if (sync_to_host(s)) mark_broken(s); }
 
+// (under --zero 3 this replica's chunks of the host mirror's parameters
+// into the shard: stage_init and stage_load draw or read the whole stage)
 static int sync_to_device(Stage *s) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    CHECK(upload_params(s, s->d_params, s->h_params));
-    CHECK(refresh_params_x(s));
+    if (s->sharded) {
+        CHECK(stage_chunks_copy(s, IN_HOST_LAYOUT, s->h_params, s->d_params, 1));
+    } else {
+        CHECK(upload_params(s, s->d_params, s->h_params));
+        CHECK(refresh_params_x(s));
+    }
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
 }
@@ -2795,58 +3083,63 @@ int stage_load(Stage *s, const char *path) {
     return sync_to_device(s);
 }
 
-// The host mirrors of m and v hold the optimizer shard (shard_elems), which
-// is the stage layout under zero 0 (part 0 of 1).
+// The host mirrors of m and v (and under --zero 3 of the parameters' shard)
+// hold the optimizer shard (shard_elems), which is the stage layout under
+// zero 0 (part 0 of 1).
 static int ensure_moment_mirrors(Stage *s) {
     int part, parts;
     optimizer_shard(s, &part, &parts);
     size_t n = shard_elems(&s->layout, part, parts);
     if (!s->h_m) s->h_m = (float *)calloc(n > 0 ? n : 1, sizeof(float));
     if (!s->h_v) s->h_v = (float *)calloc(n > 0 ? n : 1, sizeof(float));
-    return s->h_m && s->h_v ? 0 : fail("out of host memory for the AdamW state");
+    if (s->sharded && !s->h_shard) s->h_shard = (float *)calloc(n > 0 ? n : 1, sizeof(float));
+    return s->h_m && s->h_v && (!s->sharded || s->h_shard) ? 0 : fail("out of host memory for the AdamW state");
 }
 
-// m and v between the device and their host mirrors: zero 0's are in the
-// padded device layout, --zero 1's shard is packed alike on both sides.
+// m and v (and under --zero 3 the parameters' shard) between the device and
+// their host mirrors: zero 0's are in the padded device layout, the shards of
+// --zero 1 and 3 are packed alike on both sides.
 static int moments_copy(Stage *s, int to_host) {
     if (s->base.zero == 0)
         return to_host ? download_params(s, s->h_m, s->d_m) || download_params(s, s->h_v, s->d_v)
                        : upload_params(s, s->d_m, s->h_m) || upload_params(s, s->d_v, s->h_v);
     cudaMemcpyKind dir = to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
     size_t bytes = s->opt_elems * sizeof(float);
-    float *host[2] = {s->h_m, s->h_v}, *dev[2] = {s->d_m, s->d_v};
-    for (int i = 0; i < 2; i++)
+    float *host[3] = {s->h_m, s->h_v, s->h_shard}, *dev[3] = {s->d_m, s->d_v, s->d_params};
+    for (int i = 0; i < 2 + s->sharded; i++)
         CUDA_CHECK(cudaMemcpyAsync(to_host ? host[i] : dev[i], to_host ? dev[i] : host[i], bytes, dir, s->stream));
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
 }
 
-// zero 0: replica 0 writes what every replica holds alike; --zero 1: replica
-// d writes chunk d of every segment, parameters and moments, so the D
-// replicas write one whole llm.c model file and state file between them.
+// zero 0: replica 0 writes what every replica holds alike; --zero 1 and 3:
+// replica d writes chunk d of every segment, parameters and moments, so the
+// D replicas write one whole llm.c model file and state file between them.
 int stage_write_checkpoint(Stage *s, const char *dir, const TrainState *ts) {
     CHECK(check_broken(s));
     if (s->base.zero == 0 && s->base.links.replica > 0) return 0;
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
-    CHECK(download_params(s, s->h_params, s->d_params));
+    if (!s->sharded) CHECK(download_params(s, s->h_params, s->d_params));
     CHECK(moments_copy(s, 1));
     int part, parts;
     optimizer_shard(s, &part, &parts);
-    return checkpoint_files_write(&s->layout, dir, ts, s->h_params, 0, s->h_m, s->h_v, part, parts);
+    return checkpoint_files_write(&s->layout, dir, ts, s->sharded ? s->h_shard : s->h_params, s->sharded, s->h_m,
+                                  s->h_v, part, parts);
 }
 
-// Every replica reads the whole parameters and its shard of m and v
-// (whatever split wrote them).
+// Every replica reads the whole parameters (under --zero 3 its chunks of
+// them) and its shard of m and v (whatever split wrote them).
 int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *ts) {
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
     CHECK(ensure_moment_mirrors(s));
     int part, parts;
     optimizer_shard(s, &part, &parts);
-    CHECK(checkpoint_files_read(&s->layout, dir, step, ts, s->h_params, 0, s->h_m, s->h_v, part, parts));
+    CHECK(checkpoint_files_read(&s->layout, dir, step, ts, s->sharded ? s->h_shard : s->h_params, s->sharded,
+                                s->h_m, s->h_v, part, parts));
     CHECK(moments_copy(s, 0));
-    return sync_to_device(s);
+    return s->sharded ? 0 : sync_to_device(s);
 }
 
 // ----------------------------------------------------------------------------
@@ -2857,6 +3150,7 @@ int stage_read_checkpoint(Stage *s, const char *dir, int64_t step, TrainState *t
 int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, int top_k, uint64_t seed, int *out) {
     if ((top_k = sample_check(&s->layout, prompt, np, top_k)) < 0) return -1;
     CHECK(check_broken(s));
+    if (s->sharded) return fail("sampling needs the whole parameters: stage_unshard_params first (--zero 3)");
     CUDA_CHECK(cudaSetDevice(s->device));
     int V = s->layout.cfg.vocab_size, C = s->layout.cfg.channels, T = s->T;
     Candidate *cand = (Candidate *)malloc(sizeof(Candidate) * top_k);
@@ -2874,7 +3168,7 @@ int stage_sample(Stage *s, const int *prompt, int np, int n, float temperature, 
             fail("CUDA error: %s", cudaGetErrorString(cudaGetLastError()));
             goto done;
         }
-        if (stage_forward(s, acts, 1, T)) goto done;
+        if (stage_forward(s, acts, 1, T, 0, s->layout.nl)) goto done;
         lm_head_row_kernel<<<(V + 7) / 8, 256, 0, s->stream>>>(s->d_sample_logits, acts->lnf + (size_t)(used - 1) * C,
                                                                xparam(s, P_WTE, 0), V, C);
         if (cudaGetLastError() != cudaSuccess ||

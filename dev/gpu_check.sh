@@ -66,17 +66,20 @@ rm -f train_gpt_cu build/train_gpt_cu*.o build/gpt_cuda*.c
 # -k: a broken target elsewhere must not stop the CUDA ones
 part "build" 150 130 make -k -j"$JOBS" all
 
-# The GPU tests in six processes, so that a kernel fault (a sticky CUDA error
+# The GPU tests in seven processes, so that a kernel fault (a sticky CUDA error
 # spoils every later call in its process) cannot hide the other groups'
 # results. The benchmark keeps 95 s of the budget whatever happens here.
 PYTEST="$PYTHON -m pytest tests/test_cuda.py -v -rA -p no:cacheprovider"
-part "tests: no device, fp32 build vs CPU" 60 95 $PYTEST -k "no_device or (fp32 and not pipeline and not zero1)"
+part "tests: no device, fp32 build vs CPU" 60 95 \
+    $PYTEST -k "no_device or (fp32 and not pipeline and not zero1 and not zero3)"
 part "tests: bf16 build vs CPU, attention kernels" 60 95 $PYTEST -k "bf16_one_step or tensor_core or odd_shape"
-part "tests: pipelines over sockets, NCCL" 75 95 $PYTEST -k "(pipeline or nccl) and not zero1"
+part "tests: pipelines over sockets, NCCL" 75 95 $PYTEST -k "(pipeline or nccl) and not zero1 and not zero3"
 # --zero 1 over the socket ring (two replicas on the one GPU) against zero 0, bitwise
 part "tests: --zero 1 replicas vs zero 0" 75 95 $PYTEST -k "zero1"
+# --zero 3 (FSDP) alike, its one-rank NCCL path against a plain run, and train.py's zero 3 run
+part "tests: --zero 3 replicas vs zero 0" 75 95 $PYTEST -k "zero3 and not zero1"
 part "tests: determinism, bad input, binary" 75 95 $PYTEST -k "identical or d12_shape or out_of_memory or bad_tokens or standalone"
-part "tests: train.py on the GPU" 90 95 $PYTEST -k "train_py and not zero1"
+part "tests: train.py on the GPU" 90 95 $PYTEST -k "train_py and not zero1 and not zero3"
 # the CPU side of the 20-step d12 comparison falls back to d6 when it would not fit
 export GPU_CHECK_TRACK_BUDGET_S=$((BUDGET - (SECONDS - START) - 95 - 30))
 part "tests: bf16 d12 tracks the CPU over 20 steps" 120 95 $PYTEST -k "tracks" --durations=3

@@ -19,8 +19,8 @@ Tolerances:
 - bf16 d12 (GPT-2 124M) over 20 steps at B=4 T=64 vs the fp32 CPU trainer:
   every step's loss within 0.1 absolute, the last within 3% relative.
 - S-stage pipelines (socket transport, one GPU) vs 1 stage, determinism: bitwise.
-- --zero 1 vs zero 0, D = 2 replicas over the socket ring on one GPU: bitwise
-  (losses, norms, parameters, checkpoint files).
+- --zero 1 and --zero 3 vs zero 0, D = 2 replicas over the socket ring on one
+  GPU: bitwise (losses, norms, parameters, checkpoint files).
 """
 
 import ctypes
@@ -513,27 +513,124 @@ def test_zero1_replicas_over_sockets_are_bitwise_zero0(build, tmp_path):
     P = sum(v.size for v in base[0].params().values())
     shard = got[0].memory_bytes()["optimizer"]
     assert shard < base[0].memory_bytes()["optimizer"] and shard >= 8 * P // D, shard
-    files = {}
-    for zero, (models, _) in runs.items():
-        ckpt = str(tmp_path / f"zero{zero}")
-        os.makedirs(ckpt)
-        for model in models:
-            model.write_checkpoint(ckpt, steps, 0, 0)
-        mod.commit_checkpoint(ckpt, steps)
-        files[zero] = [Path(ckpt, f"{kind}_{steps:08d}.bin").read_bytes() for kind in ("model", "state")]
+    files = {zero: checkpoint_files(mod, models, str(tmp_path / f"zero{zero}"), steps)
+             for zero, (models, _) in runs.items()}
     assert files[1][0] == files[0][0], "the model files differ"
     assert files[1][1] == files[0][1], "the optimizer state files differ"
     # each replica reads back the whole parameters and its own shard of m and v
-    from tests.test_data_parallel import ring_of
-    from tests.test_model import CFG as DCFG, B as DB, T as DT
-    fresh = [mod.Model(DCFG, 0, DCFG["num_layers"], DB, DT, 1) for _ in range(D)]
-    keep = ring_of(fresh, 1)
-    for model in fresh:
-        assert model.read_checkpoint(str(tmp_path / "zero1"), steps)[0] == steps
+    fresh, keep = read_replicas(mod, str(tmp_path / "zero1"), steps, D, 1)
     for d in range(D):
         for name, v in base[0].params().items():
             assert np.array_equal(fresh[d].params()[name], v), f"replica {d}: {name} after the read"
     del keep
+
+
+def checkpoint_files(mod, models, ckpt: str, steps: int) -> list[bytes]:
+    """Every replica's stage_write_checkpoint into ckpt, committed: the model and state files' bytes."""
+    os.makedirs(ckpt)
+    for model in models:
+        model.write_checkpoint(ckpt, steps, 0, 0)
+    mod.commit_checkpoint(ckpt, steps)
+    return [Path(ckpt, f"{kind}_{steps:08d}.bin").read_bytes() for kind in ("model", "state")]
+
+
+def read_replicas(mod, ckpt: str, steps: int, D: int, zero: int):
+    """D fresh whole-model replicas of mod on a ring (that zero stage) that
+    read the checkpoint of step `steps` (under --zero 3 their chunks, then
+    gathered whole); returns them and the sockets to keep."""
+    from tests.test_data_parallel import ring_of
+    from tests.test_model import CFG as DCFG, B as DB, T as DT
+    fresh = [mod.Model(DCFG, 0, DCFG["num_layers"], DB, DT, 1) for _ in range(D)]
+    keep = ring_of(fresh, zero)
+    for model in fresh:
+        assert model.read_checkpoint(ckpt, steps)[0] == steps
+    if zero == 3:
+        unshard_all(fresh)
+    return fresh, keep
+
+
+def fsdp_replicas(mod, params, data, steps: int, m: int, lr: float, D: int):
+    """train_replicas (tests/test_data_parallel.py) under --zero 3: D
+    whole-model replicas of mod on a socket ring, each running its FSDP op
+    list (pipeline.grid_schedule) with the validator's buffers. Returns the
+    models (sharded), (loss, norm) per step and the sockets to keep."""
+    import pipeline
+    from tests.test_data_parallel import ring_of
+    from tests.test_model import CFG as DCFG, B as DB, T as DT
+    from tests.test_pipeline import run_threads
+    L = DCFG["num_layers"]
+    models = [mod.Model(DCFG, 0, L, DB, DT, 1) for _ in range(D)]
+    for model in models:
+        model.set_params(params)
+    keep = ring_of(models, 3)
+    ranks = pipeline.grid_schedule("1f1b", 1, D, m, [L + 1], 3)[0]
+    peaks = pipeline.validate_grid(ranks, 1, m, buckets=[L + 1], zero=3)
+    for d, model in enumerate(models):
+        model.set_layer_buffers(peaks.peak_gathered[d], peaks.peak_grads[d])
+    ops = [np.array([(op.kind, op.mb, op.part) for op in r]) for r in ranks]
+    history, losses = [], [0.0] * D
+    for step in range(steps):
+        batch = data[step * m * D:(step + 1) * m * D]
+
+        def replica(d):
+            x = np.stack([xy[0] for xy in batch[d * m:(d + 1) * m]])
+            y = np.stack([xy[1] for xy in batch[d * m:(d + 1) * m]])
+            losses[d] = models[d].run(ops[d], x, y)
+            models[d].sum_wte_grads()
+        assert run_threads([lambda d=d: replica(d) for d in range(D)]) == [None] * D
+        parts = sum(model.grad_norm_parts() for model in models)  # in replica order, as the launcher adds them
+        norm = mod.norm_from_parts(parts, L)
+        for model in models:
+            model.adamw(lr, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
+        history.append((sum(losses) / (m * D), norm))
+    return models, history, keep
+
+
+def unshard_all(models) -> None:
+    """stage_unshard_params on every replica at once (they gather together)."""
+    from tests.test_pipeline import run_threads
+    assert run_threads([model.unshard_params for model in models]) == [None] * len(models)
+
+
+@needs_gpu
+@pytest.mark.parametrize("build", ["fp32", "bf16"])
+def test_zero3_replicas_over_sockets_are_bitwise_zero0(build, tmp_path):
+    """--zero 3 on the GPU (each layer gathered into a device buffer for its
+    forward and its backward, its gradient summed over the micro-batches in a
+    buffer and reduce-scattered into the shard, AdamW on the shard) against
+    zero 0 for the same D = 2 and two micro-batches: the ring's sums are
+    canonical and the grad-norm parts are per replica chunk in both, so
+    losses, norms, the checkpoint files (each replica writing its chunks)
+    and the parameters once unsharded are bitwise the same; a sharded read
+    of those files resumes the shards."""
+    from tests.test_data_parallel import train_replicas
+    mod = gpt_cuda_fp32 if build == "fp32" else gpt_cuda
+    params = rough_params(7)
+    steps, m, D = 3, 2, 2
+    data = batches(8, steps * m * D)
+    base, hist0 = train_replicas(params, data, steps, m, 1e-2, D, 0, trainer=mod)
+    got, hist3, keep = fsdp_replicas(mod, params, data, steps, m, 1e-2, D)
+    print(f"{build} zero 0: {hist0}\n{build} zero 3: {hist3}")
+    assert hist3 == hist0, "losses or grad norms differ"
+    assert got[0].params() == {}, "a sharded stage has no whole tensors to show"
+    P = sum(v.size for v in base[0].params().values())
+    mem = got[0].memory_bytes()
+    assert mem["params"] < base[0].memory_bytes()["params"] and mem["params"] >= 4 * P // D, mem
+    assert mem["gathered"] > 0 and mem["grad_buffers"] > 0, mem
+    files = {zero: checkpoint_files(mod, models, str(tmp_path / f"zero{zero}"), steps)
+             for zero, models in ((0, base), (3, got))}
+    assert files[3][0] == files[0][0], "the model files differ"
+    assert files[3][1] == files[0][1], "the optimizer state files differ"
+    unshard_all(got)
+    for name, v in base[0].params().items():
+        for d in range(D):
+            assert np.array_equal(got[d].params()[name], v), f"replica {d}: {name} differs"
+    # sharded replicas read back their chunks of the parameters and of m and v
+    fresh, keep_fresh = read_replicas(mod, str(tmp_path / "zero3"), steps, D, 3)
+    for d in range(D):
+        for name, v in base[0].params().items():
+            assert np.array_equal(fresh[d].params()[name], v), f"replica {d}: {name} after the read"
+    del keep, keep_fresh
 
 
 @needs_gpu
@@ -603,6 +700,48 @@ def test_zero1_over_one_rank_nccl_matches_plain_run():
         pp, ps = plain.params(), sharded.params()
         for name in pp:
             assert np.array_equal(ps[name], pp[name]), f"step {step + 1}: {name}"
+
+
+@needs_gpu
+def test_zero3_over_one_rank_nccl_matches_plain_run():
+    """--zero 3's NCCL path (each layer's bucket gathered into its device
+    buffer through the packed slots, its gradient reduce-scattered into the
+    shard) on a one-rank communicator, the one that one GPU allows: two steps
+    equal a plain run's bitwise (losses, grad-norm parts, and the parameters
+    once unsharded; the sharded AdamW is the CUDA C kernel, the plain one may
+    be its PTX twin, which is bitwise the same)."""
+    import pipeline
+    params = gentle_params(41, RCFG64)
+    data = batches(42, 2, CFG64, B64, T64)
+    L = CFG64["num_layers"]
+    # replica 0's list of two (the validator wants a ring): one replica's is the same
+    ranks = pipeline.grid_schedule("1f1b", 1, 2, 1, [L + 1], 3)[0]
+    peaks = pipeline.validate_grid(ranks, 1, 1, buckets=[L + 1], zero=3)
+    fsdp = np.array([(op.kind, op.mb, op.part) for op in ranks[0]])
+    compute = np.hstack([step_ops(gpt_cuda, 1), np.full((3, 1), -1)])
+    plain = model(gpt_cuda, params, CFG64, B64, T64)
+    sharded = model(gpt_cuda, params, CFG64, B64, T64)
+    sharded.set_replicas(-1, -1, 0, 1, 3)
+    sharded.set_layer_buffers(peaks.peak_gathered[0], peaks.peak_grads[0])
+    sharded.set_replica_nccl(gpt_cuda.nccl_unique_id(), 1, 0)
+    assert sharded.memory_bytes()["gathered"] > 0 and sharded.memory_bytes()["grad_buffers"] > 0
+    for step in range(2):
+        x, y = stack(data[step:step + 1])
+        losses = [plain.run(compute, x, y), sharded.run(fsdp, x, y)]
+        parts = []
+        for st in (plain, sharded):
+            st.sum_wte_grads()
+            parts.append(st.grad_norm_parts().copy())
+        norm = gpt_cuda.norm_from_parts(parts[0], L)
+        print(f"step {step + 1}: losses {losses} norm {norm}")
+        assert losses[1] == losses[0]
+        assert np.array_equal(parts[1], parts[0]), f"step {step + 1}: grad-norm parts differ"
+        for st in (plain, sharded):
+            st.adamw(3e-3, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
+    sharded.unshard_params()
+    pp, ps = plain.params(), sharded.params()
+    for name in pp:
+        assert np.array_equal(ps[name], pp[name]), name
 
 
 # -----------------------------------------------------------------------------
@@ -791,12 +930,14 @@ def step_lines(out: str) -> list[str]:
     return [re.sub(r" \| \d+ ms \| \d+ tok/s", "", l) for l in out.splitlines() if l.startswith(("step ", "val"))]
 
 
-def test_train_py_flags_allow_zero1_and_refuse_zero3_on_cuda():
-    """Before any GPU is needed: --device cuda takes --zero 1 and still refuses --zero 3."""
+def test_train_py_flags_allow_zero1_and_zero3_on_cuda():
+    """Before any GPU is needed: --device cuda takes --zero 1 and --zero 3,
+    each with --dp 2 or more (the one refusal left, as on the CPU)."""
     import train
-    train.check_grid_flags(train.parse_args(["--device", "cuda", "--dp", "2", "--zero", "1"]))
-    with pytest.raises(train.UsageError, match="--zero 3 runs on the CPU trainer only"):
-        train.check_grid_flags(train.parse_args(["--device", "cuda", "--dp", "2", "--zero", "3"]))
+    for zero in (1, 3):
+        train.check_grid_flags(train.parse_args(["--device", "cuda", "--dp", "2", "--zero", str(zero)]))
+        with pytest.raises(train.UsageError, match=f"--zero {zero} shards over data-parallel replicas"):
+            train.check_grid_flags(train.parse_args(["--device", "cuda", "--zero", str(zero)]))
 
 
 @needs_gpu
@@ -831,3 +972,20 @@ def test_train_py_zero1_replicas_sharing_one_gpu_match_zero0(tmp_path):
         runs[zero] = (step_lines(r.stdout), (ckpt / "model_00000003.bin").read_bytes(),
                       (ckpt / "state_00000003.bin").read_bytes())
     assert runs[1] == runs[0]
+
+
+@needs_gpu
+def test_train_py_zero3_replicas_sharing_one_gpu_match_zero0(tmp_path):
+    """Two replicas on one GPU (sockets: NCCL refuses two ranks on one GPU):
+    --zero 3's step lines, final checkpoint and sample (from the parameters
+    it gathers once at the end) are bitwise --zero 0's."""
+    flags = ["--model", "d6", "--batch-size", "8", "--seq-len", "128", "--micro-batches", "2", "--steps", "3",
+             "--eval-every", "3", "--sample-tokens", "8", "--dp", "2"]
+    runs = {}
+    for zero in (0, 3):
+        ckpt = tmp_path / f"zero{zero}"
+        r = run_train_py(*flags, "--zero", str(zero), "--checkpoint-dir", str(ckpt))
+        assert "sample:" in r.stdout, r.stdout
+        runs[zero] = (step_lines(r.stdout), r.stdout.split("sample:")[1], (ckpt / "model_00000003.bin").read_bytes(),
+                      (ckpt / "state_00000003.bin").read_bytes())
+    assert runs[3] == runs[0]
