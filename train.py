@@ -330,10 +330,13 @@ def grid_plan_of(args: argparse.Namespace, ctx: pipeline.Rank, config: dict) -> 
     (GPT_PLAN) or, under an outside launcher, rank 0's through the rendezvous."""
     if ctx.world == 1:
         return make_grid_plan(args, config)
+    bound = plan_bytes_bound(args, config, ctx.world)
     blob = os.environ.get("GPT_PLAN", "").encode()
+    if len(blob) > bound:  # bounded like the rendezvous' copy: a plan is parsed, not trusted
+        raise ValueError(f"GPT_PLAN: {len(blob)} bytes, more than a plan for these flags can take ({bound})")
     if not blob:
         blob = ctx.broadcast(json.dumps(asdict(make_grid_plan(args, config))).encode() if ctx.rank == 0 else b"",
-                             plan_bytes_bound(args, config, ctx.world))
+                             bound)
     return grid_plan_from_json(blob, ctx.world)
 
 

@@ -385,6 +385,23 @@ def test_plan_fits_the_bound_its_receivers_set(model, S, D, m, zero):
     assert size <= bound < 20 * size + 4096, (size, bound)
 
 
+def test_a_plan_in_the_environment_longer_than_the_bound_is_refused(monkeypatch):
+    """GPT_PLAN, our launcher's copy of the plan, is held to the same bound
+    as the rendezvous' broadcast: one byte over it is refused before it is parsed."""
+    import argparse
+    import types
+    import train
+    config = gpt.config_from_name("tiny")
+    args = argparse.Namespace(stages=2, dp=1, micro_batches=2, seq_len=64, schedule="1f1b", zero=0)
+    bound = train.plan_bytes_bound(args, config, 2)
+    monkeypatch.setenv("GPT_PLAN", " " * (bound + 1))
+    with pytest.raises(ValueError, match=f"GPT_PLAN: {bound + 1} bytes, more than a plan for these flags can take"):
+        train.grid_plan_of(args, types.SimpleNamespace(world=2, rank=1), config)
+    monkeypatch.setenv("GPT_PLAN", " " * bound)  # within the bound it reaches the parser, which refuses it
+    with pytest.raises(ValueError, match="plan from the launcher"):
+        train.grid_plan_of(args, types.SimpleNamespace(world=2, rank=1), config)
+
+
 def test_world_size_must_be_stages_times_dp(data_dir):
     env = dict(os.environ, RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
                GPT_JOB_TOKEN="a-shared-secret-of-32-characters")
