@@ -555,9 +555,8 @@ def fsdp_replicas(mod, params, data, steps: int, m: int, lr: float, D: int):
     list (pipeline.grid_schedule) with the validator's buffers. Returns the
     models (sharded), (loss, norm) per step and the sockets to keep."""
     import pipeline
-    from tests.test_data_parallel import ring_of
+    from tests.test_data_parallel import ring_of, step_replicas
     from tests.test_model import CFG as DCFG, B as DB, T as DT
-    from tests.test_pipeline import run_threads
     L = DCFG["num_layers"]
     models = [mod.Model(DCFG, 0, L, DB, DT, 1) for _ in range(D)]
     for model in models:
@@ -568,21 +567,7 @@ def fsdp_replicas(mod, params, data, steps: int, m: int, lr: float, D: int):
     for d, model in enumerate(models):
         model.set_layer_buffers(peaks.peak_gathered[d], peaks.peak_grads[d])
     ops = [np.array([(op.kind, op.mb, op.part) for op in r]) for r in ranks]
-    history, losses = [], [0.0] * D
-    for step in range(steps):
-        batch = data[step * m * D:(step + 1) * m * D]
-
-        def replica(d):
-            x = np.stack([xy[0] for xy in batch[d * m:(d + 1) * m]])
-            y = np.stack([xy[1] for xy in batch[d * m:(d + 1) * m]])
-            losses[d] = models[d].run(ops[d], x, y)
-            models[d].sum_wte_grads()
-        assert run_threads([lambda d=d: replica(d) for d in range(D)]) == [None] * D
-        parts = sum(model.grad_norm_parts() for model in models)  # in replica order, as the launcher adds them
-        norm = mod.norm_from_parts(parts, L)
-        for model in models:
-            model.adamw(lr, 0.1, 1.0 / norm if norm > 1.0 else 1.0, step + 1)
-        history.append((sum(losses) / (m * D), norm))
+    history = step_replicas(models, ops, np.zeros((0, 3)), data, steps, m, lr, trainer=mod)
     return models, history, keep
 
 

@@ -54,7 +54,17 @@ def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: i
     buckets = CFG["num_layers"] + 1
     train_ops, after_ops = pipeline.data_parallel_ops(buckets, zero) if D > 1 else ([], [])
     ops = np.vstack([np.hstack([step_ops(m), np.full((3 * m, 1), -1)])] + [np.array([op]) for op in train_ops])
-    after = np.array(after_ops).reshape(-1, 3)
+    history = step_replicas(models, [ops] * D, np.array(after_ops).reshape(-1, 3), data, steps, m, lr, trainer)
+    del keep
+    return models, history
+
+
+def step_replicas(models: list, ops: list, after: np.ndarray, data: list, steps: int, m: int, lr: float,
+                  trainer=gpt) -> list:
+    """steps AdamW steps of replicas already on their ring, replica d running
+    its op list ops[d] on the d-th m of each global batch, then `after` (the
+    op list after the optimizer, may be empty). Returns (loss, norm) per step."""
+    D = len(models)
     history, losses = [], [0.0] * D
     for step in range(steps):
         batch = data[step * m * D:(step + 1) * m * D]
@@ -62,7 +72,7 @@ def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: i
         def replica(d):
             x = np.stack([xy[0] for xy in batch[d * m:(d + 1) * m]])
             y = np.stack([xy[1] for xy in batch[d * m:(d + 1) * m]])
-            losses[d] = models[d].run(ops, x, y)
+            losses[d] = models[d].run(ops[d], x, y)
             models[d].sum_wte_grads()
         assert run_threads([lambda d=d: replica(d) for d in range(D)]) == [None] * D
         parts = sum(model.grad_norm_parts() for model in models)  # in replica order, as the launcher adds them
@@ -72,8 +82,7 @@ def train_replicas(params: dict, data: list, steps: int, m: int, lr: float, D: i
         if len(after):
             assert run_threads([lambda d=d: models[d].run(after, None, None, False) for d in range(D)]) == [None] * D
         history.append((sum(losses) / (m * D), norm))
-    del keep
-    return models, history
+    return history
 
 
 @pytest.mark.parametrize("D,zero", [(2, 0), (2, 1), (3, 0), (3, 1)])
