@@ -218,8 +218,7 @@ class Plan:
 
 
 def check_grid_flags(args: argparse.Namespace) -> None:
-    """--dp and --zero against each other: before the trainer loads, and
-    again once --device auto has become the device it names."""
+    """--dp and --zero against each other, before the trainer loads."""
     if args.zero and args.dp == 1:
         raise UsageError(f"--zero {args.zero} shards over data-parallel replicas: it needs --dp 2 or more")
 
@@ -235,7 +234,6 @@ def make_plan(args: argparse.Namespace, gpt, claim: bool) -> Plan:
     if args.seq_len < 1 or args.seq_len > config["max_seq_len"]:
         raise UsageError(f"--seq-len {args.seq_len}: must be between 1 and the model's context "
                          f"({config['max_seq_len']})")
-    check_grid_flags(args)
     S, D, m = args.stages, args.dp, args.micro_batches
     if args.batch_size < 1 or m < 1 or args.batch_size % (m * D):
         raise UsageError(f"--batch-size {args.batch_size} does not divide into "
