@@ -15,7 +15,8 @@
 //     groups of messages
 //   data-parallel collectives       the ring over a stage's replicas
 //   what every Stage begins with    StageBase, and the stage API calls on it alone
-//   the executor                    its bookkeeping (OpRun) and run_op_list (StageHooks)
+//   the executor                    its bookkeeping (OpRun), --zero 3's comm thread (Fsdp),
+//                                   and run_op_list (StageHooks)
 //   optimizer scalars               the learning-rate schedule, the grad norm
 //   sampling                        top-k with temperature
 //   the standalone trainers         flags, and train_main, the loop both mains call
@@ -30,6 +31,7 @@
 #include <limits.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1424,6 +1426,13 @@ typedef struct {
 static int is_message(int kind) { return kind >= OP_SEND_ACT && kind <= OP_RECV_GRAD; }
 // data-parallel collectives and FREE: their part is a bucket, and they have no micro-batch
 static int is_bucket_op(int kind) { return kind >= OP_ALLREDUCE && kind < NUM_OPS; }
+// the collectives of gradients
+static int reduces(int kind) { return kind == OP_ALLREDUCE || kind == OP_REDUCE_SCATTER; }
+// A reduction of the whole-tensor bucket of a stage with wte: the replicas sum
+// the whole d(wte), so each first completes its own (stage_sum_wte_grads).
+static int reduces_wte(const Layout *layout, int kind, int bucket) {
+    return reduces(kind) && bucket == layout->nl && layout->sizes[P_WTE];
+}
 
 // Checks an op list of (kind, mb, part) triples against a stage of nl layers
 // and readies the bookkeeping for it. Each micro-batch's forward starts once:
@@ -1502,6 +1511,275 @@ static void oprun_free(OpRun *run) {
 }
 
 // ----------------------------------------------------------------------------
+// --zero 3's comm thread, the same for both trainers
+//
+// The collectives of a step's op list (ALLGATHER, REDUCE_SCATTER) run on a
+// thread of their own, in list order, so the gather of layer l+1 runs while
+// layer l computes (pipeline.fsdp_ops places it one layer early for that).
+// The compute thread queues them and waits only for what it needs: the
+// gather of the layer it computes (fsdp_wait_gathered), a free gradient
+// buffer (fsdp_take_grad_buffers), a gather's end before its FREE, and the
+// queue's end at the end of the list (fsdp_list_end). Everything the two
+// threads share is guarded by `lock`; the collectives themselves run outside
+// it, and each has the links' timeout (a ring step's, or the NCCL wait's), so
+// every wait here ends. The link pacing clocks are per thread: the comm
+// thread paces the replica ring, the compute thread the pipeline and the
+// tied swap. The trainer's half of a collective is its `ring`
+// hook, which moves one bucket's buffer: ALLGATHER fills buf with the
+// bucket's whole parameters, REDUCE_SCATTER sums buf, the bucket's whole
+// gradient, over the replicas into this replica's shard.
+
+typedef struct {
+    int kind, bucket, op;  // a collective of the op list, and its index there
+    double start, end;     // when the comm thread ran it, CLOCK_MONOTONIC seconds
+} QueuedCollective;
+
+typedef struct {
+    const Layout *layout;                 // the stage's
+    float **held[2];                      // per bucket: the buffer of its whole parameters [0], gradients [1]; or NULL
+    BufferPool pools[2];                  // layer buckets' buffers: gathered parameters, gradients
+    float *whole[2];                      // the whole-tensor bucket's, held from a step's start to its end
+    int (*ring)(void *stage, int kind, int bucket, float *buf);  // the trainer's collective of a bucket's buffer
+    void *stage;                          // the trainer's Stage, passed back to ring
+    pthread_t thread;
+    int started, quit;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;               // the queue, a bucket or a buffer changed
+    QueuedCollective *queue;              // the list's collectives so far; [head, tail) still to run
+    int head, tail, cap;
+    int *pending[2];                      // per bucket: its ALLGATHER [0], REDUCE_SCATTER [1] is queued or running
+    int failed, skip;                     // a collective failed (error holds why); the list failed: run no more
+    char error[1024];
+} Fsdp;
+
+// Waits (lock held) until ready(fsdp, arg) or the comm thread has failed,
+// whose message it then fails with.
+static int fsdp_wait(Fsdp *fsdp, int (*ready)(const Fsdp *, int), int arg) {
+    while (!ready(fsdp, arg) && !fsdp->failed) pthread_cond_wait(&fsdp->changed, &fsdp->lock);
+    return fsdp->failed ? fail("%s", fsdp->error) : 0;
+}
+static int queue_empty(const Fsdp *fsdp, int arg) { (void)arg; return fsdp->head == fsdp->tail; }
+static int gathered_or_idle(const Fsdp *fsdp, int bucket) { return !fsdp->pending[0][bucket]; }
+static int grad_buffer_free(const Fsdp *fsdp, int arg) { (void)arg; return fsdp->pools[1].nfree > 0; }
+
+// One queued collective on the comm thread: the bucket's buffer out of the
+// pool (a gather's) or from the compute (a reduce-scatter's), the trainer's
+// ring, and the buffer back where it goes. Returns with the lock held.
+static int fsdp_run(Fsdp *fsdp, int kind, int bucket) {
+    const Layout *layout = fsdp->layout;
+    int nl = layout->nl, gather = kind == OP_ALLGATHER;
+    if (gather && bucket < nl && !fsdp->pools[0].nfree)  // the validator's peak rules it out
+        return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list holds "
+                    "more than the validator's peak)", layout->lo, layout->hi, bucket, fsdp->pools[0].count);
+    float *buf = !gather ? fsdp->held[1][bucket] : bucket < nl ? pool_take(&fsdp->pools[0]) : fsdp->whole[0];
+    pthread_mutex_unlock(&fsdp->lock);
+    int rc = fsdp->ring(fsdp->stage, kind, bucket, buf);
+    pthread_mutex_lock(&fsdp->lock);
+    if (rc) return -1;
+    if (gather) {
+        fsdp->held[0][bucket] = buf;
+    } else if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
+        pool_give(&fsdp->pools[1], buf);
+        fsdp->held[1][bucket] = NULL;
+    }
+    return 0;
+}
+
+static void *fsdp_thread_main(void *arg) {
+    Fsdp *fsdp = (Fsdp *)arg;
+    pthread_mutex_lock(&fsdp->lock);
+    for (;;) {
+        while (!fsdp->quit && fsdp->head == fsdp->tail) pthread_cond_wait(&fsdp->changed, &fsdp->lock);
+        if (fsdp->quit) break;
+        // a copy: the compute thread may grow (move) the queue while this runs
+        QueuedCollective job = fsdp->queue[fsdp->head];
+        double start = now_seconds();
+        int rc = fsdp->failed || fsdp->skip ? 0 : fsdp_run(fsdp, job.kind, job.bucket);
+        fsdp->queue[fsdp->head].start = start;
+        fsdp->queue[fsdp->head].end = now_seconds();
+        if (rc) {
+            snprintf(fsdp->error, sizeof fsdp->error, "%s", gpt_last_error());
+            fsdp->failed = 1;
+        }
+        fsdp->pending[job.kind == OP_REDUCE_SCATTER][job.bucket] = 0;
+        fsdp->head++;
+        pthread_cond_broadcast(&fsdp->changed);
+    }
+    pthread_mutex_unlock(&fsdp->lock);
+    return NULL;
+}
+
+// Readies --zero 3's bookkeeping for a stage of that layout whose whole[]
+// buffers are set, its pools' sizes too (their buffers may come later), and
+// starts the comm thread, which runs ring(stage, ...).
+static int fsdp_start(Fsdp *fsdp, const Layout *layout, int (*ring)(void *, int, int, float *), void *stage) {
+    fsdp->layout = layout;
+    fsdp->ring = ring;
+    fsdp->stage = stage;
+    for (int k = 0; k < 2; k++) {
+        fsdp->held[k] = (float **)calloc_or_fail(layout->nl + 1, sizeof(float *), "the held buckets");
+        fsdp->pending[k] = (int *)calloc_or_fail(layout->nl + 1, sizeof(int), "the pending collectives");
+        if (!fsdp->held[k] || !fsdp->pending[k]) return -1;
+    }
+    buckets_release(fsdp->held, fsdp->pools, layout->nl, fsdp->whole[1]);  // the d(wte) sum may come before any list
+    if (pthread_mutex_init(&fsdp->lock, NULL)) return fail("cannot make the comm thread's lock");
+    if (pthread_cond_init(&fsdp->changed, NULL)) {
+        pthread_mutex_destroy(&fsdp->lock);
+        return fail("cannot make its condition");
+    }
+    if (pthread_create(&fsdp->thread, NULL, fsdp_thread_main, fsdp)) {
+        pthread_cond_destroy(&fsdp->changed);
+        pthread_mutex_destroy(&fsdp->lock);
+        return fail("cannot start the comm thread");
+    }
+    fsdp->started = 1;
+    return 0;
+}
+
+// Ends the comm thread (after the collective it runs, if any) and frees the
+// bookkeeping; the trainer frees the buffers, which it made.
+static void fsdp_stop(Fsdp *fsdp) {
+    if (fsdp->started) {
+        pthread_mutex_lock(&fsdp->lock);
+        fsdp->quit = 1;
+        pthread_cond_broadcast(&fsdp->changed);
+        pthread_mutex_unlock(&fsdp->lock);
+        pthread_join(fsdp->thread, NULL);
+        pthread_cond_destroy(&fsdp->changed);
+        pthread_mutex_destroy(&fsdp->lock);
+        fsdp->started = 0;
+    }
+    free(fsdp->queue);
+    for (int k = 0; k < 2; k++) { free(fsdp->held[k]); free(fsdp->pending[k]); }
+    fsdp->queue = NULL;
+    fsdp->held[0] = fsdp->held[1] = NULL;
+    fsdp->pending[0] = fsdp->pending[1] = NULL;
+}
+
+// Every list starts with an idle comm thread (a failed list's rest is
+// skipped) and holding nothing (a failed one may have left buffers out).
+static void fsdp_list_begin(Fsdp *fsdp) {
+    pthread_mutex_lock(&fsdp->lock);
+    while (!queue_empty(fsdp, 0)) pthread_cond_wait(&fsdp->changed, &fsdp->lock);
+    fsdp->head = fsdp->tail = fsdp->failed = fsdp->skip = 0;
+    buckets_release(fsdp->held, fsdp->pools, fsdp->layout->nl, fsdp->whole[1]);
+    pthread_mutex_unlock(&fsdp->lock);
+}
+
+// The list is done when its last collective is. A collective's op time is
+// then the comm thread's, when it ran, rather than the moment the compute
+// thread queued it: what a trace and the bubble want.
+static int fsdp_list_end(Fsdp *fsdp, OpRun *run) {
+    pthread_mutex_lock(&fsdp->lock);
+    int rc = fsdp_wait(fsdp, queue_empty, 0);
+    for (int i = 0; i < fsdp->tail && rc == 0; i++) {
+        const QueuedCollective *job = &fsdp->queue[i];
+        run->op_times[2 * job->op] = job->start;
+        run->op_times[2 * job->op + 1] = job->end;
+    }
+    pthread_mutex_unlock(&fsdp->lock);
+    return rc;
+}
+
+// A list failed: the comm thread finishes the collective it is in (a ring
+// step times out) and runs no more of it.
+static void fsdp_list_failed(Fsdp *fsdp) {
+    pthread_mutex_lock(&fsdp->lock);
+    fsdp->skip = 1;
+    pthread_mutex_unlock(&fsdp->lock);
+}
+
+// Queues op `op`'s ALLGATHER or REDUCE_SCATTER of a bucket for the comm
+// thread (lock held).
+static int fsdp_enqueue(Fsdp *fsdp, int kind, int bucket, int op) {
+    if (fsdp->tail == fsdp->cap) {  // the queue only grows within a list: it is emptied at every list's end
+        int cap = 2 * fsdp->cap + 16;
+        QueuedCollective *grown = (QueuedCollective *)realloc(fsdp->queue, (size_t)cap * sizeof(QueuedCollective));
+        if (!grown) return fail("out of memory for the collectives' queue");
+        fsdp->queue = grown;
+        fsdp->cap = cap;
+    }
+    fsdp->queue[fsdp->tail++] = (QueuedCollective){kind, bucket, op, 0.0, 0.0};
+    fsdp->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
+    pthread_cond_broadcast(&fsdp->changed);
+    return 0;
+}
+
+// Op `op` of the list, an ALLGATHER, FREE or REDUCE_SCATTER of a bucket, on
+// the compute thread: the collectives are queued for the comm thread, a FREE
+// gives the bucket's buffer back once its gather is done.
+static int fsdp_collective(Fsdp *fsdp, int kind, int bucket, int op) {
+    const Layout *layout = fsdp->layout;
+    if (kind != OP_ALLGATHER && kind != OP_FREE && kind != OP_REDUCE_SCATTER)
+        return fail("stage [%d,%d): %s of bucket %d under --zero 3 (its gradients are reduce-scattered)", layout->lo,
+                    layout->hi, OP_NAMES[kind], bucket);
+    int rc = 0;
+    pthread_mutex_lock(&fsdp->lock);
+    if (kind == OP_ALLGATHER) {
+        rc = fsdp->held[0][bucket] || fsdp->pending[0][bucket]
+                 ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", layout->lo, layout->hi, bucket)
+                 : fsdp_enqueue(fsdp, kind, bucket, op);
+    } else if (kind == OP_FREE) {
+        rc = fsdp_wait(fsdp, gathered_or_idle, bucket);
+        if (rc == 0 && !fsdp->held[0][bucket])
+            rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", layout->lo, layout->hi, bucket);
+        if (rc == 0 && bucket < layout->nl) pool_give(&fsdp->pools[0], fsdp->held[0][bucket]);
+        if (rc == 0) fsdp->held[0][bucket] = NULL;
+        pthread_cond_broadcast(&fsdp->changed);
+    } else {
+        rc = !fsdp->held[1][bucket] || fsdp->pending[1][bucket]
+                 ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", layout->lo,
+                        layout->hi, bucket)
+                 : fsdp_enqueue(fsdp, kind, bucket, op);
+    }
+    pthread_mutex_unlock(&fsdp->lock);
+    return rc;
+}
+
+// FWD and BWD_INPUT of layers [l0, l1) need their parameters, and the whole
+// tensors' when they run the embedding or the head: gathered, waiting for the
+// comm thread to finish the gather if it has it queued.
+static int fsdp_wait_gathered(Fsdp *fsdp, int kind, int l0, int l1) {
+    const Layout *layout = fsdp->layout;
+    int nl = layout->nl, whole = (layout->first && l0 == 0) || (layout->last && l1 == nl), rc = 0;
+    pthread_mutex_lock(&fsdp->lock);
+    for (int b = l0; b <= nl && rc == 0; b++) {
+        if (b == l1) b = nl;
+        if (b == nl && !whole) break;
+        rc = fsdp_wait(fsdp, gathered_or_idle, b);
+        if (rc == 0 && !fsdp->held[0][b])
+            rc = fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
+                      layout->lo, layout->hi, OP_NAMES[kind], l0, b);
+    }
+    pthread_mutex_unlock(&fsdp->lock);
+    return rc;
+}
+
+// BWD_WEIGHT of layers [l0, l1): a layer's first backward of the step takes a
+// gradient buffer, one the validator counted free once the comm thread has
+// reduce-scattered what held it (its reduce-scatters lag the list, never
+// block on the compute). fresh[l - l0] is the buffer layer l took, which
+// the trainer zeroes (the micro-batches sum into it), or NULL.
+static int fsdp_take_grad_buffers(Fsdp *fsdp, int l0, int l1, float **fresh) {
+    const Layout *layout = fsdp->layout;
+    int rc = 0;
+    pthread_mutex_lock(&fsdp->lock);
+    for (int l = l0; l < l1 && rc == 0; l++) {
+        fresh[l - l0] = NULL;
+        if (fsdp->pending[1][l])
+            rc = fail("stage [%d,%d): BWD_WEIGHT of layer %d after its REDUCE_SCATTER", layout->lo, layout->hi, l);
+        if (rc || fsdp->held[1][l]) continue;
+        if (fsdp->pools[1].count == 0)
+            rc = fail("stage [%d,%d): layer %d needs a gradient buffer but the stage has none (the op list holds more "
+                      "than the validator's peak)", layout->lo, layout->hi, l);
+        if (rc == 0) rc = fsdp_wait(fsdp, grad_buffer_free, 0);
+        if (rc == 0) fresh[l - l0] = fsdp->held[1][l] = pool_take(&fsdp->pools[1]);
+    }
+    pthread_mutex_unlock(&fsdp->lock);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
 // the op-list executor, written once for both trainers. A trainer hands it its
 // compute and its buffers as function pointers (common.h calls nothing a
 // trainer defines); `stage` is the trainer's own Stage, passed back to each.
@@ -1531,8 +1809,8 @@ typedef struct {
     void (*message_buffers)(void *stage, int acts_index, void *bufs[4]);
     // moves a group of n sends/receives, bufs[i] the buffer of op i
     int (*exchange)(void *stage, const int *ops, int n, void *const *bufs);
-    // a data-parallel collective, or FREE, of a bucket
-    int (*collective)(void *stage, int kind, int bucket, int training);
+    // a data-parallel collective, or FREE, of a bucket (reductions only in a training list)
+    int (*collective)(void *stage, int kind, int bucket);
     // after every op that started at t_start (the GPU waits for its stream
     // there, so the op times are the work's); may be NULL
     int (*op_done)(void *stage, int kind, double t_start);
@@ -1574,7 +1852,9 @@ static int run_op_list(const StageHooks *hooks, void *stage, OpRun *run, const L
             }
             if (hooks->exchange(stage, ops + OP_INTS * i, n, bufs)) return -1;
         } else if (is_bucket_op(kind)) {
-            if (hooks->collective(stage, kind, part, training)) return -1;
+            if (!training && reduces(kind)) return fail("op %d: %s of bucket %d in a forward-only op list", i,
+                                                        OP_NAMES[kind], part);
+            if (hooks->collective(stage, kind, part)) return -1;
         } else {
             int acts_index = oprun_acts_of(run, mb, layout->lo, layout->hi);
             if (acts_index < 0) return -1;

@@ -20,8 +20,8 @@ The step is the executor's, played on a model of the machine:
   all-reduce per bucket after the backward, FSDP's gathers and
   reduce-scatters where pipeline.fsdp_ops puts them (fsdp_comm), hidden
   behind compute or not (Cluster.overlap: a GPU's collectives have their own
-  stream; the CPU executor runs --zero 3's on a comm thread and the rest in
-  the op list: EXECUTOR_OVERLAP);
+  stream; the executor runs --zero 3's on a comm thread and the rest in the
+  op list: EXECUTOR_OVERLAP);
 - then, as in train.py, the tied embedding's gradients swap between the
   first and the last stage, every rank agrees on the grad norm (a barrier),
   and AdamW runs on what each rank owns.
@@ -390,8 +390,8 @@ def fsdp_comm(layers: list[tuple[float, float, float, float]], whole: float, lin
 # Which collectives run beside the compute (Cluster.overlap). "all": each has
 # a stream of its own, as NCCL's on a GPU cluster, so data parallelism's
 # all-reduce hides behind the last weight backward and FSDP prefetches.
-# "fsdp": the CPU executor (train_gpt.c), which runs --zero 3's on a comm
-# thread per rank, in op-list order, with each layer's gather placed one layer
+# "fsdp": the executor (common.h, both trainers), which runs --zero 3's on a
+# comm thread per rank, in op-list order, with each layer's gather placed one layer
 # early (pipeline.fsdp_ops), so the compute waits only for its own layer's
 # gather; its --zero 0 all-reduces run in the op list, after the whole-stage
 # backward that makes every bucket's gradient at once, so they hide behind

@@ -18,7 +18,6 @@
 #define _DARWIN_C_SOURCE  // macOS hides MSG_DONTWAIT and MSG_NOSIGNAL from plain POSIX
 #include "common.h"
 #include "asm/sgemm.h"
-#include <pthread.h>
 
 // ----------------------------------------------------------------------------
 // layers
@@ -480,31 +479,6 @@ static int pool_make(BufferPool *pool, int count, size_t elems, const char *what
     return 0;
 }
 
-// --zero 3's collectives run on a thread of their own, in op-list order, so
-// the gather of the next layer overlaps the compute of this one. The compute
-// waits only for what it needs: the gather of its layer, a free gradient
-// buffer, the end of the queue at the end of the list. Everything the two
-// threads share is guarded by `lock`; the collectives themselves run
-// outside it, and each ring step has the links' timeout, so every wait here
-// ends. The link pacing clocks (g_wires) are per thread: the comm thread
-// paces the replica ring, the compute thread the pipeline.
-typedef struct {
-    int kind, bucket, op;  // a collective of the op list, and its index there
-    double start, end;     // when the comm thread ran it, CLOCK_MONOTONIC seconds
-} QueuedCollective;
-
-typedef struct {
-    pthread_t thread;
-    int started, quit;
-    pthread_mutex_t lock;
-    pthread_cond_t changed;              // the queue, a bucket or a buffer changed
-    QueuedCollective *queue;             // the list's collectives so far; [head, tail) still to run
-    int head, tail, cap;
-    int *pending[2];                     // per bucket: its ALLGATHER [0], REDUCE_SCATTER [1] is queued or running
-    int failed, skip;                    // a collective failed (error holds why); the list failed: run no more
-    char error[1024];
-} CommThread;
-
 struct Stage {
     StageBase base;                    // first: its links and zero stage (common.h)
     Layout layout;                     // which layers and tensors this stage holds
@@ -523,102 +497,9 @@ struct Stage {
     int sharded;
     size_t shard_at[NUM_PARAM_TENSORS], chunk_n[NUM_PARAM_TENSORS];  // (t, l)'s chunk: shard_at[t] + l * chunk_n[t]
     size_t in_bucket[NUM_PARAM_TENSORS];  // where tensor t starts in its bucket's buffer
-    float **held[2];                   // per bucket: the buffer of its whole parameters [0], gradients [1]; or NULL
-    BufferPool pools[2];               // layer buckets' buffers: gathered parameters, gradients
-    float *whole[2];                   // the whole-tensor bucket's buffers, held from a step's start to its end
-    CommThread comm;                   // runs the collectives of the op list beside the compute
+    Fsdp fsdp;                         // the buffers each bucket holds this step, and the comm thread (common.h)
 };
 static_assert(offsetof(Stage, base) == 0, "a Stage begins with its StageBase (common.h)");
-
-static int fsdp_ring(Stage *s, int kind, int bucket);
-
-// Waits (lock held) until ready(s, arg) or the comm thread has failed, whose
-// message it then fails with.
-static int comm_wait(Stage *s, int (*ready)(Stage *, int), int arg) {
-    while (!ready(s, arg) && !s->comm.failed) pthread_cond_wait(&s->comm.changed, &s->comm.lock);
-    return s->comm.failed ? fail("%s", s->comm.error) : 0;
-}
-static int queue_empty(Stage *s, int arg) { (void)arg; return s->comm.head == s->comm.tail; }
-static int gathered_or_idle(Stage *s, int bucket) { return !s->comm.pending[0][bucket]; }
-static int grad_buffer_free(Stage *s, int arg) { (void)arg; return s->pools[1].nfree > 0; }
-
-static void *comm_thread_main(void *stage) {
-    Stage *s = (Stage *)stage;
-    CommThread *comm = &s->comm;
-    pthread_mutex_lock(&comm->lock);
-    for (;;) {
-        while (!comm->quit && comm->head == comm->tail) pthread_cond_wait(&comm->changed, &comm->lock);
-        if (comm->quit) break;
-        // a copy: the compute thread may grow (move) the queue while this runs
-        QueuedCollective job = comm->queue[comm->head];
-        int run = !comm->failed && !comm->skip;
-        pthread_mutex_unlock(&comm->lock);
-        double start = now_seconds();
-        int rc = run ? fsdp_ring(s, job.kind, job.bucket) : 0;
-        double end = now_seconds();
-        pthread_mutex_lock(&comm->lock);
-        comm->queue[comm->head].start = start;
-        comm->queue[comm->head].end = end;
-        if (rc) {
-            snprintf(comm->error, sizeof comm->error, "%s", gpt_last_error());
-            comm->failed = 1;
-        }
-        comm->pending[job.kind == OP_REDUCE_SCATTER][job.bucket] = 0;
-        comm->head++;
-        pthread_cond_broadcast(&comm->changed);
-    }
-    pthread_mutex_unlock(&comm->lock);
-    return NULL;
-}
-
-static int comm_start(Stage *s) {
-    CommThread *comm = &s->comm;
-    comm->pending[0] = (int *)calloc_or_fail(s->layout.nl + 1, sizeof(int), "the pending collectives");
-    comm->pending[1] = (int *)calloc_or_fail(s->layout.nl + 1, sizeof(int), "the pending collectives");
-    if (!comm->pending[0] || !comm->pending[1]) return -1;
-    if (pthread_mutex_init(&comm->lock, NULL)) return fail("cannot make the comm thread's lock");
-    if (pthread_cond_init(&comm->changed, NULL)) {
-        pthread_mutex_destroy(&comm->lock);
-        return fail("cannot make its condition");
-    }
-    if (pthread_create(&comm->thread, NULL, comm_thread_main, s)) {
-        pthread_cond_destroy(&comm->changed);
-        pthread_mutex_destroy(&comm->lock);
-        return fail("cannot start the comm thread");
-    }
-    comm->started = 1;
-    return 0;
-}
-
-static void comm_stop(Stage *s) {
-    CommThread *comm = &s->comm;
-    if (comm->started) {
-        pthread_mutex_lock(&comm->lock);
-        comm->quit = 1;
-        pthread_cond_broadcast(&comm->changed);
-        pthread_mutex_unlock(&comm->lock);
-        pthread_join(comm->thread, NULL);
-        pthread_cond_destroy(&comm->changed);
-        pthread_mutex_destroy(&comm->lock);
-    }
-    free(comm->queue); free(comm->pending[0]); free(comm->pending[1]);
-}
-
-// Hands the collective of op `op` to the comm thread (lock held).
-static int comm_enqueue(Stage *s, int kind, int bucket, int op) {
-    CommThread *comm = &s->comm;
-    if (comm->tail == comm->cap) {  // the queue only grows within a list: it is emptied at every list's end
-        int cap = 2 * comm->cap + 16;
-        QueuedCollective *grown = (QueuedCollective *)realloc(comm->queue, (size_t)cap * sizeof(QueuedCollective));
-        if (!grown) return fail("out of memory for the collectives' queue");
-        comm->queue = grown;
-        comm->cap = cap;
-    }
-    comm->queue[comm->tail++] = (QueuedCollective){kind, bucket, op, 0.0, 0.0};
-    comm->pending[kind == OP_REDUCE_SCATTER][bucket] = 1;
-    pthread_cond_broadcast(&comm->changed);
-    return 0;
-}
 
 static float *tensor(Stage *s, float *base, int t) { return s->layout.sizes[t] ? base + s->layout.offsets[t] : NULL; }
 // layer l (stage-local) of per-layer tensor t
@@ -632,7 +513,7 @@ static float *layer_tensor(Stage *s, float *base, int t, int l) {
 static float *held_tensor(Stage *s, int grads, int t, int l) {
     if (!s->sharded) return is_layer_tensor(t) ? layer_tensor(s, grads ? s->grads : s->params, t, l)
                                                : tensor(s, grads ? s->grads : s->params, t);
-    float *buf = s->layout.sizes[t] ? s->held[grads][is_layer_tensor(t) ? l : s->layout.nl] : NULL;
+    float *buf = s->layout.sizes[t] ? s->fsdp.held[grads][is_layer_tensor(t) ? l : s->layout.nl] : NULL;
     return buf ? buf + s->in_bucket[t] : NULL;
 }
 static float *param_of(Stage *s, int t, int l) { return held_tensor(s, 0, t, l); }
@@ -720,9 +601,9 @@ void stage_free(Stage *s) {
     oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
-    comm_stop(s);
-    pool_free(&s->pools[0]); pool_free(&s->pools[1]);
-    free(s->whole[0]); free(s->whole[1]); free(s->held[0]); free(s->held[1]);
+    fsdp_stop(&s->fsdp);
+    pool_free(&s->fsdp.pools[0]); pool_free(&s->fsdp.pools[1]);
+    free(s->fsdp.whole[0]); free(s->fsdp.whole[1]);
     free(s);
 }
 
@@ -880,6 +761,8 @@ static size_t whole_bucket_elems(const Layout *layout) {
     return n;
 }
 
+static int fsdp_ring(void *stage, int kind, int bucket, float *buf);
+
 // --zero 3: the shard's offsets, where each tensor sits in its bucket's
 // buffer, and params and grads cut down to their shards (keeping the chunks
 // of the parameters the stage holds now).
@@ -889,11 +772,9 @@ static int stage_shard(Stage *s) {
     bucket_offsets(&s->layout, 1, s->in_bucket, &in_layer, &in_whole);
     float *params = calloc_or_fail(at, sizeof(float), "the parameters' shard");
     float *grads = calloc_or_fail(at, sizeof(float), "the gradients' shard");
-    s->whole[0] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gathered parameters");
-    s->whole[1] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gradients");
-    s->held[0] = (float **)calloc_or_fail(s->layout.nl + 1, sizeof(float *), "the held buckets");
-    s->held[1] = (float **)calloc_or_fail(s->layout.nl + 1, sizeof(float *), "the held buckets");
-    if (!params || !grads || !s->whole[0] || !s->whole[1] || !s->held[0] || !s->held[1]) {
+    s->fsdp.whole[0] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gathered parameters");
+    s->fsdp.whole[1] = calloc_or_fail(in_whole, sizeof(float), "the whole tensors' gradients");
+    if (!params || !grads || !s->fsdp.whole[0] || !s->fsdp.whole[1]) {
         free(params); free(grads);
         return -1;
     }
@@ -901,9 +782,9 @@ static int stage_shard(Stage *s) {
     free(s->params); free(s->grads);
     s->params = params;
     s->grads = grads;
-    s->pools[0].elems = s->pools[1].elems = in_layer;
+    s->fsdp.pools[0].elems = s->fsdp.pools[1].elems = in_layer;
     s->sharded = 1;
-    return comm_start(s);
+    return fsdp_start(&s->fsdp, &s->layout, fsdp_ring, s);
 }
 
 int stage_set_replicas(Stage *s, int prev_fd, int next_fd, int replica, int replicas, int zero) {
@@ -924,20 +805,21 @@ int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
     if (!s->sharded) return fail("layer buffers are --zero 3's, and this stage is not sharded");
     if (gathered < 0 || grads < 0 || gathered > s->layout.nl || grads > s->layout.nl)
         return fail("%d gathered and %d gradient buffers for %d layers", gathered, grads, s->layout.nl);
-    size_t elems = s->pools[0].elems;
-    return pool_make(&s->pools[0], gathered, elems, "the gathered layers' buffers") ||
-           pool_make(&s->pools[1], grads, elems, "the layers' gradient buffers") ? -1 : 0;
+    BufferPool *pools = s->fsdp.pools;
+    return pool_make(&pools[0], gathered, pools[0].elems, "the gathered layers' buffers") ||
+           pool_make(&pools[1], grads, pools[1].elems, "the layers' gradient buffers") ? -1 : 0;
 }
 
 // What stage_create, stage_set_replicas and stage_set_layer_buffers allocated.
 void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     size_t P = s->sharded ? s->opt_elems : s->layout.num_params;  // zero 3's shard is the optimizer's
-    size_t whole = s->whole[0] ? whole_bucket_elems(&s->layout) : 0, BT = (size_t)s->B * s->T;
+    const BufferPool *pools = s->fsdp.pools;
+    size_t whole = s->fsdp.whole[0] ? whole_bucket_elems(&s->layout) : 0, BT = (size_t)s->B * s->T;
     bytes[MEMORY_PARAMS] = 4 * P;
     bytes[MEMORY_GRADS] = 4 * (P + (s->dwte_embed ? s->layout.sizes[P_WTE] : 0));
     bytes[MEMORY_OPTIMIZER] = 8 * s->opt_elems;
-    bytes[MEMORY_GATHERED] = 4 * ((size_t)s->pools[0].count * s->pools[0].elems + whole);
-    bytes[MEMORY_GRAD_BUFFERS] = 4 * ((size_t)s->pools[1].count * s->pools[1].elems + whole);
+    bytes[MEMORY_GATHERED] = 4 * ((size_t)pools[0].count * pools[0].elems + whole);
+    bytes[MEMORY_GRAD_BUFFERS] = 4 * ((size_t)pools[1].count * pools[1].elems + whole);
     // the activation buffers and their token ids, the (B,T,C) and (B,T,4C) scratch
     bytes[MEMORY_ACTIVATIONS] =
         4 * ((size_t)s->run.activation_buffers * (s->acts_elems + 2 * BT) + 5 * BT * s->layout.cfg.channels);
@@ -987,15 +869,9 @@ int stage_unshard_params(Stage *s) {
 
 static int hook_begin(void *stage, int m, int training) {
     Stage *s = (Stage *)stage;
-    if (s->sharded) {  // every list starts holding nothing (a failed one may have left buffers out)
-        pthread_mutex_lock(&s->comm.lock);
-        while (!queue_empty(s, 0)) pthread_cond_wait(&s->comm.changed, &s->comm.lock);  // a failed list's rest is skipped
-        s->comm.head = s->comm.tail = s->comm.failed = s->comm.skip = 0;
-        pthread_mutex_unlock(&s->comm.lock);
-        buckets_release(s->held, s->pools, s->layout.nl, s->whole[1]);
-    }
+    if (s->sharded) fsdp_list_begin(&s->fsdp);
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
-        if (s->sharded) memset(s->whole[1], 0, whole_bucket_elems(&s->layout) * sizeof(float));
+        if (s->sharded) memset(s->fsdp.whole[1], 0, whole_bucket_elems(&s->layout) * sizeof(float));
         else memset(s->grads, 0, s->layout.num_params * sizeof(float));
         if (s->layout.first) memset(s->dwte_embed, 0, s->layout.sizes[P_WTE] * sizeof(float));
         s->wte_summed = 0;
@@ -1003,24 +879,12 @@ static int hook_begin(void *stage, int m, int training) {
     return 0;
 }
 
-// FWD and BWD_INPUT need the parameters of their layers, and of the whole
-// tensors when they run the embedding or the head: under --zero 3, gathered
-// (waiting for the comm thread to finish the gather if it has it queued).
-// The op's time starts after the wait, so that it is the compute's alone and
-// the wait shows as the bubble it is.
+// FWD and BWD_INPUT under --zero 3: their buckets gathered. The op's time
+// starts after the wait, so that it is the compute's alone and the wait shows
+// as the bubble it is.
 static int check_gathered(Stage *s, int kind, int l0, int l1) {
     if (!s->sharded) return 0;
-    int nl = s->layout.nl, whole = (s->layout.first && l0 == 0) || (s->layout.last && l1 == nl), rc = 0;
-    pthread_mutex_lock(&s->comm.lock);
-    for (int b = l0; b <= nl && rc == 0; b++) {
-        if (b == l1) b = nl;
-        if (b == nl && !whole) break;
-        rc = comm_wait(s, gathered_or_idle, b);
-        if (rc == 0 && !s->held[0][b])
-            rc = fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
-                      s->layout.lo, s->layout.hi, OP_NAMES[kind], l0, b);
-    }
-    pthread_mutex_unlock(&s->comm.lock);
+    int rc = fsdp_wait_gathered(&s->fsdp, kind, l0, l1);
     s->run.op_start = now_seconds();
     return rc;
 }
@@ -1056,28 +920,10 @@ static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(&s->layout, part, &l0, &l1);
-    // a layer's first backward of the step takes a gradient buffer: one the
-    // validator counted free, once the comm thread has reduce-scattered
-    // what held it (its reduce-scatters lag the list, never block on us)
-    int rc = 0;
-    if (s->sharded) pthread_mutex_lock(&s->comm.lock);
-    for (int l = l0; s->sharded && l < l1 && rc == 0; l++) {
-        if (s->held[1][l] || s->comm.pending[1][l]) {
-            if (s->comm.pending[1][l])
-                rc = fail("stage [%d,%d): BWD_WEIGHT of layer %d after its REDUCE_SCATTER", s->layout.lo,
-                          s->layout.hi, l);
-            continue;
-        }
-        if (s->pools[1].count == 0)
-            rc = fail("stage [%d,%d): layer %d needs a gradient buffer but the stage has none (the op list holds "
-                      "more than the validator's peak)", s->layout.lo, s->layout.hi, l);
-        if (rc == 0) rc = comm_wait(s, grad_buffer_free, 0);
-        if (rc == 0) {
-            s->held[1][l] = pool_take(&s->pools[1]);
-            memset(s->held[1][l], 0, s->pools[1].elems * sizeof(float));
-        }
-    }
-    if (s->sharded) pthread_mutex_unlock(&s->comm.lock);
+    float *fresh[MAX_LAYERS];  // --zero 3: the gradient buffers its layers took, which the micro-batches sum into
+    int rc = s->sharded ? fsdp_take_grad_buffers(&s->fsdp, l0, l1, fresh) : 0;
+    for (int l = l0; s->sharded && rc == 0 && l < l1; l++)
+        if (fresh[l - l0]) memset(fresh[l - l0], 0, s->fsdp.pools[1].elems * sizeof(float));
     s->run.op_start = now_seconds();  // past any wait for a buffer, as check_gathered's
     if (rc == 0) stage_backward_weight(s, &s->acts[acts_index], l0, l1);
     return rc;
@@ -1120,110 +966,49 @@ static void bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors
     for (int i = 0; i < n; i++) memcpy(copies[i].dst, copies[i].src, copies[i].count * sizeof(float));
 }
 
-// The ring half of --zero 3's ALLGATHER and REDUCE_SCATTER of a bucket, on
-// the comm thread.
+// The ring half of --zero 3's ALLGATHER and REDUCE_SCATTER of the bucket
+// in buf, on the comm thread (common.h's Fsdp).
 // Bytes: a gather or a reduce-scatter of bucket b moves (D-1)/D * P_b values
 // each way (ring_collective), so a step in which bucket b is gathered g_b
 // times moves sum_b (g_b + 1)(D-1)/D * P_b values each way, 4x that in bytes:
 // 3(D-1)/D * P for layers gathered twice (forward, backward) per micro-batch
 // of a one-micro-batch step, 2(D-1)/D * P_b for the whole-tensor bucket, which
 // is gathered once.
-static int fsdp_ring(Stage *s, int kind, int bucket) {
-    int nl = s->layout.nl, tensors[NUM_PARAM_TENSORS], gather = kind == OP_ALLGATHER;
+static int fsdp_ring(void *stage, int kind, int bucket, float *buf) {
+    Stage *s = (Stage *)stage;
+    int tensors[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
-    float *buf;
-    pthread_mutex_lock(&s->comm.lock);
-    if (gather && bucket < nl && !s->pools[0].nfree) {  // the validator's peak rules it out
-        pthread_mutex_unlock(&s->comm.lock);
-        return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
-                    "holds more than the validator's peak)", s->layout.lo, s->layout.hi, bucket, s->pools[0].count);
-    }
-    buf = !gather ? s->held[1][bucket] : bucket < nl ? pool_take(&s->pools[0]) : s->whole[0];
-    pthread_mutex_unlock(&s->comm.lock);
     int n = bucket_in(s, NULL, buf, bucket, segs, tensors);
-    if (gather) {
+    if (kind == OP_ALLGATHER) {  // this replica's chunks, then the others' from the ring
         bucket_chunks_copy(s, segs, tensors, n, bucket, s->params, 0);
-        if (ring_collective(&s->base.links, segs, n, bucket, 1)) return -1;
-    } else {
-        if (bucket == nl && s->layout.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
-        if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
-        bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
+        return ring_collective(&s->base.links, segs, n, bucket, 1);
     }
-    pthread_mutex_lock(&s->comm.lock);
-    if (gather) {
-        s->held[0][bucket] = buf;
-    } else if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
-        pool_give(&s->pools[1], buf);
-        s->held[1][bucket] = NULL;
-    }
-    pthread_mutex_unlock(&s->comm.lock);
+    if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
+    bucket_chunks_copy(s, segs, tensors, n, bucket, s->grads, 1);
     return 0;
 }
 
-// --zero 3's ALLGATHER, FREE and REDUCE_SCATTER of a bucket, on the compute
-// thread: the collectives are queued for the comm thread, a FREE gives the
-// bucket's buffer back once its gather is done.
-static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
-    if (kind != OP_ALLGATHER && kind != OP_FREE && (kind != OP_REDUCE_SCATTER || !training))
-        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->layout.lo, s->layout.hi, OP_NAMES[kind],
-                    bucket, training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
-    int rc = 0;
-    pthread_mutex_lock(&s->comm.lock);
-    if (kind == OP_ALLGATHER) {
-        rc = s->held[0][bucket] || s->comm.pending[0][bucket]
-                 ? fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->layout.lo, s->layout.hi, bucket)
-                 : comm_enqueue(s, kind, bucket, s->run.op);
-    } else if (kind == OP_FREE) {
-        rc = comm_wait(s, gathered_or_idle, bucket);
-        if (rc == 0 && !s->held[0][bucket])
-            rc = fail("stage [%d,%d): FREE of bucket %d, which is not held", s->layout.lo, s->layout.hi, bucket);
-        if (rc == 0 && bucket < s->layout.nl) pool_give(&s->pools[0], s->held[0][bucket]);
-        if (rc == 0) s->held[0][bucket] = NULL;
-        pthread_cond_broadcast(&s->comm.changed);
-    } else {
-        rc = !s->held[1][bucket] || s->comm.pending[1][bucket]
-                 ? fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->layout.lo,
-                        s->layout.hi, bucket)
-                 : comm_enqueue(s, kind, bucket, s->run.op);
-    }
-    pthread_mutex_unlock(&s->comm.lock);
-    return rc;
-}
-
 // ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
-// parameters (into the stage's own under --zero 1); --zero 3's above.
-static int hook_collective(void *stage, int kind, int bucket, int training) {
+// parameters (into the stage's own under --zero 1); under --zero 3 queued
+// for the comm thread, FREE too.
+static int hook_collective(void *stage, int kind, int bucket) {
     Stage *s = (Stage *)stage;
-    if (s->sharded) return fsdp_collective(s, kind, bucket, training);
+    if (reduces_wte(&s->layout, kind, bucket) && stage_sum_wte_grads(s)) return -1;
+    if (s->sharded) return fsdp_collective(&s->fsdp, kind, bucket, s->run.op);
     Segment segs[NUM_PARAM_TENSORS];
     int tensors[NUM_PARAM_TENSORS];
     if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free", bucket);
     if (kind == OP_ALLGATHER)
         return ring_collective(&s->base.links, segs, bucket_in(s, s->params, NULL, bucket, segs, tensors), bucket, 1);
-    if (!training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
-    // the replicas sum the whole d(wte), so each first completes its own
-    if (bucket == s->layout.nl && s->layout.sizes[P_WTE] && stage_sum_wte_grads(s)) return -1;
     int n = bucket_in(s, s->grads, NULL, bucket, segs, tensors);
     if (ring_collective(&s->base.links, segs, n, bucket, 0)) return -1;
     return kind == OP_ALLREDUCE ? ring_collective(&s->base.links, segs, n, bucket, 1) : 0;
 }
 
-// --zero 3: the list is done when its last collective is. A collective's
-// op time is then the comm thread's, when the ring ran, rather than the
-// moment the compute thread queued it: what a trace and the bubble want.
 static int hook_end(void *stage, int m) {
     (void)m;
     Stage *s = (Stage *)stage;
-    if (!s->sharded) return 0;
-    pthread_mutex_lock(&s->comm.lock);
-    int rc = comm_wait(s, queue_empty, 0);
-    for (int i = 0; i < s->comm.tail && rc == 0; i++) {
-        const QueuedCollective *job = &s->comm.queue[i];
-        s->run.op_times[2 * job->op] = job->start;
-        s->run.op_times[2 * job->op + 1] = job->end;
-    }
-    pthread_mutex_unlock(&s->comm.lock);
-    return rc;
+    return s->sharded ? fsdp_list_end(&s->fsdp, &s->run) : 0;
 }
 
 static const StageHooks CPU_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
@@ -1233,11 +1018,7 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
               int training, float *loss_sum) {
     int rc = run_op_list(&CPU_HOOKS, s, &s->run, &s->layout, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
                          inputs, targets, training, loss_sum);
-    if (rc && s->sharded) {  // the comm thread finishes the collective it is in (a ring step times out) and no more
-        pthread_mutex_lock(&s->comm.lock);
-        s->comm.skip = 1;
-        pthread_mutex_unlock(&s->comm.lock);
-    }
+    if (rc && s->sharded) fsdp_list_failed(&s->fsdp);
     return rc;
 }
 

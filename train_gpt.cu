@@ -953,10 +953,8 @@ struct Stage {
     int sharded;
     size_t shard_at[NUM_PARAM_TENSORS], chunk_n[NUM_PARAM_TENSORS];  // (t, l)'s chunk: shard_at[t] + l * chunk_n[t]
     size_t in_bucket[NUM_PARAM_TENSORS], whole_elems;  // 512-byte aligned offsets; the whole tensors' buffer size
-    float **held[2];                     // per bucket: the buffer of its whole parameters [0], gradients [1]; or NULL
-    BufferPool pools[2];                 // layer buckets' device buffers (common.h): gathered parameters, gradients
-    float *whole[2];                     // the whole-tensor bucket's, held from a step's start to its end
-    floatX *gathered_x, *whole_x;        // the matmuls' copies of pools[0]'s buffers and of whole[0], alike laid out
+    Fsdp fsdp;                           // the device buffers each bucket holds this step, and the comm thread
+    floatX *gathered_x, *whole_x;        // the matmuls' copies of fsdp.pools[0]'s buffers and of whole[0], alike laid out
     float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
     float *h_shard;                      // --zero 3: the parameters' shard, for checkpoints
@@ -984,6 +982,7 @@ struct Stage {
     int attn_mma;  // ATTN_SIMPLE, or the tensor-core kernels with plain or cp.async tile loads
     int ptx;       // GPT_PTX: which PTX twins (asm/*.ptx) replace CUDA C kernels (PTX_* bits)
     cudaStream_t stream;
+    cudaStream_t comm_stream;  // --zero 3's comm thread's
     // transport
     char *pinned;
     size_t pinned_cap;
@@ -1480,17 +1479,17 @@ static float *hparam(Stage *s, float *base, int t, int l) { return base + s->lay
 // this step (the executor checks that it holds one before the compute runs).
 static float *held_tensor(Stage *s, int grads, int t, int l) {
     if (!s->sharded) return dparam(s, grads ? s->d_grads : s->d_params, t, l);
-    return s->held[grads][is_layer_tensor(t) ? l : s->layout.nl] + s->in_bucket[t];
+    return s->fsdp.held[grads][is_layer_tensor(t) ? l : s->layout.nl] + s->in_bucket[t];
 }
 static float *param_of(Stage *s, int t, int l) { return held_tensor(s, 0, t, l); }
 static float *grad_of(Stage *s, int t, int l) { return held_tensor(s, 1, t, l); }
 // the matmuls' copy of a gathered buffer of parameters (--zero 3) or of the stage's
 static floatX *params_x_of(Stage *s, const float *buf) {
-    return buf == s->whole[0] ? s->whole_x : s->gathered_x + (buf - s->pools[0].memory);
+    return buf == s->fsdp.whole[0] ? s->whole_x : s->gathered_x + (buf - s->fsdp.pools[0].memory);
 }
 static floatX *xparam(Stage *s, int t, int l) {
     if (!s->sharded) return s->d_params_x + s->dev_start[t] + l * s->dev_stride[t];
-    return params_x_of(s, s->held[0][is_layer_tensor(t) ? l : s->layout.nl]) + s->in_bucket[t];
+    return params_x_of(s, s->fsdp.held[0][is_layer_tensor(t) ? l : s->layout.nl]) + s->in_bucket[t];
 }
 
 // the whole stage's tensors (host copies): not while they are sharded (zero 3)
@@ -1700,6 +1699,7 @@ static int stage_alloc(Stage *s) {
     size_t P = s->layout.num_params, Vp = cfg->padded_vocab_size;
     CUDA_CHECK(cudaSetDevice(s->device));
     CUDA_CHECK(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s->comm_stream, cudaStreamNonBlocking));
     LT_CHECK(cublasLtCreate(&s->lt));
     MemPlan mp = mem_plan(s);
     size_t free_b = 0, total_b = 0;
@@ -1824,6 +1824,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_
 
 void stage_free(Stage *s) {
     if (!s) return;
+    fsdp_stop(&s->fsdp);  // first: the comm thread uses what follows
     if (s->stream) {
         cudaSetDevice(s->device);
         cudaStreamSynchronize(s->stream);
@@ -1842,7 +1843,7 @@ void stage_free(Stage *s) {
     cudaFree(s->workspace); cudaFree(s->d_norm_partials); cudaFree(s->d_segs); cudaFree(s->d_block_seg);
     cudaFree(s->d_sample_logits); cudaFree(s->d_collective);
     for (int k = 0; k < 2; k++) {
-        cudaFree(s->pools[k].memory); free(s->pools[k].free_list); cudaFree(s->whole[k]); free(s->held[k]);
+        cudaFree(s->fsdp.pools[k].memory); free(s->fsdp.pools[k].free_list); cudaFree(s->fsdp.whole[k]);
     }
 #ifndef GPT_FP32
     cudaFree(s->gathered_x); cudaFree(s->whole_x);
@@ -1853,6 +1854,7 @@ void stage_free(Stage *s) {
             if (s->prof.ev[i]) cudaEventDestroy(s->prof.ev[i]);
     if (s->lt) cublasLtDestroy(s->lt);
     if (s->stream) cudaStreamDestroy(s->stream);
+    if (s->comm_stream) cudaStreamDestroy(s->comm_stream);
     free(s->h_params); free(s->h_grads); free(s->h_m); free(s->h_v); free(s->h_dwte_embed); free(s->h_shard);
     free(s->h_swap_send); free(s->h_swap_recv);
     free(s->h_norm_partials); free(s->h_sample_logits);
@@ -2128,15 +2130,15 @@ static int bucket_in(Stage *s, int where, float *at, int bucket, Segment *segs, 
 
 // --zero 3: this replica's chunk of each of a bucket's segments (device or
 // host memory: cudaMemcpyDefault tells them apart) into the shard
-// (to_shard), or from it; queued on the stream.
-static int bucket_chunks_copy(Stage *s, const Segment *segs, const int *tensors, int n, int bucket, float *shard,
-                              int to_shard) {
+// (to_shard), or from it; queued on `stream`.
+static int bucket_chunks_copy(Stage *s, cudaStream_t stream, const Segment *segs, const int *tensors, int n,
+                              int bucket, float *shard, int to_shard) {
     ChunkCopy copies[NUM_PARAM_TENSORS];
     bucket_chunk_copies(segs, tensors, n, bucket, s->base.links.replica, s->base.links.replicas, shard, s->shard_at,
                         s->chunk_n, to_shard, copies);
     for (int i = 0; i < n; i++)
         CUDA_CHECK(cudaMemcpyAsync(copies[i].dst, copies[i].src, copies[i].count * sizeof(float), cudaMemcpyDefault,
-                                   s->stream));
+                                   stream));
     return 0;
 }
 
@@ -2146,7 +2148,7 @@ static int stage_chunks_copy(Stage *s, int where, float *at, float *shard, int t
         int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
         Segment segs[NUM_PARAM_TENSORS];
         int n = bucket_in(s, where, at, b, segs, tensors, layers);
-        CHECK(bucket_chunks_copy(s, segs, tensors, n, b, shard, to_shard));
+        CHECK(bucket_chunks_copy(s, s->stream, segs, tensors, n, b, shard, to_shard));
     }
     return 0;
 }
@@ -2176,6 +2178,8 @@ static int params_relayout(Stage *s, size_t bytes, int to_shard) {
     return grads_remake(s, bytes);
 }
 
+static int fsdp_ring(void *stage, int kind, int bucket, float *buf);
+
 // --zero 3: the shard's offsets, where each tensor sits in its bucket's
 // buffer, d_params cut down to its shard (the chunks of the parameters the
 // stage holds now), d_grads to a zeroed one, no matmuls' copy of the whole
@@ -2194,19 +2198,16 @@ static int stage_shard(Stage *s) {
     CUDA_CHECK(cudaMalloc((void **)&s->whole_x, whole * sizeof(floatX)));
 #endif
     for (int k = 0; k < 2; k++) {
-        CUDA_CHECK(cudaMalloc((void **)&s->whole[k], whole * sizeof(float)));
-        CUDA_CHECK(cudaMemsetAsync(s->whole[k], 0, whole * sizeof(float), s->stream));
-        s->held[k] = (float **)calloc_or_fail(s->layout.nl + 1, sizeof(float *), "the held buckets");
-        if (!s->held[k]) return -1;
+        CUDA_CHECK(cudaMalloc((void **)&s->fsdp.whole[k], whole * sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(s->fsdp.whole[k], 0, whole * sizeof(float), s->stream));
     }
 #ifdef GPT_FP32
-    s->whole_x = s->whole[0];
+    s->whole_x = s->fsdp.whole[0];
 #endif
-    s->pools[0].elems = s->pools[1].elems = layer;
+    s->fsdp.pools[0].elems = s->fsdp.pools[1].elems = layer;
     s->sharded = 1;
-    buckets_release(s->held, s->pools, s->layout.nl, s->whole[1]);  // the d(wte) sum may come before any list
     CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    return 0;
+    return fsdp_start(&s->fsdp, &s->layout, fsdp_ring, s);
 }
 
 // zero 0 keeps every replica's optimizer state whole; --zero 1 swaps m and v
@@ -2264,11 +2265,12 @@ int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
         return fail("%d gathered and %d gradient buffers for %d layers", gathered, grads, s->layout.nl);
     CHECK(check_broken(s));
     CUDA_CHECK(cudaSetDevice(s->device));
-    size_t elems = s->pools[0].elems;
-    CHECK(device_pool_make(s, &s->pools[0], gathered, elems, "the gathered layers' buffers"));
-    CHECK(device_pool_make(s, &s->pools[1], grads, elems, "the layers' gradient buffers"));
+    BufferPool *pools = s->fsdp.pools;
+    size_t elems = pools[0].elems;
+    CHECK(device_pool_make(s, &pools[0], gathered, elems, "the gathered layers' buffers"));
+    CHECK(device_pool_make(s, &pools[1], grads, elems, "the layers' gradient buffers"));
 #ifdef GPT_FP32
-    s->gathered_x = s->pools[0].memory;
+    s->gathered_x = pools[0].memory;
 #else
     CUDA_CHECK(cudaFree(s->gathered_x));
     s->gathered_x = NULL;
@@ -2283,8 +2285,9 @@ int stage_set_layer_buffers(Stage *s, int gathered, int grads) {
 void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     memset(bytes, 0, NUM_MEMORY * sizeof(uint64_t));
     size_t P = s->sharded ? s->opt_elems : s->P_dev;
-    size_t gathered = (size_t)s->pools[0].count * s->pools[0].elems + (s->whole[0] ? s->whole_elems : 0);
-    size_t grad_buffers = (size_t)s->pools[1].count * s->pools[1].elems + (s->whole[1] ? s->whole_elems : 0);
+    const BufferPool *pools = s->fsdp.pools;
+    size_t gathered = (size_t)pools[0].count * pools[0].elems + (s->fsdp.whole[0] ? s->whole_elems : 0);
+    size_t grad_buffers = (size_t)pools[1].count * pools[1].elems + (s->fsdp.whole[1] ? s->whole_elems : 0);
     bytes[MEMORY_PARAMS] = P * sizeof(float);
     bytes[MEMORY_GRADS] = P * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
     bytes[MEMORY_OPTIMIZER] = 2 * s->opt_elems * sizeof(float);
@@ -2295,13 +2298,13 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     bytes[MEMORY_ACTIVATIONS] = (uint64_t)s->run.activation_buffers * s->acts_bytes;
 }
 
-// Waits for the stream (and the NCCL operations on it) without ever hanging:
+// Waits for a stream (and the NCCL operations on it) without ever hanging:
 // a peer error or no completion within the link timeout aborts the
 // communicator and fails.
-static int nccl_wait(Stage *s, ncclComm_t *comm, const char *what) {
+static int nccl_wait(Stage *s, cudaStream_t stream, ncclComm_t *comm, const char *what) {
     double start = now_seconds();
     for (;;) {
-        cudaError_t q = cudaStreamQuery(s->stream);
+        cudaError_t q = cudaStreamQuery(stream);
         if (q == cudaSuccess) return 0;
         if (q != cudaErrorNotReady) CUDA_CHECK(q);
         ncclResult_t ar = ncclSuccess;
@@ -2322,10 +2325,26 @@ static int nccl_wait(Stage *s, ncclComm_t *comm, const char *what) {
     }
 }
 
+// --zero 3: waits until the comm thread has run every collective queued so far.
+static int fsdp_drain(Fsdp *fsdp) {
+    pthread_mutex_lock(&fsdp->lock);
+    int rc = fsdp_wait(fsdp, queue_empty, 0);
+    pthread_mutex_unlock(&fsdp->lock);
+    return rc;
+}
+
 // n sends/receives as one NCCL group: peers[i] the rank, counts of dtype
 static int nccl_exchange(Stage *s, int n, const int *sending, const int *peers, void *const *bufs, size_t count,
                          ncclDataType_t dtype, const char *what) {
     if (!s->nccl) return fail("stage [%d,%d): NCCL is not set up", s->layout.lo, s->layout.hi);
+    // NCCL wants one communicator's operations in flight at a time (its
+    // "using multiple NCCL communicators concurrently" rule), so under
+    // --zero 3 the comm thread's collectives on the replicas' end first
+    // (over sockets too: one rule, and replicas on sockets beside stages on
+    // NCCL is rare). Only this thread queues collectives, so none starts
+    // until the exchange is over: every rank's NCCL calls come in its list's
+    // order, as without the comm thread, and deadlock only where they would.
+    if (s->sharded) CHECK(fsdp_drain(&s->fsdp));
     NCCL_CHECK(ncclGroupStart());
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++)
@@ -2334,7 +2353,7 @@ static int nccl_exchange(Stage *s, int n, const int *sending, const int *peers, 
     ncclResult_t r2 = ncclGroupEnd();
     if (r != ncclSuccess) return fail("NCCL error in %s: %s", what, ncclGetErrorString(r));
     if (r2 != ncclSuccess) return fail("NCCL error in %s: %s", what, ncclGetErrorString(r2));
-    return nccl_wait(s, &s->nccl, what);
+    return nccl_wait(s, s->stream, &s->nccl, what);
 }
 
 // the peer rank of a comm op: next = rank + 1, previous = rank - 1; a
@@ -2438,16 +2457,16 @@ int stage_set_replica_nccl(Stage *s, const unsigned char id[GPT_NCCL_ID_BYTES], 
 // sockets' canonical one), and its ring moves 2(D-1)/D * n values per segment
 // each way (8(D-1)/D * n bytes in fp32), which is what the byte counters
 // record (they cannot see NCCL's wire).
-static int nccl_allreduce_bucket(Stage *s, const Segment *segs, int n, int bucket) {
+static int nccl_allreduce_bucket(Stage *s, cudaStream_t stream, const Segment *segs, int n, int bucket) {
     int D = s->base.links.replicas;
     NCCL_CHECK(ncclGroupStart());
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++)
-        r = ncclAllReduce(segs[i].p, segs[i].p, segs[i].n, ncclFloat, ncclSum, s->replica_nccl, s->stream);
+        r = ncclAllReduce(segs[i].p, segs[i].p, segs[i].n, ncclFloat, ncclSum, s->replica_nccl, stream);
     ncclResult_t r2 = ncclGroupEnd();
     if (r != ncclSuccess || r2 != ncclSuccess)
         return fail("NCCL error in the all-reduce of bucket %d: %s", bucket, ncclGetErrorString(r != ncclSuccess ? r : r2));
-    CHECK(nccl_wait(s, &s->replica_nccl, "a data-parallel all-reduce"));
+    CHECK(nccl_wait(s, stream, &s->replica_nccl, "a data-parallel all-reduce"));
     for (int i = 0; i < n; i++) {
         uint64_t bytes = 2 * (uint64_t)(D - 1) * segs[i].n / D * sizeof(float);
         links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 1, bytes);
@@ -2459,34 +2478,35 @@ static int nccl_allreduce_bucket(Stage *s, const Segment *segs, int n, int bucke
 // The matmuls' copy of a bucket's parameters after an all-gather replaced
 // them: each segment at its own offset in the copy xbase of the array base
 // it lies in (d_params, or under --zero 3 the gathered buffer), then waits.
-static int params_x_refresh(Stage *s, const Segment *segs, int n, const float *base, floatX *xbase) {
+static int params_x_refresh(cudaStream_t stream, const Segment *segs, int n, const float *base, floatX *xbase) {
 #ifdef GPT_FP32
     (void)segs; (void)n; (void)base; (void)xbase;
 #else
     for (int i = 0; i < n; i++) {
-        to_floatx_kernel<<<grid_for(segs[i].n, 256), 256, 0, s->stream>>>(xbase + (segs[i].p - base), segs[i].p,
-                                                                          segs[i].n);
+        to_floatx_kernel<<<grid_for(segs[i].n, 256), 256, 0, stream>>>(xbase + (segs[i].p - base), segs[i].p,
+                                                                        segs[i].n);
         LAUNCH_CHECK();
     }
 #endif
-    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
     return 0;
 }
 
 // Over NCCL (--zero 1 and 3): chunk j of each of a bucket's device segments
 // into slot j of the packed buffer (to_slot), or back. Packing zeroes the
 // slot's tail past the chunks, so the reduction never reads memory nothing wrote.
-static int bucket_slot_copy(Stage *s, const Segment *segs, int n, int j, size_t slot, int to_slot) {
+static int bucket_slot_copy(Stage *s, cudaStream_t stream, const Segment *segs, int n, int j, size_t slot,
+                            int to_slot) {
     float *buf = s->d_collective + (size_t)j * slot;
     size_t at = 0, lo, hi;
     for (int i = 0; i < n; i++) {
         chunk_range(segs[i].n, j, s->base.links.replicas, &lo, &hi);
         float *chunk = segs[i].p + lo;
         CUDA_CHECK(cudaMemcpyAsync(to_slot ? buf + at : chunk, to_slot ? chunk : buf + at, (hi - lo) * sizeof(float),
-                                   cudaMemcpyDeviceToDevice, s->stream));
+                                   cudaMemcpyDeviceToDevice, stream));
         at += hi - lo;
     }
-    if (to_slot && at < slot) CUDA_CHECK(cudaMemsetAsync(buf + at, 0, (slot - at) * sizeof(float), s->stream));
+    if (to_slot && at < slot) CUDA_CHECK(cudaMemsetAsync(buf + at, 0, (slot - at) * sizeof(float), stream));
     return 0;
 }
 
@@ -2498,7 +2518,7 @@ static int bucket_slot_copy(Stage *s, const Segment *segs, int n, int j, size_t 
 // Each moves (D-1) slots each way (4(D-1) * slot bytes in fp32, a little
 // over (D-1)/D of the bucket for the padding), which the byte counters
 // record (they cannot see NCCL's wire); NCCL picks its own order of the sums.
-static int nccl_shard_collective(Stage *s, int gather, const Segment *segs, int n, int bucket) {
+static int nccl_shard_collective(Stage *s, cudaStream_t stream, int gather, const Segment *segs, int n, int bucket) {
     int D = s->base.links.replicas, d = s->base.links.replica;
     size_t slot = bucket_slot_elems(s, bucket);
     if (!s->d_collective || (size_t)D * slot > s->collective_elems)
@@ -2506,17 +2526,18 @@ static int nccl_shard_collective(Stage *s, int gather, const Segment *segs, int 
                     s->layout.lo, s->layout.hi, gather ? "ALLGATHER" : "REDUCE_SCATTER", bucket);
     float *mine = s->d_collective + (size_t)d * slot;
     for (int j = 0; j < D; j++)
-        if (!gather || j == d) CHECK(bucket_slot_copy(s, segs, n, j, slot, 1));
-    ncclResult_t r = gather ? ncclAllGather(mine, s->d_collective, slot, ncclFloat, s->replica_nccl, s->stream)
+        if (!gather || j == d) CHECK(bucket_slot_copy(s, stream, segs, n, j, slot, 1));
+    ncclResult_t r = gather ? ncclAllGather(mine, s->d_collective, slot, ncclFloat, s->replica_nccl, stream)
                             : ncclReduceScatter(s->d_collective, mine, slot, ncclFloat, ncclSum, s->replica_nccl,
-                                                s->stream);
+                                                stream);
     if (r != ncclSuccess)
         return fail("NCCL error in the %s of bucket %d: %s", gather ? "all-gather" : "reduce-scatter", bucket,
                     ncclGetErrorString(r));
-    CHECK(nccl_wait(s, &s->replica_nccl, gather ? "a data-parallel all-gather" : "a data-parallel reduce-scatter"));
+    CHECK(nccl_wait(s, stream, &s->replica_nccl,
+                    gather ? "a data-parallel all-gather" : "a data-parallel reduce-scatter"));
     for (int j = 0; j < D; j++)
-        if (gather ? j != d : j == d) CHECK(bucket_slot_copy(s, segs, n, j, slot, 0));
-    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+        if (gather ? j != d : j == d) CHECK(bucket_slot_copy(s, stream, segs, n, j, slot, 0));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
     uint64_t bytes = (uint64_t)(D - 1) * slot * sizeof(float);
     links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 1, bytes);
     links_count(&s->base.links, TRAFFIC_DATA_PARALLEL, 0, bytes);
@@ -2525,16 +2546,16 @@ static int nccl_shard_collective(Stage *s, int gather, const Segment *segs, int 
 
 // Chunk `part` of `parts` of each of a bucket's segments between the device
 // (dev) and the host mirror (host), then waits.
-static int bucket_host_copy(Stage *s, const Segment *dev, const Segment *host, int n, int part, int parts,
+static int bucket_host_copy(cudaStream_t stream, const Segment *dev, const Segment *host, int n, int part, int parts,
                             int to_host) {
     size_t lo, hi;
     for (int i = 0; i < n; i++) {
         chunk_range(dev[i].n, part, parts, &lo, &hi);
         float *d = dev[i].p + lo, *h = host[i].p + lo;
         CUDA_CHECK(cudaMemcpyAsync(to_host ? h : d, to_host ? d : h, (hi - lo) * sizeof(float),
-                                   to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, s->stream));
+                                   to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, stream));
     }
-    CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
     return 0;
 }
 
@@ -2544,21 +2565,21 @@ static int bucket_host_copy(Stage *s, const Segment *dev, const Segment *host, i
 // their own, else common.h's socket ring with the bucket staged through the
 // host mirrors, copying only what the ring reads or changed. The ring's sums
 // are canonical, so over sockets --zero 1 and 3 are bitwise zero 0.
-static int bucket_collective(Stage *s, int kind, const Segment *dev, int n, int bucket) {
+static int bucket_collective(Stage *s, cudaStream_t stream, int kind, const Segment *dev, int n, int bucket) {
     int gather = kind == OP_ALLGATHER, D = s->base.links.replicas, d = s->base.links.replica;
     if (s->replica_nccl)
-        return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, dev, n, bucket)
-                                    : nccl_shard_collective(s, gather, dev, n, bucket);
+        return kind == OP_ALLREDUCE ? nccl_allreduce_bucket(s, stream, dev, n, bucket)
+                                    : nccl_shard_collective(s, stream, gather, dev, n, bucket);
     int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment host[NUM_PARAM_TENSORS];
     bucket_in(s, IN_HOST_LAYOUT, gather ? s->h_params : s->h_grads, bucket, host, tensors, layers);
     // down: the whole gradients, or the parameters' chunk d that the all-gather starts from
-    CHECK(bucket_host_copy(s, dev, host, n, gather ? d : 0, gather ? D : 1, 1));
+    CHECK(bucket_host_copy(stream, dev, host, n, gather ? d : 0, gather ? D : 1, 1));
     if (!gather) CHECK(ring_collective(&s->base.links, host, n, bucket, 0));
     if (kind != OP_REDUCE_SCATTER) CHECK(ring_collective(&s->base.links, host, n, bucket, 1));
     // up: after a reduce-scatter only chunk d is summed; the rest are partial sums
     int scattered = kind == OP_REDUCE_SCATTER;
-    return bucket_host_copy(s, dev, host, n, scattered ? d : 0, scattered ? D : 1, 0);
+    return bucket_host_copy(stream, dev, host, n, scattered ? d : 0, scattered ? D : 1, 0);
 }
 
 // ----------------------------------------------------------------------------
@@ -2575,50 +2596,32 @@ static int bucket_collective(Stage *s, int kind, const Segment *dev, int n, int 
 // validator counted as this rank's peak. The micro-batches' gradients sum in
 // the buffer, then over the ring: zero 0's order, so over the sockets zero 3
 // is bitwise zero 0. The whole-tensor bucket (wte, wpe, lnf) has its own two
-// buffers, gathered at the start of the step and held to its end. Unlike the
-// CPU trainer, which runs them on a comm thread, the GPU runs the
-// collectives on the compute thread in op-list order: a layer's gather waits
-// for the compute before it instead of overlapping it.
+// buffers, gathered at the start of the step and held to its end. The
+// collectives run on common.h's comm thread (Fsdp), on a stream of their
+// own, so the gather of layer l+1 overlaps the compute of layer l. The two
+// streams need no events: the compute thread waits for its stream after
+// every compute op (hook_op_done), so whatever it hands the comm thread has
+// nothing in flight, and it waits for the comm thread (under the Fsdp lock)
+// before it touches what a collective wrote.
 
-// ALLGATHER, FREE and REDUCE_SCATTER of a bucket under --zero 3.
-static int fsdp_collective(Stage *s, int kind, int bucket, int training) {
-    int nl = s->layout.nl, gather = kind == OP_ALLGATHER, tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    if (kind != OP_ALLGATHER && kind != OP_FREE && (kind != OP_REDUCE_SCATTER || !training))
-        return fail("stage [%d,%d): %s of bucket %d under --zero 3 %s", s->layout.lo, s->layout.hi, OP_NAMES[kind],
-                    bucket, training ? "(its gradients are reduce-scattered)" : "in a forward-only op list");
-    if (kind == OP_FREE) {
-        if (!s->held[0][bucket])
-            return fail("stage [%d,%d): FREE of bucket %d, which is not held", s->layout.lo, s->layout.hi, bucket);
-        if (bucket < nl) pool_give(&s->pools[0], s->held[0][bucket]);
-        s->held[0][bucket] = NULL;
-        return 0;
-    }
-    if (gather && s->held[0][bucket])
-        return fail("stage [%d,%d): ALLGATHER of bucket %d, which is held", s->layout.lo, s->layout.hi, bucket);
-    if (!gather && !s->held[1][bucket])
-        return fail("stage [%d,%d): REDUCE_SCATTER of bucket %d, which has no gradient this step", s->layout.lo,
-                    s->layout.hi, bucket);
-    float *buf = !gather ? s->held[1][bucket] : bucket < nl ? pool_take(&s->pools[0]) : s->whole[0];
-    if (!buf)
-        return fail("stage [%d,%d): ALLGATHER of bucket %d but all %d gathered buffers are held (the op list "
-                    "holds more than the validator's peak)", s->layout.lo, s->layout.hi, bucket, s->pools[0].count);
+// The device half of an ALLGATHER or REDUCE_SCATTER of the bucket in buf, on
+// the comm thread and comm_stream: fill buf with the bucket's whole
+// parameters (and their matmuls' copy), or sum buf over the replicas into
+// this replica's shard of d_grads.
+static int fsdp_ring(void *stage, int kind, int bucket, float *buf) {
+    Stage *s = (Stage *)stage;
+    int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
     Segment segs[NUM_PARAM_TENSORS];
+    CUDA_CHECK(cudaSetDevice(s->device));  // the current device is the thread's
     int n = bucket_in(s, IN_BUCKET_BUFFER, buf, bucket, segs, tensors, layers);
-    if (gather) {  // this replica's chunks, then the others' from the ring
-        s->held[0][bucket] = buf;
-        CHECK(bucket_chunks_copy(s, segs, tensors, n, bucket, s->d_params, 0));
-        CHECK(bucket_collective(s, kind, segs, n, bucket));
-        return params_x_refresh(s, segs, n, buf, params_x_of(s, buf));
+    if (kind == OP_ALLGATHER) {  // this replica's chunks, then the others' from the ring
+        CHECK(bucket_chunks_copy(s, s->comm_stream, segs, tensors, n, bucket, s->d_params, 0));
+        CHECK(bucket_collective(s, s->comm_stream, kind, segs, n, bucket));
+        return params_x_refresh(s->comm_stream, segs, n, buf, params_x_of(s, buf));
     }
-    // the replicas sum the whole d(wte), so each first completes its own
-    if (bucket == nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
-    CHECK(bucket_collective(s, kind, segs, n, bucket));
-    CHECK(bucket_chunks_copy(s, segs, tensors, n, bucket, s->d_grads, 1));
-    CUDA_CHECK(cudaStreamSynchronize(s->stream));
-    if (bucket < nl) {  // the layer's gradient is in the shard: its buffer goes back
-        pool_give(&s->pools[1], buf);
-        s->held[1][bucket] = NULL;
-    }
+    CHECK(bucket_collective(s, s->comm_stream, kind, segs, n, bucket));
+    CHECK(bucket_chunks_copy(s, s->comm_stream, segs, tensors, n, bucket, s->d_grads, 1));
+    CUDA_CHECK(cudaStreamSynchronize(s->comm_stream));
     return 0;
 }
 
@@ -2640,7 +2643,7 @@ int stage_unshard_params(Stage *s) {
         int tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
         Segment segs[NUM_PARAM_TENSORS];
         int n = bucket_in(s, IN_DEVICE_LAYOUT, s->d_params, b, segs, tensors, layers);
-        CHECK(bucket_collective(s, OP_ALLGATHER, segs, n, b));
+        CHECK(bucket_collective(s, s->stream, OP_ALLGATHER, segs, n, b));
     }
     CHECK(refresh_params_x(s));
     norm_segments_plan(s);
@@ -2651,19 +2654,18 @@ int stage_unshard_params(Stage *s) {
 
 // ALLREDUCE / REDUCE_SCATTER of a bucket's gradients, ALLGATHER of its
 // parameters (--zero 1, after AdamW updated chunk d), in the stage's own
-// arrays; --zero 3's above.
-static int hook_collective(void *stage, int kind, int bucket, int training) {
+// arrays; under --zero 3 queued for the comm thread, FREE too.
+static int hook_collective(void *stage, int kind, int bucket) {
     Stage *s = (Stage *)stage;
-    if (s->sharded) return fsdp_collective(s, kind, bucket, training);
+    // the replicas sum the whole d(wte), so each first completes its own
+    if (reduces_wte(&s->layout, kind, bucket)) CHECK(stage_sum_wte_grads(s));
+    if (s->sharded) return fsdp_collective(&s->fsdp, kind, bucket, s->run.op);
     if (kind == OP_FREE) return fail("FREE of bucket %d: only --zero 3 gathers buckets to free", bucket);
     int gather = kind == OP_ALLGATHER, tensors[NUM_PARAM_TENSORS], layers[NUM_PARAM_TENSORS];
-    if (!gather && !training) return fail("%s of bucket %d in a forward-only op list", OP_NAMES[kind], bucket);
-    // the replicas sum the whole d(wte), so each first completes its own
-    if (!gather && bucket == s->layout.nl && s->layout.sizes[P_WTE]) CHECK(stage_sum_wte_grads(s));
     Segment segs[NUM_PARAM_TENSORS];
     int n = bucket_in(s, IN_DEVICE_LAYOUT, gather ? s->d_params : s->d_grads, bucket, segs, tensors, layers);
-    CHECK(bucket_collective(s, kind, segs, n, bucket));
-    return gather ? params_x_refresh(s, segs, n, s->d_params, s->d_params_x) : 0;
+    CHECK(bucket_collective(s, s->stream, kind, segs, n, bucket));
+    return gather ? params_x_refresh(s->stream, segs, n, s->d_params, s->d_params_x) : 0;
 }
 
 static int hook_begin(void *stage, int m, int training) {
@@ -2676,33 +2678,28 @@ static int hook_begin(void *stage, int m, int training) {
         s->d_mb_cap = m;
     }
     if (m) CUDA_CHECK(cudaMemsetAsync(s->d_mb_losses, 0, m * sizeof(float), s->stream));
-    if (s->sharded) buckets_release(s->held, s->pools, s->layout.nl, s->whole[1]);
+    if (s->sharded) fsdp_list_begin(&s->fsdp);
     if (training && m) {  // a step's list; one without micro-batches works on the gradients as they are
         s->wte_summed = 0;
         // under --zero 3 a layer's gradient buffer is zeroed when a list takes it
-        float *grads = s->sharded ? s->whole[1] : s->d_grads;
+        float *grads = s->sharded ? s->fsdp.whole[1] : s->d_grads;
         CUDA_CHECK(cudaMemsetAsync(grads, 0, (s->sharded ? s->whole_elems : s->P_dev) * sizeof(float), s->stream));
         if (s->layout.first)
             CUDA_CHECK(cudaMemsetAsync(s->d_dwte_embed, 0, s->layout.sizes[P_WTE] * sizeof(float), s->stream));
     }
+    // the comm thread's gathers read the shard that AdamW wrote on this stream
+    if (s->sharded) CUDA_CHECK(cudaStreamSynchronize(s->stream));
     return 0;
 }
 
-// FWD and BWD_INPUT need the parameters of their layers, and of the whole
-// tensors when they run the embedding or the head: under --zero 3, gathered
-// by an ALLGATHER earlier in the list (which has run: the collectives run in
-// list order here).
+// FWD and BWD_INPUT under --zero 3: their buckets gathered. The op's time
+// starts after the wait, so that it is the compute's alone and the wait shows
+// as the bubble it is.
 static int check_gathered(Stage *s, int kind, int l0, int l1) {
     if (!s->sharded) return 0;
-    int nl = s->layout.nl, whole = (s->layout.first && l0 == 0) || (s->layout.last && l1 == nl);
-    for (int b = l0; b <= nl; b++) {
-        if (b == l1) b = nl;
-        if (b == nl && !whole) break;
-        if (!s->held[0][b])
-            return fail("stage [%d,%d): %s of layer %d, but bucket %d is not gathered (ALLGATHER it first)",
-                        s->layout.lo, s->layout.hi, OP_NAMES[kind], l0, b);
-    }
-    return 0;
+    int rc = fsdp_wait_gathered(&s->fsdp, kind, l0, l1);
+    s->run.op_start = now_seconds();
+    return rc;
 }
 
 static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
@@ -2734,14 +2731,13 @@ static int hook_backward_weight(void *stage, int acts_index, int part) {
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(&s->layout, part, &l0, &l1);
-    // under --zero 3 a layer's first backward of the step takes a gradient
-    // buffer, one the validator counted free, zeroed: the micro-batches sum into it
-    for (int l = l0; s->sharded && l < l1; l++) {
-        if (s->held[1][l]) continue;
-        if (!(s->held[1][l] = pool_take(&s->pools[1])))
-            return fail("stage [%d,%d): layer %d needs a gradient buffer but all %d are held (the op list holds "
-                        "more than the validator's peak)", s->layout.lo, s->layout.hi, l, s->pools[1].count);
-        CUDA_CHECK(cudaMemsetAsync(s->held[1][l], 0, s->pools[1].elems * sizeof(float), s->stream));
+    float *fresh[MAX_LAYERS];  // --zero 3: the gradient buffers its layers took, which the micro-batches sum into
+    if (s->sharded) {
+        CHECK(fsdp_take_grad_buffers(&s->fsdp, l0, l1, fresh));
+        for (int l = l0; l < l1; l++)
+            if (fresh[l - l0])
+                CUDA_CHECK(cudaMemsetAsync(fresh[l - l0], 0, s->fsdp.pools[1].elems * sizeof(float), s->stream));
+        s->run.op_start = now_seconds();  // past any wait for a buffer, as check_gathered's
     }
     return stage_backward_weight(s, &s->acts[acts_index], l0, l1);
 }
@@ -2763,7 +2759,7 @@ static int hook_end(void *stage, int m) {
         CUDA_CHECK(cudaMemcpyAsync(s->run.mb_losses, s->d_mb_losses, m * sizeof(float), cudaMemcpyDeviceToHost, s->stream));
         CUDA_CHECK(cudaStreamSynchronize(s->stream));
     }
-    return 0;
+    return s->sharded ? fsdp_list_end(&s->fsdp, &s->run) : 0;
 }
 
 static const StageHooks CUDA_HOOKS = {hook_begin, hook_forward, hook_backward_input, hook_backward_weight,
@@ -2784,7 +2780,10 @@ int stage_run(Stage *s, const int *ops, int nops, const int *inputs, const int *
     }
     int rc = run_op_list(&CUDA_HOOKS, s, &s->run, &s->layout, (size_t)s->B * s->T, s->base.links.replicas, ops, nops,
                          inputs, targets, training, loss_sum);
-    if (rc) cudaStreamSynchronize(s->stream);  // leave nothing in flight on failure
+    if (rc) {  // leave nothing in flight on failure
+        if (s->sharded) fsdp_list_failed(&s->fsdp);
+        cudaStreamSynchronize(s->stream);
+    }
     return rc;
 }
 

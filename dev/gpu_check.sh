@@ -76,8 +76,9 @@ part "tests: bf16 build vs CPU, attention kernels" 60 95 $PYTEST -k "bf16_one_st
 part "tests: pipelines over sockets, NCCL" 75 95 $PYTEST -k "(pipeline or nccl) and not zero1 and not zero3"
 # --zero 1 over the socket ring (two replicas on the one GPU) against zero 0, bitwise
 part "tests: --zero 1 replicas vs zero 0" 75 95 $PYTEST -k "zero1"
-# --zero 3 (FSDP) alike, its one-rank NCCL path against a plain run, and train.py's zero 3 run
-part "tests: --zero 3 replicas vs zero 0" 75 95 $PYTEST -k "zero3 and not zero1"
+# --zero 3 (FSDP) alike, its one-rank NCCL path against a plain run, and train.py's zero 3
+# runs (1 x 2 and 2 x 2, the comm thread beside the pipeline) with a resume under zero 0
+part "tests: --zero 3 replicas vs zero 0" 120 95 $PYTEST -k "zero3 and not zero1"
 part "tests: determinism, bad input, binary" 75 95 $PYTEST -k "identical or d12_shape or out_of_memory or bad_tokens or standalone"
 part "tests: train.py on the GPU" 90 95 $PYTEST -k "train_py and not zero1 and not zero3"
 # the CPU side of the 20-step d12 comparison falls back to d6 when it would not fit

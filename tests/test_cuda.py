@@ -960,17 +960,26 @@ def test_train_py_zero1_replicas_sharing_one_gpu_match_zero0(tmp_path):
 
 
 @needs_gpu
-def test_train_py_zero3_replicas_sharing_one_gpu_match_zero0(tmp_path):
-    """Two replicas on one GPU (sockets: NCCL refuses two ranks on one GPU):
-    --zero 3's step lines, final checkpoint and sample (from the parameters
-    it gathers once at the end) are bitwise --zero 0's."""
+def test_train_py_zero3_sharing_one_gpu_matches_zero0_and_resumes(tmp_path):
+    """Ranks on one GPU (sockets: NCCL refuses two ranks on one GPU): --zero
+    3's step lines, final checkpoint and sample (from the parameters it
+    gathers once at the end) are bitwise --zero 0's, for 1 stage x 2 replicas
+    and for 2 x 2, where the comm thread's gathers run beside the pipeline's
+    sends; and the 2 x 2 run's checkpoint of step 2 resumes under zero 0, one
+    stage, to the same step 3."""
     flags = ["--model", "d6", "--batch-size", "8", "--seq-len", "128", "--micro-batches", "2", "--steps", "3",
              "--eval-every", "3", "--sample-tokens", "8", "--dp", "2"]
-    runs = {}
-    for zero in (0, 3):
-        ckpt = tmp_path / f"zero{zero}"
-        r = run_train_py(*flags, "--zero", str(zero), "--checkpoint-dir", str(ckpt))
+
+    def run(ckpt, *extra: str):
+        r = run_train_py(*flags, "--checkpoint-dir", str(ckpt), *extra)
         assert "sample:" in r.stdout, r.stdout
-        runs[zero] = (step_lines(r.stdout), r.stdout.split("sample:")[1], (ckpt / "model_00000003.bin").read_bytes(),
-                      (ckpt / "state_00000003.bin").read_bytes())
-    assert runs[3] == runs[0]
+        return (step_lines(r.stdout), r.stdout.split("sample:")[1], (ckpt / "model_00000003.bin").read_bytes(),
+                (ckpt / "state_00000003.bin").read_bytes())
+
+    zero0 = run(tmp_path / "zero0", "--zero", "0")
+    assert run(tmp_path / "zero3", "--zero", "3") == zero0
+    grid = tmp_path / "grid"
+    assert run(grid, "--zero", "3", "--stages", "2", "--checkpoint-every", "1") == zero0
+    (grid / "DONE_00000003").unlink()
+    lines, sample, model, state = run(grid, "--zero", "0", "--resume")
+    assert lines == zero0[0][-len(lines):] and (sample, model, state) == zero0[1:]
