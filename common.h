@@ -1738,8 +1738,10 @@ static int fsdp_collective(Fsdp *fsdp, int kind, int bucket, int op) {
 
 // FWD and BWD_INPUT of layers [l0, l1) need their parameters, and the whole
 // tensors' when they run the embedding or the head: gathered, waiting for the
-// comm thread to finish the gather if it has it queued.
-static int fsdp_wait_gathered(Fsdp *fsdp, int kind, int l0, int l1) {
+// comm thread to finish the gather if it has it queued. The op's time starts
+// after the wait, so that it is the compute's alone and the wait shows as the
+// bubble it is.
+static int fsdp_wait_gathered(Fsdp *fsdp, OpRun *run, int kind, int l0, int l1) {
     const Layout *layout = fsdp->layout;
     int nl = layout->nl, whole = (layout->first && l0 == 0) || (layout->last && l1 == nl), rc = 0;
     pthread_mutex_lock(&fsdp->lock);
@@ -1752,6 +1754,7 @@ static int fsdp_wait_gathered(Fsdp *fsdp, int kind, int l0, int l1) {
                       layout->lo, layout->hi, OP_NAMES[kind], l0, b);
     }
     pthread_mutex_unlock(&fsdp->lock);
+    run->op_start = now_seconds();
     return rc;
 }
 
@@ -1759,8 +1762,9 @@ static int fsdp_wait_gathered(Fsdp *fsdp, int kind, int l0, int l1) {
 // gradient buffer, one the validator counted free once the comm thread has
 // reduce-scattered what held it (its reduce-scatters lag the list, never
 // block on the compute). fresh[l - l0] is the buffer layer l took, which
-// the trainer zeroes (the micro-batches sum into it), or NULL.
-static int fsdp_take_grad_buffers(Fsdp *fsdp, int l0, int l1, float **fresh) {
+// the trainer zeroes (the micro-batches sum into it), or NULL. The op's time
+// starts after any wait, as fsdp_wait_gathered's.
+static int fsdp_take_grad_buffers(Fsdp *fsdp, OpRun *run, int l0, int l1, float **fresh) {
     const Layout *layout = fsdp->layout;
     int rc = 0;
     pthread_mutex_lock(&fsdp->lock);
@@ -1776,6 +1780,7 @@ static int fsdp_take_grad_buffers(Fsdp *fsdp, int l0, int l1, float **fresh) {
         if (rc == 0) fresh[l - l0] = fsdp->held[1][l] = pool_take(&fsdp->pools[1]);
     }
     pthread_mutex_unlock(&fsdp->lock);
+    run->op_start = now_seconds();
     return rc;
 }
 

@@ -879,16 +879,6 @@ static int hook_begin(void *stage, int m, int training) {
     return 0;
 }
 
-// FWD and BWD_INPUT under --zero 3: their buckets gathered. The op's time
-// starts after the wait, so that it is the compute's alone and the wait shows
-// as the bubble it is.
-static int check_gathered(Stage *s, int kind, int l0, int l1) {
-    if (!s->sharded) return 0;
-    int rc = fsdp_wait_gathered(&s->fsdp, kind, l0, l1);
-    s->run.op_start = now_seconds();
-    return rc;
-}
-
 static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
                         float dloss, int training) {
     (void)dloss; (void)training;
@@ -897,7 +887,7 @@ static int hook_forward(void *stage, int acts_index, int mb, int part, const int
     size_t BT = (size_t)s->B * s->T;
     int l0, l1;
     op_layers(&s->layout, part, &l0, &l1);
-    if (check_gathered(s, OP_FWD, l0, l1)) return -1;
+    if (s->sharded && fsdp_wait_gathered(&s->fsdp, &s->run, OP_FWD, l0, l1)) return -1;
     if (inputs && l0 == 0) memcpy(acts->inputs, inputs, BT * sizeof(int));
     stage_forward(s, acts, s->B, s->T, l0, l1);
     if (targets && l1 == s->layout.nl) {
@@ -911,7 +901,7 @@ static int hook_backward_input(void *stage, int acts_index, int part, float dlos
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(&s->layout, part, &l0, &l1);
-    if (check_gathered(s, OP_BWD_INPUT, l0, l1)) return -1;
+    if (s->sharded && fsdp_wait_gathered(&s->fsdp, &s->run, OP_BWD_INPUT, l0, l1)) return -1;
     stage_backward_input(s, &s->acts[acts_index], dloss, l0, l1);
     return 0;
 }
@@ -921,12 +911,11 @@ static int hook_backward_weight(void *stage, int acts_index, int part) {
     int l0, l1;
     op_layers(&s->layout, part, &l0, &l1);
     float *fresh[MAX_LAYERS];  // --zero 3: the gradient buffers its layers took, which the micro-batches sum into
-    int rc = s->sharded ? fsdp_take_grad_buffers(&s->fsdp, l0, l1, fresh) : 0;
-    for (int l = l0; s->sharded && rc == 0 && l < l1; l++)
+    if (s->sharded && fsdp_take_grad_buffers(&s->fsdp, &s->run, l0, l1, fresh)) return -1;
+    for (int l = l0; s->sharded && l < l1; l++)
         if (fresh[l - l0]) memset(fresh[l - l0], 0, s->fsdp.pools[1].elems * sizeof(float));
-    s->run.op_start = now_seconds();  // past any wait for a buffer, as check_gathered's
-    if (rc == 0) stage_backward_weight(s, &s->acts[acts_index], l0, l1);
-    return rc;
+    stage_backward_weight(s, &s->acts[acts_index], l0, l1);
+    return 0;
 }
 
 static void hook_message_buffers(void *stage, int acts_index, void *bufs[4]) {

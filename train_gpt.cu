@@ -2692,23 +2692,13 @@ static int hook_begin(void *stage, int m, int training) {
     return 0;
 }
 
-// FWD and BWD_INPUT under --zero 3: their buckets gathered. The op's time
-// starts after the wait, so that it is the compute's alone and the wait shows
-// as the bubble it is.
-static int check_gathered(Stage *s, int kind, int l0, int l1) {
-    if (!s->sharded) return 0;
-    int rc = fsdp_wait_gathered(&s->fsdp, kind, l0, l1);
-    s->run.op_start = now_seconds();
-    return rc;
-}
-
 static int hook_forward(void *stage, int acts_index, int mb, int part, const int *inputs, const int *targets,
                         float dloss, int training) {
     Stage *s = (Stage *)stage;
     Activations *acts = &s->acts[acts_index];
     int l0, l1, nl = s->layout.nl;
     op_layers(&s->layout, part, &l0, &l1);
-    CHECK(check_gathered(s, OP_FWD, l0, l1));
+    if (s->sharded) CHECK(fsdp_wait_gathered(&s->fsdp, &s->run, OP_FWD, l0, l1));
     // the inputs with layer 0 (the embedding), the targets with the last (the loss)
     inputs = l0 == 0 ? inputs : NULL;
     targets = l1 == nl ? targets : NULL;
@@ -2723,7 +2713,7 @@ static int hook_backward_input(void *stage, int acts_index, int part, float dlos
     Stage *s = (Stage *)stage;
     int l0, l1;
     op_layers(&s->layout, part, &l0, &l1);
-    CHECK(check_gathered(s, OP_BWD_INPUT, l0, l1));
+    if (s->sharded) CHECK(fsdp_wait_gathered(&s->fsdp, &s->run, OP_BWD_INPUT, l0, l1));
     return stage_backward_input(s, &s->acts[acts_index], l0, l1);
 }
 
@@ -2733,11 +2723,10 @@ static int hook_backward_weight(void *stage, int acts_index, int part) {
     op_layers(&s->layout, part, &l0, &l1);
     float *fresh[MAX_LAYERS];  // --zero 3: the gradient buffers its layers took, which the micro-batches sum into
     if (s->sharded) {
-        CHECK(fsdp_take_grad_buffers(&s->fsdp, l0, l1, fresh));
+        CHECK(fsdp_take_grad_buffers(&s->fsdp, &s->run, l0, l1, fresh));
         for (int l = l0; l < l1; l++)
             if (fresh[l - l0])
                 CUDA_CHECK(cudaMemsetAsync(fresh[l - l0], 0, s->fsdp.pools[1].elems * sizeof(float), s->stream));
-        s->run.op_start = now_seconds();  // past any wait for a buffer, as check_gathered's
     }
     return stage_backward_weight(s, &s->acts[acts_index], l0, l1);
 }
