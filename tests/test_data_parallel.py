@@ -445,6 +445,21 @@ def test_checkpoint_resumes_bitwise_across_zero_3(data_dir, tmp_path, two_replic
     assert model == two_replicas[1] and state == two_replicas[2]
 
 
+@pytest.mark.parametrize("rank,zero", [(0, 0), (1, 3), (2, 3)])
+def test_killed_rank_of_a_grid_ends_the_job(data_dir, tmp_path, rank, zero):
+    """kill -9 of each other rank of a 2 x 2 grid (rank 3's is below, with the
+    resume), under zero 0 and zero 3, whose comm threads wait on the ring
+    beside the pipeline's sends: the job ends within seconds, naming it, and
+    leaves no rank behind."""
+    p, _ = start_long_run(data_dir, str(tmp_path), 2, "--micro-batches", "2", "--dp", "2", "--zero", str(zero))
+    pids = rank_pids(p.pid)
+    assert sorted(pids) == [0, 1, 2, 3]
+    started = time.monotonic()
+    os.kill(pids[rank], signal.SIGKILL)
+    err = assert_clean_end(p, pids, started)
+    assert err.strip().splitlines()[-1] == f"error: rank {rank}: killed by signal SIGKILL", err
+
+
 def test_killed_rank_of_a_grid_ends_the_job_and_resume_is_bitwise(data_dir, tmp_path):
     """kill -9 of rank 3 (stage 1 of replica 1) of a 2 x 2 grid; then the
     checkpoint resumes as 1 stage x 2 replicas with --zero 1 and ends bitwise
