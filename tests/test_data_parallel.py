@@ -368,6 +368,8 @@ def test_bytes_moved_match_the_formulas(data_dir, tmp_path, zero):
     (["--dp", "3"], ["--batch-size 4", "--dp 3"]),
     (["--zero", "1"], ["--zero 1", "--dp 2"]),
     (["--zero", "3"], ["--zero 3", "--dp 2"]),
+    (["--dp", "0"], ["--dp 0", "between 1 and"]),
+    (["--dp", "2", "--micro-batches", "3"], ["--batch-size 4", "--dp 2", "--micro-batches 3"]),
 ])
 def test_bad_grid_flags(data_dir, flags, words):
     r = run_train("--data-dir", data_dir, *FLAGS, "--steps", "1", *flags)
