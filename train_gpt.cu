@@ -954,7 +954,7 @@ struct Stage {
     size_t shard_at[NUM_PARAM_TENSORS], chunk_n[NUM_PARAM_TENSORS];  // (t, l)'s chunk: shard_at[t] + l * chunk_n[t]
     size_t in_bucket[NUM_PARAM_TENSORS], whole_elems;  // 512-byte aligned offsets; the whole tensors' buffer size
     Fsdp fsdp;                           // the device buffers each bucket holds this step, and the comm thread
-    floatX *gathered_x, *whole_x;        // the matmuls' copies of fsdp.pools[0]'s buffers and of whole[0], alike laid out
+    floatX *gathered_x, *whole_x;        // the matmuls' copies of fsdp.pools[0]'s buffers and whole[0], laid out alike
     float *d_dwte_embed;                 // the embedding's share of d(wte) (first stage; scratch on the last)
     float *h_params, *h_grads, *h_m, *h_v, *h_dwte_embed;  // host mirrors, common.h layout
     float *h_shard;                      // --zero 3: the parameters' shard, for checkpoints
@@ -2288,7 +2288,9 @@ void stage_memory_bytes(const Stage *s, uint64_t bytes[NUM_MEMORY]) {
     const BufferPool *pools = s->fsdp.pools;
     size_t gathered = (size_t)pools[0].count * pools[0].elems + (s->fsdp.whole[0] ? s->whole_elems : 0);
     size_t grad_buffers = (size_t)pools[1].count * pools[1].elems + (s->fsdp.whole[1] ? s->whole_elems : 0);
-    bytes[MEMORY_PARAMS] = P * sizeof(float);
+    // with their matmuls' copy in the bf16 build, which a shard has not
+    size_t params_x = sizeof(floatX) < sizeof(float) && !s->sharded ? P * sizeof(floatX) : 0;
+    bytes[MEMORY_PARAMS] = P * sizeof(float) + params_x;
     bytes[MEMORY_GRADS] = P * sizeof(float) + (s->layout.first ? s->layout.sizes[P_WTE] * sizeof(float) : 0);
     bytes[MEMORY_OPTIMIZER] = 2 * s->opt_elems * sizeof(float);
     // --zero 3's gathered parameters, with their matmuls' copies in the bf16 build
