@@ -2065,7 +2065,7 @@ typedef struct {
     const char *name;  // the binary, for the usage line
     Stage *(*create)(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers);
     int (*load)(Stage *s, const char *path);
-    void (*init)(Stage *s, uint64_t seed);
+    int (*init)(Stage *s, uint64_t seed);
     int (*read_checkpoint)(Stage *s, const char *dir, int64_t step, TrainState *ts);
     int (*run)(Stage *s, const int *ops, int nops, const int *inputs, const int *targets, int training,
                float *loss_sum);
@@ -2077,7 +2077,7 @@ typedef struct {
                   int *out);
     void (*free)(Stage *s);
     // 0, or -1 with the message of a failure that one of the void calls
-    // (init, grad_norm_parts, adamw) recorded; NULL where they cannot fail
+    // (grad_norm_parts, adamw) recorded; NULL where they cannot fail
     int (*check)(Stage *s);
     // prints what the run computes on
     void (*describe)(Stage *s);
@@ -2167,7 +2167,7 @@ static int train_main(int argc, char **argv, const Trainer *trainer) {
     if (from_file && gpt_read_config(flags.model, &cfg)) return die();
     Stage *s = trainer->create(cfg, 0, cfg.num_layers, flags.B, flags.T, 1);
     if (!s) return die();
-    if (from_file ? trainer->load(s, flags.model) : (trainer->init(s, flags.seed), trainer_check(trainer, s)))
+    if (from_file ? trainer->load(s, flags.model) : trainer->init(s, flags.seed))
         return die();
     DataLoader *train = dataloader_open(flags.train_pattern, flags.B, flags.T);
     if (!train || dataloader_check_vocab(train, cfg.vocab_size)) return die();

@@ -80,8 +80,9 @@ typedef struct Stage Stage;
 Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers);
 void stage_free(Stage *s);
 // Parameters drawn from seed; each (tensor, layer) has its own stream, so any
-// partition into stages draws the same weights.
-void stage_init(Stage *s, uint64_t seed);
+// partition into stages draws the same weights. 0, or -1 when memory or the
+// device fails.
+int stage_init(Stage *s, uint64_t seed);
 // Loads this stage's slices from an llm.c model file (version 3 or 5).
 int stage_load(Stage *s, const char *path);
 

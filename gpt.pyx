@@ -36,7 +36,7 @@ cdef extern from "gpt.h":
     size_t gpt_tensor_size(const GPTConfig *cfg, int t, int layers)
     Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_buffers)
     void stage_free(Stage *s)
-    void stage_init(Stage *s, uint64_t seed)
+    int stage_init(Stage *s, uint64_t seed)
     int stage_load(Stage *s, const char *path)
     float *stage_param(Stage *s, int t, size_t *n)
     float *stage_grad(Stage *s, int t, size_t *n)
@@ -210,7 +210,7 @@ cdef class Model:
         return self.hi == self.config["num_layers"]
 
     def init(self, seed: int) -> None:
-        stage_init(self.s, seed)
+        check(stage_init(self.s, seed))
 
     def load(self, path: str) -> None:
         check(stage_load(self.s, path.encode()))

@@ -611,13 +611,14 @@ static void shard_copy(Stage *s, float *whole_stage, float *shard, int unpack);
 
 // Under --zero 3 the whole stage is drawn once and only this rank's chunks
 // kept (train.py draws before it shards, so this path is for other callers).
-void stage_init(Stage *s, uint64_t seed) {
-    if (!s->sharded) { init_params(&s->layout, s->params, seed); return; }
+int stage_init(Stage *s, uint64_t seed) {
+    if (!s->sharded) { init_params(&s->layout, s->params, seed); return 0; }
     float *whole_stage = calloc_or_fail(s->layout.num_params, sizeof(float), "the parameters, before sharding");
-    if (!whole_stage) { fprintf(stderr, "error: %s\n", gpt_last_error()); exit(1); }
+    if (!whole_stage) return -1;
     init_params(&s->layout, whole_stage, seed);
     shard_copy(s, whole_stage, s->params, 0);
     free(whole_stage);
+    return 0;
 }
 
 // The stage's forward of layers [l0, l1) for one micro-batch of shape (B,T),

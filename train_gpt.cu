@@ -2980,9 +2980,9 @@ float *stage_wte_embed_grad(Stage *s, size_t *n) {
     return s->h_dwte_embed;
 }
 
-void stage_init(Stage *s, uint64_t seed) {
+int stage_init(Stage *s, uint64_t seed) {
     init_params(&s->layout, s->h_params, seed);
-    stage_sync_to_device(s);
+    return sync_to_device(s);
 }
 
 // A test-only entry point (not in gpt.h; tests reach it through ctypes): a
