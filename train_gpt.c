@@ -594,6 +594,7 @@ Stage *stage_create(GPTConfig cfg, int lo, int hi, int B, int T, int activation_
 
 void stage_free(Stage *s) {
     if (!s) return;
+    fsdp_stop(&s->fsdp);  // first: a collective it is still in reads and writes what follows
     for (int i = 0; s->acts && i < s->run.activation_buffers; i++) {
         free(s->acts[i].memory); free(s->acts[i].inputs); free(s->acts[i].targets);
     }
@@ -601,7 +602,6 @@ void stage_free(Stage *s) {
     oprun_free(&s->run);
     free(s->params); free(s->grads); free(s->m); free(s->v); free(s->dwte_embed);
     free(s->scratch_c); free(s->scratch_4c);
-    fsdp_stop(&s->fsdp);
     pool_free(&s->fsdp.pools[0]); pool_free(&s->fsdp.pools[1]);
     free(s->fsdp.whole[0]); free(s->fsdp.whole[1]);
     free(s);
