@@ -1666,12 +1666,21 @@ static void fsdp_list_begin(Fsdp *fsdp) {
     pthread_mutex_unlock(&fsdp->lock);
 }
 
+// Waits until the comm thread has run every collective queued so far (only
+// the compute thread queues them, so none starts before it queues again).
+static int fsdp_drain(Fsdp *fsdp) {
+    pthread_mutex_lock(&fsdp->lock);
+    int rc = fsdp_wait(fsdp, queue_empty, 0);
+    pthread_mutex_unlock(&fsdp->lock);
+    return rc;
+}
+
 // The list is done when its last collective is. A collective's op time is
 // then the comm thread's, when it ran, rather than the moment the compute
 // thread queued it: what a trace and the bubble want.
 static int fsdp_list_end(Fsdp *fsdp, OpRun *run) {
+    int rc = fsdp_drain(fsdp);
     pthread_mutex_lock(&fsdp->lock);
-    int rc = fsdp_wait(fsdp, queue_empty, 0);
     for (int i = 0; i < fsdp->tail && rc == 0; i++) {
         const QueuedCollective *job = &fsdp->queue[i];
         run->op_times[2 * job->op] = job->start;

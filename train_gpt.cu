@@ -2327,14 +2327,6 @@ static int nccl_wait(Stage *s, cudaStream_t stream, ncclComm_t *comm, const char
     }
 }
 
-// --zero 3: waits until the comm thread has run every collective queued so far.
-static int fsdp_drain(Fsdp *fsdp) {
-    pthread_mutex_lock(&fsdp->lock);
-    int rc = fsdp_wait(fsdp, queue_empty, 0);
-    pthread_mutex_unlock(&fsdp->lock);
-    return rc;
-}
-
 // n sends/receives as one NCCL group: peers[i] the rank, counts of dtype
 static int nccl_exchange(Stage *s, int n, const int *sending, const int *peers, void *const *bufs, size_t count,
                          ncclDataType_t dtype, const char *what) {
